@@ -1,0 +1,200 @@
+"""bf16 flash attention over two key segments, with the sink keys roped inside the kernel.
+
+Algorithm: one program per (BLOCK_M queries, batch x head); online softmax in base 2 with fp32
+statistics and accumulator (FlashAttention-2 forward). The keys come from two segments read in
+place, never concatenated: the KV window (keys already roped) and the sink (keys stored
+un-roped). Each sink key tile is roped in registers: pair j of token n takes the position
+pos[n, axis(j)] (axis 0/1/2 = time/height/width for the first pt/ph/pw pairs), the fp16 cos/sin
+of that position from the model's RopeTable (sin negated for a negative time position), rotates
+in fp32 and rounds to bf16, which is bit-identical to `rope_apply` (products of a bf16 and an
+fp16 value are exact in fp32). Non-causal, no mask; softmax over the union of both segments.
+
+Limits: D a power of two >= 16 (pairs need D/2 >= 8); bf16 or fp16 in, same dtype out; the last
+dim of every input contiguous (views along L of a bigger cache are fine, strides are passed);
+sink positions are clamped into the table (the model keeps them in range).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowvram.kernels import configs
+from lowvram.kernels.reference import attention_torch
+from lowvram.model.rope import RopeTable
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs (macOS, Windows): the torch fallback serves
+    triton = None
+
+LOG2E = 1.4426950408889634
+
+if triton is not None:
+
+    @triton.jit
+    def mma(a, b, UPCAST: tl.constexpr):
+        # a @ b with fp32 accumulation. The CPU interpreter (Triton <= 3.9) mis-multiplies bf16
+        # operands, so there it multiplies their exact fp32 copies instead: the same sum.
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _softmax_step(s, v, m_i, l_i, acc, UPCAST: tl.constexpr):
+        # s: [BM, BN] fp32 base-2 logits, v: [BN, D] -> updated (m_i, l_i, acc)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _rope_tile(k, n, Ls, POS, COS, SIN, max_pos,
+                   PT: tl.constexpr, PH: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+        # k: [BN, D] un-roped sink keys of tokens n [BN] -> roped, same dtype
+        HALF: tl.constexpr = D // 2
+        j = tl.arange(0, HALF)
+        axis = tl.where(j < PT, 0, tl.where(j < PT + PH, 1, 2))  # [HALF]
+        p = tl.load(POS + n[:, None] * 3 + axis[None, :], mask=n[:, None] < Ls, other=0)  # [BN, HALF]
+        pa = tl.minimum(tl.abs(p), max_pos)
+        c = tl.load(COS + pa * HALF + j[None, :]).to(tl.float32)
+        sn = tl.load(SIN + pa * HALF + j[None, :]).to(tl.float32)
+        sn = tl.where(p < 0, -sn, sn)
+        a, b = tl.split(tl.reshape(k.to(tl.float32), (BLOCK_N, HALF, 2)))
+        kr = tl.join(a * c - b * sn, a * sn + b * c)  # [BN, HALF, 2]
+        return tl.reshape(kr, (BLOCK_N, D)).to(k.dtype)
+
+    @triton.jit
+    def _attn_fwd(Q, KW, VW, KS, VS, POS, COS, SIN, O,
+                  sqb, sql, sqh, skwb, skwl, skwh, svwb, svwl, svwh,
+                  sksb, sksl, sksh, svsb, svsl, svsh, sob, sol, soh,
+                  H, Lq, Lw, Ls, max_pos, qk_scale,
+                  PT: tl.constexpr, PH: tl.constexpr, D: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
+                    mask=offs_m[:, None] < Lq, other=0.0)  # [BM, D]
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+
+        # segment 1: the window, keys already roped; full tiles unmasked, then the tail
+        kw = KW + b * skwb + h * skwh + offs_n[:, None] * skwl + offs_d[None, :]
+        vw = VW + b * svwb + h * svwh + offs_n[:, None] * svwl + offs_d[None, :]
+        w_full = (Lw // BLOCK_N) * BLOCK_N
+        for start in range(0, w_full, BLOCK_N):
+            k = tl.load(kw + start * skwl)
+            v = tl.load(vw + start * svwl)
+            s = mma(q, tl.trans(k), UPCAST) * qk_scale
+            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST)
+        if w_full < Lw:
+            n = w_full + offs_n
+            k = tl.load(kw + w_full * skwl, mask=n[:, None] < Lw, other=0.0)
+            v = tl.load(vw + w_full * svwl, mask=n[:, None] < Lw, other=0.0)
+            s = mma(q, tl.trans(k), UPCAST) * qk_scale
+            s = tl.where(n[None, :] < Lw, s, float("-inf"))
+            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST)
+
+        # segment 2: the sink, keys roped here from their positions
+        ks = KS + b * sksb + h * sksh + offs_n[:, None] * sksl + offs_d[None, :]
+        vs = VS + b * svsb + h * svsh + offs_n[:, None] * svsl + offs_d[None, :]
+        for start in range(0, Ls, BLOCK_N):
+            n = start + offs_n
+            k = tl.load(ks + start * sksl, mask=n[:, None] < Ls, other=0.0)
+            v = tl.load(vs + start * svsl, mask=n[:, None] < Ls, other=0.0)
+            k = _rope_tile(k, n, Ls, POS, COS, SIN, max_pos, PT, PH, D, BLOCK_N)
+            s = mma(q, tl.trans(k), UPCAST) * qk_scale
+            s = tl.where(n[None, :] < Ls, s, float("-inf"))
+            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST)
+
+        out = acc / l_i[:, None]
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=offs_m[:, None] < Lq)
+
+_TUNED: dict = {}
+
+
+def _kernel(family: str):
+    if family not in _TUNED:
+        cfgs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]},
+                              num_warps=c["num_warps"], num_stages=c["num_stages"])
+                for c in configs.select(configs.ATTENTION, family)]
+        _TUNED[family] = triton.autotune(cfgs, key=["D", "PT", "PH"])(_attn_fwd)
+    return _TUNED[family]
+
+
+def triton_usable(x: torch.Tensor) -> bool:
+    """Whether the Triton path can run for tensors on x's device."""
+    return triton is not None and (x.is_cuda or configs.interpreting())
+
+
+def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeTable, scale=None,
+                          backend: str = "auto", block: tuple[int, int] | None = None) -> torch.Tensor:
+    """softmax(q [k_win; rope(k_sink)]^T * scale) [v_win; v_sink] without concatenating the segments.
+
+    q [B, Lq, H, D]; k_win, v_win [B, Lw, H, D] (keys roped); k_sink, v_sink [B, Ls, H, D] (keys
+    un-roped); sink_pos [Ls, 3] int (f, h, w; f < 0 = conjugate); rope: the model's table (on the
+    device). Lw >= 0, Ls >= 0, Lw + Ls > 0. Returns [B, Lq, H, D] in q.dtype.
+    backend: "auto" (Triton on CUDA or under the interpreter, else torch), "triton", "torch".
+    block: (BLOCK_M, BLOCK_N) to bypass autotuning (tests, benchmarks).
+    """
+    B, Lq, H, D = q.shape
+    Lw, Ls = k_win.shape[1], k_sink.shape[1]
+    if Lw + Ls == 0:
+        raise ValueError("two_segment_attention needs at least one key")
+    use_triton = backend == "triton" or (backend == "auto" and triton_usable(q))
+    if not use_triton:
+        return attention_torch(q, k_win, v_win, k_sink, v_sink, sink_pos, rope, scale)
+    if triton is None:
+        raise RuntimeError("backend='triton' needs triton installed")
+    q, k_win, v_win, k_sink, v_sink = map(_lastdim_contiguous, (q, k_win, v_win, k_sink, v_sink))
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    pos = sink_pos.to(device=q.device, dtype=torch.int32).contiguous()
+    if Ls == 0:
+        pos = torch.zeros(1, 3, dtype=torch.int32, device=q.device)
+    cos, sin = rope.cos.to(q.device), rope.sin.to(q.device)
+    out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
+    args = (q, k_win, v_win, k_sink, v_sink, pos, cos, sin, out,
+            q.stride(0), q.stride(1), q.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2),
+            v_win.stride(0), v_win.stride(1), v_win.stride(2), k_sink.stride(0), k_sink.stride(1),
+            k_sink.stride(2), v_sink.stride(0), v_sink.stride(1), v_sink.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            H, Lq, Lw, Ls, rope.max_len - 1, scale * LOG2E)
+    pt, ph, _ = rope.pairs
+    up = configs.interpreting()
+    if block is not None:
+        grid = (triton.cdiv(Lq, block[0]), B * H)
+        _attn_fwd[grid](*args, PT=pt, PH=ph, D=D, BLOCK_M=block[0], BLOCK_N=block[1], UPCAST=up,
+                        num_warps=4 if block[0] <= 64 else 8)
+    else:
+        grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+        _kernel(configs.arch_family(q.device))[grid](*args, PT=pt, PH=ph, D=D, UPCAST=up)
+    return out
+
+
+def bench_attention(B=1, Lq=3168, Lw=12672, Ls=2640, H=40, D=128, device="cuda") -> dict:
+    """Median time (ms) and TFLOP/s of this kernel at one shape, random bf16 inputs."""
+    gen = torch.Generator(device).manual_seed(0)
+    q = torch.randn(B, Lq, H, D, device=device, dtype=torch.bfloat16, generator=gen)
+    kw, vw = (torch.randn(B, Lw, H, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    ks, vs = (torch.randn(B, Ls, H, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    pos = torch.randint(-8, 40, (Ls, 3), device=device, generator=gen)
+    rope = RopeTable.build(D, 1024, device=device)
+    fn = lambda: two_segment_attention(q, kw, vw, ks, vs, pos, rope)  # noqa: E731
+    ms = triton.testing.do_bench(fn, warmup=100, rep=500, return_mode="median")
+    flops = 4.0 * B * H * Lq * (Lw + Ls) * D
+    return {"ms": ms, "tflops": flops / ms / 1e9}

@@ -1,0 +1,84 @@
+"""Autotune spaces of the Triton kernels, as data.
+
+Each entry lists the device families it is meant for:
+  "sm90"  Hopper (H100/H200: 228 KB shared memory per SM, wgmma)
+  "sm80"  A100 (164 KB shared memory)
+  "sm8x"  GeForce/workstation Ampere and Ada, sm_86/sm_89 (~100 KB shared memory: smaller
+          tiles, fewer pipeline stages)
+  "interp" the CPU interpreter (TRITON_INTERPRET=1): one config, tiles as large as tests allow
+The spaces are kept to a few entries each so that first-call autotuning stays in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# attention: BLOCK_M queries x BLOCK_N keys per step
+ATTENTION = [
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, archs=("sm90",)),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, archs=("sm90", "sm80")),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, archs=("sm90",)),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, archs=("sm80",)),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, archs=("sm8x",)),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, archs=("sm8x",)),
+    dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, archs=("interp",)),
+]
+
+# 8-bit attention (INT8 QK^T and INT8 PV): same shape of space
+ATTENTION8 = [
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, archs=("sm90",)),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, archs=("sm90", "sm80")),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, archs=("sm80", "sm8x")),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, archs=("sm8x",)),
+    dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, archs=("interp",)),
+]
+
+# W8A8 GEMM (INT8 and FP8): BLOCK_M x BLOCK_N output tile, BLOCK_K reduction step, grouped launch
+GEMM = [
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, archs=("sm90",)),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, archs=("sm90",)),
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, archs=("sm90",)),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, archs=("sm80",)),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4, archs=("sm80",)),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3, archs=("sm8x",)),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4, archs=("sm8x",)),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4, archs=("sm8x",)),
+    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1, archs=("interp",)),
+]
+
+# per-token activation quantization: one row per program, BLOCK columns per step
+QUANT_ROWS = dict(BLOCK=2048, num_warps=8)
+QUANT_ROWS_INTERP = dict(BLOCK=64, num_warps=4)
+
+# FP8 GEMM engine per family: "triton" (ours) or "scaled_mm" (cuBLAS via torch._scaled_mm, fed by our
+# fused quantization kernel). On Hopper cuBLAS's FP8 GEMM is faster than a Triton FP8 GEMM
+# (see BENCHMARKS.md); elsewhere ours.
+FP8_ENGINE = {"sm90": "scaled_mm", "sm80": "triton", "sm8x": "triton", "interp": "triton"}
+
+
+def interpreting() -> bool:
+    """True when Triton runs in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def arch_family(device=None) -> str:
+    """The family name of the device that runs the kernels ("interp" under the interpreter)."""
+    if interpreting() or not torch.cuda.is_available():
+        return "interp"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 9:
+        return "sm90"
+    if (major, minor) == (8, 0):
+        return "sm80"
+    return "sm8x"
+
+
+def select(space: list[dict], family: str | None = None) -> list[dict]:
+    """The entries of `space` meant for `family` (the current device's by default), minus the tag."""
+    family = family or arch_family()
+    chosen = [{k: v for k, v in c.items() if k != "archs"} for c in space if family in c["archs"]]
+    if not chosen:
+        raise ValueError(f"no kernel config for device family {family!r}")
+    return chosen
