@@ -1,0 +1,190 @@
+"""Hardware profiles: small TOML files (`profiles/*.toml`) loaded into a typed, frozen `Profile`.
+
+`Profile.from_name("4090", kv_dtype="bf16")` reads `profiles/4090.toml` and applies overrides;
+`Profile.from_name("auto")` reads the GPU's name, memory and compute capability and the host RAM
+and picks a profile. Unknown keys (in a file or in overrides) and bad values raise `LowvramError`
+with a one-line message that says how to fix them. `parse_set(["key=value", ...])` turns the
+CLI's `--set` strings into typed overrides.
+
+`auto` on a machine without a CUDA GPU is an error: the 14B model needs a GPU (the tiny demo
+checkpoint runs on the CPU without a profile), and `lowvram plan --profile NAME` plans for a
+named card from any machine.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields, replace
+from importlib import resources
+
+from lowvram.errors import LowvramError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 ships no TOML reader; tomli is the same parser under its PyPI name
+    import tomli as tomllib
+
+GIB = 1024**3
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "quant": ("int8", "fp8", "bf16"),
+    "attention": ("sdpa", "triton", "triton8"),
+    "kv_placement": ("gpu", "host"),
+    "kv_dtype": ("bf16", "int8"),
+    "t5": ("bf16", "int8", "nf4", "cpu"),
+    "vae_decode": ("frame", "tiled"),
+}
+# Fields a file or `--set` may not change: the name is the file's stem.
+FIXED = ("name",)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One hardware preset; every run-time memory decision starts from it."""
+
+    name: str
+    description: str  # one line, shown by `lowvram profiles`
+    vram_budget_gib: float  # the planner keeps the expected peak (NVML) under this
+    quant: str  # DiT Linear weights: int8 | fp8 (W8A8) | bf16
+    attention: str  # sdpa (torch) | triton (bf16 kernel) | triton8 (8-bit QK/PV kernel)
+    kv_placement: str  # the four step KV caches: gpu | host (pinned RAM, streamed per layer)
+    kv_dtype: str  # bf16 | int8 (per-token-per-head absmax; host placement only)
+    t5: str  # umT5 while encoding the prompt: bf16 | int8 | nf4 on the GPU, or cpu
+    vae_decode: str  # frame (one latent frame at a time) | tiled (also split spatially)
+    blocks_resident: str | int  # "auto" (as many as the budget allows) or a count
+    pinned_budget_gib: float  # most page-locked host memory to take; the rest is pageable
+    prefetch_blocks: int  # streamed blocks copied ahead of use (GPU buffers = this + 1)
+
+    def __post_init__(self) -> None:
+        where = f"profile {self.name}"
+        for key, allowed in CHOICES.items():
+            value = getattr(self, key)
+            if value not in allowed:
+                raise LowvramError(f"{where}: {key}={value!r} is not one of {', '.join(allowed)}; "
+                                   f"use --set {key}={allowed[0]}")
+        if not isinstance(self.description, str) or "\n" in self.description or not self.description:
+            raise LowvramError(f"{where}: description must be one non-empty line")
+        if not 0 < self.vram_budget_gib <= 1024:
+            raise LowvramError(f"{where}: vram_budget_gib={self.vram_budget_gib} must be in (0, 1024] GiB; "
+                               "use --set vram_budget_gib=22")
+        if not 0 <= self.pinned_budget_gib <= 16384:
+            raise LowvramError(f"{where}: pinned_budget_gib={self.pinned_budget_gib} must be >= 0; "
+                               "use --set pinned_budget_gib=32")
+        if isinstance(self.blocks_resident, bool) or not (
+                self.blocks_resident == "auto" or (isinstance(self.blocks_resident, int) and self.blocks_resident >= 0)):
+            raise LowvramError(f"{where}: blocks_resident={self.blocks_resident!r} must be 'auto' or a count >= 0; "
+                               "use --set blocks_resident=auto")
+        if isinstance(self.prefetch_blocks, bool) or not (isinstance(self.prefetch_blocks, int)
+                                                          and 0 <= self.prefetch_blocks <= 8):
+            raise LowvramError(f"{where}: prefetch_blocks={self.prefetch_blocks!r} must be an integer in 0..8; "
+                               "use --set prefetch_blocks=1")
+        if self.kv_dtype == "int8" and self.kv_placement == "gpu":
+            raise LowvramError(f"{where}: kv_dtype=int8 exists to halve PCIe traffic and needs kv_placement=host; "
+                               "use --set kv_dtype=bf16 or --set kv_placement=host")
+
+    # ------------------------------------------------------------------ loading
+    @staticmethod
+    def names() -> list[str]:
+        """Names of the shipped profiles (file stems), sorted, without `auto`."""
+        root = resources.files("lowvram.profiles")
+        return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "Profile":
+        """Load `profiles/<name>.toml` (or detect with `auto`), then apply typed overrides."""
+        if name == "auto":
+            return cls.from_name(detect_profile_name(), **overrides)
+        names = cls.names()
+        if name not in names:
+            raise LowvramError(f"unknown profile {name!r}; choose one of {', '.join(names)}, auto "
+                               "(`lowvram profiles` lists them)")
+        path = resources.files("lowvram.profiles") / f"{name}.toml"
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise LowvramError(f"profiles/{name}.toml is not valid TOML ({e}); fix or reinstall it") from None
+        _check_keys(raw, f"profiles/{name}.toml")
+        _check_keys(overrides, "overrides")
+        missing = [f.name for f in fields(cls) if f.name not in FIXED and f.name not in raw]
+        if missing:
+            raise LowvramError(f"profiles/{name}.toml lacks {', '.join(missing)}; add them or reinstall lowvram")
+        return cls(name=name, **{**raw, **overrides})
+
+    def with_overrides(self, **overrides) -> "Profile":
+        """A copy with some fields replaced (validated like a file)."""
+        _check_keys(overrides, "overrides")
+        return replace(self, **overrides)
+
+    def summary(self) -> str:
+        """One line for `lowvram profiles`."""
+        return (f"{self.name:<8} {self.vram_budget_gib:5.1f} GiB  {self.quant:<4} KV {self.kv_placement}/"
+                f"{self.kv_dtype:<4}  {self.description}")
+
+
+def _check_keys(raw: dict, where: str) -> None:
+    known = [f.name for f in fields(Profile) if f.name not in FIXED]
+    bad = [k for k in raw if k not in known]
+    if bad:
+        raise LowvramError(f"{where}: unknown key(s) {', '.join(map(repr, bad))}; known keys: {', '.join(known)}")
+
+
+def _field_type(key: str) -> str:
+    return {f.name: f.type for f in fields(Profile)}[key]
+
+
+def parse_set(items: list[str] | tuple[str, ...]) -> dict:
+    """`["vram_budget_gib=20", "kv_dtype=bf16"]` -> typed overrides; one-line LowvramError on bad input."""
+    known = [f.name for f in fields(Profile) if f.name not in FIXED]
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise LowvramError(f"--set {item!r}: expected key=value, e.g. --set vram_budget_gib=20")
+        if key not in known:
+            raise LowvramError(f"--set {key}: unknown key; known keys: {', '.join(known)}")
+        kind = _field_type(key)
+        try:
+            if kind == "float":
+                out[key] = float(value)
+            elif kind == "int":
+                out[key] = int(value)
+            elif kind == "str | int":
+                out[key] = value if value == "auto" else int(value)
+            else:
+                out[key] = value
+        except ValueError:
+            want = {"float": "a number", "int": "an integer", "str | int": "'auto' or an integer"}[kind]
+            raise LowvramError(f"--set {key}={value!r}: expected {want}") from None
+        if key in CHOICES and value not in CHOICES[key]:
+            raise LowvramError(f"--set {key}={value!r}: expected one of {', '.join(CHOICES[key])}")
+    return out
+
+
+# ---------------------------------------------------------------------- auto-detection
+def pick_profile_name(gpu_name: str, total_gib: float, capability: tuple[int, int], host_ram_gib: float) -> str:
+    """The shipped profile for a GPU (pure function of what `detect_profile_name` measures)."""
+    fp8 = capability >= (8, 9)
+    if total_gib >= 70:
+        return "h100-80" if fp8 else "a100-80"
+    if total_gib >= 22:
+        return "4090" if fp8 else "3090"
+    if total_gib >= 15:
+        return "16gb"
+    if total_gib >= 11:
+        return "12gb"
+    raise LowvramError(f"{gpu_name} has {total_gib:.1f} GiB; lowvram needs a GPU with at least 12 GB "
+                       f"(host RAM {host_ram_gib:.0f} GiB)")
+
+
+def detect_profile_name() -> str:
+    """Read GPU 0 (torch.cuda) and the host RAM (psutil) and pick a profile."""
+    import psutil
+    import torch
+
+    if not torch.cuda.is_available():
+        raise LowvramError("--profile auto found no CUDA GPU; pass a named profile "
+                           "(lowvram profiles lists them) or run `lowvram demo` on the CPU")
+    props = torch.cuda.get_device_properties(0)
+    return pick_profile_name(props.name, props.total_memory / GIB, (props.major, props.minor),
+                             psutil.virtual_memory().total / GIB)
