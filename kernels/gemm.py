@@ -1,0 +1,191 @@
+"""W8A8 GEMMs: per-token activation quantization + an 8-bit tensor-core GEMM with scales and bias fused.
+
+Algorithm: (1) `quantize_rows`: one program per row of x [M, K] (bf16) finds absmax, writes the
+8-bit row (INT8: absmax/127, round half away from zero; FP8 e4m3: absmax/448, the hardware's
+round-to-nearest-even) and its fp32 scale; one read of x, one write of the 8-bit copy.
+(2) `_w8a8_gemm`: C = (Xq Wq^T) * x_scale[:, None] * w_scale[None, :] + bias, tiles grouped along
+M for L2 reuse, int32 (INT8) or fp32 (FP8) accumulation, the scales and bias applied in the
+epilogue, bf16 out. The weight stays [N, K] (K contiguous), which is the K-major operand layout
+8-bit tensor cores want.
+Limits: x is 2-D with a contiguous last dim; FP8 needs sm_89+. On Hopper, FP8 goes through
+cuBLAS (`torch._scaled_mm`, row-wise) after our quantization kernel, because it is the faster
+GEMM there (configs.FP8_ENGINE says which engine runs where).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowvram.kernels import configs
+from lowvram.kernels.reference import fp8_linear_reference, int8_linear_reference
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch references serve
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _quant_rows(X, Q, S, K, stride_x, stride_q, QMAX: tl.constexpr, FP8: tl.constexpr,
+                    BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        amax = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, K, BLOCK):
+            x = tl.load(X + row * stride_x + start + cols, mask=start + cols < K, other=0.0)
+            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+        scale = tl.maximum(tl.max(amax, 0), 1e-8) / QMAX
+        for start in range(0, K, BLOCK):
+            mask = start + cols < K
+            y = tl.load(X + row * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32) / scale
+            y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+            if FP8:
+                yq = y.to(Q.dtype.element_ty)
+            else:
+                yq = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int32).to(tl.int8)  # ties away from zero
+            tl.store(Q + row * stride_q + start + cols, yq, mask=mask)
+        tl.store(S + row, scale)
+
+    @triton.jit
+    def _w8a8_gemm(A, W, C, AS, WS, BIAS, M, N, K, stride_am, stride_wn, stride_cm, M_KEY,
+                   HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        # A: [M, K] 8-bit, W: [N, K] 8-bit, C: [M, N] bf16; M_KEY (M rounded up to a power of
+        # two) is unused here: it is the autotune key, so varying token counts reuse one tuning
+        pid = tl.program_id(0)
+        grid_m = tl.cdiv(M, BLOCK_M)
+        grid_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * grid_n
+        first_m = (pid // per_group) * GROUP_M
+        group_rows = tl.minimum(grid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_rows
+        pid_n = (pid % per_group) // group_rows
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ram = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)  # wrap: loads stay in bounds
+        rbn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        a_ptr = A + ram[:, None].to(tl.int64) * stride_am + rk[None, :]
+        w_ptr = W + rbn[None, :].to(tl.int64) * stride_wn + rk[:, None]  # [BK, BN] view of W^T
+        acc_ty = tl.int32 if A.dtype.element_ty == tl.int8 else tl.float32
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_ty)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptr)
+                w = tl.load(w_ptr)
+            else:
+                kk = k * BLOCK_K + rk
+                a = tl.load(a_ptr, mask=kk[None, :] < K, other=0.0)
+                w = tl.load(w_ptr, mask=kk[:, None] < K, other=0.0)
+            acc = tl.dot(a, w, acc, out_dtype=acc_ty)
+            a_ptr += BLOCK_K
+            w_ptr += BLOCK_K
+        a_s = tl.load(AS + ram)
+        w_s = tl.load(WS + rbn)
+        out = acc.to(tl.float32) * a_s[:, None] * w_s[None, :]
+        if HAS_BIAS:
+            out += tl.load(BIAS + rbn).to(tl.float32)[None, :]
+        c_ptr = C + rm[:, None].to(tl.int64) * stride_cm + rn[None, :]
+        tl.store(c_ptr, out.to(C.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+_TUNED: dict = {}
+
+
+def _gemm_kernel(family: str):
+    if family not in _TUNED:
+        cfgs = [triton.Config({k: c[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
+                              num_warps=c["num_warps"], num_stages=c["num_stages"])
+                for c in configs.select(configs.GEMM, family)]
+        even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_w8a8_gemm)
+        _TUNED[family] = triton.autotune(cfgs, key=["M_KEY", "N", "K"])(even_k)
+    return _TUNED[family]
+
+
+def triton_usable(x: torch.Tensor) -> bool:
+    """Whether the Triton path can run for tensors on x's device."""
+    return triton is not None and (x.is_cuda or configs.interpreting())
+
+
+def quantize_rows(x: torch.Tensor, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token quantization x [M, K] -> (int8 or float8_e4m3fn [M, K], fp32 scale [M]) in one kernel."""
+    M, K = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    q = torch.empty(M, K, device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
+    s = torch.empty(M, device=x.device, dtype=torch.float32)
+    cfg = configs.QUANT_ROWS_INTERP if configs.interpreting() else configs.QUANT_ROWS
+    block = min(cfg["BLOCK"], triton.next_power_of_2(K))
+    _quant_rows[(M,)](x, q, s, K, x.stride(0), q.stride(0), QMAX=448.0 if fp8 else 127.0, FP8=fp8,
+                      BLOCK=block, num_warps=cfg["num_warps"])
+    return q, s
+
+
+def _gemm(xq, xs, qweight, w_scale, bias, block: dict | None):
+    M, K = xq.shape
+    N = qweight.shape[0]
+    out = torch.empty(M, N, device=xq.device, dtype=torch.bfloat16)
+    has_bias = bias is not None
+    args = (xq, qweight, out, xs, w_scale, bias if has_bias else w_scale, M, N, K,
+            xq.stride(0), qweight.stride(0), out.stride(0), triton.next_power_of_2(M))
+    if block is not None:
+        grid = (triton.cdiv(M, block["BLOCK_M"]) * triton.cdiv(N, block["BLOCK_N"]),)
+        _w8a8_gemm[grid](*args, HAS_BIAS=has_bias, EVEN_K=K % block["BLOCK_K"] == 0,
+                         num_warps=block.get("num_warps", 4), num_stages=block.get("num_stages", 1),
+                         **{k: block[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")})
+    else:
+        grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
+        _gemm_kernel(configs.arch_family(xq.device))[grid](*args, HAS_BIAS=has_bias)
+    return out
+
+
+def _check(x, qweight, w_scale):
+    if x.dim() != 2 or qweight.dim() != 2 or x.shape[1] != qweight.shape[1]:
+        raise ValueError(f"linear shapes do not match: x {tuple(x.shape)}, weight {tuple(qweight.shape)}")
+    if w_scale.shape != (qweight.shape[0],) or w_scale.dtype != torch.float32:
+        raise ValueError("w_scale must be fp32 [N], one scale per output channel")
+
+
+def int8_linear(x, qweight, w_scale, bias=None, backend: str = "auto", block: dict | None = None):
+    """W8A8 INT8 linear: x bf16 [M, K], qweight int8 [N, K], w_scale fp32 [N], bias bf16 [N] -> bf16 [M, N].
+
+    Activations are quantized per token inside (absmax/127). backend: "auto" (Triton on CUDA or
+    under the interpreter, else the float32 torch reference), "triton", "torch".
+    block: a GEMM config dict to bypass autotuning (tests).
+    """
+    _check(x, qweight, w_scale)
+    if backend == "torch" or (backend == "auto" and not triton_usable(x)):
+        return int8_linear_reference(x, qweight, w_scale, bias, torch.float32, torch.bfloat16)
+    xq, xs = quantize_rows(x, fp8=False)
+    return _gemm(xq, xs, qweight, w_scale, bias, block)
+
+
+def fp8_linear(x, qweight, w_scale, bias=None, backend: str = "auto", engine: str | None = None,
+               block: dict | None = None):
+    """FP8 W8A8 linear: x bf16 [M, K], qweight float8_e4m3fn [N, K], w_scale fp32 [N], bias -> bf16 [M, N].
+
+    Activations are quantized per token inside (absmax/448, e4m3). engine: "triton" (our GEMM)
+    or "scaled_mm" (torch._scaled_mm row-wise after our quantization kernel); None picks the
+    device's faster one from configs.FP8_ENGINE.
+    """
+    _check(x, qweight, w_scale)
+    if backend == "torch" or (backend == "auto" and not triton_usable(x)):
+        return fp8_linear_reference(x, qweight, w_scale, bias, torch.float32, torch.bfloat16)
+    xq, xs = quantize_rows(x, fp8=True)
+    engine = engine or configs.FP8_ENGINE[configs.arch_family(x.device)]
+    if engine == "scaled_mm":
+        return torch._scaled_mm(xq, qweight.t(), scale_a=xs[:, None], scale_b=w_scale[None, :],
+                                bias=bias, out_dtype=torch.bfloat16)
+    return _gemm(xq, xs, qweight, w_scale, bias, block)
+
+
+def bench_gemm(M=3168, K=5120, N=5120, fp8=False, device="cuda") -> dict:
+    """Median time (ms) and TFLOP/s of int8_linear / fp8_linear at one shape (quantization included)."""
+    gen = torch.Generator(device).manual_seed(0)
+    x = torch.randn(M, K, device=device, dtype=torch.bfloat16, generator=gen)
+    w = torch.randint(-127, 128, (N, K), device=device, dtype=torch.int8, generator=gen)
+    w = w.to(torch.float16).to(torch.float8_e4m3fn) if fp8 else w
+    ws = torch.rand(N, device=device, generator=gen) * 1e-3
+    fn = (lambda: fp8_linear(x, w, ws)) if fp8 else (lambda: int8_linear(x, w, ws))  # noqa: E731
+    ms = triton.testing.do_bench(fn, warmup=100, rep=300, return_mode="median")
+    return {"ms": ms, "tflops": 2.0 * M * N * K / ms / 1e9}
