@@ -1,0 +1,250 @@
+"""Inputs of `lowvram run`: the --size budget, the reference image and the driving audio.
+
+Sizes and the image path follow the reference pipeline exactly (its `get_size_less_than_area`
+and torchvision's `Resize(short side)` + `CenterCrop` + `ToTensor`), re-done with Pillow so that
+torchvision is not needed. Audio is decoded and resampled with PyAV. `synth_portrait` and
+`synth_voice` make deterministic stand-in inputs for `lowvram demo` and tests.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import wave
+
+import av
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+from lowvram.errors import LowvramError
+
+DIVISOR = 64  # generated H and W are padded up to multiples of this
+MIN_AREA = 64 * 64
+MAX_AREA = 4096 * 4096
+SILENCE_PEAK = 1e-4  # a file whose loudest sample is below this is treated as silent
+AUDIO_KINDS = "a wav, mp3, m4a, flac or ogg file"
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*[*xX]\s*(\d+)\s*$")
+
+
+def parse_size(s: str) -> int:
+    """Parse --size "W*H" (or "WxH") into the pixel-area budget W*H."""
+    match = _SIZE_RE.match(str(s))
+    if match is not None:
+        w, h = int(match.group(1)), int(match.group(2))
+        if w > 0 and h > 0 and MIN_AREA <= w * h <= MAX_AREA:
+            return w * h
+    raise LowvramError(
+        f"--size must look like 704*384 (width*height, positive integers, area between 64*64 "
+        f"and 4096*4096); got {s!r}"
+    )
+
+
+def gen_size(img_w: int, img_h: int, max_area: int) -> tuple[int, int]:
+    """Output (W, H) for an img_w x img_h reference image under a pixel budget.
+
+    The reference's rule: try 100 scales from the largest down; scale the image, pad each side
+    up to a multiple of 64 and keep the first candidate whose padded area fits the budget.
+    """
+    if img_w <= 0 or img_h <= 0:
+        raise ValueError(f"image size must be positive, got {img_w}x{img_h}")
+    h, w = img_h, img_w
+    if h * w <= max_area:
+        lo, hi = 0.1, 1.0
+    else:
+        # smallest scale at which even worst-case padding (63 px per side) fits the budget
+        d = DIVISOR - 1
+        a, b, c = h * w, d * (h + w), d * d - max_area
+        lo = (-b + math.sqrt(b * b - 2 * a * c)) / (2 * a)
+        hi = math.sqrt(max_area / (h * w))
+    for i in range(100):
+        scale = hi - (hi - lo) * i / 100
+        sh, sw = int(h * scale), int(w * scale)
+        ph = sh + (DIVISOR - sh % DIVISOR) % DIVISOR
+        pw = sw + (DIVISOR - sw % DIVISOR) % DIVISOR
+        if ph * pw <= max_area:
+            return pw, ph
+    # no scale fitted: the reference falls back to aspect-ratio sizes floored to the divisor
+    aspect = w / h
+    tw = int((max_area * aspect) ** 0.5 // DIVISOR * DIVISOR)
+    th = int((max_area / aspect) ** 0.5 // DIVISOR * DIVISOR)
+    if tw >= w or th >= h:
+        tw, th = int(w // DIVISOR * DIVISOR), int(h // DIVISOR * DIVISOR)
+    return tw, th
+
+
+def _resize_short_side(img: Image.Image, short: int) -> Image.Image:
+    """torchvision `Resize(int)` on a PIL image: short side -> `short`, long side truncated."""
+    w, h = img.size
+    s, l = (w, h) if w <= h else (h, w)
+    new_s, new_l = short, int(short * l / s)
+    new_w, new_h = (new_s, new_l) if w <= h else (new_l, new_s)
+    if (new_w, new_h) == (w, h):
+        return img
+    return img.resize((new_w, new_h), Image.BILINEAR)  # Pillow's bilinear is antialiased
+
+
+def _center_crop(img: Image.Image, out_w: int, out_h: int) -> Image.Image:
+    """torchvision `CenterCrop((H, W))` on a PIL image: zero-pad if too small, then crop."""
+    w, h = img.size
+    if out_w > w or out_h > h:
+        left = (out_w - w) // 2 if out_w > w else 0
+        top = (out_h - h) // 2 if out_h > h else 0
+        padded = Image.new(img.mode, (w + max(out_w - w, 0), h + max(out_h - h, 0)), 0)
+        padded.paste(img, (left, top))
+        img = padded
+        w, h = img.size
+        if (w, h) == (out_w, out_h):
+            return img
+    top = int(round((h - out_h) / 2.0))
+    left = int(round((w - out_w) / 2.0))
+    return img.crop((left, top, left + out_w, top + out_h))
+
+
+def load_image(path: str, size_area: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Load the reference image as the model sees it.
+
+    Returns the image as float32 [3, H, W] in [-1, 1] and the generation size (W, H) from
+    `gen_size`. EXIF orientation is ignored, as in the reference.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise LowvramError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            rgb = im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise LowvramError(
+            f"cannot read image {path}: Pillow cannot open it as an image "
+            f"({type(e).__name__}); give a png, jpg or webp file"
+        ) from e
+    w, h = gen_size(rgb.width, rgb.height, size_area)
+    pic = _center_crop(_resize_short_side(rgb, min(w, h)), w, h)
+    x = torch.from_numpy(np.asarray(pic, dtype=np.uint8).copy())  # x: [H, W, 3] uint8
+    x = x.permute(2, 0, 1).float().div(255) * 2 - 1.0  # x: [3, H, W] in [-1, 1]
+    return x.contiguous(), (w, h)
+
+
+def load_audio(path: str, sr: int = 16000, min_seconds: float = 0.0) -> np.ndarray:
+    """Decode any audio file PyAV reads to mono float32 [S] at `sr` Hz.
+
+    Channels are resampled with PyAV's AudioResampler, then averaged to mono.
+
+    Raises LowvramError for a missing, undecodable, silent or too short (< min_seconds) file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise LowvramError(f"audio file not found: {path}")
+    chunks = []
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                raise LowvramError(f"{path} has no audio stream; give {AUDIO_KINDS}")
+            stream = container.streams.audio[0]
+            resampler = None
+            for frame in container.decode(stream):
+                if resampler is None:  # keep the channels: they are averaged below
+                    resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=sr)
+                chunks.extend(f.to_ndarray() for f in resampler.resample(frame))
+            if resampler is not None:
+                chunks.extend(f.to_ndarray() for f in resampler.resample(None))
+    except (av.FFmpegError, ValueError) as e:
+        msg = str(e).replace("\n", " ")
+        raise LowvramError(f"cannot decode audio file {path} ({msg}); give {AUDIO_KINDS}") from e
+    # chunks: [C, n] each. Mono is the plain channel mean, as librosa's to_mono (the reference's
+    # loader) does; swresample's own downmix would scale stereo by 1/sqrt(2) instead of 1/2.
+    audio = np.concatenate(chunks, axis=1).mean(axis=0) if chunks else np.zeros(0)
+    audio = audio.astype(np.float32)
+    if audio.size == 0:
+        raise LowvramError(f"audio file {path} holds no samples; give {AUDIO_KINDS} with speech")
+    peak = float(np.max(np.abs(audio)))
+    if not peak >= SILENCE_PEAK:
+        raise LowvramError(
+            f"audio file {path} is silent (peak {peak:.1e}); the avatar needs audible speech"
+        )
+    seconds = audio.size / sr
+    if seconds < min_seconds:
+        raise LowvramError(
+            f"audio file {path} lasts {seconds:.2f} s; at least {min_seconds:.2f} s is needed"
+        )
+    return audio
+
+
+def synth_portrait(path: str, width: int = 320, height: int = 384, seed: int = 0) -> None:
+    """Write a synthetic face-like PNG (oval face, hair, eyes, nose, mouth, soft shading)."""
+    rng = np.random.default_rng(seed)
+    # background: vertical two-colour gradient
+    top, bottom = rng.uniform(60, 200, 3), rng.uniform(20, 120, 3)
+    t = np.linspace(0.0, 1.0, height)[:, None, None]
+    bg = (top * (1 - t) + bottom * t) * np.ones((1, width, 1))
+    img = Image.fromarray(bg.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+
+    cx, cy = width / 2, height * 0.48
+    fw, fh = width * rng.uniform(0.28, 0.34), height * rng.uniform(0.30, 0.35)
+    skin = np.array([rng.uniform(170, 235), rng.uniform(120, 180), rng.uniform(90, 150)])
+    hair = tuple(int(v) for v in rng.uniform(10, 90, 3))
+    draw.ellipse([cx - fw * 1.1, cy - fh * 1.12, cx + fw * 1.1, cy + fh * 0.6], fill=hair)
+    draw.rectangle([cx - fw * 0.45, cy + fh * 0.8, cx + fw * 0.45, height], fill=tuple(
+        int(v) for v in skin * 0.8))  # neck
+    # face: concentric ellipses from dark rim to a lit centre (simple shading)
+    steps = 12
+    for k in range(steps):
+        f = 1.0 - k / steps
+        shade = skin * (0.78 + 0.22 * (k / (steps - 1)))
+        ox, oy = fw * 0.08 * (1 - f), -fh * 0.1 * (1 - f)  # light from upper left
+        draw.ellipse([cx - fw * f - ox, cy - fh * f + oy, cx + fw * f - ox, cy + fh * f + oy],
+                     fill=tuple(int(v) for v in np.clip(shade, 0, 255)))
+    # eyes: white, iris, pupil, brow
+    ey, ex, er = cy - fh * 0.18, fw * 0.42, fw * 0.16
+    iris = tuple(int(v) for v in rng.uniform(30, 140, 3))
+    for side in (-1, 1):
+        x = cx + side * ex
+        draw.ellipse([x - er, ey - er * 0.6, x + er, ey + er * 0.6], fill=(245, 245, 240))
+        draw.ellipse([x - er * 0.5, ey - er * 0.5, x + er * 0.5, ey + er * 0.5], fill=iris)
+        draw.ellipse([x - er * 0.22, ey - er * 0.22, x + er * 0.22, ey + er * 0.22], fill=(10, 10, 10))
+        draw.line([x - er * 1.1, ey - er * 1.3, x + er * 1.1, ey - er * 1.5 + side * 2], fill=hair,
+                  width=max(2, int(er * 0.35)))
+    # nose and mouth
+    nose = tuple(int(v) for v in skin * 0.7)
+    draw.line([cx, ey + er, cx - fw * 0.08, cy + fh * 0.18, cx + fw * 0.04, cy + fh * 0.22],
+              fill=nose, width=max(1, int(fw * 0.03)))
+    my, mw = cy + fh * 0.45, fw * 0.38
+    draw.chord([cx - mw, my - fh * 0.08, cx + mw, my + fh * 0.12], 0, 180, fill=(150, 40, 50))
+    draw.line([cx - mw, my + fh * 0.02, cx + mw, my + fh * 0.02], fill=(90, 20, 30), width=2)
+    img = img.filter(ImageFilter.GaussianBlur(radius=1.0))
+    # faint sensor noise so that the picture is not piecewise flat
+    arr = np.asarray(img, dtype=np.float32) + rng.normal(0.0, 2.0, (height, width, 3))
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB").save(path, format="PNG")
+
+
+def synth_voice(path: str, seconds: float = 2.0, seed: int = 0, sr: int = 16000) -> None:
+    """Write a 16-bit mono WAV of voice-like sound: a gliding 120-220 Hz pitch with
+    formant-shaped harmonics, syllable-rate loudness modulation and a little breath noise."""
+    rng = np.random.default_rng(seed)
+    n = int(round(seconds * sr))
+    t = np.arange(n) / sr
+    # pitch contour: slow random wiggle between 120 and 220 Hz
+    f0 = 170 + 30 * np.sin(2 * np.pi * rng.uniform(0.3, 0.8) * t + rng.uniform(0, 2 * np.pi))
+    f0 += 20 * np.sin(2 * np.pi * rng.uniform(1.5, 3.0) * t + rng.uniform(0, 2 * np.pi))
+    f0 = np.clip(f0, 120, 220)
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    voiced = np.zeros(n)
+    formants = rng.uniform([500, 1200, 2400], [800, 1800, 3000])
+    for k in range(1, 25):
+        fk = k * f0
+        gain = sum(np.exp(-(((fk - fm) / 250.0) ** 2)) for fm in formants) + 0.3 / k
+        voiced += np.where(fk < sr / 2, gain, 0.0) * np.sin(k * phase)
+    # syllables at ~4-5 per second with short pauses between them
+    rate = rng.uniform(4.0, 5.0)
+    syll = np.clip(np.sin(np.pi * rate * t + rng.uniform(0, np.pi)), 0, None) ** 1.5
+    y = voiced * syll + 0.02 * rng.standard_normal(n)
+    y = 0.5 * y / np.max(np.abs(y))
+    pcm = np.round(y * 32767).astype("<i2")
+    with wave.open(os.fspath(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes(pcm.tobytes())
