@@ -1,0 +1,39 @@
+"""Self-attention over [the step's KV window ; the sink], with selectable backends.
+
+`sdpa`: ropes the un-roped sink keys in torch, concatenates them after the window and calls
+torch SDPA (the reference's path, cuDNN/flash on CUDA). `triton`: the two-segment Triton kernel
+reads both segments in place and ropes sink keys in registers (lowvram.kernels.attention).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lowvram.model.rope import RopeTable, rope_apply
+
+BACKENDS = ("sdpa", "triton", "triton8")
+
+
+def sdpa(q, k, v):  # q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def attend_two_segments(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeTable, backend: str = "sdpa"):
+    """Attention of roped q against the roped window keys and the sink keys roped at sink_pos [Ls, 3].
+
+    k_win/v_win may be None (the sink prefill attends only to the sink)."""
+    if backend == "sdpa":
+        cos, sin = rope.gather(sink_pos)
+        ks = rope_apply(k_sink, cos, sin)
+        if k_win is None:
+            return sdpa(q, ks, v_sink)
+        return sdpa(q, torch.cat([k_win, ks], dim=1), torch.cat([v_win, v_sink], dim=1))
+    if backend in ("triton", "triton8"):
+        from lowvram.kernels.attention import two_segment_attention
+
+        if k_win is None:
+            k_win = q.new_empty(q.shape[0], 0, *q.shape[2:])
+            v_win = k_win
+        return two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos, rope)
+    raise ValueError(f"unknown attention backend {backend!r}; use one of {', '.join(BACKENDS)}")

@@ -1,0 +1,170 @@
+"""The LiveAvatar S2V DiT at inference (brief §1.1, §3.5-§3.7): a sink prefill and a streaming
+forward over one block of latent frames that writes and reads a per-step KV ring cache.
+
+Attribute names equal the checkpoint keys (`blocks.N.self_attn.q`, `casual_audio_encoder`, ...),
+so the real state dict loads with no remapping. All sizes come from `DiTConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lowvram.config import DiTConfig
+from lowvram.model.attention import attend_two_segments
+from lowvram.model.audio import AudioInjector, CausalAudioEncoder
+from lowvram.model.framepack import FramePackMotioner
+from lowvram.model.layers import Block, Head, linear_fp32, sinusoidal_embedding_1d
+from lowvram.model.rope import RopeTable, grid_positions, rope_apply
+
+SINK_REF_FRAME = 30  # the reference frame's RoPE time position in the sink pass
+
+
+@dataclass
+class Sink:
+    """The shared sink: per layer un-roped K and raw V of the ref + motion tokens, their positions."""
+
+    k: list  # num_layers x [B, Ls, H, D]
+    v: list
+    pos: torch.Tensor  # [Ls, 3] with the ref tokens (the first n_ref) at frame 30
+    n_ref: int
+
+    def positions(self, start_frame: int, ref_shift: int) -> torch.Tensor:
+        """Sink positions for a streaming call at latent frame n: ref at 30 + max(0, n - 30 + d)."""
+        pos = self.pos.clone()
+        pos[: self.n_ref, 0] = SINK_REF_FRAME + max(0, start_frame - SINK_REF_FRAME + ref_shift)
+        return pos
+
+
+class LiveAvatarDiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim, p = cfg.dim, cfg.patch_size
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=p, stride=p)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList([Block(dim, cfg.ffn_dim, cfg.num_heads, cfg.eps) for _ in range(cfg.num_layers)])
+        self.head = Head(dim, cfg.out_dim, p, cfg.eps)
+        self.cond_encoder = nn.Conv3d(cfg.cond_dim, dim, kernel_size=p, stride=p)
+        self.casual_audio_encoder = CausalAudioEncoder(cfg.audio_dim, dim, cfg.num_audio_layers, cfg.num_audio_token)
+        self.audio_injector = AudioInjector(dim, cfg.num_heads, cfg.audio_inject_layers, cfg.eps)
+        self.trainable_cond_mask = nn.Embedding(3, dim)
+        self.frame_packer = FramePackMotioner(cfg.in_dim, dim)
+        self.attention = "sdpa"
+        self._rope: RopeTable | None = None
+
+    # ----------------------------------------------------------------------------- helpers
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def rope(self) -> RopeTable:
+        dev = self.patch_embedding.weight.device
+        if self._rope is None or self._rope.cos.device != dev:
+            self._rope = RopeTable.build(self.cfg.head_dim, self.cfg.rope_max_len, device=dev)
+        return self._rope
+
+    def embed_text(self, contexts: list[torch.Tensor]) -> torch.Tensor:
+        """T5 outputs cut to their real length [L_i, text_dim] -> zero-padded to text_len -> [B, text_len, dim]."""
+        L = self.cfg.text_len
+        padded = torch.stack([F.pad(u[:L], (0, 0, 0, L - min(u.shape[0], L))) for u in contexts])
+        return self.text_embedding(padded.to(self.patch_embedding.weight.device, self.dtype))
+
+    def _time(self, t: torch.Tensor):  # t: [B, F] -> e [B, F, C] fp32, e0 [B, F, 6, C] fp32
+        e = sinusoidal_embedding_1d(self.cfg.freq_dim, t.flatten()).float()
+        e = linear_fp32(self.time_embedding[2], F.silu(linear_fp32(self.time_embedding[0], e)))
+        e0 = linear_fp32(self.time_projection[1], F.silu(e)).unflatten(1, (6, self.cfg.dim))
+        return e.unflatten(0, t.shape), e0.unflatten(0, t.shape)
+
+    def _patchify(self, x):  # x: [B, C, F, h, w] -> tokens [B, F*h'*w', dim], grid (F, h', w')
+        y = self.patch_embedding(x.to(self.dtype))
+        return y.flatten(2).transpose(1, 2), tuple(y.shape[2:])
+
+    def _unpatchify(self, x, grid):  # x: [B, L, p*q*r*c] -> [B, c, F*p, h'*q, w'*r]
+        f, h, w = grid
+        p, q, r = self.cfg.patch_size
+        c = self.cfg.out_dim
+        x = x.reshape(x.shape[0], f, h, w, p, q, r, c)
+        return torch.einsum("bfhwpqrc->bcfphqwr", x).reshape(x.shape[0], c, f * p, h * q, w * r)
+
+    # ----------------------------------------------------------------------------- sink
+    @torch.no_grad()
+    def prefill_sink(self, ref_latent, motion_latents, context) -> Sink:
+        """The sink pass: ref tokens (mask id 1) + FramePack motion tokens (mask id 2) at t = 0,
+        self-attention among themselves, text cross-attention, FFN; no audio, no head.
+
+        ref_latent: [B, 16, 1, h, w]; motion_latents: [B, 16, T, h, w]; context: [B, text_len, dim]."""
+        b = ref_latent.shape[0]
+        ref, (_, hh, ww) = self._patchify(ref_latent)                           # [B, h'w', C]
+        mot = self.frame_packer(motion_latents.to(self.dtype))                  # [B, Lm, C]
+        x = torch.cat([ref, mot], dim=1)
+        ids = torch.cat([torch.ones(ref.shape[1], dtype=torch.long), torch.full((mot.shape[1],), 2)])
+        x = x + self.trainable_cond_mask(ids.to(x.device)).to(x.dtype)
+        h, w = ref_latent.shape[-2:]
+        pos = torch.cat([grid_positions([SINK_REF_FRAME], range(hh), range(ww)),
+                         FramePackMotioner.positions(h, w)])
+        cos, sin = self.rope.gather(pos)
+        _, e0 = self._time(torch.zeros(b, 1, device=x.device))
+        ks, vs = [], []
+        for block in self.blocks:
+            def attend(q, k, v):
+                ks.append(k)
+                vs.append(v)
+                return attend_two_segments(rope_apply(q, cos, sin), None, None, k, v, pos, self.rope, self.attention)
+            x = block(x, e0, context, attend, frames=1)
+        return Sink(ks, vs, pos, n_ref=ref.shape[1])
+
+    # ----------------------------------------------------------------------------- streaming
+    @torch.no_grad()
+    def forward(self, x, t, context, audio, kv, sink: Sink, start_frame: int, ref_shift: int):
+        """One denoising step of one block.
+
+        x: [B, 16, F, h, w] noisy latents; t: [B, F] timesteps; context: [B, text_len, dim];
+        audio: [B, L, Da, 4F] wav2vec2 features of the block's video frames; kv: this step's ring
+        cache (begin_forward/update/done); sink: from prefill_sink; start_frame: absolute latent
+        index of the block's first frame; ref_shift: the reference's rolling-sink shift d.
+        Returns the velocity [B, 16, F, h, w] in the compute dtype."""
+        cfg = self.cfg
+        dt = self.dtype
+        # audio: the first frame repeated motion_frames times in front, keep the block's frames
+        pre = audio[..., :1].expand(*audio.shape[:-1], cfg.motion_frames)
+        a_glob, a_loc = self.casual_audio_encoder(torch.cat([pre, audio], dim=-1))
+        skip = (cfg.motion_frames + 3) // 4
+        a_glob, a_loc = a_glob[:, skip:].to(dt), a_loc[:, skip:].to(dt)
+
+        tokens, grid = self._patchify(x)
+        frames = grid[0]
+        # no pose video: cond_encoder(0) is exactly its bias
+        tokens = tokens + self.cond_encoder.bias.to(dt) + self.trainable_cond_mask.weight[0].to(dt)
+        cos, sin = self.rope.gather(grid_positions(range(start_frame, start_frame + frames),
+                                                   range(grid[1]), range(grid[2])))
+        sink_pos = sink.positions(start_frame, ref_shift)
+        e, e0 = self._time(t.to(tokens.device))
+        n_new = tokens.shape[1]
+        kv.begin_forward(start_frame * grid[1] * grid[2], n_new)
+        h = tokens
+        for i, block in enumerate(self.blocks):
+            def attend(q, k, v, i=i):
+                k_win, v_win = kv.update(i, rope_apply(k, cos, sin), v)
+                out = attend_two_segments(rope_apply(q, cos, sin), k_win, v_win, sink.k[i], sink.v[i],
+                                          sink_pos, self.rope, self.attention)
+                kv.done(i)
+                return out
+            h = block(h, e0, context, attend, frames)
+            h = self.audio_injector(i, h, a_loc, a_glob)
+        out = self.head(h, e, frames)
+        return self._unpatchify(out, grid)
+
+
+def build_model(cfg: DiTConfig, device="meta", dtype=torch.bfloat16) -> LiveAvatarDiT:
+    """An uninitialised model (on the meta device by default, for load_state_dict(assign=True))."""
+    with torch.device(device):
+        model = LiveAvatarDiT(cfg)
+    return model.to(dtype) if device != "meta" else model

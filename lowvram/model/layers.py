@@ -1,0 +1,139 @@
+"""Building blocks of the S2V DiT with the checkpoint's attribute names (brief §2.2, §3.5, §5).
+
+Numerics follow LiveAvatar under bf16 autocast without using autocast: Linear layers run in
+the weights' dtype (bf16 on GPU, fp32 in CPU tests), norms compute in fp32 and round where the
+reference rounds, modulation and gated residuals are fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """WanRMSNorm: x * rsqrt(mean(x^2) + eps) in fp32, cast back, times weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # x: [..., C]
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """WanLayerNorm: LayerNorm computed in fp32, returned in the input's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False):
+        super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
+
+    def forward(self, x):
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+def linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A Linear computed in fp32 (the reference's fp32 autocast regions)."""
+    b = layer.bias.float() if layer.bias is not None else None
+    return F.linear(x.float(), layer.weight.float(), b)
+
+
+class SelfAttention(nn.Module):
+    """q, k, v, o projections with RMS q/k norms over the full width; the attention itself is a callable."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x, attend: Callable):  # x: [B, L, C]
+        b, s = x.shape[:2]
+        q = self.norm_q(self.q(x)).view(b, s, self.num_heads, self.head_dim)
+        k = self.norm_k(self.k(x)).view(b, s, self.num_heads, self.head_dim)
+        v = self.v(x).view(b, s, self.num_heads, self.head_dim)
+        return self.o(attend(q, k, v).flatten(2))
+
+
+class CrossAttention(SelfAttention):
+    """Text (and audio) cross-attention: queries from x, keys/values from a context, no RoPE."""
+
+    def forward(self, x, context):  # x: [B, L1, C], context: [B, L2, C]
+        b = x.shape[0]
+        n, d = self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).view(b, -1, n, d)
+        k = self.norm_k(self.k(context)).view(b, -1, n, d)
+        v = self.v(context).view(b, -1, n, d)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class Block(nn.Module):
+    """One CausalWanS2VAttentionBlock: adaLN self-attention, affine-LN text cross-attention, FFN."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, eps)
+        self.self_attn = SelfAttention(dim, num_heads, eps)
+        self.norm3 = LayerNorm(dim, eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(dim, num_heads, eps)
+        self.norm2 = LayerNorm(dim, eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
+
+    def forward(self, x, e0, context, attend: Callable, frames: int):
+        """x: [B, L, C] in the compute dtype; e0: [B, frames, 6, C] fp32 time projection of each
+        frame's t (L = frames * tokens per frame); context: [B, 512, C]."""
+        dt = x.dtype
+        b, L, c = x.shape
+        m = (self.modulation.float().unsqueeze(1) + e0).unsqueeze(3)  # [B, F, 6, 1, C]
+        shift1, scale1, gate1, shift2, scale2, gate2 = m.unbind(2)    # each [B, F, 1, C]
+
+        def mod(h, shift, scale):  # h: [B, L, C] fp32 -> per-frame modulation
+            return (h.unflatten(1, (frames, -1)) * (1 + scale) + shift).flatten(1, 2)
+
+        def gate(y, g):
+            return (y.float().unflatten(1, (frames, -1)) * g).flatten(1, 2)
+
+        y = self.self_attn(mod(self.norm1(x).float(), shift1, scale1).to(dt), attend)
+        x = x + gate(y, gate1)                                          # fp32 from here
+        x = x + self.cross_attn(self.norm3(x.to(dt)), context)
+        y = self.ffn(mod(self.norm2(x), shift2, scale2).to(dt))
+        x = x + gate(y, gate2)
+        return x.to(dt)
+
+
+class Head(nn.Module):
+    """Head_S2V: LN (no affine), per-frame (shift, scale) from modulation + e, Linear, in fp32."""
+
+    def __init__(self, dim: int, out_dim: int, patch_size, eps: float = 1e-6):
+        super().__init__()
+        self.norm = LayerNorm(dim, eps)
+        self.head = nn.Linear(dim, out_dim * patch_size[0] * patch_size[1] * patch_size[2])
+        self.modulation = nn.Parameter(torch.zeros(1, 2, dim))
+
+    def forward(self, x, e, frames: int):  # x: [B, L, C]; e: [B, F, C] fp32
+        shift, scale = (self.modulation.float().unsqueeze(1) + e.unsqueeze(2)).unbind(2)  # [B, F, C]
+        h = self.norm(x).unflatten(1, (frames, -1)).float() * (1 + scale[:, :, None]) + shift[:, :, None]
+        return linear_fp32(self.head, h.flatten(1, 2)).to(x.dtype)
+
+
+def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
+    """cat[cos, sin] of position * 10000^(-i/half), in float64 (cos first)."""
+    half = dim // 2
+    position = position.to(torch.float64)
+    sinusoid = torch.outer(position, torch.pow(10000, -torch.arange(half, dtype=torch.float64,
+                                                                     device=position.device).div(half)))
+    return torch.cat([torch.cos(sinusoid), torch.sin(sinusoid)], dim=1)

@@ -1,0 +1,97 @@
+"""3-D rotary position embedding of the S2V DiT (brief §3.7, §5.2, §10.2-10.4).
+
+The head dim D splits into (time, height, width) pairs of D/2 - 2*(D/2 // 3), D/2 // 3, D/2 // 3
+(22/21/21 pairs = 44/42/42 channels for D = 128). Pairs are interleaved (x[2i], x[2i+1]).
+The reference builds a complex128 table of `max_len` positions, rounds the gathered multipliers
+to fp16 (complex32), and rotates in float64. We keep the fp16-rounded table as (cos, sin) and
+rotate bf16/fp16 inputs in float32: a bf16 value (8-bit mantissa) times an fp16 value (11-bit)
+is exact in float32, and the one rounding of the sum then equals the reference's float64
+result rounded to float32, so the output is bit-identical (tests/test_rope.py checks it).
+float32 inputs rotate in float64, as the reference does.
+A negative time position p means the conjugate multiplier of |p| (motion frames, §3.7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def rope_pairs(head_dim: int) -> tuple[int, int, int]:
+    """Complex pairs of the head dim given to (time, height, width)."""
+    c = head_dim // 2
+    return c - 2 * (c // 3), c // 3, c // 3
+
+
+def rope_params(max_len: int, dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """polar(1, outer(arange(max_len), theta^(-arange(0, dim, 2)/dim))) in complex128: [max_len, dim/2]."""
+    inv = 1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    ang = torch.outer(torch.arange(max_len, dtype=torch.float64), inv)
+    return torch.polar(torch.ones_like(ang), ang)
+
+
+@dataclass
+class RopeTable:
+    """fp16-rounded multipliers, cos and sin: [max_len, D/2] each, columns ordered (t | h | w)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    pairs: tuple[int, int, int]
+
+    @classmethod
+    def build(cls, head_dim: int, max_len: int = 45000, device="cpu") -> "RopeTable":
+        pt, ph, pw = rope_pairs(head_dim)
+        table = torch.cat([rope_params(max_len, 2 * pt), rope_params(max_len, 2 * ph),
+                           rope_params(max_len, 2 * pw)], dim=1)  # [max_len, D/2] complex128
+        return cls(table.real.to(torch.float16).to(device), table.imag.to(torch.float16).to(device),
+                   (pt, ph, pw))
+
+    @property
+    def max_len(self) -> int:
+        return self.cos.shape[0]
+
+    def to(self, device) -> "RopeTable":
+        return RopeTable(self.cos.to(device), self.sin.to(device), self.pairs)
+
+    def gather(self, pos: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token multipliers for positions pos [L, 3] (f, h, w): (cos, sin) [L, D/2] in `dtype`."""
+        pt, ph, _ = self.pairs
+        pos = pos.to(self.cos.device).long()
+        if int(pos.abs().max()) >= self.max_len:
+            raise ValueError(f"RoPE position {int(pos.abs().max())} is past the table of {self.max_len}")
+        # axis of every pair column: 0 for the first pt, 1 for the next ph, 2 for the rest
+        axis = torch.zeros(self.cos.shape[1], dtype=torch.long, device=pos.device)
+        axis[pt:pt + ph] = 1
+        axis[pt + ph:] = 2
+        p = pos[:, axis]  # [L, D/2]
+        col = torch.arange(self.cos.shape[1], device=pos.device).expand_as(p)
+        cos = self.cos[p.abs(), col].to(dtype)
+        sin = self.sin[p.abs(), col].to(dtype) * torch.where(p < 0, -1.0, 1.0).to(dtype)
+        return cos, sin
+
+
+def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x [B, L, H, D] by per-token (cos, sin) [L, D/2]; returns x.dtype."""
+    work = torch.float64 if x.dtype in (torch.float32, torch.float64) else torch.float32
+    xr = x.to(work).unflatten(-1, (-1, 2))  # [B, L, H, D/2, 2]
+    c = cos.to(work)[None, :, None, :]
+    s = sin.to(work)[None, :, None, :]
+    a, b = xr[..., 0], xr[..., 1]
+    out = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
+    return out.float().to(x.dtype) if x.dtype != torch.float64 else out
+
+
+def grid_positions(frames, rows, cols) -> torch.Tensor:
+    """Positions [F*R*C, 3] (f, h, w) of a token grid flattened in (f, h, w) order."""
+    f = torch.as_tensor(list(frames), dtype=torch.long)
+    h = torch.as_tensor(list(rows), dtype=torch.long)
+    w = torch.as_tensor(list(cols), dtype=torch.long)
+    ff, hh, ww = torch.meshgrid(f, h, w, indexing="ij")
+    return torch.stack([ff, hh, ww], dim=-1).reshape(-1, 3)
+
+
+def strided(size: int, k: int) -> list[int]:
+    """The reference's sampled rows/cols: np.linspace(0, size-1, k).astype(int) (44 -> 0, 2, ..., 40, 43)."""
+    return np.linspace(0, size - 1, k).astype(int).tolist()
