@@ -1,0 +1,168 @@
+"""Checkpoint discovery and loading (brief §2.1): the DiT from sharded, memory-mapped safetensors,
+built on the meta device and assigned (no second copy), with the LiveAvatar LoRA merged per layer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from lowvram.config import DiTConfig
+from lowvram.errors import CheckpointError
+
+INDEX = "diffusion_pytorch_model.safetensors.index.json"
+SINGLE = "diffusion_pytorch_model.safetensors"
+T5 = "models_t5_umt5-xxl-enc-bf16.pth"
+TOKENIZER = "google/umt5-xxl"
+VAE = "Wan2.1_VAE.pth"
+WAV2VEC = "wav2vec2-large-xlsr-53-english"
+LAYOUT = (f"config.json, {INDEX} + diffusion_pytorch_model-0000N-of-0000M.safetensors, {T5}, "
+          f"{TOKENIZER}/, {VAE}, {WAV2VEC}/")
+DOWNLOAD = ("huggingface-cli download Wan-AI/Wan2.2-S2V-14B --local-dir ckpt/Wan2.2-S2V-14B && "
+            "huggingface-cli download Quark-Vision/Live-Avatar --local-dir ckpt/LiveAvatar")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    root: Path
+    config: Path
+    shards: tuple[Path, ...]
+    weight_map: dict  # key -> shard file name
+    t5: Path
+    tokenizer: Path
+    vae: Path
+    wav2vec: Path
+
+    def dit_config(self) -> DiTConfig:
+        cfg = DiTConfig.from_json(self.config)
+        # the wav2vec2 layer count the audio encoder weighs comes from its weight's shape
+        shape = self.shape_of("casual_audio_encoder.weights")
+        if shape is not None and len(shape) == 4 and shape[1] != cfg.num_audio_layers:
+            cfg = DiTConfig.from_dict({**cfg.to_dict(), "num_audio_layers": shape[1]})
+        return cfg
+
+    def shape_of(self, key: str):
+        return self.shapes().get(key)
+
+    def shapes(self) -> dict:
+        """key -> shape of every DiT tensor, read from the shard headers (no tensor data)."""
+        if not hasattr(self, "_shapes"):
+            out = {}
+            for shard in self.shards:
+                with _open(shard) as f:
+                    for k in f.keys():
+                        out[k] = tuple(f.get_slice(k).get_shape())
+            object.__setattr__(self, "_shapes", out)
+        return self._shapes
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({' '.join(str(e).split())}); "
+                              "re-download it") from None
+
+
+def discover(ckpt_dir) -> Checkpoint:
+    """Validate a Wan2.2-S2V-14B directory; one error lists everything that is missing."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint directory {root} does not exist; expected layout: {LAYOUT}; "
+                              f"download with: {DOWNLOAD}")
+    missing = [n for n in ("config.json", T5, VAE) if not (root / n).is_file()]
+    missing += [n + "/" for n in (TOKENIZER, WAV2VEC) if not (root / n).is_dir()]
+    weight_map = {}
+    if (root / INDEX).is_file():
+        try:
+            weight_map = json.loads((root / INDEX).read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{root / INDEX} is not a valid index ({e}); re-download it") from None
+        missing += sorted({s for s in weight_map.values() if not (root / s).is_file()})
+    elif (root / SINGLE).is_file():
+        with _open(root / SINGLE) as f:
+            weight_map = {k: SINGLE for k in f.keys()}
+    else:
+        missing.append(INDEX)
+    if missing:
+        raise CheckpointError(f"checkpoint {root} is incomplete, missing: {', '.join(missing)}; "
+                              f"expected layout: {LAYOUT}; download with: {DOWNLOAD}")
+    shards = tuple(root / s for s in sorted(set(weight_map.values())))
+    return Checkpoint(root, root / "config.json", shards, weight_map, root / T5, root / TOKENIZER,
+                      root / VAE, root / WAV2VEC)
+
+
+def iter_tensors(ckpt: Checkpoint):
+    """(key, tensor) for every DiT tensor, one memory-mapped shard at a time."""
+    by_shard: dict[str, list[str]] = {}
+    for k, s in ckpt.weight_map.items():
+        by_shard.setdefault(s, []).append(k)
+    for shard, keys in sorted(by_shard.items()):
+        with _open(ckpt.root / shard) as f:
+            present = set(f.keys())
+            for k in keys:
+                if k not in present:
+                    raise CheckpointError(f"{ckpt.root / shard} lacks {k} that the index lists; re-download it")
+                try:
+                    yield k, f.get_tensor(k)
+                except (SafetensorError, RuntimeError) as e:
+                    raise CheckpointError(f"{ckpt.root / shard}: tensor {k} cannot be read ({e}); "
+                                          "the file is truncated or corrupt, re-download it") from None
+
+
+def load_dit(ckpt_dir, lora=None, lora_alpha: float | None = None, device="cpu",
+             dtype=torch.bfloat16, quantized: dict | None = None):
+    """Build the DiT on the meta device and assign the checkpoint's tensors (LoRA merged in fp32).
+
+    quantized: module name -> scheme for a lowvram-quantized directory (their Linear layers become
+    QuantLinear before assignment). Returns the model in eval mode on `device`."""
+    from lowvram.model.dit import build_model
+
+    ckpt = ckpt_dir if isinstance(ckpt_dir, Checkpoint) else discover(ckpt_dir)
+    cfg = ckpt.dit_config()
+    model = build_model(cfg, device="meta")
+    if quantized:
+        from lowvram.quantize.linear import apply_quant_layers
+
+        apply_quant_layers(model, quantized)
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()}
+    lora_set = None
+    if lora is not None:
+        from lowvram.lora import LoraSet
+
+        lora_set = LoraSet.load(lora, alpha=lora_alpha)
+        lora_set.check({k: s for k, s in ckpt.shapes().items() if k.endswith(".weight")})
+    unexpected = sorted(set(ckpt.weight_map) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{ckpt.root}: {len(unexpected)} unexpected tensor(s) such as {unexpected[0]}; "
+                              "this is not a Wan2.2-S2V-14B checkpoint")
+    absent = sorted(set(expected) - set(ckpt.weight_map))
+    if absent:
+        raise CheckpointError(f"{ckpt.root}: {len(absent)} tensor(s) missing such as {absent[0]}; re-download it")
+    state = {}
+    for k, t in iter_tensors(ckpt):
+        want_shape, want_dtype = expected[k]
+        if tuple(t.shape) != want_shape:
+            raise CheckpointError(f"{ckpt.root / ckpt.weight_map[k]}: {k} has shape {list(t.shape)}, "
+                                  f"config.json implies {list(want_shape)}")
+        if lora_set is not None and k in lora_set.targets:
+            t = lora_set.merge(k, t.to(device))
+        if t.is_floating_point() and t.dtype not in (torch.float8_e4m3fn,) and not quantized_buffer(k, quantized):
+            t = t.to(device=device, dtype=dtype)
+        else:
+            t = t.to(device)
+        state[k] = t
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def quantized_buffer(key: str, quantized: dict | None) -> bool:
+    """Keys of QuantLinear buffers keep their stored dtype (int8/fp8 qweight, fp32 scale)."""
+    if not quantized:
+        return False
+    mod, _, leaf = key.rpartition(".")
+    return mod in quantized and leaf in ("qweight", "scale")
