@@ -1,0 +1,217 @@
+"""LoRA adapters in PEFT's safetensors layout: read memory-mapped, check against the base, merge per layer.
+
+LiveAvatar merges its DMD LoRA with PEFT (`W += (alpha / r) * B @ A`, adapters upcast to fp32) before any
+quantization (brief §2.3). `LoraSet` does the same one weight at a time, so the merge never holds more
+than one layer beyond what the caller already has.
+
+Accepted key spellings (`<module>` is the base model's module name, e.g. `blocks.0.self_attn.q`):
+    [base_model.model.][diffusion_model.]<module>.lora_A[.<adapter>].weight   (and lora_B)
+    [base_model.model.][diffusion_model.]<module>.lora_down.weight / .lora_up.weight   (A / B)
+    [...]<module>.alpha                                                          (per-module alpha, optional)
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from lowvram.errors import CheckpointError
+
+# PEFT's `target_modules` of the LiveAvatar training yaml (s2v_causal_sft.yaml).
+LIVEAVATAR_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
+DEFAULT_ALPHA = 64.0
+METADATA_ALPHA_KEYS = ("lora_alpha", "alpha", "ss_network_alpha")
+
+_PREFIX = r"^(?:base_model\.model\.)?(?:diffusion_model\.)?"
+_PAIR_RE = re.compile(_PREFIX + r"(?P<mod>.+?)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.(?P<adapter>[^.]+))?\.weight$")
+_ALPHA_RE = re.compile(_PREFIX + r"(?P<mod>.+)\.alpha$")
+_KIND = {"lora_A": "A", "lora_down": "A", "lora_B": "B", "lora_up": "B"}
+
+
+def lora_target_keys(base_keys, targets=LIVEAVATAR_TARGETS) -> list[str]:
+    """The `.weight` keys PEFT would wrap for `target_modules=targets`.
+
+    PEFT matches a module whose name equals a target or ends with `.<target>`.
+    """
+    out = []
+    for key in base_keys:
+        if not key.endswith(".weight"):
+            continue
+        mod = key[: -len(".weight")]
+        if any(mod == t or mod.endswith("." + t) for t in targets):
+            out.append(key)
+    return out
+
+
+def _parse_alpha(raw: str, path: Path, name: str) -> float:
+    try:
+        alpha = float(raw)
+    except ValueError:
+        raise CheckpointError(f"LoRA {path}: metadata {name}={raw!r} is not a number; "
+                              "fix the file or pass --lora-alpha") from None
+    if not alpha > 0:
+        raise CheckpointError(f"LoRA {path}: metadata {name}={raw!r} must be positive")
+    return alpha
+
+
+class LoraSet:
+    """The adapters of one LoRA file, keyed by the base weight they modify.
+
+    Use `LoraSet.load(path)`, then `check(base_shapes)` once, then `merge(key, weight)` per layer.
+    """
+
+    def __init__(self, path: Path, handle, pairs: dict[str, tuple[str, str]], ranks: dict[str, int],
+                 alphas: dict[str, float], alpha_source: str):
+        self.path = path
+        self._f = handle
+        self._pairs = pairs  # module -> (key of A [r, in], key of B [out, r])
+        self.ranks = ranks  # module -> r
+        self.alphas = alphas  # module -> alpha
+        self.alpha_source = alpha_source  # "tensor", "metadata", "argument" or "default"
+
+    @classmethod
+    def load(cls, path, alpha: float | None = None, default_alpha: float = DEFAULT_ALPHA) -> "LoraSet":
+        """Open a LoRA .safetensors memory-mapped and index its adapter pairs.
+
+        alpha comes from per-module `.alpha` tensors, else the header metadata (`lora_alpha`/`alpha`),
+        else `alpha`, else `default_alpha`; the scale of a module is alpha / rank.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"LoRA file {path} does not exist; pass the path of liveavatar.safetensors")
+        try:
+            f = safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"LoRA {path} is not a readable safetensors file ({e}); re-download it") from None
+        halves: dict[str, dict[str, str]] = {}
+        alpha_keys: dict[str, str] = {}
+        adapters = set()
+        for key in sorted(f.keys()):
+            m = _PAIR_RE.match(key)
+            if m:
+                adapters.add(m["adapter"])
+                slot = halves.setdefault(m["mod"], {})
+                kind = _KIND[m["kind"]]
+                if kind in slot:
+                    raise CheckpointError(f"LoRA {path}: module {m['mod']} has two {m['kind']} tensors "
+                                          f"({slot[kind]}, {key}); keep one adapter per file")
+                slot[kind] = key
+                continue
+            m = _ALPHA_RE.match(key)
+            if m:
+                alpha_keys[m["mod"]] = key
+                continue
+            raise CheckpointError(f"LoRA {path}: tensor {key!r} is not a LoRA weight (expected "
+                                  "<module>.lora_A/lora_B[.default].weight); remove non-LoRA tensors from the file")
+        if len(adapters) > 1:
+            raise CheckpointError(f"LoRA {path} holds several adapters {sorted(map(str, adapters))}; keep one")
+        if not halves:
+            raise CheckpointError(f"LoRA {path} holds no lora_A/lora_B tensors; is it a LoRA file?")
+
+        meta = f.metadata() or {}
+        meta_alpha = next(((k, meta[k]) for k in METADATA_ALPHA_KEYS if k in meta), None)
+        if meta_alpha is not None:
+            base_alpha, source = _parse_alpha(meta_alpha[1], path, meta_alpha[0]), "metadata"
+        elif alpha is not None:
+            base_alpha, source = float(alpha), "argument"
+        else:
+            base_alpha, source = float(default_alpha), "default"
+
+        pairs, ranks, alphas = {}, {}, {}
+        for mod in sorted(halves):
+            slot = halves[mod]
+            if set(slot) != {"A", "B"}:
+                missing = "lora_B" if "A" in slot else "lora_A"
+                raise CheckpointError(f"LoRA {path}: {next(iter(slot.values()))} has no matching {missing}; "
+                                      "the file is incomplete")
+            a_shape = f.get_slice(slot["A"]).get_shape()  # [r, in]
+            b_shape = f.get_slice(slot["B"]).get_shape()  # [out, r]
+            if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+                raise CheckpointError(f"LoRA {path}: {slot['A']} {list(a_shape)} and {slot['B']} {list(b_shape)} "
+                                      "are not a rank-r pair [r, in] / [out, r]")
+            pairs[mod] = (slot["A"], slot["B"])
+            ranks[mod] = int(a_shape[0])
+            alphas[mod] = base_alpha
+            if mod in alpha_keys:
+                alphas[mod] = float(f.get_tensor(alpha_keys[mod]).float().item())
+                source = "tensor"
+        stray = sorted(set(alpha_keys) - set(pairs))
+        if stray:
+            raise CheckpointError(f"LoRA {path}: {alpha_keys[stray[0]]} belongs to no lora_A/lora_B pair")
+        return cls(path, f, pairs, ranks, alphas, source)
+
+    @property
+    def targets(self) -> dict[str, str]:
+        """Base weight key (e.g. `blocks.0.self_attn.q.weight`) -> module name."""
+        return {f"{mod}.weight": mod for mod in self._pairs}
+
+    def scale(self, key: str) -> float:
+        mod = self.targets[key]
+        return self.alphas[mod] / self.ranks[mod]
+
+    def summary(self) -> dict:
+        """Rank, alpha and scale for a manifest (single values when uniform, else per-module maps)."""
+        ranks = sorted(set(self.ranks.values()))
+        alphas = sorted(set(self.alphas.values()))
+        scales = sorted({self.alphas[m] / self.ranks[m] for m in self._pairs})
+        one = lambda v: v[0] if len(v) == 1 else v  # noqa: E731
+        return {"targets": len(self._pairs), "rank": one(ranks), "alpha": one(alphas), "scale": one(scales),
+                "alpha_source": self.alpha_source}
+
+    def check(self, shapes: dict[str, tuple]) -> None:
+        """Every adapter must target an existing 2-D base weight of shape [out, in] = [B.out, A.in]."""
+        for key, mod in self.targets.items():
+            a_key, b_key = self._pairs[mod]
+            if key not in shapes:
+                raise CheckpointError(f"LoRA {self.path}: {b_key} targets {key}, which the base checkpoint does "
+                                      "not have; this LoRA is for another model")
+            want = tuple(shapes[key])
+            r_in = self._f.get_slice(a_key).get_shape()[1]
+            r_out = self._f.get_slice(b_key).get_shape()[0]
+            if want != (r_out, r_in):
+                raise CheckpointError(f"LoRA {self.path}: {b_key} gives a delta of shape [{r_out}, {r_in}] but "
+                                      f"{key} is {list(want)}; this LoRA does not fit the checkpoint")
+
+    def merge(self, key: str, weight: torch.Tensor) -> torch.Tensor:
+        """W + scale * (B @ A), computed in float32 and cast back to weight.dtype; W itself if not a target."""
+        mod = self.targets.get(key)
+        if mod is None:
+            return weight
+        a_key, b_key = self._pairs[mod]
+        a = self._f.get_tensor(a_key).to(device=weight.device, dtype=torch.float32)  # [r, in]
+        b = self._f.get_tensor(b_key).to(device=weight.device, dtype=torch.float32)  # [out, r]
+        w32 = weight.to(torch.float32)  # [out, in]
+        if w32.data_ptr() == weight.data_ptr():
+            w32 = w32.clone()
+        w32.addmm_(b, a, alpha=self.alphas[mod] / self.ranks[mod])
+        return w32.to(weight.dtype)
+
+
+def write_tiny_lora(path, base_shapes: dict[str, tuple], rank: int = 4, seed: int = 0, spelling: str = "peft",
+                    alpha: float = 2.0, targets=LIVEAVATAR_TARGETS) -> list[str]:
+    """Write a seeded random LoRA for the 2-D weights of `base_shapes` that PEFT would target.
+
+    spelling: "peft" (`base_model.model.<m>.lora_A.default.weight`), "plain" (`<m>.lora_A.weight`) or
+    "kohya" (`<m>.lora_down.weight` / `lora_up`). alpha is stored as header metadata `lora_alpha`
+    (default 2.0 = rank 4 at LiveAvatar's scale 0.5). Returns the targeted weight keys.
+    """
+    fmt = {"peft": ("base_model.model.{m}.lora_A.default.weight", "base_model.model.{m}.lora_B.default.weight"),
+           "plain": ("{m}.lora_A.weight", "{m}.lora_B.weight"),
+           "kohya": ("{m}.lora_down.weight", "{m}.lora_up.weight")}
+    if spelling not in fmt:
+        raise ValueError(f"spelling must be one of {sorted(fmt)}, not {spelling!r}")
+    g = torch.Generator().manual_seed(seed)
+    keys = [k for k in lora_target_keys(sorted(base_shapes), targets) if len(base_shapes[k]) == 2]
+    tensors = {}
+    for key in keys:
+        out_f, in_f = base_shapes[key]
+        mod = key[: -len(".weight")]
+        # Trained adapters: A ~ kaiming-uniform-like, B small but non-zero (PEFT starts B at 0).
+        tensors[fmt[spelling][0].format(m=mod)] = (torch.randn(rank, in_f, generator=g) / in_f ** 0.5).bfloat16()
+        tensors[fmt[spelling][1].format(m=mod)] = (torch.randn(out_f, rank, generator=g) * 0.02).bfloat16()
+    save_file(tensors, str(path), metadata={"lora_alpha": repr(float(alpha)), "lora_rank": str(rank)})
+    return keys

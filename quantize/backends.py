@@ -1,0 +1,165 @@
+"""Matmul backends of `QuantLinear`: y = x @ dequant(W).T + b for an 8-bit weight with per-output-channel scales.
+
+Every backend is `fn(x, qweight, w_scale, bias) -> y` with x: [M, K] (bf16/fp16/fp32), qweight: [N, K] int8 or
+float8_e4m3fn, w_scale: [N] fp32, bias: [N] or None, y: [M, N] in x.dtype.
+
+- "reference": dequantize the weight to x.dtype and F.linear (weight-only; any device). Also the fallback.
+- "int_mm":    W8A8. Per-token dynamic INT8 activations (absmax / 127 per row), torch._int_mm (int32
+               accumulate), scales and bias applied in fp32.
+- "scaled_mm": W8A8. Per-token dynamic FP8 e4m3 activations (absmax / 448 per row), torch._scaled_mm with
+               row-wise scales and bf16 output (CUDA sm_89+; recent CPU builds too).
+- "triton":    the fused kernels of `lowvram.kernels.gemm`, registered when that module imports.
+"auto" picks per call: CPU -> reference; CUDA int8 -> int_mm; CUDA fp8 on sm_89+ -> scaled_mm, else reference.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lowvram.errors import LowvramError
+
+INT8_MAX = 127.0
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+TINY = 1e-12  # scale floor: an all-zero row quantizes to zeros instead of NaN
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fn: Callable
+    supports: Callable[[torch.Tensor, torch.Tensor], bool]  # (x, qweight) -> can this backend run it
+
+
+_REGISTRY: dict[str, Backend] = {}
+_TRITON_STATE = {"tried": False, "error": None}
+_current = "auto"
+
+
+def register_backend(name: str, fn: Callable, supports: Callable | None = None) -> None:
+    """Add or replace a backend (see the module docstring for the calling convention)."""
+    _REGISTRY[name] = Backend(name, fn, supports or (lambda x, w: True))
+
+
+def quantize_act_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric INT8: x [M, K] -> (q int8 [M, K], scale fp32 [M])."""
+    x32 = x.float()
+    scale = (x32.abs().amax(dim=1) / INT8_MAX).clamp_min(TINY)  # [M]
+    q = torch.round(x32 / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def quantize_act_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row FP8 e4m3: x [M, K] -> (q float8_e4m3fn [M, K], scale fp32 [M])."""
+    x32 = x.float()
+    scale = (x32.abs().amax(dim=1) / FP8_MAX).clamp_min(TINY)  # [M]
+    q = (x32 / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def reference_linear(x, qweight, w_scale, bias):
+    w = (qweight.float() * w_scale.float()[:, None]).to(x.dtype)  # [N, K]
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def int_mm_linear(x, qweight, w_scale, bias):
+    m = x.shape[0]
+    xq, x_scale = quantize_act_int8(x)  # [M, K] int8, [M]
+    if x.is_cuda and m <= 16:  # cuBLAS int8 GEMM needs M > 16: pad with zero rows
+        xq = F.pad(xq, (0, 0, 0, 17 - m))
+    acc = torch._int_mm(xq, qweight.t())[:m]  # [M, N] int32
+    y = acc.float() * x_scale[:, None] * w_scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def _int_mm_supports(x, qweight):
+    if qweight.dtype != torch.int8:
+        return False
+    if x.is_cuda:  # cuBLASLt int8 needs K and N multiples of 8
+        return qweight.shape[0] % 8 == 0 and qweight.shape[1] % 8 == 0
+    return True
+
+
+def scaled_mm_linear(x, qweight, w_scale, bias):
+    xq, x_scale = quantize_act_fp8(x)  # [M, K] fp8, [M]
+    y = torch._scaled_mm(xq, qweight.t(), scale_a=x_scale[:, None], scale_b=w_scale.float()[None, :],
+                         bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
+    return y.to(x.dtype)  # [M, N]
+
+
+def _scaled_mm_supports(x, qweight):
+    if qweight.dtype != torch.float8_e4m3fn:
+        return False
+    if x.is_cuda:  # FP8 tensor cores (Ada/Hopper); K and N multiples of 16
+        return (torch.cuda.get_device_capability(x.device) >= (8, 9)
+                and qweight.shape[0] % 16 == 0 and qweight.shape[1] % 16 == 0)
+    return True
+
+
+register_backend("reference", reference_linear)
+register_backend("int_mm", int_mm_linear, _int_mm_supports)
+register_backend("scaled_mm", scaled_mm_linear, _scaled_mm_supports)
+
+
+def _load_triton() -> None:
+    """Register "triton" from lowvram.kernels.gemm once, if that module imports."""
+    if _TRITON_STATE["tried"]:
+        return
+    _TRITON_STATE["tried"] = True
+    try:
+        gemm = importlib.import_module("lowvram.kernels.gemm")
+    except ImportError as e:  # no Triton, or the kernels module is not there yet
+        _TRITON_STATE["error"] = f"{type(e).__name__}: {e}"
+        return
+    fns = {torch.int8: getattr(gemm, "int8_linear", None), torch.float8_e4m3fn: getattr(gemm, "fp8_linear", None)}
+
+    def triton_linear(x, qweight, w_scale, bias):
+        return fns[qweight.dtype](x, qweight, w_scale, bias)
+
+    register_backend("triton", triton_linear, lambda x, w: x.is_cuda and fns.get(w.dtype) is not None)
+
+
+def available_backends() -> list[str]:
+    """Names that `set_backend` accepts (besides "auto")."""
+    _load_triton()
+    return sorted(_REGISTRY)
+
+
+def set_backend(name: str) -> None:
+    """Choose the backend of every QuantLinear: "auto" or one of `available_backends()`."""
+    global _current
+    if name != "auto" and name not in available_backends():
+        why = f" ({_TRITON_STATE['error']})" if name == "triton" and _TRITON_STATE["error"] else ""
+        raise LowvramError(f"unknown or unavailable quantized-matmul backend {name!r}{why}; "
+                           f"choose one of auto, {', '.join(available_backends())}")
+    _current = name
+
+
+def get_backend() -> str:
+    return _current
+
+
+def _auto(x: torch.Tensor, qweight: torch.Tensor) -> str:
+    if not x.is_cuda:
+        return "reference"
+    name = "int_mm" if qweight.dtype == torch.int8 else "scaled_mm"
+    return name if _REGISTRY[name].supports(x, qweight) else "reference"
+
+
+def resolve(x: torch.Tensor, qweight: torch.Tensor, name: str | None = None) -> Backend:
+    """The backend that runs this call: the chosen one if it supports the shapes/device, else reference."""
+    name = name or _current
+    if name == "auto":
+        name = _auto(x, qweight)
+    if name == "triton":
+        _load_triton()
+    backend = _REGISTRY.get(name)
+    if backend is None or not backend.supports(x, qweight):
+        return _REGISTRY["reference"]
+    return backend

@@ -1,0 +1,223 @@
+"""`lowvram quantize`: stream a bf16 Wan2.2-S2V-14B checkpoint + LoRA into self-describing 8-bit shards.
+
+One tensor at a time: read it from its memory-mapped source shard, merge its LoRA delta in fp32, quantize it
+per output channel if it is one of the DiT's Linear weights (select.py), and write it at its planned offset in
+the output shard (shards.py). Peak host RAM is about one layer in fp32, whatever the checkpoint size.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from safetensors import SafetensorError, safe_open
+
+from lowvram import __version__
+from lowvram.config import DiTConfig
+from lowvram.errors import CheckpointError, LowvramError
+from lowvram.lora import LoraSet
+from lowvram.quantize.format import (FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, detect_format,
+                                     read_index, sha256_file)
+from lowvram.quantize.linear import SCHEMES, check_scheme, dequantize_weight, quantize_weight, sqnr_db
+from lowvram.quantize.outdir import check_out_dir, link_components, parse_size, staged_dir
+from lowvram.quantize.select import natural_key, quantized_module
+from lowvram.quantize.shards import NAME_DTYPES, ShardWriter, nbytes, read_header
+
+DEFAULT_SHARD_SIZE = "3GB"
+
+
+@dataclass
+class _Item:
+    """One source tensor and the output tensors it becomes."""
+    key: str
+    shard: str  # source shard file
+    shape: tuple
+    dtype: torch.dtype
+    module: str | None  # set when quantized
+    outputs: dict  # output name -> (shape, dtype)
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(nbytes(s, d) for s, d in self.outputs.values())
+
+
+def peak_rss_bytes() -> int:
+    """High-water resident set size of this process (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _read_sources(ckpt_dir: Path) -> tuple[dict[str, str], dict[str, dict]]:
+    """weight_map and each source shard's header, with every key checked to be in its shard."""
+    weight_map = read_index(ckpt_dir)
+    if weight_map is None:
+        raise CheckpointError(f"{ckpt_dir} has no {INDEX_NAME} (or diffusion_pytorch_model.safetensors); "
+                              "--ckpt-dir must be the Wan2.2-S2V-14B directory")
+    headers = {}
+    for shard in sorted(set(weight_map.values())):
+        path = ckpt_dir / shard
+        if not path.is_file():
+            raise CheckpointError(f"source shard {path} (listed in {INDEX_NAME}) is missing; re-download it")
+        headers[shard] = read_header(path)
+    for key, shard in weight_map.items():
+        if key not in headers[shard]:
+            raise CheckpointError(f"{INDEX_NAME} puts {key} in {shard}, which does not hold it; re-download the index")
+    return weight_map, headers
+
+
+def _plan(weight_map, headers, scheme: str, keep: tuple[str, ...]) -> list[_Item]:
+    items = []
+    for key in sorted(weight_map, key=natural_key):
+        entry = headers[weight_map[key]][key]
+        if entry["dtype"] not in NAME_DTYPES:
+            raise CheckpointError(f"{weight_map[key]}: {key} has dtype {entry['dtype']}, which lowvram does not read")
+        shape, dtype = tuple(entry["shape"]), NAME_DTYPES[entry["dtype"]]
+        module = quantized_module(key, shape, keep)
+        if module is None:
+            outputs = {key: (shape, dtype)}
+        else:
+            outputs = {f"{module}.qweight": (shape, SCHEMES[scheme]), f"{module}.scale": ((shape[0],), torch.float32)}
+        items.append(_Item(key, weight_map[key], shape, dtype, module, outputs))
+    return items
+
+
+def _split(items: list[_Item], shard_size: int) -> list[list[_Item]]:
+    """Consecutive groups of at most shard_size output bytes (a larger single tensor gets its own shard)."""
+    groups, cur, size = [], [], 0
+    for item in items:
+        if cur and size + item.out_bytes > shard_size:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(item)
+        size += item.out_bytes
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def _progress(console: Console | None, enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
+                    DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=console,
+                    disable=not enabled)
+
+
+def _convert_tensor(item: _Item, t: torch.Tensor, lora: LoraSet | None, scheme: str, layers: dict) -> dict:
+    """The output tensors of one source tensor; records the layer's SQNR when quantized."""
+    if lora is not None:
+        t = lora.merge(item.key, t)  # [out, in], same dtype, fp32 merge
+    if item.module is None:
+        return {item.key: t}
+    q, scale = quantize_weight(t, scheme)
+    layers[item.module] = {"scheme": scheme, "shape": list(item.shape),
+                           "sqnr_db": round(sqnr_db(t, dequantize_weight(q, scale)), 3),
+                           "lora": lora is not None and item.key in lora.targets}
+    return {f"{item.module}.qweight": q, f"{item.module}.scale": scale}
+
+
+def _file_record(path: Path, name: str) -> dict:
+    return {"file": name, "size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def convert(ckpt_dir, out, scheme: str, lora=None, keep_bf16=(), lora_alpha: float | None = None,
+            force: bool = False, shard_size=DEFAULT_SHARD_SIZE, progress: bool = True,
+            console: Console | None = None) -> dict:
+    """Convert a bf16 DiT checkpoint (+ optional LoRA) to a lowvram 8-bit directory; returns the manifest.
+
+    scheme: "int8" or "fp8". keep_bf16: extra fnmatch patterns of module names left unquantized.
+    shard_size: output shard budget ("3GB", "500MB" or bytes). User errors raise LowvramError/CheckpointError
+    before or during the run, and leave nothing at `out`.
+    """
+    check_scheme(scheme)
+    ckpt_dir, out = Path(ckpt_dir), Path(out)
+    lora = Path(lora) if lora is not None else None
+    shard_size = parse_size(shard_size)
+    keep = tuple(keep_bf16)
+    console = console or Console(stderr=True)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"--ckpt-dir {ckpt_dir} is not a directory; pass the Wan2.2-S2V-14B checkpoint folder")
+    check_out_dir(out, [ckpt_dir] + ([lora] if lora else []), force)
+    info = detect_format(ckpt_dir)
+    if info is not None:
+        raise LowvramError(f"{ckpt_dir} is already a lowvram {info.scheme} checkpoint; point --ckpt-dir at the "
+                           "original bf16 Wan2.2-S2V-14B directory")
+    DiTConfig.from_json(ckpt_dir / "config.json")
+    weight_map, headers = _read_sources(ckpt_dir)
+    lora_set = LoraSet.load(lora, alpha=lora_alpha) if lora is not None else None
+    if lora_set is not None:
+        lora_set.check({k: tuple(headers[s][k]["shape"]) for k, s in weight_map.items()})
+    items = _plan(weight_map, headers, scheme, keep)
+    groups = _split(items, shard_size)
+    n = len(groups)
+    names = [f"diffusion_pytorch_model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    metadata = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "scheme": scheme}
+
+    try:
+        handles = {s: safe_open(str(ckpt_dir / s), framework="pt") for s in headers}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"a source shard of {ckpt_dir} cannot be opened ({e}); re-download it") from None
+    layers: dict[str, dict] = {}
+    out_map: dict[str, str] = {}
+    total_in = sum(nbytes(i.shape, i.dtype) for i in items)
+    with staged_dir(out) as tmp, _progress(console, progress) as bar:
+        task = bar.add_task("quantizing", total=total_in, count=f"0/{len(items)} tensors")
+        done = 0
+        for name, group in zip(names, groups):
+            writer = ShardWriter(tmp / name, {k: v for i in group for k, v in i.outputs.items()}, metadata)
+            try:
+                for item in group:
+                    try:
+                        t = handles[item.shard].get_tensor(item.key)
+                    except SafetensorError as e:
+                        raise CheckpointError(f"{ckpt_dir / item.shard}: cannot read {item.key} ({e}); "
+                                              "re-download the shard") from None
+                    for out_name, tensor in _convert_tensor(item, t, lora_set, scheme, layers).items():
+                        writer.write(out_name, tensor)
+                        out_map[out_name] = name
+                    del t
+                    done += 1
+                    bar.update(task, advance=nbytes(item.shape, item.dtype), count=f"{done}/{len(items)} tensors")
+            except BaseException:
+                writer.abort()
+                raise
+            writer.close()
+        source_names = [f for f in ["config.json", INDEX_NAME, *sorted(headers)] if (ckpt_dir / f).is_file()]
+        to_hash = ([(tmp / f, f) for f in names] + [(ckpt_dir / f, f) for f in source_names]
+                   + ([(lora, lora.name)] if lora is not None else []))
+        task = bar.add_task("hashing", total=sum(p.stat().st_size for p, _ in to_hash), count=f"0/{len(to_hash)} files")
+        records = []
+        for k, (path, name) in enumerate(to_hash):
+            records.append(_file_record(path, name))
+            bar.update(task, advance=records[-1]["size"], count=f"{k + 1}/{len(to_hash)} files")
+        shards, sources = records[:n], records[n:n + len(source_names)]
+        index = {"metadata": {"total_size": sum(s["size"] for s in shards), **metadata},
+                 "weight_map": dict(sorted(out_map.items()))}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        shutil.copyfile(ckpt_dir / "config.json", tmp / "config.json")
+        components = link_components(ckpt_dir, tmp)
+        lora_rec = None
+        if lora_set is not None:
+            lora_rec = {**records[-1], **lora_set.summary()}
+        peak = peak_rss_bytes()
+        manifest = {
+            "format": FORMAT_NAME, "version": FORMAT_VERSION, "scheme": scheme,
+            "tool": {"name": "lowvram", "version": __version__, "torch": torch.__version__},
+            "sources": sources, "lora": lora_rec, "components": components, "keep_bf16": list(keep),
+            "shard_size": shard_size, "peak_rss_bytes": peak, "shards": shards,
+            "layers": dict(sorted(layers.items(), key=lambda kv: natural_key(kv[0]))),
+        }
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    missing = [k for k, how in components.items() if how == "missing"]
+    if missing:
+        console.print(f"note: {', '.join(missing)} not found in {ckpt_dir}; the output lacks them as well")
+    worst = min((v["sqnr_db"] for v in layers.values()), default=float("nan"))
+    console.print(f"wrote {out}: {len(layers)} {scheme} layers (lowest weight SQNR {worst:.1f} dB), "
+                  f"{len(names)} shard(s), {sum(s['size'] for s in shards) / 1e9:.2f} GB; "
+                  f"peak host RAM {peak / 2**30:.2f} GiB")
+    return manifest

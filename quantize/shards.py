@@ -1,0 +1,107 @@
+"""Safetensors shards written one tensor at a time, and their headers read without loading data.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header (`{name: {dtype, shape,
+data_offsets: [begin, end)}, "__metadata__": {str: str}}`, padded with spaces to 8 bytes), then the raw
+little-endian bytes of the tensors back to back. `ShardWriter` plans the whole header from shapes and dtypes,
+writes it, then accepts tensors in any order and writes each at its offset, so the process never holds more
+than the tensor being written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import torch
+
+from lowvram.errors import CheckpointError
+
+DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def nbytes(shape, dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def read_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (tensor entries and `__metadata__`), checked against the size."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path} is truncated (no safetensors header); re-create it")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(MAX_HEADER, size - 8):
+                raise CheckpointError(f"{path} is truncated or not a safetensors file; re-create it")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read ({e.strerror or e}); check the file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path} has a corrupt safetensors header; re-create it") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header; re-create it")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path} is truncated: {size} bytes, its header needs {8 + n + end}; "
+                              "re-download or re-create it")
+    return header
+
+
+class ShardWriter:
+    """One output shard. `entries`: name -> (shape, dtype); call `write(name, tensor)` once per entry.
+
+    Entries are laid out by decreasing item size, then name, so every tensor is aligned to its own item
+    size (the header is padded to 8 bytes). The layout depends only on the entries: reproducible bytes.
+    """
+
+    def __init__(self, path: Path, entries: dict[str, tuple[tuple, torch.dtype]], metadata: dict[str, str]):
+        self.path = Path(path)
+        order = sorted(entries, key=lambda k: (-entries[k][1].itemsize, k))
+        header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+        self._slots: dict[str, tuple[int, int, tuple, torch.dtype]] = {}
+        off = 0
+        for name in order:
+            shape, dtype = entries[name]
+            end = off + nbytes(shape, dtype)
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [off, end]}
+            self._slots[name] = (off, end, tuple(shape), dtype)
+            off = end
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._data_start = 8 + len(raw)
+        self.size = self._data_start + off
+        self._pending = set(order)
+        self._f = open(self.path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        self._f.truncate(self.size)
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        off, end, shape, dtype = self._slots[name]
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise ValueError(f"{name}: planned {list(shape)} {dtype}, got {list(t.shape)} {t.dtype}")
+        if name not in self._pending:
+            raise ValueError(f"{name} written twice")
+        data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._f.seek(self._data_start + off)
+        self._f.write(memoryview(data))
+        self._pending.discard(name)
+
+    def close(self) -> None:
+        if self._pending:
+            self._f.close()
+            raise RuntimeError(f"{self.path}: {len(self._pending)} planned tensors never written, "
+                               f"e.g. {sorted(self._pending)[0]}")
+        self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()
