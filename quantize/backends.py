@@ -122,7 +122,8 @@ def _load_triton() -> None:
     def triton_linear(x, qweight, w_scale, bias):
         return fns[qweight.dtype](x, qweight, w_scale, bias)
 
-    register_backend("triton", triton_linear, lambda x, w: x.is_cuda and fns.get(w.dtype) is not None)
+    usable = getattr(gemm, "triton_usable", lambda x: x.is_cuda)
+    register_backend("triton", triton_linear, lambda x, w: fns.get(w.dtype) is not None and x.is_cuda and usable(x))
 
 
 def available_backends() -> list[str]:
