@@ -1,0 +1,266 @@
+"""8-bit two-segment attention reading the 8-bit KV cache in place, and that cache's format.
+
+Cache format (`KV8Cache`, one per layer and step cache): INT8 K and INT8 V with an fp32 scale per
+(token, head), absmax/127, round half away from zero. K is smoothed first (SageAttention): a mean
+over tokens per (batch, head), taken from the cache's first write and reused for every later
+write, is subtracted before quantizing, which removes the channel offsets (outlier channels) that
+would otherwise set the per-token scale. Since the mean is one vector for the whole window,
+q.mean is a per-query constant of the window's scores; the kernel adds it back because the
+softmax also spans the sink, whose scores do not carry it.
+V is INT8 on every device: the INT8 MMA is as fast as FP8 on sm_89/sm_90 and the only 8-bit MMA
+on sm_80/86, and INT8 with per-token scales quantizes V more finely than e4m3.
+
+Kernel: one program per (BLOCK_M queries, batch x head); Q is quantized per query row inside the
+kernel (softmax scale and log2(e) folded in first). Window tiles: S = (q8 k8^T) qs ks + q.mean;
+online softmax in base 2; the probabilities of a tile, taken relative to the tile's own row max
+(so every row uses the full INT8 range) and weighted by each token's V scale relative to the
+tile's largest, are quantized to INT8 and multiplied with the INT8 V; the per-row factor
+exp2(m_tile - m_run) * max(v_scale) / 127 rescales the int32 result. Sink tiles are bf16 (keys
+un-roped, roped in registers exactly as in attention.py): the sink is small (2640 of 15312 keys)
+and stays in bf16 in the model.
+Limits: as attention.py; window from a KV8Cache (views along L allowed), sink in bf16/fp16.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from lowvram.kernels import configs
+from lowvram.kernels.attention import LOG2E, triton_usable
+from lowvram.kernels.reference import INT8_MAX, attention_torch, round_half_away
+from lowvram.model.rope import RopeTable
+
+try:
+    import triton
+    import triton.language as tl
+
+    from lowvram.kernels.attention import _rope_tile, _softmax_step, mma
+except ImportError:  # CPU-only installs: the torch fallback serves
+    triton = None
+
+
+@dataclass
+class KV8Cache:
+    """8-bit KV cache of one layer: k, v int8 [B, L, H, D]; k_scale, v_scale fp32 [B, L, H]; k_mean fp32 [B, H, D]."""
+
+    k: torch.Tensor
+    k_scale: torch.Tensor
+    v: torch.Tensor
+    v_scale: torch.Tensor
+    k_mean: torch.Tensor
+    mean_ready: bool = False
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[1]
+
+
+def kv8_alloc(B: int, L: int, H: int, D: int, device="cpu") -> KV8Cache:
+    """An empty cache of L tokens (about 2*L*H*(D+4) bytes per batch entry)."""
+    z8 = lambda: torch.zeros(B, L, H, D, dtype=torch.int8, device=device)  # noqa: E731
+    zs = lambda: torch.ones(B, L, H, dtype=torch.float32, device=device)  # noqa: E731
+    return KV8Cache(z8(), zs(), z8(), zs(), torch.zeros(B, H, D, dtype=torch.float32, device=device))
+
+
+def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(token, head) INT8 of x [B, n, H, D] -> (int8 [B, n, H, D], fp32 scale [B, n, H])."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1).clamp_min(1e-8) / INT8_MAX
+    return round_half_away(xf / scale[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+
+
+def kv8_write(cache: KV8Cache, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Quantize k (roped), v [B, n, H, D] into cache tokens [start, start + n) in place.
+
+    The first write fixes the smoothing mean of K (mean over its tokens) for the cache's life.
+    """
+    n = k.shape[1]
+    if start < 0 or start + n > cache.length:
+        raise ValueError(f"kv8_write of {n} tokens at {start} overruns the cache of {cache.length}")
+    if not cache.mean_ready:
+        cache.k_mean.copy_(k.float().mean(dim=1))  # [B, H, D]
+        cache.mean_ready = True
+    kq, ks = quantize_tokens(k.float() - cache.k_mean[:, None])
+    vq, vs = quantize_tokens(v)
+    cache.k[:, start:start + n] = kq
+    cache.k_scale[:, start:start + n] = ks
+    cache.v[:, start:start + n] = vq
+    cache.v_scale[:, start:start + n] = vs
+
+
+def kv8_window(cache: KV8Cache, end: int) -> KV8Cache:
+    """A view of the cache's first `end` tokens (no copy)."""
+    return replace(cache, k=cache.k[:, :end], k_scale=cache.k_scale[:, :end],
+                   v=cache.v[:, :end], v_scale=cache.v_scale[:, :end])
+
+
+def kv8_dequantize(cache: KV8Cache, dtype=torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache's keys and values back in `dtype`: ([B, L, H, D], [B, L, H, D])."""
+    k = cache.k.float() * cache.k_scale[..., None] + cache.k_mean[:, None]
+    v = cache.v.float() * cache.v_scale[..., None]
+    return k.to(dtype), v.to(dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _int8_step(kp, vp, ksp, vsp, n, Lw, q8, qs, qm, m_i, l_i, acc, MASK: tl.constexpr):
+        # one window tile: INT8 QK^T, online softmax, INT8 PV (see the module docstring)
+        if MASK:
+            valid = n < Lw
+            k8 = tl.load(kp, mask=valid[:, None], other=0)
+            v8 = tl.load(vp, mask=valid[:, None], other=0)
+            ks = tl.load(ksp, mask=valid, other=0.0)
+            vs = tl.load(vsp, mask=valid, other=0.0)
+        else:
+            k8 = tl.load(kp)
+            v8 = tl.load(vp)
+            ks = tl.load(ksp)
+            vs = tl.load(vsp)
+        s = tl.dot(q8, tl.trans(k8)).to(tl.float32) * ks[None, :] * qs[:, None] + qm[:, None]
+        if MASK:
+            s = tl.where(valid[None, :], s, float("-inf"))
+        m_tile = tl.max(s, 1)
+        m_new = tl.maximum(m_i, m_tile)
+        p = tl.math.exp2(s - m_tile[:, None])  # [BM, BN] in [0, 1], row max 1
+        p_max = tl.math.exp2(m_tile - m_new)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + p_max * tl.sum(p, 1)
+        v_max = tl.max(vs, 0)
+        p8 = (p * (vs * (127.0 / v_max))[None, :] + 0.5).to(tl.int32).to(tl.int8)
+        pv = tl.dot(p8, v8).to(tl.float32)
+        acc = acc * alpha[:, None] + pv * (p_max * (v_max / 127.0))[:, None]
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _attn8_fwd(Q, KW, KWS, KM, VW, VWS, KS, VS, POS, COS, SIN, O,
+                   sqb, sql, sqh, skb, skl, skh, sksb, sksl, svb, svl, svh, svsb, svsl, smb, smh,
+                   s2kb, s2kl, s2kh, s2vb, s2vl, s2vh, sob, sol, soh,
+                   H, Lq, Lw, Ls, max_pos, qk_scale,
+                   PT: tl.constexpr, PH: tl.constexpr, D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
+                    mask=offs_m[:, None] < Lq, other=0.0)  # [BM, D]
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+
+        if Lw > 0:
+            # Q to INT8 per row, softmax scale folded in; q.mean restores the smoothed-away term
+            qf = q.to(tl.float32) * qk_scale
+            qs = tl.maximum(tl.max(tl.abs(qf), 1), 1e-20) / 127.0  # [BM]
+            qy = qf / qs[:, None]
+            q8 = (qy + tl.where(qy >= 0, 0.5, -0.5)).to(tl.int32).to(tl.int8)
+            mean = tl.load(KM + b * smb + h * smh + offs_d)  # [D] fp32
+            qm = tl.sum(qf * mean[None, :], 1)  # [BM]
+            kw = KW + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :]
+            vw = VW + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :]
+            ksp = KWS + b * sksb + h + offs_n * sksl
+            vsp = VWS + b * svsb + h + offs_n * svsl
+            w_full = (Lw // BLOCK_N) * BLOCK_N
+            for start in range(0, w_full, BLOCK_N):
+                m_i, l_i, acc = _int8_step(kw + start * skl, vw + start * svl, ksp + start * sksl,
+                                           vsp + start * svsl, start + offs_n, Lw, q8, qs, qm,
+                                           m_i, l_i, acc, False)
+            if w_full < Lw:
+                m_i, l_i, acc = _int8_step(kw + w_full * skl, vw + w_full * svl, ksp + w_full * sksl,
+                                           vsp + w_full * svsl, w_full + offs_n, Lw, q8, qs, qm,
+                                           m_i, l_i, acc, True)
+
+        ks2 = KS + b * s2kb + h * s2kh + offs_n[:, None] * s2kl + offs_d[None, :]
+        vs2 = VS + b * s2vb + h * s2vh + offs_n[:, None] * s2vl + offs_d[None, :]
+        for start in range(0, Ls, BLOCK_N):
+            n = start + offs_n
+            k = tl.load(ks2 + start * s2kl, mask=n[:, None] < Ls, other=0.0)
+            v = tl.load(vs2 + start * s2vl, mask=n[:, None] < Ls, other=0.0)
+            k = _rope_tile(k, n, Ls, POS, COS, SIN, max_pos, PT, PH, D, BLOCK_N)
+            s = mma(q, tl.trans(k), UPCAST) * qk_scale
+            s = tl.where(n[None, :] < Ls, s, float("-inf"))
+            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST)
+
+        out = acc / l_i[:, None]
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=offs_m[:, None] < Lq)
+
+_TUNED: dict = {}
+
+
+def _kernel(family: str):
+    if family not in _TUNED:
+        cfgs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]},
+                              num_warps=c["num_warps"], num_stages=c["num_stages"])
+                for c in configs.select(configs.ATTENTION8, family)]
+        _TUNED[family] = triton.autotune(cfgs, key=["D", "PT", "PH"])(_attn8_fwd)
+    return _TUNED[family]
+
+
+def two_segment_attention8(q, win: KV8Cache, k_sink, v_sink, sink_pos, rope: RopeTable, scale=None,
+                           backend: str = "auto", block: tuple[int, int] | None = None) -> torch.Tensor:
+    """Like attention.two_segment_attention, with the window read from an 8-bit cache view.
+
+    q [B, Lq, H, D] bf16; win: kv8_window(cache, end) ([B, Lw, H, D], keys roped before
+    quantizing); k_sink (un-roped), v_sink [B, Ls, H, D] bf16; sink_pos [Ls, 3]. Returns q.dtype.
+    backend "torch" dequantizes the window and runs the torch fallback.
+    """
+    B, Lq, H, D = q.shape
+    Lw, Ls = win.k.shape[1], k_sink.shape[1]
+    if Lw + Ls == 0:
+        raise ValueError("two_segment_attention8 needs at least one key")
+    use_triton = backend == "triton" or (backend == "auto" and triton_usable(q))
+    if not use_triton:
+        kw, vw = kv8_dequantize(win, q.dtype)
+        return attention_torch(q, kw, vw, k_sink, v_sink, sink_pos, rope, scale)
+    if triton is None:
+        raise RuntimeError("backend='triton' needs triton installed")
+    q, k_sink, v_sink = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_sink, v_sink))
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    pos = sink_pos.to(device=q.device, dtype=torch.int32).contiguous()
+    if Ls == 0:
+        pos = torch.zeros(1, 3, dtype=torch.int32, device=q.device)
+    cos, sin = rope.cos.to(q.device), rope.sin.to(q.device)
+    out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
+    for t in (win.k_scale, win.v_scale, win.k_mean):
+        if t.stride(-1) != 1:
+            raise ValueError("KV8Cache scales and mean must have a contiguous last dim")
+    args = (q, win.k, win.k_scale, win.k_mean, win.v, win.v_scale, k_sink, v_sink, pos, cos, sin, out,
+            q.stride(0), q.stride(1), q.stride(2), win.k.stride(0), win.k.stride(1), win.k.stride(2),
+            win.k_scale.stride(0), win.k_scale.stride(1), win.v.stride(0), win.v.stride(1), win.v.stride(2),
+            win.v_scale.stride(0), win.v_scale.stride(1), win.k_mean.stride(0), win.k_mean.stride(1),
+            k_sink.stride(0), k_sink.stride(1), k_sink.stride(2), v_sink.stride(0), v_sink.stride(1),
+            v_sink.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            H, Lq, Lw, Ls, rope.max_len - 1, scale * LOG2E)
+    pt, ph, _ = rope.pairs
+    up = configs.interpreting()
+    if block is not None:
+        grid = (triton.cdiv(Lq, block[0]), B * H)
+        _attn8_fwd[grid](*args, PT=pt, PH=ph, D=D, BLOCK_M=block[0], BLOCK_N=block[1], UPCAST=up,
+                         num_warps=4 if block[0] <= 64 else 8)
+    else:
+        grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+        _kernel(configs.arch_family(q.device))[grid](*args, PT=pt, PH=ph, D=D, UPCAST=up)
+    return out
+
+
+def bench_attention8(B=1, Lq=3168, Lw=12672, Ls=2640, H=40, D=128, device="cuda") -> dict:
+    """Median time (ms) and TFLOP/s of the 8-bit kernel at one shape, random inputs."""
+    gen = torch.Generator(device).manual_seed(0)
+    q = torch.randn(B, Lq, H, D, device=device, dtype=torch.bfloat16, generator=gen)
+    cache = kv8_alloc(B, Lw, H, D, device)
+    kv8_write(cache, 0, *(torch.randn(B, Lw, H, D, device=device, dtype=torch.bfloat16, generator=gen)
+                          for _ in range(2)))
+    ks, vs = (torch.randn(B, Ls, H, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    pos = torch.randint(-8, 40, (Ls, 3), device=device, generator=gen)
+    rope = RopeTable.build(D, 1024, device=device)
+    fn = lambda: two_segment_attention8(q, cache, ks, vs, pos, rope)  # noqa: E731
+    ms = triton.testing.do_bench(fn, warmup=100, rep=500, return_mode="median")
+    return {"ms": ms, "tflops": 4.0 * B * H * Lq * (Lw + Ls) * D / ms / 1e9}
