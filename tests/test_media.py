@@ -270,6 +270,8 @@ def test_to_uint8_matches_reference_rule():
     assert np.array_equal(y.numpy(), want.transpose(1, 2, 3, 0))
     assert y[0, 0, :4, 0].tolist() == [0, 255, 127, 255]  # truncation: 127.5 -> 127
     assert torch.equal(to_uint8(x[None]), y)
+    xb = x.bfloat16()
+    assert torch.equal(to_uint8(xb), to_uint8(xb.float()))  # computed in float32
     with pytest.raises(ValueError):
         to_uint8(x[:2])
 
@@ -328,6 +330,9 @@ def test_writer_zero_frames_and_bad_paths(tmp_path):
     with pytest.raises(LowvramError, match="is a directory"):
         check_output_path(str(tmp_path / "dir.mp4"))
     assert not (tmp_path / "missing").exists()
+    with pytest.raises(ValueError, match="even width and height"):
+        VideoWriter(str(tmp_path / "odd.mp4"), 33, 32)
+    assert not (tmp_path / "odd.mp4").exists()
     with VideoWriter(str(tmp_path / "x.mp4"), 32, 32) as wr:
         with pytest.raises(ValueError, match=r"frames must be uint8 \[T, 32, 32, 3\]"):
             wr.write(np.zeros((2, 30, 32, 3), np.uint8))
