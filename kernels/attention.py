@@ -143,7 +143,8 @@ def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeTable, scale=None,
-                          backend: str = "auto", block: tuple[int, int] | None = None) -> torch.Tensor:
+                          backend: str = "auto", block: tuple[int, int] | None = None,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q [k_win; rope(k_sink)]^T * scale) [v_win; v_sink] without concatenating the segments.
 
     q [B, Lq, H, D]; k_win, v_win [B, Lw, H, D] (keys roped); k_sink, v_sink [B, Ls, H, D] (keys
@@ -151,6 +152,7 @@ def two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeT
     device). Lw >= 0, Ls >= 0, Lw + Ls > 0. Returns [B, Lq, H, D] in q.dtype.
     backend: "auto" (Triton on CUDA or under the interpreter, else torch), "triton", "torch".
     block: (BLOCK_M, BLOCK_N) to bypass autotuning (tests, benchmarks).
+    out: an optional [B, Lq, H, D] tensor to write into (Triton path).
     """
     B, Lq, H, D = q.shape
     Lw, Ls = k_win.shape[1], k_sink.shape[1]
@@ -158,7 +160,8 @@ def two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeT
         raise ValueError("two_segment_attention needs at least one key")
     use_triton = backend == "triton" or (backend == "auto" and triton_usable(q))
     if not use_triton:
-        return attention_torch(q, k_win, v_win, k_sink, v_sink, sink_pos, rope, scale)
+        res = attention_torch(q, k_win, v_win, k_sink, v_sink, sink_pos, rope, scale)
+        return res if out is None else out.copy_(res)
     if triton is None:
         raise RuntimeError("backend='triton' needs triton installed")
     q, k_win, v_win, k_sink, v_sink = map(_lastdim_contiguous, (q, k_win, v_win, k_sink, v_sink))
@@ -167,7 +170,8 @@ def two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeT
     if Ls == 0:
         pos = torch.zeros(1, 3, dtype=torch.int32, device=q.device)
     cos, sin = rope.cos.to(q.device), rope.sin.to(q.device)
-    out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
     args = (q, k_win, v_win, k_sink, v_sink, pos, cos, sin, out,
             q.stride(0), q.stride(1), q.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2),
             v_win.stride(0), v_win.stride(1), v_win.stride(2), k_sink.stride(0), k_sink.stride(1),

@@ -205,12 +205,13 @@ def _kernel(family: str):
 
 
 def two_segment_attention8(q, win: KV8Cache, k_sink, v_sink, sink_pos, rope: RopeTable, scale=None,
-                           backend: str = "auto", block: tuple[int, int] | None = None) -> torch.Tensor:
+                           backend: str = "auto", block: tuple[int, int] | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """Like attention.two_segment_attention, with the window read from an 8-bit cache view.
 
     q [B, Lq, H, D] bf16; win: kv8_window(cache, end) ([B, Lw, H, D], keys roped before
     quantizing); k_sink (un-roped), v_sink [B, Ls, H, D] bf16; sink_pos [Ls, 3]. Returns q.dtype.
-    backend "torch" dequantizes the window and runs the torch fallback.
+    backend "torch" dequantizes the window and runs the torch fallback; out: optional output tensor.
     """
     B, Lq, H, D = q.shape
     Lw, Ls = win.k.shape[1], k_sink.shape[1]
@@ -219,7 +220,8 @@ def two_segment_attention8(q, win: KV8Cache, k_sink, v_sink, sink_pos, rope: Rop
     use_triton = backend == "triton" or (backend == "auto" and triton_usable(q))
     if not use_triton:
         kw, vw = kv8_dequantize(win, q.dtype)
-        return attention_torch(q, kw, vw, k_sink, v_sink, sink_pos, rope, scale)
+        res = attention_torch(q, kw, vw, k_sink, v_sink, sink_pos, rope, scale)
+        return res if out is None else out.copy_(res)
     if triton is None:
         raise RuntimeError("backend='triton' needs triton installed")
     q, k_sink, v_sink = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_sink, v_sink))
@@ -228,7 +230,8 @@ def two_segment_attention8(q, win: KV8Cache, k_sink, v_sink, sink_pos, rope: Rop
     if Ls == 0:
         pos = torch.zeros(1, 3, dtype=torch.int32, device=q.device)
     cos, sin = rope.cos.to(q.device), rope.sin.to(q.device)
-    out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
     for t in (win.k_scale, win.v_scale, win.k_mean):
         if t.stride(-1) != 1:
             raise ValueError("KV8Cache scales and mean must have a contiguous last dim")

@@ -121,10 +121,11 @@ def quantize_rows(x: torch.Tensor, fp8: bool = False) -> tuple[torch.Tensor, tor
     return q, s
 
 
-def _gemm(xq, xs, qweight, w_scale, bias, block: dict | None):
+def _gemm(xq, xs, qweight, w_scale, bias, block: dict | None, out=None):
     M, K = xq.shape
     N = qweight.shape[0]
-    out = torch.empty(M, N, device=xq.device, dtype=torch.bfloat16)
+    if out is None:
+        out = torch.empty(M, N, device=xq.device, dtype=torch.bfloat16)
     has_bias = bias is not None
     args = (xq, qweight, out, xs, w_scale, bias if has_bias else w_scale, M, N, K,
             xq.stride(0), qweight.stride(0), out.stride(0), triton.next_power_of_2(M))
@@ -146,37 +147,41 @@ def _check(x, qweight, w_scale):
         raise ValueError("w_scale must be fp32 [N], one scale per output channel")
 
 
-def int8_linear(x, qweight, w_scale, bias=None, backend: str = "auto", block: dict | None = None):
+def int8_linear(x, qweight, w_scale, bias=None, backend: str = "auto", block: dict | None = None,
+                out: torch.Tensor | None = None):
     """W8A8 INT8 linear: x bf16 [M, K], qweight int8 [N, K], w_scale fp32 [N], bias bf16 [N] -> bf16 [M, N].
 
     Activations are quantized per token inside (absmax/127). backend: "auto" (Triton on CUDA or
     under the interpreter, else the float32 torch reference), "triton", "torch".
-    block: a GEMM config dict to bypass autotuning (tests).
+    block: a GEMM config dict to bypass autotuning (tests); out: optional bf16 [M, N] to write into.
     """
     _check(x, qweight, w_scale)
     if backend == "torch" or (backend == "auto" and not triton_usable(x)):
-        return int8_linear_reference(x, qweight, w_scale, bias, torch.float32, torch.bfloat16)
+        res = int8_linear_reference(x, qweight, w_scale, bias, torch.float32, torch.bfloat16)
+        return res if out is None else out.copy_(res)
     xq, xs = quantize_rows(x, fp8=False)
-    return _gemm(xq, xs, qweight, w_scale, bias, block)
+    return _gemm(xq, xs, qweight, w_scale, bias, block, out)
 
 
 def fp8_linear(x, qweight, w_scale, bias=None, backend: str = "auto", engine: str | None = None,
-               block: dict | None = None):
+               block: dict | None = None, out: torch.Tensor | None = None):
     """FP8 W8A8 linear: x bf16 [M, K], qweight float8_e4m3fn [N, K], w_scale fp32 [N], bias -> bf16 [M, N].
 
     Activations are quantized per token inside (absmax/448, e4m3). engine: "triton" (our GEMM)
     or "scaled_mm" (torch._scaled_mm row-wise after our quantization kernel); None picks the
-    device's faster one from configs.FP8_ENGINE.
+    device's faster one from configs.FP8_ENGINE. backend, block, out: as int8_linear.
     """
     _check(x, qweight, w_scale)
     if backend == "torch" or (backend == "auto" and not triton_usable(x)):
-        return fp8_linear_reference(x, qweight, w_scale, bias, torch.float32, torch.bfloat16)
+        res = fp8_linear_reference(x, qweight, w_scale, bias, torch.float32, torch.bfloat16)
+        return res if out is None else out.copy_(res)
     xq, xs = quantize_rows(x, fp8=True)
     engine = engine or configs.FP8_ENGINE[configs.arch_family(x.device)]
     if engine == "scaled_mm":
-        return torch._scaled_mm(xq, qweight.t(), scale_a=xs[:, None], scale_b=w_scale[None, :],
-                                bias=bias, out_dtype=torch.bfloat16)
-    return _gemm(xq, xs, qweight, w_scale, bias, block)
+        y = torch._scaled_mm(xq, qweight.t(), scale_a=xs[:, None], scale_b=w_scale[None, :],
+                             bias=bias, out_dtype=torch.bfloat16)
+        return y if out is None else out.copy_(y)
+    return _gemm(xq, xs, qweight, w_scale, bias, block, out)
 
 
 def bench_gemm(M=3168, K=5120, N=5120, fp8=False, device="cuda") -> dict:
