@@ -6,10 +6,16 @@ User mistakes raise `LowvramError`; `main` prints them as one line and exits wit
 from __future__ import annotations
 
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import click
 
 from lowvram.errors import LowvramError
+
+DEFAULT_CKPT = "ckpt/Wan2.2-S2V-14B"
+DEFAULT_LORA = "ckpt/LiveAvatar/liveavatar.safetensors"
 
 
 class _Group(click.Group):
@@ -25,6 +31,108 @@ class _Group(click.Group):
 @click.version_option(package_name="lowvram")
 def cli():
     """Live Avatar (Wan2.2-S2V-14B + LiveAvatar LoRA) on a 24 GB card."""
+
+
+def _run(opts, quiet: bool):
+    from lowvram.pipeline import run
+    from lowvram.progress import RichProgress
+
+    log = (lambda *a: None) if quiet else (lambda *a: click.echo(" ".join(map(str, a)), err=True))
+    res = run(opts, progress=None if quiet else RichProgress(), log=log)
+    state = "interrupted, kept" if res.interrupted else "wrote"
+    peak = f", peak VRAM {res.peak_vram / 2**30:.1f} GiB" if res.peak_vram else ""
+    click.echo(f"{state} {res.out}: {res.frames} frames ({res.blocks} blocks) in {res.seconds:.1f} s, "
+               f"{res.fps:.2f} generated FPS{peak}")
+    return res
+
+
+@cli.command()
+@click.option("--ckpt-dir", type=click.Path(path_type=Path), default=DEFAULT_CKPT, show_default=True,
+              help="Wan2.2-S2V-14B directory, or one written by `lowvram quantize`.")
+@click.option("--lora", type=click.Path(path_type=Path), default=DEFAULT_LORA, show_default=True,
+              help="LiveAvatar LoRA (.safetensors); merged at load. Ignored for quantized directories.")
+@click.option("--lora-alpha", type=float, default=None, help="LoRA alpha when the file's metadata has none (default 64).")
+@click.option("--image", type=click.Path(path_type=Path), required=True, help="Reference portrait (any image Pillow opens).")
+@click.option("--audio", type=click.Path(path_type=Path), required=True, help="Voice recording (wav, mp3, m4a, flac, ogg).")
+@click.option("--prompt", required=True, help="Text prompt describing the scene.")
+@click.option("--size", default="704*384", show_default=True,
+              help="Pixel-area budget W*H; the output keeps the image's aspect ratio, padded to multiples of 64.")
+@click.option("--num-clip", type=int, default=None, help="At most this many 48-frame clips (default: as long as the audio).")
+@click.option("--seed", type=int, default=420, show_default=True, help="Seed of the noise and of the rolling-sink shift.")
+@click.option("--steps", type=int, default=4, show_default=True, help="Euler steps per block (the LoRA is distilled for 4).")
+@click.option("--out", type=click.Path(path_type=Path), default="output.mp4", show_default=True, help="Output mp4.")
+@click.option("--device", default="auto", show_default=True, help="cuda, cuda:N, cpu or auto.")
+@click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32.")
+@click.option("--attention", type=click.Choice(["sdpa", "triton", "triton8"]), default="sdpa", show_default=True,
+              help="Self-attention backend.")
+@click.option("--t5", type=click.Choice(["bf16", "int8", "nf4"]), default="bf16", show_default=True,
+              help="Text-encoder precision (int8/nf4 through bitsandbytes, CUDA only).")
+@click.option("--online-decode", is_flag=True, help="Refresh the sink from clip 0's output at clip 1, as the reference.")
+@click.option("--no-verify", is_flag=True, help="Skip hashing the shards of a quantized directory.")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+def run(ckpt_dir, lora, lora_alpha, image, audio, prompt, size, num_clip, seed, steps, out, device, dtype,
+        attention, t5, online_decode, no_verify, quiet):
+    """Portrait + voice + prompt -> a talking-avatar mp4, written block by block."""
+    from lowvram.pipeline import RunOptions
+
+    _run(RunOptions(ckpt_dir=ckpt_dir, image=image, audio=audio, prompt=prompt, lora=lora, lora_alpha=lora_alpha,
+                    size=size, num_clip=num_clip, seed=seed, steps=steps, out=out, device=device, dtype=dtype,
+                    online_decode=online_decode, attention=attention, t5=t5, verify=not no_verify), quiet)
+
+
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), default="demo.mp4", show_default=True, help="Output mp4.")
+@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+              help="Keep the tiny checkpoint and inputs here (default: a temporary directory).")
+@click.option("--seconds", type=float, default=2.0, show_default=True, help="Length of the synthetic voice.")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+def demo(out, workdir, seconds, quiet):
+    """The whole pipeline on the embedded tiny checkpoint (random weights) on the CPU: demo.mp4."""
+    from lowvram.media import synth_portrait, synth_voice
+    from lowvram.pipeline import RunOptions
+    from lowvram.tiny import write_tiny_checkpoint
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lowvram-demo-") as tmp:
+        root = Path(workdir) if workdir else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        ckpt, lora = write_tiny_checkpoint(root)
+        synth_portrait(str(root / "portrait.png"), width=320, height=384)
+        synth_voice(str(root / "voice.wav"), seconds=seconds)
+        _run(RunOptions(ckpt_dir=ckpt, lora=lora, image=root / "portrait.png", audio=root / "voice.wav",
+                        prompt="A person talking to the camera, natural light.", size="320*384", out=out,
+                        device="cpu"), quiet)
+    click.echo(f"demo done in {time.perf_counter() - t0:.1f} s (random tiny weights: expect noise, not a face)")
+
+
+@cli.command()
+@click.option("--ckpt-dir", type=click.Path(path_type=Path), default=None, help="Also check this checkpoint directory.")
+def doctor(ckpt_dir):
+    """Versions, GPUs, host RAM, pinned-memory limit and (with --ckpt-dir) the checkpoint files."""
+    from lowvram.doctor import checkpoint_report, machine_report
+
+    rows, problems = machine_report()
+    if ckpt_dir is not None:
+        r, p = checkpoint_report(ckpt_dir)
+        rows += r
+        problems += p
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")
+    for p in problems:
+        click.echo(f"problem: {p}")
+    if not problems:
+        click.echo("no problems found")
+
+
+def _register_optional():
+    """Commands that live beside their library code."""
+    from lowvram.quantize.cli import quantize_cmd
+
+    cli.add_command(quantize_cmd, "quantize")
+
+
+_register_optional()
 
 
 def main(argv=None):

@@ -1,0 +1,78 @@
+"""`lowvram doctor`: what this machine has (versions, GPUs, RAM, pinned-memory limit) and, for a
+checkpoint directory, which files are present, readable and of the expected size."""
+
+from __future__ import annotations
+
+import platform
+import resource
+from pathlib import Path
+
+import psutil
+import torch
+
+from lowvram.errors import CheckpointError
+
+GIB = 1024 ** 3
+# sizes of the real files (brief §2.1), for a warning when a file is far off (truncated download)
+EXPECTED_BYTES = {"models_t5_umt5-xxl-enc-bf16.pth": 11.36e9, "Wan2.1_VAE.pth": 0.508e9}
+
+
+def _version(mod: str) -> str:
+    try:
+        return __import__(mod).__version__
+    except ImportError:
+        return "not installed"
+
+
+def machine_report() -> tuple[list[tuple[str, str]], list[str]]:
+    rows = [("python", platform.python_version()), ("torch", torch.__version__),
+            ("triton", _version("triton")), ("transformers", _version("transformers")),
+            ("CUDA (torch build)", str(torch.version.cuda))]
+    problems = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            rows.append((f"GPU {i}", f"{p.name}, {p.total_memory / GIB:.1f} GiB, sm_{p.major}{p.minor}"))
+    else:
+        rows.append(("GPU", "none visible"))
+        problems.append("no CUDA GPU: `lowvram run` will use the CPU (fine for `lowvram demo`, far too slow for the "
+                        "real model); install a CUDA build of torch and a driver")
+    vm = psutil.virtual_memory()
+    rows.append(("host RAM", f"{vm.total / GIB:.1f} GiB total, {vm.available / GIB:.1f} GiB available"))
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    rows.append(("pinned-memory limit (ulimit -l)", "unlimited" if soft == resource.RLIM_INFINITY else f"{soft / GIB:.2f} GiB"))
+    if soft != resource.RLIM_INFINITY and soft < 8 * GIB:
+        problems.append("ulimit -l is below 8 GiB: host KV caches and streamed blocks fall back to pageable memory "
+                        "(~5x slower copies); raise it with `ulimit -l unlimited` or in /etc/security/limits.conf")
+    if vm.total < 48 * GIB:
+        problems.append(f"{vm.total / GIB:.0f} GiB of host RAM: the 24 GB profiles keep ~21 GB of KV cache in host "
+                        "memory; 64 GiB is comfortable")
+    return rows, problems
+
+
+def checkpoint_report(ckpt_dir) -> tuple[list[tuple[str, str]], list[str]]:
+    from lowvram.weights import discover
+
+    rows, problems = [], []
+    try:
+        ckpt = discover(ckpt_dir)
+    except CheckpointError as e:
+        return rows, [str(e)]
+    files = [ckpt.config, *ckpt.shards, ckpt.t5, ckpt.vae]
+    for f in files:
+        size = f.stat().st_size
+        rows.append((str(Path(f).relative_to(ckpt.root)), f"{size / 1e9:.2f} GB"))
+        try:
+            with open(f, "rb") as fh:
+                fh.read(8)
+        except OSError as e:
+            problems.append(f"{f} is not readable ({e}); fix its permissions or re-download it")
+        want = EXPECTED_BYTES.get(Path(f).name)
+        if want and size > 1e8 and abs(size - want) / want > 0.05:
+            problems.append(f"{f} is {size / 1e9:.2f} GB, expected ~{want / 1e9:.2f} GB: re-download it")
+    try:
+        cfg = ckpt.dit_config()
+        rows.append(("DiT", f"dim {cfg.dim}, {cfg.num_layers} layers, {cfg.num_heads} heads"))
+    except CheckpointError as e:
+        problems.append(str(e))
+    return rows, problems
