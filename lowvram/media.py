@@ -83,7 +83,7 @@ def _resize_short_side(img: Image.Image, short: int) -> Image.Image:
     new_w, new_h = (new_s, new_l) if w <= h else (new_l, new_s)
     if (new_w, new_h) == (w, h):
         return img
-    return img.resize((new_w, new_h), Image.BILINEAR)  # Pillow's bilinear is antialiased
+    return img.resize((new_w, new_h), Image.Resampling.BILINEAR)  # antialiased, as for PIL input
 
 
 def _center_crop(img: Image.Image, out_w: int, out_h: int) -> Image.Image:
@@ -151,7 +151,7 @@ def load_audio(path: str, sr: int = 16000, min_seconds: float = 0.0) -> np.ndarr
             if resampler is not None:
                 chunks.extend(f.to_ndarray() for f in resampler.resample(None))
     except (av.FFmpegError, ValueError) as e:
-        msg = str(e).replace("\n", " ")
+        msg = (getattr(e, "strerror", None) or str(e)).replace("\n", " ")
         raise LowvramError(f"cannot decode audio file {path} ({msg}); give {AUDIO_KINDS}") from e
     # chunks: [C, n] each. Mono is the plain channel mean, as librosa's to_mono (the reference's
     # loader) does; swresample's own downmix would scale stereo by 1/sqrt(2) instead of 1/2.
@@ -204,7 +204,8 @@ def synth_portrait(path: str, width: int = 320, height: int = 384, seed: int = 0
         x = cx + side * ex
         draw.ellipse([x - er, ey - er * 0.6, x + er, ey + er * 0.6], fill=(245, 245, 240))
         draw.ellipse([x - er * 0.5, ey - er * 0.5, x + er * 0.5, ey + er * 0.5], fill=iris)
-        draw.ellipse([x - er * 0.22, ey - er * 0.22, x + er * 0.22, ey + er * 0.22], fill=(10, 10, 10))
+        pr = er * 0.22
+        draw.ellipse([x - pr, ey - pr, x + pr, ey + pr], fill=(10, 10, 10))
         draw.line([x - er * 1.1, ey - er * 1.3, x + er * 1.1, ey - er * 1.5 + side * 2], fill=hair,
                   width=max(2, int(er * 0.35)))
     # nose and mouth

@@ -6,8 +6,9 @@ begins. A process killed mid-run leaves a playable file that lacks at most the f
 last `write()` call. With audio, the muxer holds video back until the AAC encoder (which lags
 its input by about two 1024-sample frames) has packets at least as late, so writes shorter than
 ~0.2 s (at 16 kHz) can lose a few more frames: measured, 1-frame writes lose 6 and 5-frame
-writes 10, against 1 and 5 without audio. Encoder settings follow the reference's `save_video` (libx264, yuv420p,
-imageio quality 8 = crf 10) and `merge_video_audio` (AAC at up to 192 kb/s, `-shortest`).
+writes 10, against 1 and 5 without audio. Encoder settings follow the reference's `save_video`
+(libx264, yuv420p, imageio quality 8 = crf 10) and `merge_video_audio` (AAC at up to
+192 kb/s, `-shortest`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def check_output_path(path: str) -> None:
         raise LowvramError(f"--out {path} is a directory; give a file path ending in .mp4")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise LowvramError(f"output folder {folder} does not exist; create it or choose another --out")
+        raise LowvramError(
+            f"output folder {folder} does not exist; create it or choose another --out")
     if not os.access(folder, os.W_OK):
         raise LowvramError(f"output folder {folder} is not writable; choose another --out")
     if os.path.exists(path) and not os.access(path, os.W_OK):
@@ -56,7 +58,8 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"to_uint8 takes one video, got a batch of {x.shape[0]}")
         x = x[0]
     if x.dim() != 4 or x.shape[0] != 3 or not x.is_floating_point():
-        raise ValueError(f"to_uint8 expects a float [3, T, H, W] tensor, got {x.dtype} {list(x.shape)}")
+        raise ValueError(
+            f"to_uint8 expects a float [3, T, H, W] tensor, got {x.dtype} {list(x.shape)}")
     x = x.float().clamp(-1, 1)
     x = x.sub(-1).div(2)  # x: [3, T, H, W] in [0, 1]
     return (x.permute(1, 2, 3, 0) * 255).type(torch.uint8)  # [T, H, W, 3]
@@ -79,7 +82,8 @@ class VideoWriter:
                  audio: np.ndarray | None = None, audio_rate: int = 16000, crf: int = CRF):
         check_output_path(path)
         if width <= 0 or height <= 0 or width % 2 or height % 2:
-            raise ValueError(f"yuv420p needs a positive even width and height, got {width}x{height}")
+            raise ValueError(
+                f"yuv420p needs a positive even width and height, got {width}x{height}")
         self.path = os.fspath(path)
         self.width, self.height, self.fps = int(width), int(height), int(fps)
         self.frames_written = 0
@@ -97,7 +101,8 @@ class VideoWriter:
         self._out = av.open(self.path, "w", format="mp4",
                             container_options={"movflags": MOVFLAGS, "flush_packets": "1"})
         self._video = self._out.add_stream("libx264", rate=self.fps)
-        self._video.width, self._video.height, self._video.pix_fmt = self.width, self.height, "yuv420p"
+        self._video.width, self._video.height = self.width, self.height
+        self._video.pix_fmt = "yuv420p"
         self._video.codec_context.time_base = Fraction(1, self.fps)
         # zerolatency: no B-frames and no lookahead, so each frame's packet comes out at once
         # and a block's fragment can close as soon as the next block starts.

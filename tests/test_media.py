@@ -196,12 +196,16 @@ def test_load_audio_errors(tmp_path):
         load_audio(str(tmp_path / "gone.wav"))
     junk = tmp_path / "junk.mp3"
     junk.write_bytes(np.random.default_rng(5).integers(0, 256, 3000, dtype=np.uint8).tobytes())
-    with pytest.raises(LowvramError, match="cannot decode audio file .*junk.mp3|junk.mp3 has no audio"):
+    with pytest.raises(LowvramError, match=r"cannot decode audio file .*junk.mp3 \(Invalid data"):
         load_audio(str(junk))
     img = tmp_path / "pic.png"
     _random_image(img, 32, 32, 6)
-    with pytest.raises(LowvramError, match="pic.png has no audio stream|cannot decode audio file .*pic.png"):
+    with pytest.raises(LowvramError, match="pic.png has no audio stream; give a wav, mp3"):
         load_audio(str(img))
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    with pytest.raises(LowvramError, match="cannot decode audio file .*empty.wav"):
+        load_audio(str(empty))
     silent = tmp_path / "silent.wav"
     with av.open(str(silent), "w", format="wav") as out:
         s = out.add_stream("pcm_s16le", rate=16000, layout="mono")
