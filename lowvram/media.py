@@ -150,7 +150,7 @@ def load_audio(path: str, sr: int = 16000, min_seconds: float = 0.0) -> np.ndarr
                 chunks.extend(f.to_ndarray() for f in resampler.resample(frame))
             if resampler is not None:
                 chunks.extend(f.to_ndarray() for f in resampler.resample(None))
-    except (av.FFmpegError, ValueError) as e:
+    except (av.error.FFmpegError, ValueError) as e:
         msg = (getattr(e, "strerror", None) or str(e)).replace("\n", " ")
         raise LowvramError(f"cannot decode audio file {path} ({msg}); give {AUDIO_KINDS}") from e
     # chunks: [C, n] each. Mono is the plain channel mean, as librosa's to_mono (the reference's

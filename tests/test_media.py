@@ -160,7 +160,7 @@ def _encodable(codec):
     try:
         av.codec.Codec(codec, "w")
         return True
-    except av.FFmpegError:
+    except av.error.FFmpegError:
         return False
 
 
