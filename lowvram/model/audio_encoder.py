@@ -1,0 +1,148 @@
+"""wav2vec2 audio features and their bucketing to video frames, as LiveAvatar does it (brief §1.4).
+
+`AudioEncoder.hidden_states` runs transformers' `Wav2Vec2Model` on a 16 kHz mono wave and
+stacks all L+1 hidden states (embedding output + each layer; 25 for the real model) at 50
+frames per second. `bucket_audio_features` resamples them linearly to 30 fps and gives video
+frame i (at 25 fps) the 30-fps feature at round(i * 30 / 25), zeros past the audio's end,
+for a whole number of clips.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
+
+from lowvram.errors import CheckpointError, LowvramError
+
+W2V_DIR = "wav2vec2-large-xlsr-53-english"
+SAMPLE_RATE = 16000
+FEATURE_FPS = 50  # wav2vec2: one frame per 320 samples
+RESAMPLE_FPS = 30  # LiveAvatar's intermediate rate (its `video_rate`)
+MIN_SAMPLES = 400  # the conv stack's receptive field: shorter audio gives no frame
+
+
+class AudioEncoder:
+    """wav2vec2 feature extractor + model; `hidden_states` gives [L+1, T50, D]."""
+
+    def __init__(self, model: Wav2Vec2Model, feature_extractor: Wav2Vec2FeatureExtractor, device: torch.device,
+                 dtype: torch.dtype):
+        self.model, self.feature_extractor = model, feature_extractor
+        self.device, self.dtype = torch.device(device), dtype
+
+    @property
+    def num_hidden_states(self) -> int:
+        return self.model.config.num_hidden_layers + 1
+
+    @torch.inference_mode()
+    def hidden_states(self, wave: np.ndarray) -> torch.Tensor:
+        """All hidden states of a float32 mono 16 kHz wave, stacked: [L+1, T50, D] in the model's dtype."""
+        wave = np.asarray(wave)
+        if wave.ndim != 1:
+            raise LowvramError(f"audio must be one mono channel, got an array of shape {wave.shape}; mix it down")
+        if wave.shape[0] < MIN_SAMPLES:
+            raise LowvramError(f"audio is {wave.shape[0]} samples long; wav2vec2 needs at least {MIN_SAMPLES} "
+                               f"({MIN_SAMPLES / SAMPLE_RATE * 1000:.0f} ms at 16 kHz)")
+        if not np.isfinite(wave).all():
+            raise LowvramError("audio contains NaN or infinite samples; re-encode the file")
+        # zero-mean unit-variance per preprocessor_config.json (do_normalize)
+        x = self.feature_extractor(wave.astype(np.float32), sampling_rate=SAMPLE_RATE,
+                                   return_tensors="pt").input_values  # [1, S]
+        out = self.model(x.to(self.device, self.dtype), output_hidden_states=True)
+        # LiveAvatar ran transformers <= 4.51, whose last hidden state is the encoder's output after its
+        # final LayerNorm; transformers 5 returns the last layer's output before it. The inputs of the
+        # layers agree, so take those and append last_hidden_state: the same L+1 states under both.
+        states = (*out.hidden_states[:-1], out.last_hidden_state)
+        return torch.cat(states)  # L+1 x [1, T50, D] -> [L+1, T50, D]
+
+
+def _sample_indices(src_fps: int, total: int, dst_fps: int, count: int) -> np.ndarray:
+    """Indices into a `src_fps` sequence of `count` frames at `dst_fps`, from time 0 (LiveAvatar's rounding)."""
+    duration = count / dst_fps
+    t = np.linspace(0.0, duration, count, endpoint=False)  # [count] seconds
+    return np.clip(np.round(t * src_fps).astype(int), 0, total - 1)
+
+
+def bucket_audio_features(hidden: torch.Tensor, video_fps: int = 25,
+                          clip_frames: int = 48) -> tuple[torch.Tensor, int]:
+    """Per-video-frame audio features for whole clips.
+
+    hidden: [L+1, T50, D] wav2vec2 hidden states at 50 fps. Returns (audio_emb [1, L+1, D, N]
+    float32, num_clips) with N = num_clips * clip_frames; frames past the audio are zeros.
+    """
+    if hidden.ndim != 3:
+        raise ValueError(f"hidden must be [L+1, T50, D], got shape {tuple(hidden.shape)}")
+    n_states, t50, dim = hidden.shape
+    t30 = int(t50 / float(FEATURE_FPS) * RESAMPLE_FPS)
+    if t30 < 1:
+        raise LowvramError(f"audio gives {t50} wav2vec2 frames, too short to drive one video frame; "
+                           "use at least 40 ms of audio")
+    # linear resampling 50 -> 30 fps, end points aligned; layers act as the batch
+    feat = F.interpolate(hidden.transpose(1, 2), size=t30, mode="linear", align_corners=True)  # [L+1, D, T30]
+    feat = feat.float()
+    scale = RESAMPLE_FPS / video_fps
+    num_clips = int(t30 / (clip_frames * scale)) + 1
+    n = num_clips * clip_frames
+    padded = math.ceil(n / video_fps * RESAMPLE_FPS)  # the 30-fps length the clips span
+    idx = torch.from_numpy(_sample_indices(RESAMPLE_FPS, padded, video_fps, n)).to(feat.device)  # [N]
+    picked = feat[:, :, idx.clamp(max=t30 - 1)]  # [L+1, D, N]
+    out = torch.where(idx < t30, picked, torch.zeros((), dtype=feat.dtype, device=feat.device))
+    return out.unsqueeze(0), num_clips
+
+
+def load_audio_encoder(ckpt_dir: str | Path, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32) -> AudioEncoder:
+    """Load `<ckpt_dir>/wav2vec2-large-xlsr-53-english` (config, weights, preprocessor) onto `device`.
+
+    LiveAvatar runs it in bf16 on the GPU; float32 is the choice on the CPU. The CTC head, if
+    the folder holds one, is not loaded: only hidden states are used.
+    """
+    folder, device = Path(ckpt_dir) / W2V_DIR, torch.device(device)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is missing; copy the {W2V_DIR} folder of Wan2.2-S2V-14B")
+    for name in ("config.json", "preprocessor_config.json"):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder / name} is missing; re-download the {W2V_DIR} folder")
+    try:
+        fe = Wav2Vec2FeatureExtractor.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder / 'preprocessor_config.json'} is unreadable ({type(e).__name__}); "
+                              "re-download it") from None
+    if fe.sampling_rate != SAMPLE_RATE:
+        raise CheckpointError(f"{folder / 'preprocessor_config.json'} says sampling_rate {fe.sampling_rate}; "
+                              f"the model needs {SAMPLE_RATE}")
+    try:  # the folder holds a CTC model (as LiveAvatar loads it); only its wav2vec2 body is kept
+        model = Wav2Vec2ForCTC.from_pretrained(folder, dtype=dtype).wav2vec2
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder} holds no loadable wav2vec2 weights ({str(e).splitlines()[0][:160]}); "
+                              "re-download the folder") from None
+    model.to(device).eval().requires_grad_(False)
+    return AudioEncoder(model, fe, device, dtype)
+
+
+def write_tiny_wav2vec2(ckpt_dir: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    """Write a random wav2vec2 with the real model's structure at tiny sizes (320 samples per frame)."""
+    folder = Path(ckpt_dir) / W2V_DIR
+    cfg = Wav2Vec2Config(
+        vocab_size=12, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=2 * hidden, conv_dim=[16] * 7, conv_kernel=[10, 3, 3, 3, 3, 2, 2],
+        conv_stride=[5, 2, 2, 2, 2, 2, 2], conv_bias=True, feat_extract_norm="layer", do_stable_layer_norm=True,
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, mask_time_prob=0.05, layerdrop=0.05,
+        hidden_dropout=0.05, feat_proj_dropout=0.05, attention_dropout=0.1, activation_dropout=0.05,
+        architectures=["Wav2Vec2ForCTC"])
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Wav2Vec2ForCTC(cfg)
+    with torch.no_grad():  # biases and norms away from their 0/1 init, so that every weight matters
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=True).save_pretrained(folder)
+    return folder
