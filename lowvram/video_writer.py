@@ -182,8 +182,10 @@ class VideoWriter:
             if self._touched and os.path.exists(self.path):
                 os.remove(self.path)
             return
-        self._out.mux(self._video.encode(None))
-        if self._astream is not None:
-            self._feed_audio(self._video_samples())
-            self._out.mux(self._astream.encode(None))
-        self._out.close()
+        try:
+            self._out.mux(self._video.encode(None))
+            if self._astream is not None:
+                self._feed_audio(self._video_samples())  # audio stops where the video stops
+                self._out.mux(self._astream.encode(None))
+        finally:
+            self._out.close()  # trailer: the file stays valid even if a flush above failed
