@@ -1,0 +1,191 @@
+"""The S2V DiT: real-size structure, RoPE exactness, sink and streaming semantics (tiny, CPU, fp32)."""
+
+import numpy as np
+import pytest
+import torch
+
+from lowvram.config import DiTConfig
+from lowvram.model.dit import LiveAvatarDiT, Sink, build_model
+from lowvram.model.framepack import FramePackMotioner
+from lowvram.model.rope import RopeTable, grid_positions, rope_apply, rope_pairs, rope_params, strided
+from lowvram.tiny import tiny_config, tiny_dit_state_dict
+
+REAL = dict(dim=5120, ffn_dim=13824, freq_dim=256, num_heads=40, num_layers=40)
+
+
+def test_real_model_has_the_checkpoint_keys_and_parameter_count():
+    model = build_model(DiTConfig.from_dict(REAL), device="meta")
+    sd = model.state_dict()
+    assert len(sd) == 1260
+    assert sum(p.numel() for p in model.parameters()) == 16_295_755_609
+    assert sum(1 for k in sd if k.startswith("blocks.7.")) == 27
+    shapes = {
+        "patch_embedding.weight": (5120, 16, 1, 2, 2), "time_projection.1.weight": (30720, 5120),
+        "head.modulation": (1, 2, 5120), "blocks.39.ffn.0.weight": (13824, 5120), "blocks.0.modulation": (1, 6, 5120),
+        "blocks.3.norm3.bias": (5120,), "casual_audio_encoder.weights": (1, 25, 1, 1),
+        "casual_audio_encoder.encoder.conv1_local.conv.weight": (5120, 1024, 3),
+        "casual_audio_encoder.encoder.conv2.conv.weight": (2560, 1280, 3),
+        "casual_audio_encoder.encoder.padding_tokens": (1, 1, 1, 5120),
+        "audio_injector.injector.11.norm_k.weight": (5120,),
+        "audio_injector.injector_adain_layers.0.linear.weight": (10240, 5120),
+        "frame_packer.proj_4x.weight": (5120, 16, 4, 8, 8), "trainable_cond_mask.weight": (3, 5120),
+        "cond_encoder.weight": (5120, 16, 1, 2, 2),
+    }
+    for k, s in shapes.items():
+        assert tuple(sd[k].shape) == s, k
+    extras = [k for k in sd if not k.startswith("blocks.") and k.split(".")[0] not in
+              ("patch_embedding", "text_embedding", "time_embedding", "time_projection", "head")]
+    assert len(extras) == 165
+
+
+def _reference_rope(x, pos, max_len=45000):
+    """The reference's arithmetic: complex128 table, multipliers rounded to complex32, float64 rotation."""
+    d = x.shape[-1]
+    c = d // 2
+    split = [c - 2 * (c // 3), c // 3, c // 3]
+    table = torch.cat([rope_params(max_len, 2 * s) for s in split], dim=1).split(split, dim=1)
+    cols = []
+    for axis, part in enumerate(table):
+        p = pos[:, axis]
+        f = part[p.abs()]
+        cols.append(torch.where((p < 0)[:, None], f.conj(), f))
+    f = torch.cat(cols, dim=1)
+    f = torch.complex(f.real.half().double(), f.imag.half().double())  # fp16 rounding of the table
+    xc = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * f[None, :, None]).flatten(-2).float().to(x.dtype)
+
+
+@pytest.mark.parametrize("d", [128, 32])
+def test_rope_matches_the_reference_bit_for_bit_in_bf16(d):
+    g = torch.Generator().manual_seed(1)
+    pos = torch.cat([grid_positions(range(40, 43), range(5), range(7)),
+                     grid_positions([-19, -4], strided(11, 3), strided(6, 2))])
+    x = (torch.randn(2, pos.shape[0], 3, d, generator=g) * 4).to(torch.bfloat16)
+    table = RopeTable.build(d)
+    cos, sin = table.gather(pos)
+    assert torch.equal(rope_apply(x, cos, sin), _reference_rope(x, pos))
+    x32 = torch.randn(1, pos.shape[0], 2, d, generator=g)
+    torch.testing.assert_close(rope_apply(x32, cos, sin), _reference_rope(x32, pos), rtol=0, atol=2e-6)
+
+
+def test_rope_split_and_strided_positions():
+    assert rope_pairs(128) == (22, 21, 21)
+    assert strided(44, 22) == list(range(0, 42, 2)) + [43]
+    assert strided(44, 11) == [0, 4, 8, 12, 17, 21, 25, 30, 34, 38, 43]
+    pos = FramePackMotioner.positions(88, 48)
+    assert pos.shape[0] == 1056 + 264 + 264                   # + 1056 ref tokens = the 2640-token sink
+    assert sorted(set(pos[:, 0].tolist())) == [-19, -14, -9, -4, -3, -1]
+    assert (pos[:, 1] <= 43).all() and (pos[:, 2] <= 23).all()
+
+
+class RingKV:
+    """A minimal ring cache with the model's interface (the production caches live in lowvram.kv_cache)."""
+
+    def __init__(self, layers, cap, h, d):
+        self.k = torch.zeros(layers, 1, cap, h, d)
+        self.v = torch.zeros_like(self.k)
+        self.cap = cap
+
+    def begin_forward(self, start, n):
+        self.s, self.n = start % self.cap, n
+        self.end = self.cap if start >= self.cap else start + n
+
+    def update(self, i, k, v):
+        self.k[i, :, self.s:self.s + self.n] = k
+        self.v[i, :, self.s:self.s + self.n] = v
+        return self.k[i, :, :self.end], self.v[i, :, :self.end]
+
+    def done(self, i):
+        pass
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = tiny_config()
+    model = build_model(cfg, "meta")
+    model.load_state_dict({k: v.float() for k, v in tiny_dit_state_dict(cfg, seed=3).items()}, assign=True)
+    g = torch.Generator().manual_seed(7)
+    h, w = 16, 16
+    ctx = model.embed_text([torch.randn(5, cfg.text_dim, generator=g)])
+    sink = model.prefill_sink(torch.randn(1, 16, 1, h, w, generator=g), torch.randn(1, 16, 19, h, w, generator=g), ctx)
+    return model, ctx, sink, g, (h, w)
+
+
+def _step(model, ctx, sink, kv, x, audio, start_frame, d=10, t=857.6923):
+    return model(x, torch.full((1, 3), t), ctx, audio, kv, sink, start_frame=start_frame, ref_shift=d)
+
+
+def _new_kv(model, hw):
+    cfg = model.cfg
+    return RingKV(cfg.num_layers, 12 * (hw[0] // 2) * (hw[1] // 2), cfg.num_heads, cfg.head_dim)
+
+
+def test_sink_holds_unroped_keys_of_the_conditioning_tokens(tiny):
+    model, ctx, sink, g, (h, w) = tiny
+    ref, mot = torch.randn(1, 16, 1, h, w, generator=g), torch.randn(1, 16, 19, h, w, generator=g)
+    s = model.prefill_sink(ref, mot, ctx)
+    assert s.n_ref == (h // 2) * (w // 2) and s.pos.shape[0] == s.k[0].shape[1]
+    assert (s.pos[: s.n_ref, 0] == 30).all()
+    # layer 0's keys by hand: tokens + mask ids 1/2, LN, t = 0 modulation, k projection, RMS norm, no RoPE
+    x = torch.cat([model.patch_embedding(ref).flatten(2).transpose(1, 2), model.frame_packer(mot)], dim=1)
+    ids = torch.tensor([1] * s.n_ref + [2] * (x.shape[1] - s.n_ref))
+    x = x + model.trainable_cond_mask(ids)
+    _, e0 = model._time(torch.zeros(1, 1))
+    blk = model.blocks[0]
+    shift, scale = (blk.modulation[0, 0] + e0[0, 0, 0]), (blk.modulation[0, 1] + e0[0, 0, 1])
+    hmod = blk.norm1(x) * (1 + scale) + shift
+    k = blk.self_attn.norm_k(blk.self_attn.k(hmod)).view(1, x.shape[1], model.cfg.num_heads, -1)
+    torch.testing.assert_close(s.k[0], k, rtol=1e-5, atol=1e-5)
+
+
+def test_streaming_is_deterministic_noncausal_and_caches_roped_keys(tiny):
+    model, ctx, sink, g, hw = tiny
+    x = torch.randn(1, 16, 3, *hw, generator=g)
+    audio = torch.randn(1, 3, model.cfg.audio_dim, 12, generator=g)
+    kv1, kv2 = _new_kv(model, hw), _new_kv(model, hw)
+    a = _step(model, ctx, sink, kv1, x, audio, 0)
+    b = _step(model, ctx, sink, kv2, x, audio, 0)
+    assert torch.equal(a, b)
+    n = a.shape[2] * (hw[0] // 2) * (hw[1] // 2)
+    assert kv1.k[:, :, n:].abs().sum() == 0 and kv1.k[:, :, :n].abs().sum() > 0
+    # non-causal inside a block: the last frame's input changes the first frame's output
+    x2 = x.clone()
+    x2[:, :, 2] += 1
+    c = _step(model, ctx, sink, _new_kv(model, hw), x2, audio, 0)
+    assert not torch.allclose(a[:, :, 0], c[:, :, 0])
+    # layer 0's cache holds this block's keys roped at its positions: rebuild them by hand
+    tok = model.patch_embedding(x).flatten(2).transpose(1, 2) + model.cond_encoder.bias + model.trainable_cond_mask.weight[0]
+    _, e0 = model._time(torch.full((1, 1), 857.6923))
+    blk = model.blocks[0]
+    hmod = blk.norm1(tok) * (1 + blk.modulation[0, 1] + e0[0, 0, 1]) + blk.modulation[0, 0] + e0[0, 0, 0]
+    k = blk.self_attn.norm_k(blk.self_attn.k(hmod)).view(1, n, model.cfg.num_heads, -1)
+    cos, sin = model.rope.gather(grid_positions(range(0, 3), range(hw[0] // 2), range(hw[1] // 2)))
+    torch.testing.assert_close(kv1.k[0, :, :n], rope_apply(k, cos, sin), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(kv1.k[0, :, :n], k, atol=1e-3)
+
+
+def test_history_and_audio_and_rolling_sink_shift_change_the_output(tiny):
+    model, ctx, sink, g, hw = tiny
+    x = torch.randn(1, 16, 3, *hw, generator=g)
+    audio = torch.randn(1, 3, model.cfg.audio_dim, 12, generator=g)
+    fresh = _step(model, ctx, sink, _new_kv(model, hw), x, audio, 3)
+    kv = _new_kv(model, hw)
+    _step(model, ctx, sink, kv, torch.randn(1, 16, 3, *hw, generator=g), audio, 0)
+    after = _step(model, ctx, sink, kv, x, audio, 3)
+    assert not torch.allclose(fresh, after)                       # the window holds block 0
+    other_audio = _step(model, ctx, sink, _new_kv(model, hw), x, audio * 2 + 1, 3)
+    assert not torch.allclose(fresh, other_audio)
+    # ref position max(30, n + d): the same for every d while n + d <= 30, different after
+    same = [_step(model, ctx, sink, _new_kv(model, hw), x, audio, 0, d=d) for d in (4, 30)]
+    assert torch.equal(same[0], same[1])
+    late = [_step(model, ctx, sink, _new_kv(model, hw), x, audio, 27, d=d) for d in (4, 30)]
+    assert not torch.allclose(late[0], late[1])
+
+
+def test_sink_positions_follow_the_rolling_formula():
+    s = Sink(k=[], v=[], pos=torch.zeros(10, 3, dtype=torch.long), n_ref=4)
+    s.pos[:4, 0] = 30
+    s.pos[4:, 0] = -1
+    for n, d, want in [(0, 30, 30), (12, 10, 30), (27, 4, 31), (60, 7, 67)]:
+        p = s.positions(n, d)
+        assert (p[:4, 0] == want).all() and (p[4:, 0] == -1).all()
