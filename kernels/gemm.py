@@ -141,7 +141,7 @@ def _gemm(xq, xs, qweight, w_scale, bias, block: dict | None, out=None):
 
 
 def _check(x, qweight, w_scale):
-    if x.dim() != 2 or qweight.dim() != 2 or x.shape[1] != qweight.shape[1]:
+    if x.dim() != 2 or qweight.dim() != 2 or x.shape[-1] != qweight.shape[1]:
         raise ValueError(f"linear shapes do not match: x {tuple(x.shape)}, weight {tuple(qweight.shape)}")
     if w_scale.shape != (qweight.shape[0],) or w_scale.dtype != torch.float32:
         raise ValueError("w_scale must be fp32 [N], one scale per output channel")
@@ -149,12 +149,15 @@ def _check(x, qweight, w_scale):
 
 def int8_linear(x, qweight, w_scale, bias=None, backend: str = "auto", block: dict | None = None,
                 out: torch.Tensor | None = None):
-    """W8A8 INT8 linear: x bf16 [M, K], qweight int8 [N, K], w_scale fp32 [N], bias bf16 [N] -> bf16 [M, N].
+    """W8A8 INT8 linear: x bf16 [M, K] (or [..., K]), qweight int8 [N, K], w_scale fp32 [N], bias bf16 [N] -> bf16 [M, N].
 
     Activations are quantized per token inside (absmax/127). backend: "auto" (Triton on CUDA or
     under the interpreter, else the float32 torch reference), "triton", "torch".
     block: a GEMM config dict to bypass autotuning (tests); out: optional bf16 [M, N] to write into.
     """
+    if x.dim() > 2:  # [..., K] -> [M, K] and back
+        return int8_linear(x.reshape(-1, x.shape[-1]), qweight, w_scale, bias, backend, block,
+                           out).reshape(*x.shape[:-1], qweight.shape[0])
     _check(x, qweight, w_scale)
     if backend == "torch" or (backend == "auto" and not triton_usable(x)):
         res = int8_linear_reference(x, qweight, w_scale, bias, torch.float32, torch.bfloat16)
@@ -171,6 +174,9 @@ def fp8_linear(x, qweight, w_scale, bias=None, backend: str = "auto", engine: st
     or "scaled_mm" (torch._scaled_mm row-wise after our quantization kernel); None picks the
     device's faster one from configs.FP8_ENGINE. backend, block, out: as int8_linear.
     """
+    if x.dim() > 2:  # [..., K] -> [M, K] and back
+        return fp8_linear(x.reshape(-1, x.shape[-1]), qweight, w_scale, bias, backend, engine, block,
+                          out).reshape(*x.shape[:-1], qweight.shape[0])
     _check(x, qweight, w_scale)
     if backend == "torch" or (backend == "auto" and not triton_usable(x)):
         res = fp8_linear_reference(x, qweight, w_scale, bias, torch.float32, torch.bfloat16)

@@ -126,3 +126,11 @@ def test_gpu_int8_and_fp8(M, K, N):
         ref = R.fp8_linear_reference(x, wq, ws, b)
         for engine in ("triton", "scaled_mm"):
             check(gemm.fp8_linear(x, wq, ws, b, engine=engine), ref, full, 25.0)
+
+
+@on_cpu
+def test_leading_dims_flattened():
+    x, w, b = make(12, 2 * 17, 64, 24)
+    wq, ws = R.quantize_rows_int8(w)
+    flat = gemm.int8_linear(x, wq, ws, b)
+    assert torch.equal(gemm.int8_linear(x.reshape(2, 17, 64), wq, ws, b), flat.reshape(2, 17, 24))
