@@ -1,0 +1,160 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lowvram import offload
+from lowvram.errors import LowvramError
+from lowvram.offload import BlockStreamer, alloc_host, retry_on_oom, stream_order
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, d)
+        self.register_buffer("shift", torch.randn(d))
+
+    def forward(self, x):  # x: [B, L, d]
+        return x + self.fc2(torch.relu(self.fc1(self.norm(x)))) + self.shift
+
+
+class ToyStack(nn.Module):
+    """Blocks run in order; an injector after some of them (like the audio injectors)."""
+
+    def __init__(self, n=6, d=37, hidden=53, inject=(2,)):
+        super().__init__()
+        self.blocks = nn.ModuleList([ToyBlock(d, hidden) for _ in range(n)])
+        self.injector = nn.ModuleDict({str(i): nn.Linear(d, d) for i in inject})
+
+    def forward(self, x):
+        for i, b in enumerate(self.blocks):
+            x = b(x)
+            if str(i) in self.injector:
+                x = x + self.injector[str(i)](x)
+        return x
+
+
+def _stack(seed=0, **kw):
+    torch.manual_seed(seed)
+    ref = ToyStack(**kw)
+    for p in ref.parameters():  # non-trivial values everywhere (LayerNorm starts at ones/zeros)
+        p.data.normal_()
+    return ref, copy.deepcopy(ref)
+
+
+def _inputs(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 11, 37, generator=g) for _ in range(n)]
+
+
+def _attached(model):
+    return {int(k): [m] for k, m in model.injector.items()}
+
+
+@torch.no_grad()
+def test_streamed_equals_resident_cpu():
+    ref, model = _stack()
+    s = BlockStreamer(model.blocks, resident={1, 4}, device="cpu", n_buffers=2, attached=_attached(model))
+    assert s.streamed == [0, 2, 3, 5]
+    seen = []  # block 3 computes from a device buffer, not from its host slab
+    model.blocks[3].register_forward_hook(lambda m, a, o: seen.append(m.fc1.weight.untyped_storage().data_ptr()))
+    xs = _inputs(3)
+    for x in xs:
+        assert torch.equal(model(x), ref(x))
+    # each streamed block is copied once per forward, plus block 0 prefetched for the next forward
+    assert s.stats()["loads"] == 4 * len(xs) + 1
+    assert s.stats()["bytes_h2d"] == sum(s._slabs[i].numel() for i in s.streamed) * len(xs) + s._slabs[0].numel()
+    assert set(seen) <= {b.untyped_storage().data_ptr() for b in s._gpu} and len(seen) == len(xs)
+    s.remove()
+    # streamed blocks stay as views of their single host slab; the stack still computes the same
+    w = model.blocks[3].fc1.weight
+    slab = s._slabs[3]
+    assert w.untyped_storage().data_ptr() == slab.untyped_storage().data_ptr()
+    assert torch.equal(model(xs[0]), ref(xs[0]))
+
+
+@torch.no_grad()
+def test_one_buffer_and_heterogeneous_layouts():
+    # block 2 carries its injector (a bigger slab): buffers take the largest size
+    ref, model = _stack(seed=3, n=5)
+    s = BlockStreamer(model.blocks, resident={0}, device="cpu", n_buffers=1, attached=_attached(model))
+    assert len(s._gpu) == 1 and s._gpu[0].numel() == max(t.numel() for t in s._slabs.values())
+    assert s._slabs[2].numel() > s._slabs[1].numel()
+    for x in _inputs(2, seed=5):
+        assert torch.equal(model(x), ref(x))
+
+
+@torch.no_grad()
+def test_out_of_order_call_loads_on_demand():
+    ref, model = _stack(seed=4)
+    BlockStreamer(model.blocks, resident={0, 5}, device="cpu", n_buffers=2)
+    x = _inputs(1, seed=7)[0]
+    # run block 3 alone (not the prefetched one) and then the whole stack
+    assert torch.equal(model.blocks[3](x), ref.blocks[3](x))
+    assert torch.equal(model(x), ref(x))
+
+
+@torch.no_grad()
+def test_demote_one_and_oom_retry():
+    ref, model = _stack(seed=5)
+    s = BlockStreamer(model.blocks, resident=set(range(6)), device="cpu", n_buffers=2,
+                      attached=_attached(model), demote_order=stream_order(6, [2]))
+    calls = []
+
+    def forward(x):  # a fake budget: "out of memory" until at least 3 blocks stream
+        calls.append(len(s.streamed))
+        if len(s.streamed) < 3:
+            raise torch.cuda.OutOfMemoryError("fake OOM")
+        return model(x)
+
+    logs = []
+    x = _inputs(1, seed=9)[0]
+    out = retry_on_oom(lambda: forward(x), s, log=logs.append)
+    assert torch.equal(out, ref(x))
+    assert calls == [0, 1, 2, 3] and len(logs) == 3 and "retrying" in logs[0]
+    assert s.streamed == sorted(stream_order(6, [2])[:3]) and 2 not in s.streamed  # light blocks leave first
+    while s.resident:
+        s.demote_one()
+    assert torch.equal(model(x), ref(x))
+    with pytest.raises(LowvramError, match="every DiT block already streamed.*3.0 GiB"):
+        s.demote_one(measured_peak_bytes=3 * 1024**3)
+
+
+def test_stream_order_spreads_light_blocks_first():
+    order = stream_order(40, [0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39])
+    assert sorted(order) == list(range(40))
+    assert not set(order[:28]) & {0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39}
+    first4 = sorted(order[:4])
+    assert min(b - a for a, b in zip(first4, first4[1:])) >= 5  # spread, not adjacent
+
+
+def test_pinned_fallback_warns_with_cost(monkeypatch):
+    real = offload._alloc_host
+
+    def fake(nbytes, pin):
+        if pin:
+            raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+        return real(nbytes, pin)
+
+    monkeypatch.setattr(offload, "_alloc_host", fake)
+    with pytest.warns(RuntimeWarning, match="5x slower"):
+        buf, pinned = alloc_host(1000, True)
+    assert not pinned and buf.numel() == 1000 and not buf.is_pinned()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_streamed_equals_resident_cuda():
+    ref, model = _stack(seed=6)
+    ref = ref.cuda()
+    s = BlockStreamer(model.blocks, resident={2}, device="cuda", n_buffers=2, attached=_attached(model))
+    model.injector.cuda()
+    for x in _inputs(4, seed=11):
+        x = x.cuda()
+        assert torch.equal(model(x), ref(x))
+    st = s.stats()
+    assert st["copy_busy_s"] > 0 and st["pinned_bytes"] > 0
