@@ -43,10 +43,10 @@ if triton is not None:
         return tl.dot(a, b)
 
     @triton.jit
-    def _softmax_step(s, v, m_i, l_i, acc, UPCAST: tl.constexpr):
-        # s: [BM, BN] fp32 base-2 logits, v: [BN, D] -> updated (m_i, l_i, acc)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+    def _softmax_step(qk, scale, v, m_i, l_i, acc, UPCAST: tl.constexpr):
+        # qk: [BM, BN] fp32 raw scores (scale = softmax scale * log2 e), v: [BN, D] -> (m_i, l_i, acc)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
+        p = tl.math.exp2(qk * scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST)
@@ -95,15 +95,15 @@ if triton is not None:
         for start in range(0, w_full, BLOCK_N):
             k = tl.load(kw + start * skwl)
             v = tl.load(vw + start * svwl)
-            s = mma(q, tl.trans(k), UPCAST) * qk_scale
-            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST)
+            s = mma(q, tl.trans(k), UPCAST)
+            m_i, l_i, acc = _softmax_step(s, qk_scale, v, m_i, l_i, acc, UPCAST)
         if w_full < Lw:
             n = w_full + offs_n
             k = tl.load(kw + w_full * skwl, mask=n[:, None] < Lw, other=0.0)
             v = tl.load(vw + w_full * svwl, mask=n[:, None] < Lw, other=0.0)
-            s = mma(q, tl.trans(k), UPCAST) * qk_scale
+            s = mma(q, tl.trans(k), UPCAST)
             s = tl.where(n[None, :] < Lw, s, float("-inf"))
-            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST)
+            m_i, l_i, acc = _softmax_step(s, qk_scale, v, m_i, l_i, acc, UPCAST)
 
         # segment 2: the sink, keys roped here from their positions
         ks = KS + b * sksb + h * sksh + offs_n[:, None] * sksl + offs_d[None, :]
@@ -113,9 +113,9 @@ if triton is not None:
             k = tl.load(ks + start * sksl, mask=n[:, None] < Ls, other=0.0)
             v = tl.load(vs + start * svsl, mask=n[:, None] < Ls, other=0.0)
             k = _rope_tile(k, n, Ls, POS, COS, SIN, max_pos, PT, PH, D, BLOCK_N)
-            s = mma(q, tl.trans(k), UPCAST) * qk_scale
+            s = mma(q, tl.trans(k), UPCAST)
             s = tl.where(n[None, :] < Ls, s, float("-inf"))
-            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST)
+            m_i, l_i, acc = _softmax_step(s, qk_scale, v, m_i, l_i, acc, UPCAST)
 
         out = acc / l_i[:, None]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], out.to(O.dtype.element_ty),
@@ -138,12 +138,18 @@ def triton_usable(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or configs.interpreting())
 
 
+def launch_opts(block: tuple) -> dict:
+    """num_warps / num_stages of a forced (BLOCK_M, BLOCK_N[, num_warps, num_stages]) block."""
+    warps, stages = (block[2], block[3]) if len(block) == 4 else (4 if block[0] <= 64 else 8, 2)
+    return {"num_warps": warps, "num_stages": stages}
+
+
 def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeTable, scale=None,
-                          backend: str = "auto", block: tuple[int, int] | None = None,
+                          backend: str = "auto", block: tuple | None = None,
                           out: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q [k_win; rope(k_sink)]^T * scale) [v_win; v_sink] without concatenating the segments.
 
@@ -151,7 +157,7 @@ def two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeT
     un-roped); sink_pos [Ls, 3] int (f, h, w; f < 0 = conjugate); rope: the model's table (on the
     device). Lw >= 0, Ls >= 0, Lw + Ls > 0. Returns [B, Lq, H, D] in q.dtype.
     backend: "auto" (Triton on CUDA or under the interpreter, else torch), "triton", "torch".
-    block: (BLOCK_M, BLOCK_N) to bypass autotuning (tests, benchmarks).
+    block: (BLOCK_M, BLOCK_N[, num_warps, num_stages]) to bypass autotuning (tests, benchmarks).
     out: an optional [B, Lq, H, D] tensor to write into (Triton path).
     """
     B, Lq, H, D = q.shape
@@ -183,7 +189,7 @@ def two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeT
     if block is not None:
         grid = (triton.cdiv(Lq, block[0]), B * H)
         _attn_fwd[grid](*args, PT=pt, PH=ph, D=D, BLOCK_M=block[0], BLOCK_N=block[1], UPCAST=up,
-                        num_warps=4 if block[0] <= 64 else 8)
+                        **launch_opts(block))
     else:
         grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
         _kernel(configs.arch_family(q.device))[grid](*args, PT=pt, PH=ph, D=D, UPCAST=up)

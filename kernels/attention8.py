@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from lowvram.kernels import configs
-from lowvram.kernels.attention import LOG2E, triton_usable
+from lowvram.kernels.attention import LOG2E, launch_opts, triton_usable
 from lowvram.kernels.reference import INT8_MAX, attention_torch, round_half_away
 from lowvram.model.rope import RopeTable
 
@@ -184,9 +184,9 @@ if triton is not None:
             k = tl.load(ks2 + start * s2kl, mask=n[:, None] < Ls, other=0.0)
             v = tl.load(vs2 + start * s2vl, mask=n[:, None] < Ls, other=0.0)
             k = _rope_tile(k, n, Ls, POS, COS, SIN, max_pos, PT, PH, D, BLOCK_N)
-            s = mma(q, tl.trans(k), UPCAST) * qk_scale
+            s = mma(q, tl.trans(k), UPCAST)
             s = tl.where(n[None, :] < Ls, s, float("-inf"))
-            m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST)
+            m_i, l_i, acc = _softmax_step(s, qk_scale, v, m_i, l_i, acc, UPCAST)
 
         out = acc / l_i[:, None]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], out.to(O.dtype.element_ty),
@@ -205,7 +205,7 @@ def _kernel(family: str):
 
 
 def two_segment_attention8(q, win: KV8Cache, k_sink, v_sink, sink_pos, rope: RopeTable, scale=None,
-                           backend: str = "auto", block: tuple[int, int] | None = None,
+                           backend: str = "auto", block: tuple | None = None,
                            out: torch.Tensor | None = None) -> torch.Tensor:
     """Like attention.two_segment_attention, with the window read from an 8-bit cache view.
 
@@ -247,7 +247,7 @@ def two_segment_attention8(q, win: KV8Cache, k_sink, v_sink, sink_pos, rope: Rop
     if block is not None:
         grid = (triton.cdiv(Lq, block[0]), B * H)
         _attn8_fwd[grid](*args, PT=pt, PH=ph, D=D, BLOCK_M=block[0], BLOCK_N=block[1], UPCAST=up,
-                         num_warps=4 if block[0] <= 64 else 8)
+                         **launch_opts(block))
     else:
         grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
         _kernel(configs.arch_family(q.device))[grid](*args, PT=pt, PH=ph, D=D, UPCAST=up)
