@@ -209,3 +209,15 @@ def test_legacy_pth_format_loads(tiny, tmp_path):
     torch.save(sd, tmp_path / T5_FILE, _use_new_zipfile_serialization=False)  # cannot be memory-mapped
     enc = load_text_encoder(tmp_path, dtype=torch.float32)
     assert torch.equal(enc.model.encoder.final_layer_norm.weight, sd["norm.weight"].float())
+
+
+def test_tiny_writer_is_reproducible_with_t5_special_ids(tiny, enc32, tmp_path):
+    write_tiny_t5(tmp_path, seed=3)
+    for f in (T5_FILE, f"{TOKENIZER_DIR}/tokenizer.json", f"{TOKENIZER_DIR}/tokenizer_config.json",
+              f"{TOKENIZER_DIR}/special_tokens_map.json"):
+        assert (tmp_path / f).read_bytes() == (tiny / f).read_bytes(), f
+    tok = enc32.tokenizer
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    assert 200 <= len(tok) == enc32.model.config.vocab_size <= 5000
+    write_tiny_t5(tmp_path, seed=4)
+    assert (tmp_path / T5_FILE).read_bytes() != (tiny / T5_FILE).read_bytes()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 from pathlib import Path
 
@@ -252,20 +253,32 @@ changes naturally with the speech, eyes blink, lips move in sync with the words.
 
 
 def _tiny_tokenizer(out_dir: Path) -> int:
-    """Train a small Unigram tokenizer in-process with T5's special ids (pad 0, eos 1, unk 2); returns its size."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """Build a small Unigram tokenizer with T5's special ids (pad 0, eos 1, unk 2); returns its size.
+
+    The pieces are the built-in text's words and characters, scored by their log frequency: no
+    trainer, so the file is the same on every run.
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.Unigram())
+    words = Counter(re.findall(r"\w+|[^\w\s]", _TINY_TEXT))
+    chars = Counter(c for w, n in words.items() for c in w * n)
+    total = sum(words.values()) + sum(chars.values())
+    pieces = {"\u2581": math.log(sum(words.values()) / total)}
+    for c, n in chars.items():  # inside a word, and opening one
+        pieces[c] = pieces["\u2581" + c] = math.log(n / total) - 2.0
+    for w, n in words.items():
+        pieces["\u2581" + w] = math.log(n / total)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += sorted(((p, round(v, 6)) for p, v in pieces.items()), key=lambda pv: (-pv[1], pv[0]))
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=400, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
-                                      show_progress=False)
-    lines = [s.strip() for s in _TINY_TEXT.replace("\n", " ").split(".") if s.strip()]
-    tok.train_from_iterator(lines * 4, trainer)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", tok.token_to_id("</s>"))])
+                                                       special_tokens=[("</s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                                    model_max_length=TEXT_LEN)
     fast.save_pretrained(out_dir)
