@@ -1,0 +1,212 @@
+"""Wan2.1 VAE: real-size structure on meta, tiny-size behaviour on CPU in fp32."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowvram.errors import CheckpointError, LowvramError
+from lowvram.model.vae import (StreamingDecoder, VAEConfig, WanVAE, encode_repeated, load_vae,
+                               write_tiny_vae)
+from lowvram.model.vae_blocks import TimeCache
+
+# brief §1.3
+MEAN = [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+        0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
+STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+       3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny convs: with a busy machine, thread hand-offs cost more than the work (30x measured)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return write_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny_vae.pth", seed=3)
+
+
+@pytest.fixture(scope="module")
+def vae(tiny_path):
+    return load_vae(tiny_path, dtype=torch.float32)
+
+
+def rand(*shape, seed=0, lo=-1.0, hi=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(*shape, generator=g) * (hi - lo) + lo
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_real_config_matches_wan21_checkpoint_layout():
+    with torch.device("meta"):
+        model = WanVAE(VAEConfig())
+    assert count(model) == 126_892_531
+    assert count(model.encoder) == 53_595_872
+    assert count(model.decoder) == 73_295_331
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert len(shapes) == 194
+    assert shapes["encoder.conv1.weight"] == [96, 3, 3, 3, 3]
+    assert shapes["encoder.downsamples.0.residual.0.gamma"] == [96, 1, 1, 1]
+    assert shapes["encoder.downsamples.3.shortcut.weight"] == [192, 96, 1, 1, 1]
+    assert shapes["encoder.downsamples.2.resample.1.weight"] == [96, 96, 3, 3]
+    assert "encoder.downsamples.2.time_conv.weight" not in shapes  # spatial-only downsample
+    assert shapes["encoder.downsamples.5.time_conv.weight"] == [192, 192, 3, 1, 1]
+    assert shapes["encoder.middle.1.to_qkv.weight"] == [1152, 384, 1, 1]
+    assert shapes["encoder.middle.1.norm.gamma"] == [384, 1, 1]
+    assert shapes["encoder.head.2.weight"] == [32, 384, 3, 3, 3]
+    assert shapes["conv1.weight"] == [32, 32, 1, 1, 1]
+    assert shapes["conv2.weight"] == [16, 16, 1, 1, 1]
+    assert shapes["decoder.conv1.weight"] == [384, 16, 3, 3, 3]
+    assert shapes["decoder.upsamples.3.time_conv.weight"] == [768, 384, 3, 1, 1]
+    assert shapes["decoder.upsamples.3.resample.1.weight"] == [192, 384, 3, 3]
+    assert shapes["decoder.upsamples.4.shortcut.weight"] == [384, 192, 1, 1, 1]
+    assert shapes["decoder.upsamples.11.resample.1.weight"] == [96, 192, 3, 3]
+    assert "decoder.upsamples.11.time_conv.weight" not in shapes
+    assert shapes["decoder.upsamples.14.residual.6.weight"] == [96, 96, 3, 3, 3]
+    assert shapes["decoder.head.2.weight"] == [3, 96, 3, 3, 3]
+    assert not any("dropout" in k or k.endswith("residual.5.weight") for k in shapes)
+
+
+def test_tiny_checkpoint_round_trip(tiny_path):
+    sd = torch.load(tiny_path, weights_only=True)
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    model = load_vae(tiny_path, dtype=torch.float32)
+    assert model.cfg == VAEConfig(dim=8, z_dim=16)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    bf = load_vae(tiny_path)  # default dtype: bf16 as in LiveAvatar
+    assert {p.dtype for p in bf.parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in bf.parameters()) and not bf.training
+    other = torch.load(write_tiny_vae(tiny_path.parent / "other.pth", seed=4, dim=4), weights_only=True)
+    assert other["encoder.conv1.weight"].shape[0] == 4
+    assert not torch.equal(other["conv2.weight"], sd["conv2.weight"])
+
+
+def test_encode_shape_normalisation_and_causality(vae):
+    video = rand(2, 3, 9, 32, 48, seed=1)
+    z = vae.encode(video)
+    assert z.shape == (2, 16, 3, 4, 6) and z.dtype == torch.float32
+    # z = (mu - mean) / std with mu the first half of conv1(encoder output)
+    enc = torch.cat(list(vae.encode_chunks(video, TimeCache())), dim=2)
+    mu = F.conv3d(enc, vae.conv1.weight, vae.conv1.bias)[:, :16]
+    want = (mu - torch.tensor(MEAN).view(1, -1, 1, 1, 1)) / torch.tensor(STD).view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(z, want, rtol=1e-5, atol=1e-5)
+    # causal in time, independent across the batch
+    assert torch.equal(vae.encode(video[:, :, :5]), z[:, :, :2])
+    torch.testing.assert_close(vae.encode(video[1:]), z[1:], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(z[:, :, 1], z[:, :, 2])
+
+
+def test_decode_shape_range_and_not_saturated(vae):
+    z = torch.randn(2, 16, 3, 3, 5, generator=torch.Generator().manual_seed(2))
+    x = vae.decode(z)
+    assert x.shape == (2, 3, 9, 24, 40) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1
+    assert (x.abs() == 1).float().mean() < 0.05 and x.std() > 0.05
+    torch.testing.assert_close(vae.decode(z[:1]), x[:1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pieces", [[1, 6], [3, 4], [2, 2, 3], [1] * 7, [5, 1, 1]])
+def test_streaming_decode_equals_whole_decode(vae, pieces):
+    z = torch.randn(1, 16, 7, 3, 5, generator=torch.Generator().manual_seed(5))
+    whole = vae.decode(z)
+    dec = StreamingDecoder(vae)
+    dec.decode(torch.randn(1, 16, 2, 3, 5))  # leftover history that reset must clear
+    dec.reset()
+    out, start = [], 0
+    for i, n in enumerate(pieces):
+        frames = dec.decode(z[:, :, start:start + n])
+        assert frames.shape[2] == (1 + 4 * (n - 1) if i == 0 else 4 * n)
+        out.append(frames)
+        start += n
+    assert torch.equal(torch.cat(out, dim=2), whole)
+
+
+def test_streaming_cache_keeps_two_slices_per_conv(vae):
+    dec = StreamingDecoder(vae)
+    dec.decode(torch.randn(1, 16, 3, 3, 5, generator=torch.Generator().manual_seed(6)))
+    tensors = [s for s in dec.cache.slots if isinstance(s, torch.Tensor)]
+    assert tensors and all(s.shape[2] <= 2 for s in tensors)
+    # one slot per causal conv on the main path (1x1x1 shortcuts keep no history)
+    n_convs = sum(type(m).__name__ == "CausalConv3d" and not name.endswith("shortcut")
+                  for name, m in vae.decoder.named_modules())
+    assert len(dec.cache.slots) == n_convs
+
+
+def test_encode_repeated_equals_full_encode_and_stops_early(vae):
+    frame = rand(1, 3, 1, 16, 24, seed=7)
+    calls = []
+    hook = vae.encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        fast = encode_repeated(vae, frame, 161)
+    finally:
+        hook.remove()
+    full = vae.encode(frame.repeat(1, 1, 161, 1, 1))
+    assert fast.shape == (1, 16, 41, 2, 3)
+    assert torch.equal(fast, full)
+    assert len(calls) < 41  # reached the steady state before the end
+    short = encode_repeated(vae, frame, 9)
+    assert torch.equal(short, vae.encode(frame.repeat(1, 1, 9, 1, 1)))
+
+
+def test_bad_inputs_raise_lowvram_error(vae):
+    with pytest.raises(LowvramError, match="T = 1 \\+ 4k"):
+        vae.encode(rand(1, 3, 6, 16, 24))
+    with pytest.raises(LowvramError, match="multiples of 8"):
+        vae.encode(rand(1, 3, 5, 12, 24))
+    with pytest.raises(LowvramError, match="latents"):
+        vae.decode(torch.randn(1, 8, 2, 3, 5))
+    with pytest.raises(LowvramError, match="n_frames"):
+        encode_repeated(vae, rand(1, 3, 1, 16, 24), 10)
+
+
+def test_load_errors_name_the_file(tiny_path, tmp_path):
+    sd = torch.load(tiny_path, weights_only=True)
+    cases = {}
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_vae(tmp_path / "nope.pth")
+    torch.save([torch.ones(2)], tmp_path / "list.pth")
+    cases["list.pth"] = "not a state dict"
+    torch.save(torch.ones(3), tmp_path / "tensor.pth")
+    cases["tensor.pth"] = "not a state dict"
+    (tmp_path / "junk.pth").write_bytes(b"\x00garbage" * 10)
+    cases["junk.pth"] = "cannot read"
+    bad = dict(sd, **{"decoder.head.2.weight": torch.zeros(3, 8, 3, 3, 1)})
+    torch.save(bad, tmp_path / "shape.pth")
+    cases["shape.pth"] = r"decoder\.head\.2\.weight has shape \[3, 8, 3, 3, 1\], expected \[3, 8, 3, 3, 3\]"
+    torch.save({k: v for k, v in sd.items() if k != "decoder.middle.1.proj.bias"}, tmp_path / "miss.pth")
+    cases["miss.pth"] = r"1 missing key\(s\) \(decoder\.middle\.1\.proj\.bias\)"
+    torch.save(dict(sd, extra=torch.ones(1)), tmp_path / "extra.pth")
+    cases["extra.pth"] = r"unexpected key\(s\) \(extra\)"
+    torch.save({"weight": torch.ones(2)}, tmp_path / "other.pth")
+    cases["other.pth"] = "not a Wan2.1 VAE"
+    for name, pattern in cases.items():
+        with pytest.raises(CheckpointError, match=pattern) as info:
+            load_vae(tmp_path / name)
+        msg = str(info.value)
+        assert name in msg and "\n" not in msg, msg
+
+
+def test_bf16_weights_track_fp32(tiny_path, vae):
+    bf = load_vae(tiny_path, dtype=torch.bfloat16)
+    z = torch.randn(1, 16, 2, 3, 5, generator=torch.Generator().manual_seed(8))
+    a, b = vae.decode(z), bf.decode(z)
+    assert b.dtype == torch.float32
+    assert (a - b).abs().mean() < 0.02
+    video = rand(1, 3, 5, 16, 24, seed=9)
+    za, zb = vae.encode(video), bf.encode(video)
+    assert (za - zb).abs().mean() < 0.05 * za.abs().mean() + 0.02
+
+
+def test_bf16_upsample_gives_fp32_upsample_bits():
+    x = torch.randn(3, 5, 7, 9, generator=torch.Generator().manual_seed(10)).bfloat16()
+    direct = F.interpolate(x, scale_factor=(2.0, 2.0), mode="nearest-exact")
+    via_fp32 = F.interpolate(x.float(), scale_factor=(2.0, 2.0), mode="nearest-exact").bfloat16()
+    assert torch.equal(direct, via_fp32)
