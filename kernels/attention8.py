@@ -44,7 +44,9 @@ except ImportError:  # CPU-only installs: the torch fallback serves
 
 @dataclass
 class KV8Cache:
-    """8-bit KV cache of one layer: k, v int8 [B, L, H, D]; k_scale, v_scale fp32 [B, L, H]; k_mean fp32 [B, H, D]."""
+    """8-bit KV cache of one layer: k int8 [B, L, H, D], v int8 [B, H, D, L] (token-contiguous, the
+    K-major operand layout that 8-bit wgmma needs for P @ V), k_scale, v_scale fp32 [B, L, H],
+    k_mean fp32 [B, H, D]."""
 
     k: torch.Tensor
     k_scale: torch.Tensor
@@ -60,9 +62,10 @@ class KV8Cache:
 
 def kv8_alloc(B: int, L: int, H: int, D: int, device="cpu") -> KV8Cache:
     """An empty cache of L tokens (about 2*L*H*(D+4) bytes per batch entry)."""
-    z8 = lambda: torch.zeros(B, L, H, D, dtype=torch.int8, device=device)  # noqa: E731
+    k = torch.zeros(B, L, H, D, dtype=torch.int8, device=device)
+    v = torch.zeros(B, H, D, L, dtype=torch.int8, device=device)
     zs = lambda: torch.ones(B, L, H, dtype=torch.float32, device=device)  # noqa: E731
-    return KV8Cache(z8(), zs(), z8(), zs(), torch.zeros(B, H, D, dtype=torch.float32, device=device))
+    return KV8Cache(k, zs(), v, zs(), torch.zeros(B, H, D, dtype=torch.float32, device=device))
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,20 +90,20 @@ def kv8_write(cache: KV8Cache, start: int, k: torch.Tensor, v: torch.Tensor) -> 
     vq, vs = quantize_tokens(v)
     cache.k[:, start:start + n] = kq
     cache.k_scale[:, start:start + n] = ks
-    cache.v[:, start:start + n] = vq
+    cache.v[..., start:start + n] = vq.permute(0, 2, 3, 1)
     cache.v_scale[:, start:start + n] = vs
 
 
 def kv8_window(cache: KV8Cache, end: int) -> KV8Cache:
     """A view of the cache's first `end` tokens (no copy)."""
     return replace(cache, k=cache.k[:, :end], k_scale=cache.k_scale[:, :end],
-                   v=cache.v[:, :end], v_scale=cache.v_scale[:, :end])
+                   v=cache.v[..., :end], v_scale=cache.v_scale[:, :end])
 
 
 def kv8_dequantize(cache: KV8Cache, dtype=torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
     """The cache's keys and values back in `dtype`: ([B, L, H, D], [B, L, H, D])."""
     k = cache.k.float() * cache.k_scale[..., None] + cache.k_mean[:, None]
-    v = cache.v.float() * cache.v_scale[..., None]
+    v = cache.v.permute(0, 3, 1, 2).float() * cache.v_scale[..., None]
     return k.to(dtype), v.to(dtype)
 
 
@@ -112,7 +115,7 @@ if triton is not None:
         if MASK:
             valid = n < Lw
             k8 = tl.load(kp, mask=valid[:, None], other=0)
-            v8 = tl.load(vp, mask=valid[:, None], other=0)
+            v8 = tl.load(vp, mask=valid[None, :], other=0)
             ks = tl.load(ksp, mask=valid, other=0.0)
             vs = tl.load(vsp, mask=valid, other=0.0)
         else:
@@ -131,13 +134,13 @@ if triton is not None:
         l_i = l_i * alpha + p_max * tl.sum(p, 1)
         v_max = tl.max(vs, 0)
         p8 = (p * (vs * (127.0 / v_max))[None, :] + 0.5).to(tl.int32).to(tl.int8)
-        pv = tl.dot(p8, v8).to(tl.float32)
+        pv = tl.dot(p8, tl.trans(v8)).to(tl.float32)  # v8: [D, BN]
         acc = acc * alpha[:, None] + pv * (p_max * (v_max / 127.0))[:, None]
         return m_new, l_i, acc
 
     @triton.jit
     def _attn8_fwd(Q, KW, KWS, KM, VW, VWS, KS, VS, POS, COS, SIN, O,
-                   sqb, sql, sqh, skb, skl, skh, sksb, sksl, svb, svl, svh, svsb, svsl, smb, smh,
+                   sqb, sql, sqh, skb, skl, skh, sksb, sksl, svb, svh, svd, svl, svsb, svsl, smb, smh,
                    s2kb, s2kl, s2kh, s2vb, s2vl, s2vh, sob, sol, soh,
                    H, Lq, Lw, Ls, max_pos, qk_scale,
                    PT: tl.constexpr, PH: tl.constexpr, D: tl.constexpr,
@@ -164,7 +167,7 @@ if triton is not None:
             mean = tl.load(KM + b * smb + h * smh + offs_d)  # [D] fp32
             qm = tl.sum(qf * mean[None, :], 1)  # [BM]
             kw = KW + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :]
-            vw = VW + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :]
+            vw = VW + b * svb + h * svh + offs_d[:, None] * svd + offs_n[None, :]  # [D, BN], svl = 1
             ksp = KWS + b * sksb + h + offs_n * sksl
             vsp = VWS + b * svsb + h + offs_n * svsl
             w_full = (Lw // BLOCK_N) * BLOCK_N
@@ -232,12 +235,12 @@ def two_segment_attention8(q, win: KV8Cache, k_sink, v_sink, sink_pos, rope: Rop
     cos, sin = rope.cos.to(q.device), rope.sin.to(q.device)
     if out is None:
         out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
-    for t in (win.k_scale, win.v_scale, win.k_mean):
+    for t in (win.k, win.v, win.k_scale, win.v_scale, win.k_mean):
         if t.stride(-1) != 1:
-            raise ValueError("KV8Cache scales and mean must have a contiguous last dim")
+            raise ValueError("KV8Cache tensors must have a contiguous last dim")
     args = (q, win.k, win.k_scale, win.k_mean, win.v, win.v_scale, k_sink, v_sink, pos, cos, sin, out,
             q.stride(0), q.stride(1), q.stride(2), win.k.stride(0), win.k.stride(1), win.k.stride(2),
-            win.k_scale.stride(0), win.k_scale.stride(1), win.v.stride(0), win.v.stride(1), win.v.stride(2),
+            win.k_scale.stride(0), win.k_scale.stride(1), win.v.stride(0), win.v.stride(1), win.v.stride(2), 1,
             win.v_scale.stride(0), win.v_scale.stride(1), win.k_mean.stride(0), win.k_mean.stride(1),
             k_sink.stride(0), k_sink.stride(1), k_sink.stride(2), v_sink.stride(0), v_sink.stride(1),
             v_sink.stride(2), out.stride(0), out.stride(1), out.stride(2),

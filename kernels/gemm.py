@@ -50,7 +50,7 @@ if triton is not None:
 
     @triton.jit
     def _w8a8_gemm(A, W, C, AS, WS, BIAS, M, N, K, stride_am, stride_wn, stride_cm, M_KEY,
-                   HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, INT8: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         # A: [M, K] 8-bit, W: [N, K] 8-bit, C: [M, N] bf16; M_KEY (M rounded up to a power of
         # two) is unused here: it is the autotune key, so varying token counts reuse one tuning
@@ -69,8 +69,10 @@ if triton is not None:
         rk = tl.arange(0, BLOCK_K)
         a_ptr = A + ram[:, None].to(tl.int64) * stride_am + rk[None, :]
         w_ptr = W + rbn[None, :].to(tl.int64) * stride_wn + rk[:, None]  # [BK, BN] view of W^T
-        acc_ty = tl.int32 if A.dtype.element_ty == tl.int8 else tl.float32
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_ty)
+        if INT8:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             if EVEN_K:
                 a = tl.load(a_ptr)
@@ -79,7 +81,7 @@ if triton is not None:
                 kk = k * BLOCK_K + rk
                 a = tl.load(a_ptr, mask=kk[None, :] < K, other=0.0)
                 w = tl.load(w_ptr, mask=kk[:, None] < K, other=0.0)
-            acc = tl.dot(a, w, acc, out_dtype=acc_ty)
+            acc = tl.dot(a, w, acc)  # int32 for INT8 operands, fp32 for FP8
             a_ptr += BLOCK_K
             w_ptr += BLOCK_K
         a_s = tl.load(AS + ram)
@@ -127,16 +129,17 @@ def _gemm(xq, xs, qweight, w_scale, bias, block: dict | None, out=None):
     if out is None:
         out = torch.empty(M, N, device=xq.device, dtype=torch.bfloat16)
     has_bias = bias is not None
+    int8 = xq.dtype == torch.int8
     args = (xq, qweight, out, xs, w_scale, bias if has_bias else w_scale, M, N, K,
             xq.stride(0), qweight.stride(0), out.stride(0), triton.next_power_of_2(M))
     if block is not None:
         grid = (triton.cdiv(M, block["BLOCK_M"]) * triton.cdiv(N, block["BLOCK_N"]),)
-        _w8a8_gemm[grid](*args, HAS_BIAS=has_bias, EVEN_K=K % block["BLOCK_K"] == 0,
+        _w8a8_gemm[grid](*args, HAS_BIAS=has_bias, EVEN_K=K % block["BLOCK_K"] == 0, INT8=int8,
                          num_warps=block.get("num_warps", 4), num_stages=block.get("num_stages", 1),
                          **{k: block[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")})
     else:
         grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
-        _gemm_kernel(configs.arch_family(xq.device))[grid](*args, HAS_BIAS=has_bias)
+        _gemm_kernel(configs.arch_family(xq.device))[grid](*args, HAS_BIAS=has_bias, INT8=int8)
     return out
 
 

@@ -1,0 +1,300 @@
+"""Benchmark the Triton kernels at the model's real shapes against torch and library baselines.
+
+    python3 tools/bench_kernels.py            # full run on a CUDA GPU (~5 min on an H100)
+    python3 tools/bench_kernels.py --sweep    # also time each candidate tile config explicitly
+    python3 tools/bench_kernels.py --tiny     # dry run of the whole script on the CPU interpreter
+
+Attention: B in {1, 4}, 3168 queries, window 12672 + sink 2640 keys, 40 heads x 128: ours (bf16,
+8-bit) vs torch SDPA (flash, cuDNN) on the concatenated keys. GEMM: M in {3168, 12672},
+(K, N) in {(5120, 5120), (5120, 13824), (13824, 5120)}: ours with the activation quantization
+included vs bare torch._int_mm / torch._scaled_mm (row-wise), bf16 cuBLAS, optimum-quanto and
+bitsandbytes INT8 layers. Every variant is checked for correctness at the real shape before it is
+timed (median of CUDA-event timings after warm-up, triton.testing.do_bench). Prints a table last;
+writes bench_kernels.json under --out (default $OUT or the working directory).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "--tiny" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from lowvram.kernels import attention8 as A8  # noqa: E402
+from lowvram.kernels import gemm  # noqa: E402
+from lowvram.kernels import reference as R  # noqa: E402
+from lowvram.kernels.attention import two_segment_attention  # noqa: E402
+from lowvram.model.rope import RopeTable  # noqa: E402
+
+BF = torch.bfloat16
+
+
+def timed(fn) -> float:
+    """Median milliseconds of fn(): CUDA events via do_bench on a GPU, wall clock on the CPU."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median"))
+    fn()
+    ts = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)
+
+
+def guarded(name, fn):
+    """(value, None) or (None, 'n/a: reason') when a baseline cannot run here."""
+    try:
+        return fn(), None
+    except Exception as e:  # noqa: BLE001 - a missing or failing baseline is reported, not fatal
+        return None, f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:90] if str(e) else ''}"
+
+
+# ---------------------------------------------------------------- attention
+
+def attention_inputs(B, Lq, Lw, Ls, H, D, dev, seed=0):
+    g = torch.Generator(dev).manual_seed(seed)
+    rnd = lambda *s, sd=1.0: torch.randn(*s, device=dev, generator=g) * sd  # noqa: E731
+    k = rnd(B, Lw, H, D, sd=1.5)
+    k[..., torch.randperm(D, device=dev, generator=g)[:4]] += 8.0  # outlier channels
+    pos = torch.stack([torch.randint(-8, 40, (Ls,), device=dev, generator=g),
+                       torch.randint(0, 44, (Ls,), device=dev, generator=g),
+                       torch.randint(0, 24, (Ls,), device=dev, generator=g)], dim=-1)
+    return dict(q=rnd(B, Lq, H, D, sd=1.5).to(BF), k_win=k.to(BF), v_win=rnd(B, Lw, H, D).to(BF),
+                k_sink=rnd(B, Ls, H, D, sd=1.5).to(BF), v_sink=rnd(B, Ls, H, D).to(BF), sink_pos=pos)
+
+
+def subset(inp, nq, heads):
+    """The first nq queries and the given heads of every input (for a float64 reference)."""
+    out = {k: v[:, :, heads] for k, v in inp.items() if k != "sink_pos"}
+    out["q"] = out["q"][:, :nq]
+    out["sink_pos"] = inp["sink_pos"]
+    return out
+
+
+def bench_attention_shape(B, Lq, Lw, Ls, H, D, dev, sweep):
+    inp = attention_inputs(B, Lq, Lw, Ls, H, D, dev)
+    rope = RopeTable.build(D, 1024, device=dev)
+    cache = A8.kv8_alloc(B, Lw, H, D, dev)
+    for s in range(0, Lw, 3168):  # ring writes of one chunk at a time, as the model does
+        A8.kv8_write(cache, s, inp["k_win"][:, s:s + 3168], inp["v_win"][:, s:s + 3168])
+    sink = {k: inp[k] for k in ("q", "k_sink", "v_sink", "sink_pos")}
+    nq, heads = min(256, Lq), slice(0, 2)
+    sub = subset(inp, nq, heads)
+    ref = R.attention_reference(**sub, rope=rope)
+    base = R.rel_error(R.attention_reference(**sub, rope=rope, compute_dtype=BF), ref)
+    k_cat = torch.cat([inp["k_win"], R.rope_sink_keys(inp["k_sink"], inp["sink_pos"], rope)], 1).transpose(1, 2)
+    v_cat = torch.cat([inp["v_win"], inp["v_sink"]], 1).transpose(1, 2)
+    qt = inp["q"].transpose(1, 2)
+    flops = 4.0 * B * H * Lq * (Lw + Ls) * D
+    group = f"attention B={B} {Lq}x({Lw}+{Ls})x{H}x{D}"
+    rows = []
+
+    def row(name, fn, kind):
+        out, why = guarded(name, fn)
+        if why is not None:
+            rows.append(dict(group=group, variant=name, check=why))
+            return
+        o = out[:, :nq, heads]
+        if kind == "8bit":
+            db = R.sqnr_db(o, ref)
+            check, ok = f"SQNR {db:.1f} dB (>= 30)", db >= 30
+        else:
+            err = R.rel_error(o, ref)
+            check, ok = f"err {err:.1e} (<= {2 * base + 1e-3:.1e})", err <= 2 * base + 1e-3
+        ms = timed(fn) if ok else None
+        rows.append(dict(group=group, variant=name, ms=ms, tflops=flops / ms / 1e9 if ms else None,
+                         check=check + ("" if ok else " FAILED")))
+
+    row("ours bf16 (triton)", lambda: two_segment_attention(**inp, rope=rope), "bf16")
+    row("ours 8-bit (triton8)", lambda: A8.two_segment_attention8(**sink, win=cache, rope=rope), "8bit")
+    if torch.cuda.is_available():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for name, be in (("torch SDPA flash", SDPBackend.FLASH_ATTENTION),
+                         ("torch SDPA cuDNN", SDPBackend.CUDNN_ATTENTION)):
+            def sdpa(be=be):
+                with sdpa_kernel(be):
+                    return F.scaled_dot_product_attention(qt, k_cat, v_cat).transpose(1, 2)
+            row(name, sdpa, "bf16")
+    else:
+        row("torch SDPA (cpu)", lambda: F.scaled_dot_product_attention(qt, k_cat, v_cat).transpose(1, 2), "bf16")
+    sdpa_ms = [r["ms"] for r in rows if r["variant"].startswith("torch SDPA") and r.get("ms")]
+    for r in rows:
+        if r["variant"].startswith("ours") and r.get("ms") and sdpa_ms:
+            r["speedup"] = min(sdpa_ms) / r["ms"]
+    if sweep:
+        for blk in SWEEP_ATTENTION:
+            row(f"  sweep bf16 {blk}", lambda blk=blk: two_segment_attention(**inp, rope=rope, block=blk), "bf16")
+        for blk in SWEEP_ATTENTION:
+            row(f"  sweep 8-bit {blk}", lambda blk=blk: A8.two_segment_attention8(**sink, win=cache, rope=rope,
+                                                                                    block=blk), "8bit")
+    return rows
+
+
+SWEEP_ATTENTION = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3),
+                   (128, 128, 4, 3), (64, 128, 4, 3)]
+
+# ---------------------------------------------------------------- GEMM
+
+SWEEP_GEMM = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
+              for bm, bn, bk, w, s in [(128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3),
+                                       (128, 256, 64, 8, 4), (128, 128, 64, 4, 4), (64, 256, 128, 4, 4)]]
+
+
+def quanto_layer(K, N, x, dev):
+    from optimum.quanto import Calibration, freeze, qint8, quantize
+
+    lin = torch.nn.Sequential(torch.nn.Linear(K, N, dtype=BF, device=dev))  # quanto swaps children only
+    quantize(lin, weights=qint8, activations=qint8)
+    with Calibration():
+        lin(x)
+    freeze(lin)
+    return lin
+
+
+def bnb_layer(K, N, dev):
+    import bitsandbytes as bnb
+
+    lin = bnb.nn.Linear8bitLt(K, N, bias=True, has_fp16_weights=False, threshold=0.0)
+    return lin.to(dev)
+
+
+def bench_gemm_shape(M, K, N, dev, sweep):
+    g = torch.Generator(dev).manual_seed(M + K + N)
+    x = torch.randn(M, K, device=dev, generator=g)
+    x[:, torch.randperm(K, device=dev, generator=g)[:8]] *= 20.0
+    x = x.to(BF)
+    w = torch.randn(N, K, device=dev, generator=g) * 0.02
+    b = torch.randn(N, device=dev, generator=g).to(BF)
+    wq, ws = R.quantize_rows_int8(w)
+    wf, wfs = R.quantize_rows_fp8(w)
+    xq, xs = R.quantize_rows_int8(x)
+    xf, xfs = R.quantize_rows_fp8(x)
+    wb = w.to(BF)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref8 = R.int8_linear_reference(x, wq, ws, b, torch.float32)
+    reff = R.fp8_linear_reference(x, wf, wfs, b, torch.float32)
+    torch.backends.cuda.matmul.allow_tf32 = prev
+    full = x.float() @ w.T + b.float()
+    group = f"GEMM M={M} K={K} N={N}"
+    flops = 2.0 * M * N * K
+    rows = []
+
+    def row(name, fn, ref=None, floor=None):
+        out, why = guarded(name, fn)
+        if why is not None:
+            rows.append(dict(group=group, variant=name, check=why))
+            return None
+        if ref is not None:
+            base = R.rel_error(ref.to(BF), ref)
+            err = R.rel_error(out, ref)
+            db = R.sqnr_db(out, full)
+            ok = err <= 2 * base + 1e-3 and db >= floor
+            check = f"err {err:.1e} (<= {2 * base + 1e-3:.1e}), SQNR {db:.1f} dB"
+        elif floor is not None:
+            db = R.sqnr_db(out, full)
+            ok, check = db >= floor, f"SQNR {db:.1f} dB"
+        else:
+            ok, check = True, "bare (no check)"
+        ms = timed(fn) if ok else None
+        r = dict(group=group, variant=name, ms=ms, tflops=flops / ms / 1e9 if ms else None,
+                 check=check + ("" if ok else " FAILED"))
+        rows.append(r)
+        return r
+
+    ours8 = row("ours INT8 (quant incl.)", lambda: gemm.int8_linear(x, wq, ws, b), ref8, 30.0)
+    oursf = row("ours FP8 triton (quant incl.)", lambda: gemm.fp8_linear(x, wf, wfs, b, engine="triton"), reff, 25.0)
+    oursfs = row("ours FP8 quant + _scaled_mm", lambda: gemm.fp8_linear(x, wf, wfs, b, engine="scaled_mm"), reff, 25.0)
+    q_ms = timed(lambda: gemm.quantize_rows(x)) if gemm.triton_usable(x) else None
+    rows.append(dict(group=group, variant="  our quant kernel alone", ms=q_ms, check="int8, per token"))
+    im = row("torch._int_mm bare", lambda: torch._int_mm(xq, wq.t()))
+    sm = row("torch._scaled_mm rowwise bare",
+             lambda: torch._scaled_mm(xf, wf.t(), scale_a=xfs[:, None], scale_b=wfs[None, :], out_dtype=BF))
+    row("bf16 cuBLAS (F.linear)", lambda: F.linear(x, wb, b), None, 35.0)
+    lq, why = guarded("quanto", lambda: quanto_layer(K, N, x, dev))
+    if lq is not None:
+        row("optimum-quanto W8A8 qint8", lambda: lq(x))
+    else:
+        rows.append(dict(group=group, variant="optimum-quanto W8A8 qint8", check=why))
+    lb, why = guarded("bnb", lambda: bnb_layer(K, N, dev))
+    if lb is not None:
+        row("bitsandbytes Linear8bitLt", lambda: lb(x))
+    else:
+        rows.append(dict(group=group, variant="bitsandbytes Linear8bitLt", check=why))
+    for ours, bare in ((ours8, im), (oursf, sm), (oursfs, sm)):
+        if ours and bare and ours.get("ms") and bare.get("ms"):
+            ours["speedup"] = bare["ms"] / ours["ms"]
+    if sweep:
+        for c in SWEEP_GEMM:
+            tag = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
+            row(f"  sweep INT8 {tag}", lambda c=c: gemm.int8_linear(x, wq, ws, b, block=c), ref8, 30.0)
+            row(f"  sweep FP8 {tag}", lambda c=c: gemm.fp8_linear(x, wf, wfs, b, engine="triton", block=c),
+                reff, 25.0)
+    return rows
+
+
+# ---------------------------------------------------------------- main
+
+def fmt_table(rows) -> str:
+    lines, group = [], None
+    for r in rows:
+        if r["group"] != group:
+            group = r["group"]
+            lines.append(f"\n{group}")
+            lines.append(f"  {'variant':34s} {'ms':>8s} {'TFLOP/s':>8s} {'speed-up':>8s}  check")
+        ms = f"{r['ms']:8.3f}" if r.get("ms") else f"{'-':>8s}"
+        tf = f"{r['tflops']:8.1f}" if r.get("tflops") else f"{'-':>8s}"
+        sp = f"{r['speedup']:8.2f}" if r.get("speedup") else f"{'':8s}"
+        lines.append(f"  {r['variant']:34s} {ms} {tf} {sp}  {r.get('check', '')}")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweep", action="store_true", help="time every candidate tile config explicitly")
+    ap.add_argument("--quick", action="store_true", help="B=1 attention and one GEMM shape only")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU interpreter (dry run)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_kernels.json")
+    a = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
+    t0 = time.time()
+    if a.tiny:
+        att = [(1, 33, 100, 17, 2, 64)]
+        gem = [(33, 96, 80)]
+    else:
+        att = [(1, 3168, 12672, 2640, 40, 128)] + ([] if a.quick else [(4, 3168, 12672, 2640, 40, 128)])
+        gem = [(M, K, N) for M in (3168, 12672) for K, N in ((5120, 5120), (5120, 13824), (13824, 5120))]
+        gem = gem[1:2] if a.quick else gem
+    rows = []
+    for shape in att:
+        rows += bench_attention_shape(*shape, dev, a.sweep)
+        print(fmt_table([r for r in rows if r["group"] == rows[-1]["group"]]), flush=True)
+    for shape in gem:
+        rows += bench_gemm_shape(*shape, dev, a.sweep)
+        torch.cuda.empty_cache() if dev == "cuda" else None
+    meta = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (interpreter)",
+                torch=torch.__version__, triton=__import__("triton").__version__,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command=" ".join(sys.argv),
+                seconds=round(time.time() - t0, 1))
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "bench_kernels.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(f"\n{meta}")
+    print(fmt_table(rows))
+
+
+if __name__ == "__main__":
+    main()
