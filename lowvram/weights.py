@@ -5,6 +5,7 @@ built on the meta device and assigned (no second copy), with the LiveAvatar LoRA
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,36 @@ def _open(path: Path):
                               "re-download it") from None
 
 
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def mapped_tensors(path: Path) -> dict:
+    """Every tensor of a safetensors file as a view of one private memory map: no copy is made, and
+    pages are read only when touched (moving a tensor to the GPU reads it once)."""
+    with _open(path) as f:  # safetensors validates the header against the file size
+        keys = list(f.keys())
+    with open(path, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        header = json.loads(fh.read(n))
+    size = path.stat().st_size
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    base = 8 + n
+    out = {}
+    for k in keys:
+        info = header[k]
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {k} has dtype {info['dtype']} that lowvram does not read")
+        start, end = info["data_offsets"]
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage, base + start, (end - start,))
+        if (base + start) % dtype.itemsize:
+            raw = raw.clone()  # misaligned for a zero-copy view of this dtype
+        out[k] = raw.view(dtype).view(info["shape"])
+    return out
+
+
 def discover(ckpt_dir) -> Checkpoint:
     """Validate a Wan2.2-S2V-14B directory; one error lists everything that is missing."""
     root = Path(ckpt_dir)
@@ -102,16 +133,11 @@ def iter_tensors(ckpt: Checkpoint):
     for k, s in ckpt.weight_map.items():
         by_shard.setdefault(s, []).append(k)
     for shard, keys in sorted(by_shard.items()):
-        with _open(ckpt.root / shard) as f:
-            present = set(f.keys())
-            for k in keys:
-                if k not in present:
-                    raise CheckpointError(f"{ckpt.root / shard} lacks {k} that the index lists; re-download it")
-                try:
-                    yield k, f.get_tensor(k)
-                except (SafetensorError, RuntimeError) as e:
-                    raise CheckpointError(f"{ckpt.root / shard}: tensor {k} cannot be read ({e}); "
-                                          "the file is truncated or corrupt, re-download it") from None
+        tensors = mapped_tensors(ckpt.root / shard)
+        for k in keys:
+            if k not in tensors:
+                raise CheckpointError(f"{ckpt.root / shard} lacks {k} that the index lists; re-download it")
+            yield k, tensors.pop(k)
 
 
 def load_dit(ckpt_dir, lora=None, lora_alpha: float | None = None, device="cpu",
