@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -156,14 +157,26 @@ def _check_keys(sd: dict, path: Path) -> dict[str, str]:
     return kmap
 
 
+def _drop_fp16_cast_notice(record: logging.LogRecord) -> bool:
+    return "will be cast from" not in record.getMessage()
+
+
 def _quantize_linears(model: nn.Module, quant: str, device: torch.device, dtype: torch.dtype) -> None:
-    """Swap every Linear of the encoder blocks for a bitsandbytes one, quantized as it moves to `device`."""
+    """Swap the Linears of the encoder blocks for bitsandbytes ones, quantized as they move to `device`.
+
+    int8 leaves `wo` in `dtype`: LLM.int8 quantizes activations through float16, and the input of
+    T5's FFN output projection reaches past float16's range, so most of it would take the slow
+    outlier path (transformers keeps `wo` out of 8-bit for T5 too: `_keep_in_fp32_modules`).
+    nf4 computes in `dtype`, so it takes `wo` as well.
+    """
     import bitsandbytes as bnb
 
+    if quant == "int8":  # bitsandbytes warns on every call that it casts bf16 inputs to float16
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_fp16_cast_notice)
     for block in model.encoder.block:
         for parent in block.modules():
             for name, lin in list(parent.named_children()):
-                if not isinstance(lin, nn.Linear):
+                if not isinstance(lin, nn.Linear) or (quant == "int8" and name == "wo"):
                     continue
                 w = lin.weight.data  # [out, in], still on the host (memory-mapped)
                 if quant == "int8":
@@ -197,9 +210,9 @@ def load_text_encoder(ckpt_dir: str | Path, device: str | torch.device = "cpu", 
                       quant: str = "bf16", text_len: int = TEXT_LEN) -> TextEncoder:
     """Load Wan's umT5 encoder and tokenizer from `ckpt_dir` onto `device`.
 
-    quant: "bf16" keeps the weights as stored (cast to `dtype`); "int8" (LLM.int8, threshold 6)
-    or "nf4" quantize the encoder blocks' Linears with bitsandbytes while they move to `device`;
-    embeddings and norms stay in `dtype`.
+    quant: "bf16" keeps the weights as stored (cast to `dtype`); "int8" (LLM.int8, threshold 6;
+    the FFN output projections stay in `dtype`) or "nf4" quantize the encoder blocks' Linears
+    with bitsandbytes while they move to `device`; embeddings and norms stay in `dtype`.
     """
     ckpt_dir, device = Path(ckpt_dir), torch.device(device)
     _check_quant(quant, device)
