@@ -38,7 +38,7 @@ class AudioEncoder:
     def num_hidden_states(self) -> int:
         return self.model.config.num_hidden_layers + 1
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may write into what comes back
     def hidden_states(self, wave: np.ndarray) -> torch.Tensor:
         """All hidden states of a float32 mono 16 kHz wave, stacked: [L+1, T50, D] in the model's dtype."""
         wave = np.asarray(wave)

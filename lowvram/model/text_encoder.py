@@ -108,11 +108,13 @@ class TextEncoder:
     def dim(self) -> int:
         return self.model.config.d_model
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: callers may write into what comes back
     def encode(self, prompts: list[str]) -> list[torch.Tensor]:
         """Encode prompts as Wan does: clean, pad to text_len, run, cut each output to its token count."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        if not prompts:
+            return []
         tok = self.tokenizer([clean_text(p) for p in prompts], padding="max_length", truncation=True,
                              max_length=self.text_len, add_special_tokens=True, return_tensors="pt")
         ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)  # [B, text_len]
