@@ -300,8 +300,10 @@ def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vr
     enc_alloc = max(t5, 2 * WAV2VEC2_PARAMS) + int(0.3 * GIB)  # + activations of either encoder
     encode_peak = int(enc_alloc * (1 + ALLOCATOR_SLACK)) + CONTEXT_BYTES
     if encode_peak > budget:
-        raise LowvramError(f"profile {name}: umT5 ({profile.t5}) needs {encode_peak / GIB:.1f} GiB while encoding, over "
-                           f"the {profile.vram_budget_gib:.1f} GiB budget; use --set t5=int8, t5=nf4 or t5=cpu")
+        smaller = {"bf16": "t5=int8, t5=nf4 or t5=cpu", "int8": "t5=nf4 or t5=cpu", "nf4": "t5=cpu"}
+        fix = f"--set {smaller[profile.t5]}" if profile.t5 in smaller else "a larger vram_budget_gib"
+        raise LowvramError(f"profile {name}: the encoders (umT5 {profile.t5}) need {encode_peak / GIB:.1f} GiB, over "
+                           f"the {profile.vram_budget_gib:.1f} GiB budget; use {fix}")
 
     if profile.blocks_resident == "auto":
         n_stream = next((k for k in range(L + 1) if generate_peak(set(order[:k]))[0] <= budget), None)

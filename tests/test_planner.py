@@ -1,0 +1,220 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from lowvram.config import DiTConfig
+from lowvram.errors import LowvramError
+from lowvram.plan_cli import plan_cmd, profiles_cmd
+from lowvram.planner import make_plan, token_counts
+from lowvram.profile import GIB, Profile
+
+INJECT = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
+FULL = DiTConfig(dim=5120, ffn_dim=13824, freq_dim=256, num_heads=40, num_layers=40, text_dim=4096,
+                 audio_inject_layers=INJECT)
+NAMES = ["12gb", "16gb", "3090", "4090", "a100-80", "h100-80"]
+SIZES = [(704, 384), (832, 480)]
+ALIGN_SLACK = 256  # the planner pads each tensor of a slab to 256 bytes
+
+
+# ---- bytes computed independently from the brief's parameter counts (§1.1, §2.2)
+def ref_block(quant):
+    """(bytes, tensor count) of one block: Linear weights at the scheme's width + fp32 per-channel scales."""
+    d, f, params = 5120, 13824, 351_394_304
+    lin = 8 * d * d + 2 * d * f
+    outs = 9 * d + f
+    if quant == "bf16":
+        return 2 * params, 27
+    return lin + 4 * outs + 2 * (params - lin), 37
+
+
+def ref_injector(quant):
+    d, params = 5120, (1_258_659_840 + 629_268_480) // 12
+    lin, outs = 6 * d * d, 6 * d
+    if quant == "bf16":
+        return 2 * params, 12
+    return lin + 4 * outs + 2 * (params - lin), 17
+
+
+def ref_kv_token(kv_dtype):
+    return 2 * (5120 + 40 * 4) if kv_dtype == "int8" else 2 * 5120 * 2
+
+
+def ref_tokens(w, h):
+    rows, cols, lh, lw = h // 16, w // 16, h // 8, w // 8
+    return rows * cols, 3 * rows * cols, 12 * rows * cols, 2 * rows * cols + (lh // 4) * (lw // 4) + 4 * (lh // 8) * (lw // 8)
+
+
+def test_token_counts_match_the_brief():
+    assert ref_tokens(704, 384) == (1056, 3168, 12672, 2640)
+    for w, h in SIZES + [(720, 400 - 400 % 16)]:
+        t = token_counts(FULL, w, h)
+        assert (t["per_frame"], t["query"], t["capacity"], t["sink"]) == ref_tokens(w, h)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("size", SIZES)
+def test_plan_decisions_against_independent_bytes(name, size):
+    prof = Profile.from_name(name)
+    plan = make_plan(prof, FULL, *size)
+    assert sorted(plan.resident + plan.streamed) == list(range(40)) and not set(plan.resident) & set(plan.streamed)
+    for i, got in enumerate(plan.block_bytes):
+        want, n = ref_block(prof.quant)
+        if i in INJECT:
+            want, n = want + ref_injector(prof.quant)[0], n + ref_injector(prof.quant)[1]
+        assert want <= got < want + n * ALIGN_SLACK
+    assert plan.peak_bytes <= prof.vram_budget_gib * GIB
+    assert plan.generate_peak_bytes == sum(it.nbytes for it in plan.items if it.where == "gpu")
+    # residency is maximal: one more resident block would break the budget
+    if plan.streamed:
+        with pytest.raises(LowvramError, match="over the"):
+            make_plan(prof.with_overrides(blocks_resident=len(plan.resident) + 1), FULL, *size)
+        assert plan.n_buffers == min(prof.prefetch_blocks + 1, len(plan.streamed))
+    # PCIe and host bytes per forward
+    _, q, cap, _ = ref_tokens(*size)
+    streamed = sum(plan.block_bytes[i] for i in plan.streamed)
+    host = prof.kv_placement == "host"
+    kv = ref_kv_token(prof.kv_dtype)
+    assert plan.pcie_h2d_bytes == streamed + (40 * (cap - q) * kv if host else 0)
+    assert plan.pcie_d2h_bytes == (40 * q * kv if host else 0)
+    assert plan.host_pinned_bytes + plan.host_pageable_bytes == streamed + (4 * 40 * cap * kv if host else 0)
+    assert plan.kv_caches == (prof.kv_placement,) * 4
+    assert name in plan.render() and "expected peak" in plan.render() and plan.headline()
+
+
+def test_targets_at_704x384():
+    p4090 = make_plan(Profile.from_name("4090"), FULL, 704, 384)
+    assert len(p4090.resident) == 40 and p4090.peak_bytes <= 22.0 * GIB
+    # all-resident INT8 DiT = 15,938,355,200 Linear weights + 0.357 B bf16 params (brief §4.2: 16.65 GB)
+    # + fp32 per-output-channel scales
+    weights = sum(it.nbytes for it in p4090.items if it.what.startswith(("DiT blocks", "DiT non-block")))
+    want = 15_938_355_200 + 2 * 357_400_409 + 4 * (40 * (9 * 5120 + 13824) + 12 * 6 * 5120)
+    assert want <= weights < want + (40 * 37 + 12 * 17) * ALIGN_SLACK
+    p12 = make_plan(Profile.from_name("12gb"), FULL, 704, 384)
+    assert p12.peak_bytes <= 11.5 * GIB and p12.streamed and p12.n_buffers == 2
+    for name in ("a100-80", "h100-80"):
+        p = make_plan(Profile.from_name(name), FULL, 704, 384)
+        assert len(p.resident) == 40 and p.kv_caches == ("gpu",) * 4 and p.pcie_h2d_bytes == 0
+    p16 = make_plan(Profile.from_name("16gb"), FULL, 704, 384)
+    assert len(p12.resident) < len(p16.resident) < 40
+
+
+def _quantized_names(cfg, scheme_bytes=1):
+    """A fake quantized checkpoint's tensor sizes, named like lowvram's format (X.qweight, X.scale, X.bias)."""
+    out = {}
+    for i in range(cfg.num_layers):
+        for m in ("self_attn.q", "cross_attn.o", "ffn.0"):
+            out[f"blocks.{i}.{m}.qweight"] = 1000 * scheme_bytes + i
+            out[f"blocks.{i}.{m}.scale"] = 40
+        out[f"blocks.{i}.modulation"] = 300
+    for k in range(len(cfg.audio_inject_layers)):
+        out[f"audio_injector.injector.{k}.q.qweight"] = 777
+        out[f"audio_injector.injector_adain_layers.{k}.linear.qweight"] = 555
+    out["text_embedding.0.weight"] = 12345
+    return out
+
+
+def test_exact_bytes_from_headers():
+    names = _quantized_names(FULL)
+    plan = make_plan(Profile.from_name("4090"), FULL, 704, 384, quantized_bytes=names)
+    assert plan.exact_bytes and "estimated" not in plan.render()
+    assert plan.block_bytes[1] == 3 * (1024 + 256) + 512  # 1001 -> 1024 aligned, scale 40 -> 256, modulation 300 -> 512
+    assert plan.block_bytes[0] == plan.block_bytes[1] + 1024 + 768  # + injector 0 (777) and its adain (555)
+    assert plan.items[1].nbytes == 12345  # everything else
+
+
+def test_machine_errors_say_what_fits():
+    p4090 = Profile.from_name("4090")
+    with pytest.raises(LowvramError, match="only 12.0 GiB free; use --set vram_budget_gib=12.0"):
+        make_plan(p4090, FULL, 704, 384, free_vram_bytes=12 * GIB)
+    with pytest.raises(LowvramError, match="host has 16.0 GiB RAM; it needs 28 GiB"):
+        make_plan(p4090, FULL, 704, 384, host_ram_bytes=16 * GIB)
+    ok = make_plan(p4090, FULL, 704, 384, free_vram_bytes=23 * GIB, host_ram_bytes=32 * GIB)
+    assert ok.host_pageable_bytes == 0
+    tight = make_plan(p4090.with_overrides(pinned_budget_gib=10.0), FULL, 704, 384)
+    assert tight.host_pinned_bytes == 2 * 40 * 12672 * ref_kv_token("int8")  # two of four caches pinned
+    assert "pageable" in tight.render()
+
+
+def test_budget_errors_say_what_fits():
+    small = Profile.from_name("12gb", vram_budget_gib=4.0, t5="cpu")
+    with pytest.raises(LowvramError, match="smallest budget that fits is") as e:
+        make_plan(small, FULL, 704, 384)
+    need = float(str(e.value).split("fits is ")[1].split(" GiB")[0])
+    fits = make_plan(small.with_overrides(vram_budget_gib=need), FULL, 704, 384)
+    assert fits.resident == () and fits.peak_bytes <= need * GIB
+    auto = make_plan(Profile.from_name("12gb"), FULL, 704, 384)
+    with pytest.raises(LowvramError, match=f"blocks_resident={len(auto.resident)} or auto"):
+        make_plan(Profile.from_name("12gb", blocks_resident=40), FULL, 704, 384)
+    with pytest.raises(LowvramError, match="has 40 blocks"):
+        make_plan(Profile.from_name("4090", blocks_resident=41), FULL, 704, 384)
+    with pytest.raises(LowvramError, match="use --set t5=int8, t5=nf4 or t5=cpu"):
+        make_plan(Profile.from_name("12gb", t5="bf16"), FULL, 704, 384)
+    with pytest.raises(LowvramError, match="use --set t5=nf4 or t5=cpu"):
+        make_plan(Profile.from_name("12gb", t5="int8", vram_budget_gib=6.0), FULL, 704, 384)
+    with pytest.raises(LowvramError, match="multiples of 16"):
+        make_plan(Profile.from_name("4090"), FULL, 700, 384)
+
+
+# ---- the CLI
+@pytest.fixture
+def ckpt(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(FULL.to_dict()))
+    return tmp_path
+
+
+def _run(*args):
+    return CliRunner().invoke(plan_cmd, [str(a) for a in args])
+
+
+def test_plan_cli_prints_the_plan(ckpt):
+    r = _run("--profile", "4090", "--ckpt-dir", ckpt, "--size", "704*384")
+    assert r.exit_code == 0, r.output
+    assert "blocks resident: 0-39" in r.output and "PCIe per forward" in r.output and "estimated" in r.output
+    r = _run("--profile", "12gb", "--ckpt-dir", ckpt, "--size", "832*480", "--set", "prefetch_blocks=2")
+    assert r.exit_code == 0 and "(3 GPU buffers)" in r.output
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--profile", "rtx9090"], "unknown profile"),
+    (["--profile", "4090", "--vram-gib", "16"], "only 16.0 GiB free"),
+    (["--profile", "4090", "--set", "turbo=1"], "unknown key"),
+    (["--profile", "4090", "--set", "vram_budget_gib=big"], "expected a number"),
+    (["--profile", "4090", "--host-ram-gib", "16"], "16.0 GiB RAM"),
+    (["--profile", "4090", "--size", "704x"], "WIDTH\\*HEIGHT"),
+])
+def test_plan_cli_errors_exit_2_one_line(ckpt, args, match):
+    r = _run(*args, "--ckpt-dir", ckpt)
+    assert r.exit_code == 2
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:")
+    import re
+    assert re.search(match, lines[0])
+
+
+def test_plan_cli_reads_a_quantized_checkpoint(tmp_path):
+    cfg = DiTConfig(dim=64, ffn_dim=96, freq_dim=32, num_heads=4, num_layers=4, audio_inject_layers=(0, 2))
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i in range(4):
+        tensors[f"blocks.{i}.ffn.0.qweight"] = torch.randint(-127, 127, (96, 64), generator=g, dtype=torch.int8)
+        tensors[f"blocks.{i}.ffn.0.scale"] = torch.rand(96, generator=g)
+    tensors["audio_injector.injector.1.q.qweight"] = torch.randint(-127, 127, (64, 64), generator=g, dtype=torch.int8)
+    tensors["text_embedding.0.weight"] = torch.randn(64, 32, generator=g).bfloat16()
+    save_file(tensors, tmp_path / "diffusion_pytorch_model.safetensors",
+              metadata={"format": "lowvram", "version": "1", "scheme": "int8"})
+    r = _run("--profile", "4090", "--ckpt-dir", tmp_path, "--size", "64*48")
+    assert r.exit_code == 0, r.output
+    assert "estimated" not in r.output and "blocks resident: 0-3" in r.output
+    r = _run("--profile", "h100-80", "--ckpt-dir", tmp_path, "--size", "64*48")
+    assert r.exit_code == 2 and "quantized as int8" in r.output
+
+
+def test_profiles_cmd_lists_one_line_each():
+    r = CliRunner().invoke(profiles_cmd, [])
+    assert r.exit_code == 0
+    lines = r.output.strip().splitlines()
+    assert [ln.split()[0] for ln in lines] == NAMES + ["auto"]
