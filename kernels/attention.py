@@ -39,8 +39,10 @@ if triton is not None:
         # a @ b with fp32 accumulation. The CPU interpreter (Triton <= 3.9) mis-multiplies bf16
         # operands, so there it multiplies their exact fp32 copies instead: the same sum.
         if UPCAST:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32))
-        return tl.dot(a, b)
+            out = tl.dot(a.to(tl.float32), b.to(tl.float32))
+        else:
+            out = tl.dot(a, b)
+        return out
 
     @triton.jit
     def _softmax_step(qk, scale, v, m_i, l_i, acc, UPCAST: tl.constexpr):

@@ -169,6 +169,24 @@ def int8_linear(x, qweight, w_scale, bias=None, backend: str = "auto", block: di
     return _gemm(xq, xs, qweight, w_scale, bias, block, out)
 
 
+_SCALED_MM_BIAS: dict = {}  # device family -> whether _scaled_mm takes a bias with row-wise scales
+
+
+def _scaled_mm_rowwise(xq, xs, qweight, w_scale, bias):
+    mm = lambda b: torch._scaled_mm(xq, qweight.t(), scale_a=xs[:, None], scale_b=w_scale[None, :],  # noqa: E731
+                                    bias=b, out_dtype=torch.bfloat16)
+    fam = configs.arch_family(xq.device)
+    if bias is not None and _SCALED_MM_BIAS.get(fam, True):
+        try:
+            y = mm(bias)
+            _SCALED_MM_BIAS[fam] = True
+            return y
+        except RuntimeError:  # some torch builds refuse a bias with row-wise scales: add it after
+            _SCALED_MM_BIAS[fam] = False
+    y = mm(None)
+    return y if bias is None else y.add_(bias)
+
+
 def fp8_linear(x, qweight, w_scale, bias=None, backend: str = "auto", engine: str | None = None,
                block: dict | None = None, out: torch.Tensor | None = None):
     """FP8 W8A8 linear: x bf16 [M, K], qweight float8_e4m3fn [N, K], w_scale fp32 [N], bias -> bf16 [M, N].
@@ -187,8 +205,7 @@ def fp8_linear(x, qweight, w_scale, bias=None, backend: str = "auto", engine: st
     xq, xs = quantize_rows(x, fp8=True)
     engine = engine or configs.FP8_ENGINE[configs.arch_family(x.device)]
     if engine == "scaled_mm":
-        y = torch._scaled_mm(xq, qweight.t(), scale_a=xs[:, None], scale_b=w_scale[None, :],
-                             bias=bias, out_dtype=torch.bfloat16)
+        y = _scaled_mm_rowwise(xq, xs, qweight, w_scale, bias)
         return y if out is None else out.copy_(y)
     return _gemm(xq, xs, qweight, w_scale, bias, block, out)
 

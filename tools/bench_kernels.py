@@ -248,6 +248,22 @@ def bench_gemm_shape(M, K, N, dev, sweep):
 
 # ---------------------------------------------------------------- main
 
+def resource_report() -> list[str]:
+    """Registers, spills, shared memory of every compiled variant (Triton's own compile report)."""
+    from lowvram.kernels import attention as A
+
+    lines = []
+    for fn in (A._attn_fwd, A8._attn8_fwd, gemm._w8a8_gemm, gemm._quant_rows):
+        for dev_cache in getattr(fn, "device_caches", {}).values():
+            for k in dev_cache[0].values():
+                md = k.metadata
+                lines.append(f"{fn.__name__:12s} warps {md.num_warps} stages {md.num_stages} shared {md.shared:6d} "
+                             f"regs {getattr(k, 'n_regs', '?')} spills {getattr(k, 'n_spills', '?')} "
+                             f"{str(getattr(k, 'src', None) and getattr(k.src, 'constants', ''))[:160]}")
+    return lines
+
+
+
 def fmt_table(rows) -> str:
     lines, group = [], None
     for r in rows:
@@ -279,11 +295,11 @@ def main():
         gem = [(M, K, N) for M in (3168, 12672) for K, N in ((5120, 5120), (5120, 13824), (13824, 5120))]
         gem = gem[1:2] if a.quick else gem
     rows = []
-    for shape in att:
-        rows += bench_attention_shape(*shape, dev, a.sweep)
+    for i, shape in enumerate(att):  # the sweep (if asked) runs at the first shape of each kind
+        rows += bench_attention_shape(*shape, dev, a.sweep and i == 0)
         print(fmt_table([r for r in rows if r["group"] == rows[-1]["group"]]), flush=True)
-    for shape in gem:
-        rows += bench_gemm_shape(*shape, dev, a.sweep)
+    for i, shape in enumerate(gem):
+        rows += bench_gemm_shape(*shape, dev, a.sweep and i == 1)
         torch.cuda.empty_cache() if dev == "cuda" else None
     meta = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (interpreter)",
                 torch=torch.__version__, triton=__import__("triton").__version__,
@@ -292,6 +308,9 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "bench_kernels.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    if dev == "cuda":
+        res, why = guarded("resources", resource_report)
+        print("\n".join(res) if res else why)
     print(f"\n{meta}")
     print(fmt_table(rows))
 
