@@ -24,6 +24,7 @@ from lowvram.errors import CheckpointError
 # PEFT's `target_modules` of the LiveAvatar training yaml (s2v_causal_sft.yaml).
 LIVEAVATAR_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
 DEFAULT_ALPHA = 64.0
+MERGE_CHUNK = 1 << 22  # elements of fp32 scratch per row block
 METADATA_ALPHA_KEYS = ("lora_alpha", "alpha", "ss_network_alpha")
 
 _PREFIX = r"^(?:base_model\.model\.)?(?:diffusion_model\.)?"
@@ -64,10 +65,9 @@ class LoraSet:
     Use `LoraSet.load(path)`, then `check(base_shapes)` once, then `merge(key, weight)` per layer.
     """
 
-    def __init__(self, path: Path, handle, pairs: dict[str, tuple[str, str]], ranks: dict[str, int],
+    def __init__(self, path: Path, pairs: dict[str, tuple[str, str]], ranks: dict[str, int],
                  alphas: dict[str, float], alpha_source: str):
         self.path = path
-        self._f = handle
         self._pairs = pairs  # module -> (key of A [r, in], key of B [out, r])
         self.ranks = ranks  # module -> r
         self.alphas = alphas  # module -> alpha
@@ -75,7 +75,8 @@ class LoraSet:
 
     @classmethod
     def load(cls, path, alpha: float | None = None, default_alpha: float = DEFAULT_ALPHA) -> "LoraSet":
-        """Open a LoRA .safetensors memory-mapped and index its adapter pairs.
+        """Index the adapter pairs of a LoRA .safetensors (memory-mapped; reopened per merge, so a mapping
+        and the resident pages it brings never outlive one layer).
 
         alpha comes from per-module `.alpha` tensors, else the header metadata (`lora_alpha`/`alpha`),
         else `alpha`, else `default_alpha`; the scale of a module is alpha / rank.
@@ -83,10 +84,18 @@ class LoraSet:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"LoRA file {path} does not exist; pass the path of liveavatar.safetensors")
+        with cls._open(path) as f:
+            return cls._index(path, f, alpha, default_alpha)
+
+    @staticmethod
+    def _open(path: Path):
         try:
-            f = safe_open(str(path), framework="pt")
+            return safe_open(str(path), framework="pt")
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"LoRA {path} is not a readable safetensors file ({e}); re-download it") from None
+
+    @classmethod
+    def _index(cls, path: Path, f, alpha, default_alpha) -> "LoraSet":
         halves: dict[str, dict[str, str]] = {}
         alpha_keys: dict[str, str] = {}
         adapters = set()
@@ -142,7 +151,7 @@ class LoraSet:
         stray = sorted(set(alpha_keys) - set(pairs))
         if stray:
             raise CheckpointError(f"LoRA {path}: {alpha_keys[stray[0]]} belongs to no lora_A/lora_B pair")
-        return cls(path, f, pairs, ranks, alphas, source)
+        return cls(path, pairs, ranks, alphas, source)
 
     @property
     def targets(self) -> dict[str, str]:
@@ -164,14 +173,18 @@ class LoraSet:
 
     def check(self, shapes: dict[str, tuple]) -> None:
         """Every adapter must target an existing 2-D base weight of shape [out, in] = [B.out, A.in]."""
+        with self._open(self.path) as f:
+            self._check(f, shapes)
+
+    def _check(self, f, shapes: dict[str, tuple]) -> None:
         for key, mod in self.targets.items():
             a_key, b_key = self._pairs[mod]
             if key not in shapes:
                 raise CheckpointError(f"LoRA {self.path}: {b_key} targets {key}, which the base checkpoint does "
                                       "not have; this LoRA is for another model")
             want = tuple(shapes[key])
-            r_in = self._f.get_slice(a_key).get_shape()[1]
-            r_out = self._f.get_slice(b_key).get_shape()[0]
+            r_in = f.get_slice(a_key).get_shape()[1]
+            r_out = f.get_slice(b_key).get_shape()[0]
             if want != (r_out, r_in):
                 raise CheckpointError(f"LoRA {self.path}: {b_key} gives a delta of shape [{r_out}, {r_in}] but "
                                       f"{key} is {list(want)}; this LoRA does not fit the checkpoint")
@@ -182,14 +195,16 @@ class LoraSet:
         if mod is None:
             return weight
         a_key, b_key = self._pairs[mod]
-        a = self._f.get_tensor(a_key).to(device=weight.device, dtype=torch.float32)  # [r, in]
-        b = self._f.get_tensor(b_key).to(device=weight.device, dtype=torch.float32)  # [out, r]
-        w32 = weight.to(torch.float32)  # [out, in]
-        if w32.data_ptr() == weight.data_ptr():
-            w32 = w32.clone()
-        w32.addmm_(b, a, alpha=self.alphas[mod] / self.ranks[mod])
-        return w32.to(weight.dtype)
-
+        with self._open(self.path) as f:  # opened per layer: the mapping (and its RSS) ends with the call
+            a = f.get_tensor(a_key).to(device=weight.device, dtype=torch.float32)  # [r, in]
+            b = f.get_tensor(b_key).to(device=weight.device, dtype=torch.float32)  # [out, r]
+        alpha = self.alphas[mod] / self.ranks[mod]
+        out = torch.empty_like(weight)  # [out, in]
+        step = max(1, MERGE_CHUNK // max(weight.shape[1], 1))  # row blocks bound the fp32 scratch
+        for r0 in range(0, weight.shape[0], step):
+            rows = slice(r0, r0 + step)
+            out[rows] = torch.addmm(weight[rows].float(), b[rows], a, alpha=alpha)
+        return out
 
 def write_tiny_lora(path, base_shapes: dict[str, tuple], rank: int = 4, seed: int = 0, spelling: str = "peft",
                     alpha: float = 2.0, targets=LIVEAVATAR_TARGETS) -> list[str]:

@@ -25,7 +25,7 @@ from lowvram.errors import CheckpointError, LowvramError
 from lowvram.lora import LoraSet
 from lowvram.quantize.format import (FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, detect_format,
                                      read_index, sha256_file)
-from lowvram.quantize.linear import SCHEMES, check_scheme, dequantize_weight, quantize_weight, sqnr_db
+from lowvram.quantize.linear import SCHEMES, check_scheme, quantize_weight_sqnr
 from lowvram.quantize.outdir import check_out_dir, link_components, parse_size, staged_dir
 from lowvram.quantize.select import natural_key, quantized_module
 from lowvram.quantize.shards import NAME_DTYPES, ShardWriter, nbytes, read_header
@@ -49,7 +49,16 @@ class _Item:
 
 
 def peak_rss_bytes() -> int:
-    """High-water resident set size of this process (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """High-water resident set size of this process.
+
+    Linux: VmHWM of /proc/self/status (ru_maxrss would carry the parent's peak over fork + exec).
+    Elsewhere ru_maxrss (KiB, bytes on macOS).
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -70,6 +79,16 @@ def _read_sources(ckpt_dir: Path) -> tuple[dict[str, str], dict[str, dict]]:
         if key not in headers[shard]:
             raise CheckpointError(f"{INDEX_NAME} puts {key} in {shard}, which does not hold it; re-download the index")
     return weight_map, headers
+
+
+def _read_tensor(path: Path, key: str) -> torch.Tensor:
+    """One tensor from a memory-mapped shard. The shard is opened per tensor: the mapping lives as long as
+    the returned tensor, so resident file pages never add up to a whole shard."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(key)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read {key} ({e}); re-download the shard") from None
 
 
 def _plan(weight_map, headers, scheme: str, keep: tuple[str, ...]) -> list[_Item]:
@@ -114,9 +133,8 @@ def _convert_tensor(item: _Item, t: torch.Tensor, lora: LoraSet | None, scheme: 
         t = lora.merge(item.key, t)  # [out, in], same dtype, fp32 merge
     if item.module is None:
         return {item.key: t}
-    q, scale = quantize_weight(t, scheme)
-    layers[item.module] = {"scheme": scheme, "shape": list(item.shape),
-                           "sqnr_db": round(sqnr_db(t, dequantize_weight(q, scale)), 3),
+    q, scale, sqnr = quantize_weight_sqnr(t, scheme)
+    layers[item.module] = {"scheme": scheme, "shape": list(item.shape), "sqnr_db": round(sqnr, 3),
                            "lora": lora is not None and item.key in lora.targets}
     return {f"{item.module}.qweight": q, f"{item.module}.scale": scale}
 
@@ -158,10 +176,6 @@ def convert(ckpt_dir, out, scheme: str, lora=None, keep_bf16=(), lora_alpha: flo
     names = [f"diffusion_pytorch_model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     metadata = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "scheme": scheme}
 
-    try:
-        handles = {s: safe_open(str(ckpt_dir / s), framework="pt") for s in headers}
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"a source shard of {ckpt_dir} cannot be opened ({e}); re-download it") from None
     layers: dict[str, dict] = {}
     out_map: dict[str, str] = {}
     total_in = sum(nbytes(i.shape, i.dtype) for i in items)
@@ -172,11 +186,7 @@ def convert(ckpt_dir, out, scheme: str, lora=None, keep_bf16=(), lora_alpha: flo
             writer = ShardWriter(tmp / name, {k: v for i in group for k, v in i.outputs.items()}, metadata)
             try:
                 for item in group:
-                    try:
-                        t = handles[item.shard].get_tensor(item.key)
-                    except SafetensorError as e:
-                        raise CheckpointError(f"{ckpt_dir / item.shard}: cannot read {item.key} ({e}); "
-                                              "re-download the shard") from None
+                    t = _read_tensor(ckpt_dir / item.shard, item.key)
                     for out_name, tensor in _convert_tensor(item, t, lora_set, scheme, layers).items():
                         writer.write(out_name, tensor)
                         out_map[out_name] = name

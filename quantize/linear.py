@@ -20,7 +20,7 @@ from lowvram.quantize.backends import FP8_MAX, INT8_MAX, TINY, available_backend
 SCHEMES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 __all__ = ["SCHEMES", "QuantLinear", "apply_quant_layers", "available_backends", "get_backend",
-           "quantize_weight", "set_backend", "sqnr_db", "check_scheme"]
+           "quantize_weight", "set_backend", "sqnr_db", "weight_sqnr_db", "quantize_weight_sqnr", "check_scheme"]
 
 
 def check_scheme(scheme: str) -> torch.dtype:
@@ -30,22 +30,53 @@ def check_scheme(scheme: str) -> torch.dtype:
     return SCHEMES[scheme]
 
 
+CHUNK = 1 << 22  # elements per row block: bounds the fp32 temporaries of big weights to 16 MB
+
+
+def row_blocks(rows: int, cols: int, chunk: int = CHUNK):
+    """Row slices of about `chunk` elements each."""
+    step = max(1, chunk // max(cols, 1))
+    for r0 in range(0, rows, step):
+        yield slice(r0, min(rows, r0 + step))
+
+
 @torch.no_grad()
 def quantize_weight(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [out, in] -> (qweight [out, in] int8 or float8_e4m3fn, scale [out] fp32), computed in fp32."""
+    """W [out, in] -> (qweight [out, in] int8 or float8_e4m3fn, scale [out] fp32), computed in fp32.
+
+    Works through blocks of rows, so a 70 M-element weight needs only 16 MB of fp32 scratch.
+    """
+    q, scale, _ = _quantize(w, scheme, measure=False)
+    return q, scale
+
+
+@torch.no_grad()
+def quantize_weight_sqnr(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """quantize_weight plus the weight's SQNR in dB (= weight_sqnr_db), in the same pass over W."""
+    return _quantize(w, scheme, measure=True)
+
+
+def _quantize(w: torch.Tensor, scheme: str, measure: bool):
     dtype = check_scheme(scheme)
     if w.ndim != 2:
         raise ValueError(f"quantize_weight needs a 2-D weight, got shape {list(w.shape)}")
-    w32 = w.float()
-    absmax = w32.abs().amax(dim=1)  # [out]
     qmax = INT8_MAX if scheme == "int8" else FP8_MAX
-    scale = (absmax / qmax).clamp_min(TINY)  # [out]
-    x = w32 / scale[:, None]
-    if scheme == "int8":
-        q = x.round_().clamp_(-INT8_MAX, INT8_MAX).to(dtype)
-    else:
-        q = x.clamp_(-FP8_MAX, FP8_MAX).to(dtype)
-    return q, scale
+    q = torch.empty(w.shape, dtype=dtype, device=w.device)  # [out, in]
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)  # [out]
+    signal = noise = 0.0
+    for rows in row_blocks(*w.shape):
+        ref = w[rows].float()  # [rows, in]
+        s = (ref.abs().amax(dim=1) / qmax).clamp_min_(TINY)
+        x = ref / s[:, None]
+        if scheme == "int8":
+            x.round_()
+        q[rows] = x.clamp_(-qmax, qmax)
+        scale[rows] = s
+        if measure:
+            approx = q[rows].float().mul_(s[:, None])
+            signal += torch.linalg.vector_norm(ref).item() ** 2
+            noise += torch.linalg.vector_norm(approx.sub_(ref)).item() ** 2
+    return q, scale, (_db(signal, noise) if measure else None)
 
 
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -53,24 +84,38 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype=torch.fl
     return (qweight.float() * scale.float()[:, None]).to(dtype)
 
 
-def sqnr_db(ref: torch.Tensor, approx: torch.Tensor, chunk: int = 1 << 22) -> float:
+def weight_sqnr_db(w: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> float:
+    """sqnr_db(w, dequantize_weight(qweight, scale)) without materialising the dequantized weight."""
+    signal = noise = 0.0
+    for rows in row_blocks(*w.shape):
+        ref = w[rows].float()
+        signal += torch.linalg.vector_norm(ref).item() ** 2
+        noise += torch.linalg.vector_norm(ref - qweight[rows].float() * scale[rows, None]).item() ** 2
+    return _db(signal, noise)
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return 10.0 * math.log10(signal / noise)
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor, chunk: int = CHUNK) -> float:
     """Signal-to-quantization-noise ratio 10·log10(Σref² / Σ(ref−approx)²) in dB (inf if equal).
 
-    Sums in float64 over chunks of `chunk` elements, so a 70 M-element weight needs no float64 copy.
+    Norms in fp32 per chunk of `chunk` elements, summed in float64.
     """
     r, a = ref.detach().reshape(-1), approx.detach().reshape(-1)
     if r.shape != a.shape:
         raise ValueError(f"sqnr_db: shapes differ, {list(ref.shape)} vs {list(approx.shape)}")
     signal = noise = 0.0
     for i in range(0, r.numel(), chunk):
-        rc = r[i:i + chunk].double()
-        signal += rc.square().sum().item()
-        noise += (rc - a[i:i + chunk].double()).square().sum().item()
-    if noise == 0.0:
-        return float("inf")
-    if signal == 0.0:
-        return float("-inf")
-    return 10.0 * math.log10(signal / noise)
+        rc = r[i:i + chunk].float()
+        signal += torch.linalg.vector_norm(rc).item() ** 2
+        noise += torch.linalg.vector_norm(rc - a[i:i + chunk].float()).item() ** 2
+    return _db(signal, noise)
 
 
 class QuantLinear(nn.Module):
