@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from lowvram.errors import CheckpointError, LowvramError
 from lowvram.model.vae_blocks import (AttentionBlock, CausalConv3d, RMS_norm, Resample,
-                                      ResidualBlock, TimeCache, norm_silu)
+                                      ResidualBlock, TimeCache)
 
 # per-channel statistics of Wan2.1 latents: z = (mu - MEAN) / STD
 LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -77,7 +77,7 @@ class Encoder3d(nn.Module):
         x = self.middle[0](x, cache)
         x = self.middle[1](x)
         x = self.middle[2](x, cache)
-        return self.head[2].cached(norm_silu(self.head[0], x), cache)
+        return self.head[2].cached(x, cache, norm=self.head[0])
 
 
 class Decoder3d(nn.Module):
@@ -112,7 +112,7 @@ class Decoder3d(nn.Module):
         x = self.middle[2](x, cache)
         for block in self.upsamples:
             x = block(x, cache)
-        return self.head[2].cached(norm_silu(self.head[0], x), cache)
+        return self.head[2].cached(x, cache, norm=self.head[0])
 
 
 class WanVAE(nn.Module):

@@ -61,52 +61,69 @@ class TimeCache:
         return sum(s.numel() * s.element_size() for s in self.slots if isinstance(s, torch.Tensor))
 
 
-def _history(x: torch.Tensor, prev) -> torch.Tensor:
-    """The last CACHE_T time slices of x, topped up with the previous chunk's last slice."""
-    # x: [B, C, T, H, W]
-    if x.shape[2] > CACHE_T:
-        new = x[:, :, -CACHE_T:].clone()  # clone: do not pin the whole chunk in memory
-    else:
-        new = x
-    if new.shape[2] < CACHE_T and isinstance(prev, torch.Tensor):
-        new = torch.cat([prev[:, :, -1:], new], dim=2)
-    return new
-
-
 class CausalConv3d(nn.Conv3d):
     """Conv3d padded symmetrically in space and by 2·p on the left only in time.
 
-    `forward(x, history)` prepends the cached slices and pads only what they do not cover.
+    The input is assembled once, in the weight dtype, in a padded buffer: zero frames, then the
+    cached slices of earlier chunks (`history`), then the chunk itself, optionally passed
+    through RMS norm + SiLU frame by frame on the way in (so no full-size fp32 copy exists).
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel_size, stride=1, padding=0) -> None:
         super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=0)
         pt, ph, pw = padding if isinstance(padding, tuple) else (padding,) * 3
         self.time_pad = 2 * pt
-        self.space_pad = (pw, pw, ph, ph)
+        self.space_pad = (ph, pw)
 
-    def forward(self, x: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
-        # x: [B, C, T, H, W]; history: [B, C, <=CACHE_T, H, W]
-        x = x.to(self.weight.dtype)
-        left = self.time_pad
-        if history is not None and left > 0:
-            x = torch.cat([history.to(x), x], dim=2)
-            left -= history.shape[2]
-        x = F.pad(x, (*self.space_pad, left, 0))
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
             # for thin chunks PyTorch's heuristic picks the slow im2col conv3d; oneDNN is ~5x faster
             return torch.mkldnn_convolution(x, self.weight, self.bias, (0, 0, 0), self.stride,
                                             self.dilation, self.groups)
         return super().forward(x)
 
-    def cached(self, x: torch.Tensor, cache: TimeCache | None) -> torch.Tensor:
-        """Run on one chunk, reading and updating this conv's slot of the cache."""
-        if cache is None:
-            return self(x)
-        x = x.to(self.weight.dtype)
-        prev = cache.peek()
-        out = self(x, prev)
-        cache.put(_history(x, prev))
+    def step(self, x: torch.Tensor, history: torch.Tensor | None = None,
+             norm: "RMS_norm | None" = None, keep: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Convolve one chunk after `history`; also return the new history (last CACHE_T slices).
+
+        x: [B, C, T, H, W]; history: [B, C, <=CACHE_T, H, W] (conv inputs, already normed).
+        """
+        b, c, t, h, w = x.shape
+        ph, pw = self.space_pad
+        nh = 0 if history is None else history.shape[2]
+        zt = self.time_pad - nh  # time slices that stay zero
+        buf = torch.empty((b, c, zt + nh + t, h + 2 * ph, w + 2 * pw), dtype=self.weight.dtype,
+                          device=x.device)
+        buf[:, :, :zt].zero_()
+        if ph:
+            buf[:, :, zt:, :ph].zero_()
+            buf[:, :, zt:, -ph:].zero_()
+        if pw:
+            buf[:, :, zt:, :, :pw].zero_()
+            buf[:, :, zt:, :, -pw:].zero_()
+        inner = buf[:, :, zt:, ph:ph + h, pw:pw + w]  # [B, C, nh + T, H, W]
+        if nh:
+            inner[:, :, :nh].copy_(history)
+        if norm is None:
+            inner[:, :, nh:].copy_(x)
+        else:
+            norm.silu_into(x, inner[:, :, nh:])
+        new_history = inner[:, :, -CACHE_T:].clone(memory_format=torch.contiguous_format) if keep else None
+        return self._conv(buf), new_history
+
+    def forward(self, x: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [B, C, T, H, W]
+        if self.time_pad == 0 and self.space_pad == (0, 0):
+            return self._conv(x.to(self.weight.dtype))  # 1x1x1 and strided time convs: no padding
+        return self.step(x, history, keep=False)[0]
+
+    def cached(self, x: torch.Tensor, cache: TimeCache | None,
+               norm: "RMS_norm | None" = None) -> torch.Tensor:
+        """Run on one chunk (after norm + SiLU if given), reading and updating this conv's slot."""
+        prev = cache.peek() if cache is not None else None
+        out, new_history = self.step(x, prev, norm, keep=cache is not None)
+        if cache is not None:
+            cache.put(new_history)
         return out
 
 
@@ -123,9 +140,19 @@ class RMS_norm(nn.Module):
         y = F.normalize(x.float(), dim=1)
         return y.mul_(self.scale).mul_(self.gamma)
 
+    def silu_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out[:] = SiLU(self(x)) cast to out's dtype, one time slice of fp32 at a time.
 
-def norm_silu(norm: RMS_norm, x: torch.Tensor) -> torch.Tensor:
-    return F.silu(norm(x), inplace=True)
+        Same arithmetic as F.normalize (x / max(||x||, eps)) and `forward` (on the GPU the same
+        bits; on CPU a vector loop's scalar tail may round an element 1 ulp apart).
+        """
+        # x, out: [B, C, T, H, W]
+        denom = torch.linalg.vector_norm(x, 2, dim=1, keepdim=True, dtype=torch.float32)
+        denom = denom.clamp_min_(1e-12)
+        for i in range(x.shape[2]):
+            y = x[:, :, i:i + 1].float() / denom[:, :, i:i + 1]
+            y.mul_(self.scale).mul_(self.gamma)
+            out[:, :, i:i + 1].copy_(F.silu(y, inplace=True))
 
 
 def frames_to_images(x: torch.Tensor) -> torch.Tensor:
@@ -176,10 +203,9 @@ class Resample(nn.Module):
         if prev is None:  # first chunk: its frame is not doubled in time
             cache.put(REP)
             return x
-        x = x.to(self.time_conv.weight.dtype)
         # after REP the history counts as zeros: the conv pads them itself
-        y = self.time_conv(x, None if prev is REP else prev)
-        cache.put(_history(x, None if prev is REP else prev))
+        y, new_history = self.time_conv.step(x, None if prev is REP else prev)
+        cache.put(new_history)
         b, c, t, h, w = x.shape
         # y: [B, 2C, T, H, W], channel halves interleave in time -> [B, C, 2T, H, W]
         return y.reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
@@ -224,9 +250,9 @@ class ResidualBlock(nn.Module):
         # x: [B, C_in, T, H, W] -> [B, C_out, T, H, W]
         r = self.residual
         h = self.shortcut(x)
-        y = r[2].cached(norm_silu(r[0], x), cache)
-        y = r[6].cached(norm_silu(r[3], y), cache)
-        return y + h.to(y.dtype)
+        y = r[2].cached(x, cache, norm=r[0])
+        y = r[6].cached(y, cache, norm=r[3])
+        return y.add_(h)
 
 
 class AttentionBlock(nn.Module):
