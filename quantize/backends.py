@@ -14,6 +14,7 @@ float8_e4m3fn, w_scale: [N] fp32, bias: [N] or None, y: [M, N] in x.dtype.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import Callable
@@ -99,6 +100,17 @@ def _scaled_mm_supports(x, qweight):
     if x.is_cuda:  # FP8 tensor cores (Ada/Hopper); K and N multiples of 16
         return (torch.cuda.get_device_capability(x.device) >= (8, 9)
                 and qweight.shape[0] % 16 == 0 and qweight.shape[1] % 16 == 0)
+    return x.device.type == "cpu" and _cpu_scaled_mm()
+
+
+@functools.cache
+def _cpu_scaled_mm() -> bool:
+    """Whether this torch build has a CPU row-wise _scaled_mm (recent releases do; older raise)."""
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError):
+        return False
     return True
 
 
