@@ -139,6 +139,23 @@ def _convert_tensor(item: _Item, t: torch.Tensor, lora: LoraSet | None, scheme: 
     return {f"{item.module}.qweight": q, f"{item.module}.scale": scale}
 
 
+def _write_shard(path: Path, group: list[_Item], metadata: dict, ckpt_dir: Path, lora: LoraSet | None,
+                 scheme: str, layers: dict, on_done) -> None:
+    """Convert the tensors of one output shard and write each at its planned offset; on_done(item) after each."""
+    writer = ShardWriter(path, {k: v for i in group for k, v in i.outputs.items()}, metadata)
+    try:
+        for item in group:
+            t = _read_tensor(ckpt_dir / item.shard, item.key)
+            for out_name, tensor in _convert_tensor(item, t, lora, scheme, layers).items():
+                writer.write(out_name, tensor)
+            del t
+            on_done(item)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+
+
 def _file_record(path: Path, name: str) -> dict:
     return {"file": name, "size": path.stat().st_size, "sha256": sha256_file(path)}
 
@@ -178,25 +195,18 @@ def convert(ckpt_dir, out, scheme: str, lora=None, keep_bf16=(), lora_alpha: flo
 
     layers: dict[str, dict] = {}
     out_map: dict[str, str] = {}
-    total_in = sum(nbytes(i.shape, i.dtype) for i in items)
     with staged_dir(out) as tmp, _progress(console, progress) as bar:
+        total_in = sum(nbytes(i.shape, i.dtype) for i in items)
         task = bar.add_task("quantizing", total=total_in, count=f"0/{len(items)} tensors")
-        done = 0
+        done = []
+
+        def on_done(item: _Item) -> None:
+            done.append(item.key)
+            bar.update(task, advance=nbytes(item.shape, item.dtype), count=f"{len(done)}/{len(items)} tensors")
+
         for name, group in zip(names, groups):
-            writer = ShardWriter(tmp / name, {k: v for i in group for k, v in i.outputs.items()}, metadata)
-            try:
-                for item in group:
-                    t = _read_tensor(ckpt_dir / item.shard, item.key)
-                    for out_name, tensor in _convert_tensor(item, t, lora_set, scheme, layers).items():
-                        writer.write(out_name, tensor)
-                        out_map[out_name] = name
-                    del t
-                    done += 1
-                    bar.update(task, advance=nbytes(item.shape, item.dtype), count=f"{done}/{len(items)} tensors")
-            except BaseException:
-                writer.abort()
-                raise
-            writer.close()
+            _write_shard(tmp / name, group, metadata, ckpt_dir, lora_set, scheme, layers, on_done)
+            out_map.update({k: name for i in group for k in i.outputs})
         source_names = [f for f in ["config.json", INDEX_NAME, *sorted(headers)] if (ckpt_dir / f).is_file()]
         to_hash = ([(tmp / f, f) for f in names] + [(ckpt_dir / f, f) for f in source_names]
                    + ([(lora, lora.name)] if lora is not None else []))
