@@ -9,8 +9,9 @@ The window is [0, end) with end = start + n_new until the ring first wraps (an a
 
 `HostKVCache` keeps all layers in one host allocation (page-locked when possible) and works in
 `n_slots` device windows shared by the step caches of a model (`KVWorkspace`). A copy stream
-fetches layer l's window (all of it but the chunk the forward writes) ahead of use, and after
-`done(l)` writes the new chunk back and fetches layer l + n_slots into the freed slot.
+fetches layer l's window (all of it but the chunk the forward writes) ahead of use; after
+`done(l)` a second stream writes the new chunk back (PCIe is full duplex) and the first fetches
+layer l + n_slots into the freed slot.
 With kv_dtype "int8" the host holds per-token-per-head absmax INT8 (fp32 scales), halving the
 traffic; windows are dequantized to bf16 on the device after the copy.
 """
@@ -100,7 +101,8 @@ class KVWorkspace:
 
     def __init__(self, capacity: int, batch: int, heads: int, head_dim: int, device, n_slots: int = 2,
                  int8: bool = False, max_new: int | None = None, copy_stream=None, engine: CopyEngine | None = None):
-        self.engine = engine or CopyEngine(device, copy_stream)
+        self.engine = engine or CopyEngine(device, copy_stream)  # host -> device windows
+        self.wb = CopyEngine(device)  # device -> host write-back, on its own stream
         dev = self.engine.device
         self.shape = (batch, capacity, heads, head_dim)
         self.n_slots, self.int8 = n_slots, int8
@@ -114,7 +116,9 @@ class KVWorkspace:
             self.wb_s = torch.empty(2, batch, self.max_new, heads, dtype=torch.float32, device=dev)
         self.loaded = [self.engine.event() for _ in range(n_slots)]  # window copy into slot s finished
         self.freed = [self.engine.event() for _ in range(n_slots)]  # attention reading slot s finished
+        self.read = [self.engine.event() for _ in range(n_slots)]  # write-back reading slot s finished
         self.start = self.engine.event()
+        self.wb_tail = self.engine.event()
 
 
 class HostKVCache(_Ring):
@@ -155,6 +159,8 @@ class HostKVCache(_Ring):
         e = self.engine
         e.record_compute(self.ws.start)
         e.copy_waits(self.ws.start)  # orders: earlier forwards' reads of the shared slots before these prefetches
+        self.ws.wb.record_copy(self.ws.wb_tail)
+        e.copy_waits(self.ws.wb_tail)  # orders: earlier write-backs landed in host memory before windows are read
         for layer in range(min(self.ws.n_slots, self.num_layers)):
             self._prefetch(layer)
 
@@ -162,6 +168,7 @@ class HostKVCache(_Ring):
         e, ws, s = self.engine, self.ws, layer % self.ws.n_slots
         with e.copying():
             e.copy_waits(ws.freed[s])  # orders: the attention that last read slot s before overwriting it
+            e.copy_waits(ws.read[s])  # orders: the write-back that last read slot s before overwriting it
             with e.timed():
                 for x, y in self._ranges():
                     for kv in range(2):
@@ -187,16 +194,17 @@ class HostKVCache(_Ring):
         return ws.kv[s, 0, :, :self.end], ws.kv[s, 1, :, :self.end]
 
     def done(self, layer: int) -> None:
-        e, ws, s = self.engine, self.ws, layer % self.ws.n_slots
-        a, n = self.off, self.n_new
-        e.record_compute(ws.freed[s])  # orders: the chunk write and the attention before write-back and refill
-        with e.copying():
-            e.copy_waits(ws.freed[s])
-            with e.timed():
+        ws, s = self.ws, layer % self.ws.n_slots
+        wb, a, n = ws.wb, self.off, self.n_new
+        self.engine.record_compute(ws.freed[s])  # orders: the chunk write and the attention before write-back and refill
+        with wb.copying():
+            wb.copy_waits(ws.freed[s])
+            with wb.timed():
                 if self.int8:
                     q, sc = quantize_kv(ws.kv[s, :, :, a:a + n])
                     ws.wb_q[:, :, :n].copy_(q)
                     ws.wb_s[:, :, :n].copy_(sc)
+                    wb.record_copy(ws.read[s])  # slot s may be refilled once its chunk is quantized
                 for kv in range(2):
                     for b in range(ws.shape[0]):
                         if self.int8:
@@ -204,10 +212,18 @@ class HostKVCache(_Ring):
                             self.host_s[layer, kv, b, a:a + n].copy_(ws.wb_s[kv, b, :n], non_blocking=True)
                         else:
                             self.host[layer, kv, b, a:a + n].copy_(ws.kv[s, kv, b, a:a + n], non_blocking=True)
-        e.bytes_d2h += n * ws.shape[0] * kv_token_bytes(ws.shape[2], ws.shape[3], "int8" if self.int8 else "bf16")
+                if not self.int8:
+                    wb.record_copy(ws.read[s])
+        wb.bytes_d2h += n * ws.shape[0] * kv_token_bytes(ws.shape[2], ws.shape[3], "int8" if self.int8 else "bf16")
         if layer + ws.n_slots < self.num_layers:
             self._prefetch(layer + ws.n_slots)
 
+    def reset_stats(self) -> None:
+        self.engine.reset_stats()
+        self.ws.wb.reset_stats()
+
     def stats(self) -> dict:
-        """Bytes each way and copy-stream busy seconds of the workspace's engine (shared by its caches)."""
-        return self.engine.stats()
+        """Bytes each way and busy seconds of the two copy streams (shared by the workspace's caches)."""
+        h2d, d2h = self.engine.stats(), self.ws.wb.stats()
+        return {"bytes_h2d": h2d["bytes_h2d"], "bytes_d2h": d2h["bytes_d2h"], "copy_busy_s": h2d["copy_busy_s"],
+                "writeback_busy_s": d2h["copy_busy_s"]}

@@ -119,6 +119,12 @@ class CopyEngine:
         self._harvest(block=True)
         return {"bytes_h2d": self.bytes_h2d, "bytes_d2h": self.bytes_d2h, "copy_busy_s": self.busy_s}
 
+    def reset_stats(self) -> None:
+        """Zero the counters (after waiting for pending copies, so none is counted later)."""
+        self.stats()
+        self.bytes_h2d = self.bytes_d2h = 0
+        self.busy_s = 0.0
+
 
 def stream_order(num_blocks: int, heavy: Sequence[int] = ()) -> list[int]:
     """The order in which blocks leave the GPU: light ones first, each group spread evenly so that
@@ -250,6 +256,8 @@ class BlockStreamer:
         self._gpu = [torch.empty(need, dtype=torch.uint8, device=self.device) for _ in range(count)]
         self._loaded = [self.engine.event() for _ in range(count)]  # copy into buffer b finished
         self._freed = [self.engine.event() for _ in range(count)]  # compute reading buffer b finished
+        for ev in self._freed:  # orders: earlier compute-stream use of this (recycled) memory before the first copy
+            self.engine.record_compute(ev)
         self._view_cache.clear()
 
     def _buffer_views(self, i: int, b: int) -> list[torch.Tensor]:
@@ -327,6 +335,8 @@ class BlockStreamer:
                                "use a smaller --size, --set kv_placement=host kv_dtype=int8, --set t5=cpu, "
                                "or a card with more memory")
         i = cand[0]
+        if self.engine.cuda:
+            torch.cuda.synchronize(self.device)  # orders: kernels of the failed forward that read block i before it moves
         self.reset()
         self.resident.discard(i)
         self._make_slab(i)
@@ -338,6 +348,10 @@ class BlockStreamer:
         """Copy statistics for the benchmark: bytes, copy-stream busy time, block loads."""
         return {**self.engine.stats(), "loads": self.loads, "streamed": len(self._slabs),
                 "pinned_bytes": self.pinned_bytes, "pageable_bytes": self.pageable_bytes}
+
+    def reset_stats(self) -> None:
+        self.engine.reset_stats()
+        self.loads = 0
 
     def remove(self) -> None:
         """Uninstall the hooks; streamed blocks are left pointing at their host slabs."""

@@ -57,7 +57,7 @@ def test_host_bf16_bit_identical_to_gpu_cache_with_wraparound():
         assert (s1, l1) == (s2, l2)
         assert torch.equal(k1, k2) and torch.equal(v1, v2)
     # traffic of one full-window forward: the window minus the chunk in, the chunk out
-    host.engine.bytes_h2d = host.engine.bytes_d2h = 0
+    host.reset_stats()
     _run([host], [10 * N_NEW], g)
     tok = kv_token_bytes(H, D, "bf16") * B * L
     assert host.stats()["bytes_h2d"] == (CAP - N_NEW) * tok and host.stats()["bytes_d2h"] == N_NEW * tok

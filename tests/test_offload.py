@@ -158,3 +158,21 @@ def test_streamed_equals_resident_cuda():
         assert torch.equal(model(x), ref(x))
     st = s.stats()
     assert st["copy_busy_s"] > 0 and st["pinned_bytes"] > 0
+
+
+@torch.no_grad()
+def test_apply_block_streaming_follows_the_plan():
+    from lowvram.config import DiTConfig
+    from lowvram.offload import apply_block_streaming
+    from lowvram.planner import make_plan
+    from lowvram.profile import Profile
+
+    cfg = DiTConfig(dim=64, ffn_dim=96, freq_dim=32, num_heads=4, num_layers=6, audio_inject_layers=(2,))
+    plan = make_plan(Profile.from_name("4090", blocks_resident=3, prefetch_blocks=2), cfg, 64, 48)
+    assert len(plan.streamed) == 3 and 2 not in plan.streamed and plan.n_buffers == 3
+    ref, model = _stack(seed=8)
+    s = apply_block_streaming(model.blocks, plan, device="cpu", attached=_attached(model))
+    assert s.streamed == list(plan.streamed) and len(s._gpu) == 3
+    for x in _inputs(2, seed=13):
+        assert torch.equal(model(x), ref(x))
+    s.remove()
