@@ -19,12 +19,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lowvram import prompt_cache
 from lowvram.errors import LowvramError
 from lowvram.schedule import (CLIP_FRAMES, DROPPED_FRAMES, FRAMES_PER_BLOCK, KV_FRAMES, LATENT_FRAMES,
-                              BlockIndex, euler_step, flow_sigmas, model_timesteps)
+                              BlockIndex, euler_step, flow_sigmas, model_timesteps, output_frames)
 
 AUDIO_RATE = 16000
 FPS = 25
@@ -283,7 +284,11 @@ def run(opts: RunOptions, progress=None, log=print) -> RunResult:
     timings["setup_s"] = time.perf_counter() - t_start
 
     gen = Generator(model, vae, context, audio_feats, ref, motion, opts.steps, opts.seed, device, dtype)
-    skip_audio = DROPPED_FRAMES * AUDIO_RATE // FPS
+    # A/V sync (module docstring): audio starts at the first kept frame; past its end the frames were
+    # driven by zero audio features, so it is padded with silence to the video's length
+    wave = inputs.wave[DROPPED_FRAMES * AUDIO_RATE // FPS:]
+    n_audio = output_frames(clips) * AUDIO_RATE // FPS
+    wave = np.pad(wave, (0, max(0, n_audio - wave.shape[0])))
     blocks_per_clip = LATENT_FRAMES // FRAMES_PER_BLOCK
     total = clips * blocks_per_clip
     if progress is not None:
@@ -295,7 +300,7 @@ def run(opts: RunOptions, progress=None, log=print) -> RunResult:
     dit_s = vae_s = 0.0
     clip0_frames = []
     with StopFlag() as flag, VideoWriter(str(opts.out), inputs.width, inputs.height, fps=FPS,
-                                         audio=inputs.wave[skip_audio:], audio_rate=AUDIO_RATE) as writer:
+                                         audio=wave, audio_rate=AUDIO_RATE) as writer:
         for clip in range(clips):
             clip_latents = []
             for b in range(blocks_per_clip):
@@ -307,11 +312,11 @@ def run(opts: RunOptions, progress=None, log=print) -> RunResult:
                 video = gen.decode(lat)                                       # [3, 12, H, W]
                 if clip == 0 and b == 0:
                     video = video[:, DROPPED_FRAMES:]
-                writer.write(video)
+                kept = writer.write(video)
                 _sync(device)
                 dit_s += t1 - t0
                 vae_s += time.perf_counter() - t1
-                frames += video.shape[1]
+                frames += kept
                 blocks += 1
                 clip_latents.append(lat)
                 if opts.online_decode and clip == 0:

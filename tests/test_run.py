@@ -1,0 +1,140 @@
+"""`lowvram run` end to end on the tiny checkpoint: frame count, A/V, determinism, interruption,
+the prompt cache, and every bad input (exit code 2, one line, nothing written)."""
+
+import os
+import signal
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from lowvram.cli import cli
+from lowvram.media import synth_portrait, synth_voice
+from lowvram.pipeline import RunOptions, run
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inputs")
+    synth_portrait(str(d / "face.png"), width=160, height=160, seed=1)
+    synth_voice(str(d / "voice.wav"), seconds=2.0, seed=1)
+    synth_voice(str(d / "short.wav"), seconds=0.2, seed=1)
+    import wave
+    with wave.open(str(d / "silent.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(b"\0\0" * 32000)
+    (d / "not_an_image.png").write_text("hello")
+    return d
+
+
+def _opts(tiny_ckpt, inputs, out, **kw):
+    ckpt, lora = tiny_ckpt
+    base = dict(ckpt_dir=ckpt, lora=lora, image=inputs / "face.png", audio=inputs / "voice.wav",
+                prompt="a person talking", size="128*128", out=out, device="cpu")
+    return RunOptions(**{**base, **kw})
+
+
+def _frames(path):
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        fps = float(v.average_rate)
+    with av.open(str(path)) as c:
+        a = c.streams.audio[0]
+        audio_s = sum(f.samples for f in c.decode(audio=0)) / a.rate
+    return np.stack(frames), fps, audio_s
+
+
+@pytest.fixture(scope="module")
+def first(tiny_ckpt, inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "a.mp4"
+    return run(_opts(tiny_ckpt, inputs, out), log=lambda *a: None)
+
+
+def test_video_has_48n_minus_3_frames_at_25_fps_with_matching_audio(first):
+    assert first.clips == 2 and not first.interrupted
+    frames, fps, audio_s = _frames(first.out)
+    assert frames.shape[0] == 48 * 2 - 3 == first.frames
+    assert frames.shape[1:] == (128, 128, 3)
+    assert fps == 25
+    assert abs(audio_s - frames.shape[0] / 25) < 0.08          # cut to the video (AAC tail < 64 ms)
+    assert frames.std() > 1                                    # not a blank video
+
+
+def test_same_seed_same_frames_other_seed_other_frames(first, tiny_ckpt, inputs, tmp_path):
+    again = run(_opts(tiny_ckpt, inputs, tmp_path / "b.mp4"), log=lambda *a: None)
+    assert np.array_equal(_frames(first.out)[0], _frames(again.out)[0])
+    other = run(_opts(tiny_ckpt, inputs, tmp_path / "c.mp4", seed=7, num_clip=1), log=lambda *a: None)
+    a, b = _frames(first.out)[0][:45], _frames(other.out)[0]
+    assert b.shape[0] == 45 and not np.array_equal(a, b)
+
+
+class _InterruptAfter:
+    """A progress sink that sends this process SIGINT after k blocks."""
+
+    def __init__(self, k):
+        self.k = k
+
+    def start(self, **kw):
+        pass
+
+    def block_done(self, clip, block, frames, seconds, peak):
+        self.k -= 1
+        if self.k == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def finish(self):
+        pass
+
+
+def test_sigint_keeps_a_playable_file_with_the_finished_blocks(tiny_ckpt, inputs, tmp_path):
+    res = run(_opts(tiny_ckpt, inputs, tmp_path / "i.mp4"), progress=_InterruptAfter(3), log=lambda *a: None)
+    assert res.interrupted and res.blocks == 3
+    frames, fps, _ = _frames(res.out)
+    assert frames.shape[0] == 3 * 12 - 3 and fps == 25
+
+
+def test_prompt_cache_skips_t5_on_the_second_run(tiny_ckpt, inputs, tmp_path, monkeypatch):
+    opts = _opts(tiny_ckpt, inputs, tmp_path / "p1.mp4", prompt="a cached prompt", num_clip=1)
+    logs = []
+    run(opts, log=logs.append)
+    import lowvram.model.text_encoder as te
+
+    def boom(*a, **k):
+        raise AssertionError("T5 was loaded although the prompt is cached")
+
+    monkeypatch.setattr(te, "load_text_encoder", boom)
+    run(_opts(tiny_ckpt, inputs, tmp_path / "p2.mp4", prompt="a cached prompt", num_clip=1), log=logs.append)
+    assert any("from cache" in m for m in logs)
+
+
+BAD = [
+    (dict(image="missing.png"), "missing.png"),
+    (dict(image="not_an_image.png"), "not_an_image.png"),
+    (dict(audio="missing.wav"), "missing.wav"),
+    (dict(audio="short.wav"), "short"),
+    (dict(audio="silent.wav"), "silent"),
+    (dict(size="big"), "--size"),
+    (dict(size="100000*100000"), "--size"),
+    (dict(num_clip="0"), "--num-clip"),
+    (dict(out="no/such/dir/x.mp4"), "no/such/dir"),
+]
+
+
+@pytest.mark.parametrize("change,needle", BAD, ids=[n for _, n in BAD])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_ckpt, inputs, tmp_path, change, needle):
+    ckpt, lora = tiny_ckpt
+    args = {"image": str(inputs / "face.png"), "audio": str(inputs / "voice.wav"), "size": "128*128",
+            "num_clip": "1", "out": str(tmp_path / "o.mp4")}
+    for k, v in change.items():
+        args[k] = str(inputs / v) if k in ("image", "audio") else (str(tmp_path / v) if k == "out" else v)
+    argv = ["run", "--ckpt-dir", str(ckpt), "--lora", str(lora), "--prompt", "x", "--device", "cpu", "--quiet"]
+    for k, v in args.items():
+        argv += [f"--{k.replace('_', '-')}", v]
+    res = CliRunner().invoke(cli, argv)
+    assert res.exit_code == 2, res.output
+    lines = [l for l in res.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.output
+    assert not any(Path(tmp_path).iterdir())
