@@ -130,6 +130,10 @@ class WanVAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.conv2.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.conv2.weight.device
+
     def latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, 1/std) as [1, z, 1, 1, 1] in the model dtype, as the reference holds them."""
         if self.cfg.z_dim != len(LATENT_MEAN):
@@ -150,13 +154,16 @@ class WanVAE(nn.Module):
                                f"got T={t}, H={h}, W={w}: trim or pad the video")
 
     def encode_chunks(self, video: torch.Tensor, cache: TimeCache):
-        """Yield the encoder output of frame 0, then of each following chunk of 4 frames."""
+        """Yield the encoder output of frame 0, then of each following chunk of 4 frames.
+
+        The video may stay on the CPU: each chunk moves to the model's device on its own.
+        """
         # video: [B, 3, T, H, W] -> yields [B, 2z, 1, H/8, W/8]
         ts = self.cfg.time_stride
         starts = [0] + list(range(1, video.shape[2], ts))
         for i, s in enumerate(starts):
             cache.start_chunk()
-            yield self.encoder(video[:, :, s:s + (1 if i == 0 else ts)], cache)
+            yield self.encoder(video[:, :, s:s + (1 if i == 0 else ts)].to(self.device), cache)
 
     def finish_encode(self, enc: torch.Tensor) -> torch.Tensor:
         """Encoder output [B, 2z, T', h, w] -> normalised mean latent, float32."""
@@ -201,7 +208,7 @@ class StreamingDecoder:
             raise LowvramError(f"VAE decode expects latents [B, {vae.cfg.z_dim}, n, h, w], "
                                f"got {list(z.shape)}")
         mean, inv_std = vae.latent_stats(z)
-        z = z.to(vae.dtype) / inv_std + mean
+        z = z.to(device=vae.device, dtype=vae.dtype) / inv_std + mean
         frames = []
         for i in range(z.shape[2]):
             self.cache.start_chunk()
@@ -226,6 +233,7 @@ def encode_repeated(vae: WanVAE, frame: torch.Tensor, n_frames: int) -> torch.Te
         raise LowvramError(f"encode_repeated needs n_frames = 1 + {ts}k, got {n_frames}")
     vae.check_video(frame)
     n_chunks = 1 + (n_frames - 1) // ts
+    frame = frame.to(vae.device)
     chunk = frame.expand(-1, -1, ts, -1, -1).contiguous()
     cache = TimeCache()
     cache.start_chunk()
