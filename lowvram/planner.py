@@ -40,11 +40,12 @@ WAV2VEC2_PARAMS = 315_000_000
 # 4240 channels at 1/8 resolution, 2496 at 1/4, 1152 at 1/2, 672 at full size (per pixel of one frame).
 VAE_DECODER_PARAMS = 73_295_331 + 272
 VAE_CACHE_BYTES_PER_PIXEL = 2 * 2 * (4240 / 64 + 2496 / 16 + 1152 / 4 + 672)
-# One latent frame's decode (4 frames out): the fp32 2x upsampling to full size with 192 channels dominates.
-VAE_ACT_BYTES_PER_PIXEL = {"frame": 5760.0, "tiled": 5760.0 / 3}
+# One latent frame's decode (4 frames out), per output pixel: measured 1.17 GiB at 704x384 (H200, bf16,
+# lowvram.model.vae at 601ec55; the cache formula above matched to the byte). Tiled: an estimate (2x2 tiles).
+VAE_ACT_BYTES_PER_PIXEL = {"frame": 4640.0, "tiled": 4640.0 / 3}
 CONTEXT_BYTES = int(0.6 * GIB)  # CUDA context, cuBLAS/cuDNN handles, loaded kernels (NVML sees them)
 ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation, as a fraction of the allocated peak
-ACT_MARGIN = 1.25  # activations: temporaries the token-count model does not name
+ACT_MARGIN = 1.1  # activations: headroom over the measured bf16 forward (W8A8 adds its int8 copies)
 HOST_RESERVE = 8 * GIB  # host RAM for the OS, Python, torch and the loader besides the plan's buffers
 PCIE_4090 = 23e9  # bytes/s, pinned host->GPU on PCIe 4.0 x16 (anchors.md §3)
 
@@ -134,14 +135,17 @@ def token_counts(cfg: DiTConfig, width: int, height: int) -> dict[str, int]:
 
 
 def forward_activation_bytes(cfg: DiTConfig, lq: int, lk: int, sink: int, attention: str) -> int:
-    """Live activations of one DiT forward over lq query tokens and lk keys (window + sink)."""
+    """Live activations of one DiT forward over lq query tokens and lk keys (window + sink).
+
+    Fitted to the bf16 model (lowvram.model.dit, H200): 0.618 GiB at 704x384 for both a 3168- and a
+    15312-key forward, i.e. ~41 bytes per query token and channel, whatever the window; torch SDPA's
+    [window; sink] concatenation (4 lk d) only wins for much longer windows. W8A8 adds the int8
+    copies of a Linear input (lq (d + f))."""
     d, f, t = cfg.dim, cfg.ffn_dim, cfg.text_len
-    persistent = 4 * lq * d * 3 + 2 * lq * d + 2 * t * d  # fp32 residual (+ gated update), embed, context
-    attn = lq * d * (2 + 6 + 16 + 2 + 1)  # modulated input, q/k/v, fp32 RoPE temporaries, out, int8 act
-    if attention == "sdpa":  # torch SDPA needs [window; sink] concatenated and the sink keys roped
-        attn += 2 * 2 * lk * d + 2 * sink * d
-    ffn = 9 * lq * d + 5 * lq * f  # inputs/outputs + hidden, GELU out (bf16) and its int8 copy
-    return int(ACT_MARGIN * (persistent + max(attn, ffn)))
+    block = 41 * lq * d + 2 * t * d + lq * (d + f)
+    if attention == "sdpa":
+        block = max(block, 20 * lq * d + 2 * 2 * lk * d + 2 * sink * d)
+    return int(ACT_MARGIN * block)
 
 
 # ------------------------------------------------------------------------ the plan
@@ -237,11 +241,13 @@ def _ranges(ix: tuple[int, ...]) -> str:
 
 # ------------------------------------------------------------------------ make_plan
 def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vram_bytes: int | None = None,
-              host_ram_bytes: int | None = None, quantized_bytes: Mapping[str, int] | None = None) -> Plan:
+              host_ram_bytes: int | None = None, quantized_bytes: Mapping[str, int] | None = None,
+              sink_dtype: str | None = None) -> Plan:
     """Decide residency, KV placement and buffers for `profile` at width x height; raise LowvramError if nothing fits.
 
     free_vram_bytes / host_ram_bytes: what the machine has (None: plan for the named card without checking);
-    quantized_bytes: tensor name -> bytes from a quantized checkpoint's shard headers (exact weights).
+    quantized_bytes: tensor name -> bytes from a quantized checkpoint's shard headers (exact weights);
+    sink_dtype: how the model stores the sink K/V ("bf16" | "int8"; default: the profile's kv_dtype).
     """
     tk = token_counts(cfg, width, height)
     name, budget = profile.name, int(profile.vram_budget_gib * GIB)
@@ -265,7 +271,8 @@ def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vr
     pixels = width * height
 
     fixed = [PlanItem("DiT non-block params (embeddings, head, audio encoder, frame packer)", "gpu", rest, "bf16"),
-             PlanItem(f"sink K/V ({sink} tokens x {L} layers)", "gpu", L * sink * tok_kv, kv_dt)]
+             PlanItem(f"sink K/V ({sink} tokens x {L} layers)", "gpu",
+                      L * sink * kv_token_bytes(H, D, sink_dtype or kv_dt), sink_dtype or kv_dt)]
     if host_kv:
         fixed.append(PlanItem(f"KV working windows ({KV_SLOTS} layers in flight)", "gpu",
                               kv_workspace_bytes(cap, lq, H, D, kv_dt, KV_SLOTS), "bf16 windows"

@@ -99,6 +99,10 @@ def test_targets_at_704x384():
         assert len(p.resident) == 40 and p.kv_caches == ("gpu",) * 4 and p.pcie_h2d_bytes == 0
     p16 = make_plan(Profile.from_name("16gb"), FULL, 704, 384)
     assert len(p12.resident) < len(p16.resident) < 40
+    # a model that keeps the sink in bf16 (2640 x 40 layers x K,V) costs the 4090 some resident blocks
+    bf16_sink = make_plan(Profile.from_name("4090"), FULL, 704, 384, sink_dtype="bf16")
+    assert [it.nbytes for it in bf16_sink.items if it.what.startswith("sink")] == [40 * 2640 * ref_kv_token("bf16")]
+    assert 0 < len(bf16_sink.streamed) <= 6 and bf16_sink.peak_bytes <= 22.0 * GIB
 
 
 def _quantized_names(cfg, scheme_bytes=1):
