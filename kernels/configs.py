@@ -15,27 +15,29 @@ import os
 
 import torch
 
-# attention: BLOCK_M queries x BLOCK_N keys per step
+# attention: BLOCK_M queries x BLOCK_N keys per step. sm90 entries measured on an H200 (bench_kernels
+# --sweep, 2026-11-21): 128x64 w8 s3 fastest (no spills); 128x128 w8 s2 within 2%; 128x64 w4 spills;
+# 128x128 with 3 stages and 64x128 need more than the 227 KB of shared memory.
 ATTENTION = [
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, archs=("sm90",)),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, archs=("sm90", "sm80")),
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, archs=("sm90",)),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, archs=("sm80",)),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, archs=("sm90", "sm80")),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, archs=("sm80",)),
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, archs=("sm8x",)),
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, archs=("sm8x",)),
     dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, archs=("interp",)),
 ]
 
-# 8-bit attention (INT8 QK^T and INT8 PV): same shape of space
+# 8-bit attention (INT8 QK^T and INT8 PV): sm90 128x64 w8 s3 fastest in the same sweep
 ATTENTION8 = [
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, archs=("sm90",)),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, archs=("sm90", "sm80")),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, archs=("sm80", "sm8x")),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, archs=("sm90", "sm80")),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, archs=("sm90", "sm80", "sm8x")),
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2, archs=("sm8x",)),
     dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, archs=("interp",)),
 ]
 
-# W8A8 GEMM (INT8 and FP8): BLOCK_M x BLOCK_N output tile, BLOCK_K reduction step, grouped launch
+# W8A8 GEMM (INT8 and FP8): BLOCK_M x BLOCK_N output tile, BLOCK_K reduction step, grouped launch.
+# sm90 FP8 sweep at 3168x5120x13824 (H200): 128x256x128 w8 s3 1091 TFLOP/s, 128x256x64 w8 s4 1015,
+# 128x128x128 w8 s4 992, 256x128x128 w8 s3 990.
 GEMM = [
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, archs=("sm90",)),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, archs=("sm90",)),
@@ -52,10 +54,10 @@ GEMM = [
 QUANT_ROWS = dict(BLOCK=2048, num_warps=8)
 QUANT_ROWS_INTERP = dict(BLOCK=64, num_warps=4)
 
-# FP8 GEMM engine per family: "triton" (ours) or "scaled_mm" (cuBLAS via torch._scaled_mm, fed by our
-# fused quantization kernel). On Hopper cuBLAS's FP8 GEMM is faster than a Triton FP8 GEMM
-# (see BENCHMARKS.md); elsewhere ours.
-FP8_ENGINE = {"sm90": "scaled_mm", "sm80": "triton", "sm8x": "triton", "interp": "triton"}
+# FP8 GEMM engine per family: "triton" (ours, scales and bias in the epilogue) or "scaled_mm" (cuBLAS
+# torch._scaled_mm row-wise, fed by our quantization kernel). On the H200 ours was 3-6% faster at all
+# six model shapes (bench_kernels, 2026-11-21), so "triton" everywhere; "scaled_mm" stays selectable.
+FP8_ENGINE = {"sm90": "triton", "sm80": "triton", "sm8x": "triton", "interp": "triton"}
 
 
 def interpreting() -> bool:

@@ -81,7 +81,10 @@ if triton is not None:
                 kk = k * BLOCK_K + rk
                 a = tl.load(a_ptr, mask=kk[None, :] < K, other=0.0)
                 w = tl.load(w_ptr, mask=kk[:, None] < K, other=0.0)
-            acc = tl.dot(a, w, acc)  # int32 for INT8 operands, fp32 for FP8
+            if INT8:  # Triton <= 3.6 defaults out_dtype to fp32 even with an int32 accumulator
+                acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+            else:
+                acc = tl.dot(a, w, acc, out_dtype=tl.float32)
             a_ptr += BLOCK_K
             w_ptr += BLOCK_K
         a_s = tl.load(AS + ram)
