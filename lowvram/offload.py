@@ -191,10 +191,11 @@ class BlockStreamer:
     """Keeps `resident` blocks on `device` and streams the others through `n_buffers` device slabs.
 
     blocks: the model's block list, run in order each forward; attached: block index -> modules
-    that run right after that block and travel in its slab (e.g. its audio injector).
+    that run right after that block and travel in its slab (e.g. its audio injector); pinned: page-lock
+    every host slab (True), none (False), or those of the given block indices (a pinned-memory budget).
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], resident, device, n_buffers: int = 2, pinned: bool = True,
+    def __init__(self, blocks: Sequence[nn.Module], resident, device, n_buffers: int = 2, pinned=True,
                  attached: Mapping[int, Sequence[nn.Module]] | None = None, copy_stream=None,
                  demote_order: Sequence[int] | None = None):
         if n_buffers < 1:
@@ -203,7 +204,9 @@ class BlockStreamer:
         self.attached = {int(i): list(m) for i, m in (attached or {}).items()}
         self.engine = CopyEngine(device, copy_stream)
         self.device = self.engine.device
-        self.pin = pinned and self.engine.cuda  # page-locking only helps copies to a GPU
+        self.pin = self.engine.cuda  # page-locking only helps copies to a GPU
+        self._pin_only = None if isinstance(pinned, bool) else {int(i) for i in pinned}
+        self.pin = self.pin and (pinned is not False)
         self.n_buffers = n_buffers
         n = len(self.blocks)
         self.resident = {int(i) for i in resident}
@@ -236,8 +239,9 @@ class BlockStreamer:
 
     def _make_slab(self, i: int) -> None:
         layout, total = _layout(self._unit(i))
-        slab, pinned = alloc_host(max(total, 1), self.pin)
-        self.pin = self.pin and pinned  # after one failure, stop retrying (and warning) for every slab
+        want = self.pin and (self._pin_only is None or i in self._pin_only)
+        slab, pinned = alloc_host(max(total, 1), want)
+        self.pin = self.pin and (pinned or not want)  # after one failure, stop retrying (and warning) for every slab
         if pinned:
             self.pinned_bytes += slab.numel()
         else:
@@ -339,6 +343,8 @@ class BlockStreamer:
             torch.cuda.synchronize(self.device)  # orders: kernels of the failed forward that read block i before it moves
         self.reset()
         self.resident.discard(i)
+        if self._pin_only is not None:  # a block demoted at run time is page-locked too (one slab more)
+            self._pin_only.add(i)
         self._make_slab(i)
         self._alloc_buffers()
         self.reset()
@@ -369,7 +375,7 @@ def apply_block_streaming(model_blocks: Sequence[nn.Module], plan, device=None,
     """Install streaming on `model_blocks` as the plan says (resident set, buffers, pinning)."""
     device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     return BlockStreamer(model_blocks, plan.resident, device, n_buffers=max(plan.n_buffers, 1),
-                         pinned=plan.profile.pinned_budget_gib > 0, attached=attached,
+                         pinned=set(plan.pinned_blocks), attached=attached,
                          demote_order=plan.demote_order)
 
 

@@ -180,6 +180,8 @@ class Plan:
     pcie_d2h_bytes: int  # GPU->host bytes (write-back of the new K/V chunk)
     host_pinned_bytes: int
     host_pageable_bytes: int
+    pinned_kv_caches: int  # how many of the host step caches get page-locked memory
+    pinned_blocks: tuple[int, ...]  # streamed blocks whose slabs are page-locked
     exact_bytes: bool  # True when block sizes came from a quantized checkpoint's headers
 
     @property
@@ -336,13 +338,14 @@ def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vr
 
     # host memory: KV caches first (their traffic recurs every forward), then streamed slabs, up to the pinned budget
     pin_left = int(profile.pinned_budget_gib * GIB)
-    pinned = pageable = 0
+    pinned = pageable = pinned_caches = 0
+    pinned_blocks = []
     host_items = []
     if host_kv:
         per_cache = L * cap * tok_kv
         for _ in range(NUM_STEPS):
             if per_cache <= pin_left:
-                pinned, pin_left = pinned + per_cache, pin_left - per_cache
+                pinned, pin_left, pinned_caches = pinned + per_cache, pin_left - per_cache, pinned_caches + 1
             else:
                 pageable += per_cache
         host_items.append(PlanItem(f"KV ring caches ({NUM_STEPS} steps x {cap} tokens)", "host", NUM_STEPS * per_cache,
@@ -350,6 +353,7 @@ def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vr
     for i in sorted(streamed):
         if slab[i] <= pin_left:
             pinned, pin_left = pinned + slab[i], pin_left - slab[i]
+            pinned_blocks.append(i)
         else:
             pageable += slab[i]
     if streamed:
@@ -375,4 +379,5 @@ def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vr
                 encode_peak_bytes=encode_peak, generate_peak_bytes=gen_peak,
                 pcie_h2d_bytes=sum(slab[i] for i in streamed) + per_forward_kv,
                 pcie_d2h_bytes=L * lq * tok_kv if host_kv else 0,
-                host_pinned_bytes=pinned, host_pageable_bytes=pageable, exact_bytes=bool(quantized_bytes))
+                host_pinned_bytes=pinned, host_pageable_bytes=pageable, pinned_kv_caches=pinned_caches,
+                pinned_blocks=tuple(pinned_blocks), exact_bytes=bool(quantized_bytes))

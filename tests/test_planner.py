@@ -81,6 +81,7 @@ def test_plan_decisions_against_independent_bytes(name, size):
     assert plan.pcie_d2h_bytes == (40 * q * kv if host else 0)
     assert plan.host_pinned_bytes + plan.host_pageable_bytes == streamed + (4 * 40 * cap * kv if host else 0)
     assert plan.kv_caches == (prof.kv_placement,) * 4
+    assert plan.host_pinned_bytes == plan.pinned_kv_caches * 40 * cap * kv + sum(plan.block_bytes[i] for i in plan.pinned_blocks)
     assert name in plan.render() and "expected peak" in plan.render() and plan.headline()
 
 
@@ -139,6 +140,7 @@ def test_machine_errors_say_what_fits():
     assert ok.host_pageable_bytes == 0
     tight = make_plan(p4090.with_overrides(pinned_budget_gib=10.0), FULL, 704, 384)
     assert tight.host_pinned_bytes == 2 * 40 * 12672 * ref_kv_token("int8")  # two of four caches pinned
+    assert tight.pinned_kv_caches == 2 and tight.pinned_blocks == ()
     assert "pageable" in tight.render()
 
 
