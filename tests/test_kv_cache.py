@@ -154,3 +154,25 @@ def test_host_bf16_bit_identical_cuda():
             assert torch.equal(k1, k2) and torch.equal(v1, v2)
             host.done(layer)
     assert host.stats()["copy_busy_s"] > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_int8_cuda_sqnr():
+    g = torch.Generator().manual_seed(7)
+    gpu = GpuKVCache(L, CAP, B, H, 128, device="cuda")
+    host = HostKVCache(L, CAP, B, H, 128, kv_dtype="int8", device="cuda", max_new=N_NEW)
+    sig = err = 0.0
+    for start in range(0, 9 * N_NEW, N_NEW):
+        gpu.begin_forward(start, N_NEW)
+        host.begin_forward(start, N_NEW)
+        for layer in range(L):
+            k, v = (torch.randn(B, N_NEW, H, 128, generator=g).bfloat16().cuda() for _ in range(2))
+            k1, v1 = gpu.update(layer, k, v)
+            k2, v2 = host.update(layer, k, v)
+            sig += float(k1.float().pow(2).sum() + v1.float().pow(2).sum())
+            err += float((k1.float() - k2.float()).pow(2).sum() + (v1.float() - v2.float()).pow(2).sum())
+            host.done(layer)
+    assert 10 * math.log10(sig / err) > 40.0
+    st = host.stats()
+    assert st["bytes_d2h"] == 9 * L * B * N_NEW * kv_token_bytes(H, 128, "int8") and st["writeback_busy_s"] > 0

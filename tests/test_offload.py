@@ -176,3 +176,25 @@ def test_apply_block_streaming_follows_the_plan():
     for x in _inputs(2, seed=13):
         assert torch.equal(model(x), ref(x))
     s.remove()
+
+
+@torch.no_grad()
+def test_streams_quantized_linear_buffers():
+    # W8A8 layers hold plain buffers (int8 qweight, fp32 scale, bf16 bias): one slab packs them all
+    from lowvram.quantize.linear import QuantLinear
+
+    ref, model = _stack(seed=10, n=4, inject=())
+    for stack in (ref, model):
+        for b in stack.blocks:
+            b.fc1 = QuantLinear.from_linear(b.fc1.bfloat16(), "int8")
+            b.fc2 = QuantLinear.from_linear(b.fc2.bfloat16(), "int8")
+            b.norm.bfloat16()
+            b.shift = b.shift.bfloat16()
+    model.load_state_dict(ref.state_dict())
+    s = BlockStreamer(model.blocks, resident={2}, device="cpu", n_buffers=2)
+    dtypes = {e.dtype for e in s._layouts[0]}
+    assert {torch.int8, torch.float32, torch.bfloat16} <= dtypes
+    assert all(e.offset % 256 == 0 for e in s._layouts[0])
+    for x in _inputs(2, seed=17):
+        x = x.bfloat16()
+        assert torch.equal(model(x), ref(x))
