@@ -204,9 +204,8 @@ class BlockStreamer:
         self.attached = {int(i): list(m) for i, m in (attached or {}).items()}
         self.engine = CopyEngine(device, copy_stream)
         self.device = self.engine.device
-        self.pin = self.engine.cuda  # page-locking only helps copies to a GPU
+        self.pin = self.engine.cuda and pinned is not False  # page-locking only helps copies to a GPU
         self._pin_only = None if isinstance(pinned, bool) else {int(i) for i in pinned}
-        self.pin = self.pin and (pinned is not False)
         self.n_buffers = n_buffers
         n = len(self.blocks)
         self.resident = {int(i) for i in resident}
@@ -215,6 +214,7 @@ class BlockStreamer:
         self.demote_order = list(demote_order) if demote_order is not None else stream_order(n, list(self.attached))
         self._layouts: dict[int, list[_Entry]] = {}
         self._slabs: dict[int, torch.Tensor] = {}  # host slab of each streamed block
+        self._order: list[int] = []
         self._view_cache: dict[tuple, list[torch.Tensor]] = {}
         self.pinned_bytes = self.pageable_bytes = 0
         for i in sorted(self.resident):
@@ -235,7 +235,7 @@ class BlockStreamer:
 
     @property
     def streamed(self) -> list[int]:
-        return sorted(self._slabs)
+        return self._order
 
     def _make_slab(self, i: int) -> None:
         layout, total = _layout(self._unit(i))
@@ -251,6 +251,7 @@ class BlockStreamer:
             v.copy_(_get(e))  # the block's own tensors (host or device) into the slab, once
         _point(layout, views)  # the old storage is freed when nothing else references it
         self._layouts[i], self._slabs[i] = layout, slab
+        self._order = sorted(self._slabs)  # streamed blocks in forward order
 
     def _alloc_buffers(self) -> None:
         need = max((s.numel() for s in self._slabs.values()), default=0)
