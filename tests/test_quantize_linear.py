@@ -48,9 +48,10 @@ def test_weight_sqnr_floor_and_scale(scheme, shape):
 
 
 def test_int8_agrees_with_optimum_quanto():
-    from optimum.quanto import qint8, quantize_weight as quanto_quantize
+    quanto = pytest.importorskip("optimum.quanto")
     from optimum.quanto.tensor.optimizers import AbsmaxOptimizer
 
+    qint8, quanto_quantize = quanto.qint8, quanto.quantize_weight
     w = (torch.randn(77, 61, generator=_gen(7)) * torch.linspace(0.1, 3, 77)[:, None]).bfloat16()
     q, s = quantize_weight(w, "int8")
     w32 = w.float()
