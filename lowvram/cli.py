@@ -69,15 +69,20 @@ def _run(opts, quiet: bool):
               help="Text-encoder precision (int8/nf4 through bitsandbytes, CUDA only).")
 @click.option("--online-decode", is_flag=True, help="Refresh the sink from clip 0's output at clip 1, as the reference.")
 @click.option("--no-verify", is_flag=True, help="Skip hashing the shards of a quantized directory.")
+@click.option("--profile", default=None,
+              help="Hardware profile (4090, 3090, 16gb, 12gb, a100-80, h100-80, auto): plans residency, KV placement, "
+                   "attention and T5 mode; see `lowvram profiles`. Default: everything resident.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a profile field (repeatable).")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 def run(ckpt_dir, lora, lora_alpha, image, audio, prompt, size, num_clip, seed, steps, out, device, dtype,
-        attention, t5, online_decode, no_verify, quiet):
+        attention, t5, online_decode, no_verify, profile, overrides, quiet):
     """Portrait + voice + prompt -> a talking-avatar mp4, written block by block."""
     from lowvram.pipeline import RunOptions
 
     _run(RunOptions(ckpt_dir=ckpt_dir, image=image, audio=audio, prompt=prompt, lora=lora, lora_alpha=lora_alpha,
                     size=size, num_clip=num_clip, seed=seed, steps=steps, out=out, device=device, dtype=dtype,
-                    online_decode=online_decode, attention=attention, t5=t5, verify=not no_verify), quiet)
+                    online_decode=online_decode, attention=attention, t5=t5, verify=not no_verify,
+                    profile=profile, overrides=tuple(overrides)), quiet)
 
 
 @cli.command()
@@ -125,14 +130,17 @@ def doctor(ckpt_dir):
         click.echo("no problems found")
 
 
-def _register_optional():
+def _register():
     """Commands that live beside their library code."""
+    from lowvram.plan_cli import plan_cmd, profiles_cmd
     from lowvram.quantize.cli import quantize_cmd
 
     cli.add_command(quantize_cmd, "quantize")
+    cli.add_command(plan_cmd, "plan")
+    cli.add_command(profiles_cmd, "profiles")
 
 
-_register_optional()
+_register()
 
 
 def main(argv=None):

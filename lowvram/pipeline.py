@@ -24,7 +24,7 @@ import torch
 
 from lowvram import prompt_cache
 from lowvram.errors import LowvramError
-from lowvram.schedule import (CLIP_FRAMES, DROPPED_FRAMES, FRAMES_PER_BLOCK, KV_FRAMES, LATENT_FRAMES,
+from lowvram.schedule import (CLIP_FRAMES, DROPPED_FRAMES, FRAMES_PER_BLOCK, LATENT_FRAMES,
                               BlockIndex, euler_step, flow_sigmas, model_timesteps, output_frames)
 
 AUDIO_RATE = 16000
@@ -52,6 +52,8 @@ class RunOptions:
     attention: str = "sdpa"
     t5: str = "bf16"
     verify: bool = True
+    profile: str | None = None
+    overrides: tuple = ()
 
 
 @dataclass
@@ -179,19 +181,38 @@ def encode_conditioning(vae, image: torch.Tensor):
     return ref, motion[:, :, -((MOTION_FRAMES + 3) // 4):]
 
 
-def make_kv_caches(model, tokens_per_frame: int, device, dtype, steps: int):
-    from lowvram.kv_cache import GpuKVCache
+def make_run_plan(opts: RunOptions, ckpt, inputs: Inputs, device, log=print):
+    """(profile, plan) for --profile, or (None, None): everything resident on the device."""
+    if opts.profile is None:
+        return None, None
+    import psutil
 
-    cfg = model.cfg
-    return [GpuKVCache(cfg.num_layers, KV_FRAMES * tokens_per_frame, 1, cfg.num_heads, cfg.head_dim, dtype, device)
-            for _ in range(steps)]
+    from lowvram.planner import make_plan
+    from lowvram.profile import Profile, parse_set
+    from lowvram.quantize.format import detect_format
+
+    profile = Profile.from_name(opts.profile, **parse_set(list(opts.overrides)))
+    info = detect_format(ckpt.root)
+    if info is None and profile.quant != "bf16":
+        raise LowvramError(f"profile {profile.name} runs {profile.quant} weights but {ckpt.root} is the bf16 checkpoint; "
+                           f"convert it once with `lowvram quantize --ckpt-dir {ckpt.root} --scheme {profile.quant} "
+                           f"--out <dir>` and pass --ckpt-dir <dir>, or add --set quant=bf16")
+    if info is not None and info.scheme != profile.quant:
+        log(f"profile {profile.name} expects {profile.quant}; the checkpoint is {info.scheme}, planning for that")
+        profile = Profile.from_name(opts.profile, **{**parse_set(list(opts.overrides)), "quant": info.scheme})
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    plan = make_plan(profile, ckpt.dit_config(), inputs.width, inputs.height, free_vram_bytes=free,
+                     host_ram_bytes=psutil.virtual_memory().available,
+                     quantized_bytes=ckpt.tensor_bytes() if info is not None else None,
+                     sink_dtype="bf16")  # the model keeps the sink K/V in bf16
+    return profile, plan
 
 
 class Generator:
     """The streaming loop over clips and blocks; owns the sink, the step caches and the decoder."""
 
     def __init__(self, model, vae, context, audio_feats, ref, motion, steps: int, seed: int,
-                 device, dtype, kv_caches=None):
+                 device, dtype, kv_caches=None, guard=None):
         from lowvram.model.vae import StreamingDecoder
 
         self.model, self.vae, self.device, self.dtype = model, vae, device, dtype
@@ -204,10 +225,15 @@ class Generator:
         self.h, self.w = ref.shape[-2:]
         self.tokens_per_frame = (self.h // model.cfg.patch_size[1]) * (self.w // model.cfg.patch_size[2])
         self.sink = model.prefill_sink(ref.to(device, dtype), motion.to(device, dtype), self.context)
-        self.kv = kv_caches or make_kv_caches(model, self.tokens_per_frame, device, dtype, steps)
+        if kv_caches is None:
+            from lowvram.runtime import place
+
+            kv_caches = place(model, None, device, self.tokens_per_frame, dtype=dtype).kv
+        self.kv = kv_caches
         self.decoder = StreamingDecoder(vae)
         self.decoder.decode(motion[:, :, :7].to(vae.dtype))  # warm the decoder cache, as the reference's VAE rank
         self.noise = None
+        self.guard = guard or (lambda f: f())
 
     def refresh_sink(self, ref, motion):
         self.sink = self.model.prefill_sink(ref.to(self.device, self.dtype), motion.to(self.device, self.dtype),
@@ -231,8 +257,8 @@ class Generator:
         audio = self.block_audio(idx)
         for i in range(len(self.t)):
             t = torch.full((1, FRAMES_PER_BLOCK), float(self.t[i]), dtype=torch.float32, device=self.device)
-            v = self.model(x, t, self.context, audio, self.kv[i], self.sink, idx.start_frame,
-                           self.ref_shift_rng.randint(4, 30))
+            d = self.ref_shift_rng.randint(4, 30)
+            v = self.guard(lambda: self.model(x, t, self.context, audio, self.kv[i], self.sink, idx.start_frame, d))
             x = euler_step(x, v, self.sigmas[i], self.sigmas[i + 1])
         return x
 
@@ -264,6 +290,7 @@ def load_dit_for_run(ckpt, opts: RunOptions, device, dtype, log=print):
 def run(opts: RunOptions, progress=None, log=print) -> RunResult:
     """Generate the video described by opts; see the module docstring for the order of work."""
     from lowvram.model.vae import load_vae
+    from lowvram.runtime import guarded, place
     from lowvram.video_writer import VideoWriter
     from lowvram.weights import discover
 
@@ -275,15 +302,21 @@ def run(opts: RunOptions, progress=None, log=print) -> RunResult:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    context = encode_prompt(ckpt, opts.prompt, device, dtype, opts.t5, log)
+    profile, plan = make_run_plan(opts, ckpt, inputs, device, log)
+    t5_mode = profile.t5 if profile is not None else opts.t5
+    t5_device = torch.device("cpu") if t5_mode == "cpu" else device
+    context = encode_prompt(ckpt, opts.prompt, t5_device, dtype, "bf16" if t5_mode == "cpu" else t5_mode, log)
     audio_feats, clips = encode_audio(ckpt, inputs.wave, device, opts.num_clip)
     vae = load_vae(ckpt.vae, device=device, dtype=dtype)
     ref, motion = encode_conditioning(vae, inputs.image.to(device))
-    model, scheme = load_dit_for_run(ckpt, opts, device, dtype, log)
-    model.attention = opts.attention
+    model, scheme = load_dit_for_run(ckpt, opts, torch.device("cpu") if plan is not None else device, dtype, log)
+    model.attention = profile.attention if profile is not None else opts.attention
+    tokens = (inputs.height // 16) * (inputs.width // 16)
+    placement = place(model, plan, device, tokens, dtype=dtype)
     timings["setup_s"] = time.perf_counter() - t_start
 
-    gen = Generator(model, vae, context, audio_feats, ref, motion, opts.steps, opts.seed, device, dtype)
+    gen = Generator(model, vae, context, audio_feats, ref, motion, opts.steps, opts.seed, device, dtype,
+                    kv_caches=placement.kv, guard=lambda f: guarded(f, placement, log))
     # A/V sync (module docstring): audio starts at the first kept frame; past its end the frames were
     # driven by zero audio features, so it is padded with silence to the video's length
     wave = inputs.wave[DROPPED_FRAMES * AUDIO_RATE // FPS:]
@@ -292,8 +325,9 @@ def run(opts: RunOptions, progress=None, log=print) -> RunResult:
     blocks_per_clip = LATENT_FRAMES // FRAMES_PER_BLOCK
     total = clips * blocks_per_clip
     if progress is not None:
+        headline = plan.headline() if plan is not None else f"{scheme}, all resident"
         progress.start(total_blocks=total, clips=clips,
-                       headline=f"{inputs.width}x{inputs.height}, {clips} clip(s), {scheme}, attention {opts.attention}")
+                       headline=f"{inputs.width}x{inputs.height}, {clips} clip(s), {headline}, attention {model.attention}")
     frames = blocks = 0
     interrupted = False
     t_gen = time.perf_counter()

@@ -49,6 +49,17 @@ class Checkpoint:
     def shape_of(self, key: str):
         return self.shapes().get(key)
 
+    def tensor_bytes(self) -> dict:
+        """key -> stored bytes of every DiT tensor, from the shard headers (exact for quantized shards)."""
+        out = {}
+        for shard in self.shards:
+            with open(shard, "rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                header = json.loads(fh.read(n))
+            out.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
+                        if k != "__metadata__"})
+        return out
+
     def shapes(self) -> dict:
         """key -> shape of every DiT tensor, read from the shard headers (no tensor data)."""
         if not hasattr(self, "_shapes"):

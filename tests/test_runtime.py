@@ -1,0 +1,84 @@
+"""The DiT placed by a plan (streamed blocks, host KV caches) computes what the resident model does;
+a CUDA OOM moves one more block to streaming and retries (CPU: synchronous copies, same code)."""
+
+import pytest
+import torch
+
+from lowvram.planner import make_plan
+from lowvram.profile import Profile
+from lowvram.runtime import guarded, place
+from lowvram.weights import load_dit
+
+HW = (16, 16)
+TOKENS = (HW[0] // 2) * (HW[1] // 2)
+
+
+def _inputs(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dt = model.dtype
+    ctx = model.embed_text([torch.randn(6, model.cfg.text_dim, generator=g)])
+    ref, mot = torch.randn(1, 16, 1, *HW, generator=g).to(dt), torch.randn(1, 16, 19, *HW, generator=g).to(dt)
+    xs = [torch.randn(1, 16, 3, *HW, generator=g).to(dt) for _ in range(5)]
+    audio = torch.randn(1, model.cfg.num_audio_layers, model.cfg.audio_dim, 12, generator=g)
+    return ctx, ref, mot, xs, audio
+
+
+def _run(model, placement, seed=0):
+    ctx, ref, mot, xs, audio = _inputs(model, seed)
+    sink = model.prefill_sink(ref, mot, ctx)
+    outs = []
+    for b, x in enumerate(xs):  # 5 blocks: the 12-frame ring wraps at block 4
+        for i, kv in enumerate(placement.kv[:2]):
+            outs.append(guarded(lambda: model(x, torch.full((1, 3), 500.0 + i), ctx, audio, kv, sink, 3 * b, 9),
+                                placement))
+    return outs
+
+
+def _plan(model, **kw):
+    prof = Profile.from_name("12gb", quant="bf16", **kw)
+    return make_plan(prof, model.cfg, HW[1] * 8, HW[0] * 8, sink_dtype="bf16")
+
+
+def test_streamed_blocks_and_host_kv_equal_the_resident_model(tiny_ckpt):
+    """bf16, as on the GPU (the host caches hold bf16): bit-identical outputs."""
+    ckpt, lora = tiny_ckpt
+    bf = torch.bfloat16
+    resident = load_dit(ckpt, lora=lora, dtype=bf)
+    want = _run(resident, place(resident, None, "cpu", TOKENS, dtype=bf))
+    model = load_dit(ckpt, lora=lora, dtype=bf)
+    plan = _plan(model, blocks_resident=1, kv_dtype="bf16")
+    assert len(plan.streamed) == model.cfg.num_layers - 1 and set(plan.kv_caches) == {"host"}
+    placement = place(model, plan, "cpu", TOKENS, dtype=bf)
+    got = _run(model, placement)
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+    assert placement.streamer.stats()["bytes_h2d"] > 0
+
+
+def test_int8_host_kv_stays_close(tiny_ckpt):
+    ckpt, lora = tiny_ckpt
+    resident = load_dit(ckpt, lora=lora, dtype=torch.float32)
+    want = _run(resident, place(resident, None, "cpu", TOKENS, dtype=torch.float32))
+    model = load_dit(ckpt, lora=lora, dtype=torch.float32)
+    got = _run(model, place(model, _plan(model, blocks_resident="auto", kv_dtype="int8"), "cpu", TOKENS,
+                            dtype=torch.float32))
+    ref, approx = torch.stack(want), torch.stack(got)
+    sqnr = 10 * torch.log10(ref.pow(2).sum() / (ref - approx).pow(2).sum())
+    assert sqnr > 30, f"{sqnr:.1f} dB"
+
+
+def test_oom_moves_one_more_block_to_streaming_and_retries(tiny_ckpt):
+    ckpt, lora = tiny_ckpt
+    model = load_dit(ckpt, lora=lora, dtype=torch.float32)
+    placement = place(model, _plan(model, blocks_resident=3, kv_dtype="bf16"), "cpu", TOKENS, dtype=torch.float32)
+    before = len(placement.streamer.streamed)
+    calls = []
+
+    def forward():
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("fake: over the budget")
+        return "ok"
+
+    assert guarded(forward, placement, log=lambda *a: None) == "ok"
+    assert len(calls) == 2 and len(placement.streamer.streamed) == before + 1
