@@ -7,7 +7,10 @@ un-roped). Each sink key tile is roped in registers: pair j of token n takes the
 pos[n, axis(j)] (axis 0/1/2 = time/height/width for the first pt/ph/pw pairs), the fp16 cos/sin
 of that position from the model's RopeTable (sin negated for a negative time position), rotates
 in fp32 and rounds to bf16, which is bit-identical to `rope_apply` (products of a bf16 and an
-fp16 value are exact in fp32). Non-causal, no mask; softmax over the union of both segments.
+fp16 value are exact in fp32). The per-token cos/sin rows are gathered from the table either by
+torch once per call (`sink_rope_tables`, default: the kernel then loads them as plain tiles) or
+by the kernel itself from the positions (dependent gathers; configs.SINK_ROPE picks).
+Non-causal, no mask; softmax over the union of both segments.
 
 Limits: D a power of two >= 16 (pairs need D/2 >= 8); bf16 or fp16 in, same dtype out; the last
 dim of every input contiguous (views along L of a bigger cache are fine, strides are passed);
@@ -55,17 +58,21 @@ if triton is not None:
         return m_new, l_i, acc
 
     @triton.jit
-    def _rope_tile(k, n, Ls, POS, COS, SIN, max_pos,
-                   PT: tl.constexpr, PH: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _rope_tile(k, n, Ls, POS, COS, SIN, max_pos, PT: tl.constexpr, PH: tl.constexpr,
+                   D: tl.constexpr, BLOCK_N: tl.constexpr, GATHERED: tl.constexpr):
         # k: [BN, D] un-roped sink keys of tokens n [BN] -> roped, same dtype
         HALF: tl.constexpr = D // 2
         j = tl.arange(0, HALF)
-        axis = tl.where(j < PT, 0, tl.where(j < PT + PH, 1, 2))  # [HALF]
-        p = tl.load(POS + n[:, None] * 3 + axis[None, :], mask=n[:, None] < Ls, other=0)  # [BN, HALF]
-        pa = tl.minimum(tl.abs(p), max_pos)
-        c = tl.load(COS + pa * HALF + j[None, :]).to(tl.float32)
-        sn = tl.load(SIN + pa * HALF + j[None, :]).to(tl.float32)
-        sn = tl.where(p < 0, -sn, sn)
+        if GATHERED:  # COS/SIN: per-token rows [Ls, HALF], sign folded (sink_rope_tables)
+            c = tl.load(COS + n[:, None] * HALF + j[None, :], mask=n[:, None] < Ls, other=0.0).to(tl.float32)
+            sn = tl.load(SIN + n[:, None] * HALF + j[None, :], mask=n[:, None] < Ls, other=0.0).to(tl.float32)
+        else:  # COS/SIN: the model's table [max_len, HALF], gathered here from the positions
+            axis = tl.where(j < PT, 0, tl.where(j < PT + PH, 1, 2))  # [HALF]
+            p = tl.load(POS + n[:, None] * 3 + axis[None, :], mask=n[:, None] < Ls, other=0)  # [BN, HALF]
+            pa = tl.minimum(tl.abs(p), max_pos)
+            c = tl.load(COS + pa * HALF + j[None, :]).to(tl.float32)
+            sn = tl.load(SIN + pa * HALF + j[None, :]).to(tl.float32)
+            sn = tl.where(p < 0, -sn, sn)
         a, b = tl.split(tl.reshape(k.to(tl.float32), (BLOCK_N, HALF, 2)))
         kr = tl.join(a * c - b * sn, a * sn + b * c)  # [BN, HALF, 2]
         return tl.reshape(kr, (BLOCK_N, D)).to(k.dtype)
@@ -76,7 +83,8 @@ if triton is not None:
                   sksb, sksl, sksh, svsb, svsl, svsh, sob, sol, soh,
                   H, Lq, Lw, Ls, max_pos, qk_scale,
                   PT: tl.constexpr, PH: tl.constexpr, D: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                  GATHERED: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -114,7 +122,7 @@ if triton is not None:
             n = start + offs_n
             k = tl.load(ks + start * sksl, mask=n[:, None] < Ls, other=0.0)
             v = tl.load(vs + start * svsl, mask=n[:, None] < Ls, other=0.0)
-            k = _rope_tile(k, n, Ls, POS, COS, SIN, max_pos, PT, PH, D, BLOCK_N)
+            k = _rope_tile(k, n, Ls, POS, COS, SIN, max_pos, PT, PH, D, BLOCK_N, GATHERED)
             s = mma(q, tl.trans(k), UPCAST)
             s = tl.where(n[None, :] < Ls, s, float("-inf"))
             m_i, l_i, acc = _softmax_step(s, qk_scale, v, m_i, l_i, acc, UPCAST)
@@ -131,7 +139,7 @@ def _kernel(family: str):
         cfgs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]},
                               num_warps=c["num_warps"], num_stages=c["num_stages"])
                 for c in configs.select(configs.ATTENTION, family)]
-        _TUNED[family] = triton.autotune(cfgs, key=["D", "PT", "PH"])(_attn_fwd)
+        _TUNED[family] = triton.autotune(cfgs, key=["D", "PT", "PH", "GATHERED"])(_attn_fwd)
     return _TUNED[family]
 
 
@@ -146,13 +154,49 @@ def launch_opts(block: tuple) -> dict:
     return {"num_warps": warps, "num_stages": stages}
 
 
+_AXIS: dict = {}
+
+
+def sink_rope_tables(rope: RopeTable, sink_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token fp16 multipliers of the sink: (cos, sin) [Ls, D/2] on the table's device, sin negated
+    for negative time positions. The same values RopeTable.gather returns, without its host sync.
+    The sink positions are the same in every layer: compute once per forward, pass as `sink_cs`."""
+    half = rope.cos.shape[1]
+    key = (rope.pairs, half, rope.cos.device)
+    if key not in _AXIS:
+        pt, ph, _ = rope.pairs
+        axis = torch.full((half,), 2, dtype=torch.long)
+        axis[:pt], axis[pt:pt + ph] = 0, 1
+        _AXIS[key] = (axis.to(rope.cos.device), torch.arange(half, device=rope.cos.device))
+    axis, col = _AXIS[key]
+    p = sink_pos.to(rope.cos.device).long()[:, axis]  # [Ls, D/2]
+    pa = p.abs().clamp_max(rope.max_len - 1)
+    sin = rope.sin[pa, col]
+    return rope.cos[pa, col].contiguous(), torch.where(p < 0, -sin, sin).contiguous()
+
+
+def sink_args(rope: RopeTable, sink_pos, Ls: int, device, sink_cs, mode: str | None) -> tuple:
+    """(POS, COS, SIN, max_pos, GATHERED) kernel arguments for the sink RoPE (see configs.SINK_ROPE)."""
+    mode = mode or configs.SINK_ROPE
+    if Ls > 0 and (mode == "gathered" or sink_cs is not None):
+        cos, sin = sink_cs if sink_cs is not None else sink_rope_tables(rope, sink_pos)
+        dummy = torch.zeros(1, 3, dtype=torch.int32, device=device)
+        return dummy, cos.to(device), sin.to(device), 0, True
+    if mode not in ("gathered", "table"):
+        raise ValueError(f"sink_rope must be 'gathered' or 'table', not {mode!r}")
+    pos = sink_pos.to(device=device, dtype=torch.int32).contiguous() if Ls > 0 else \
+        torch.zeros(1, 3, dtype=torch.int32, device=device)
+    return pos, rope.cos.to(device), rope.sin.to(device), rope.max_len - 1, False
+
+
 def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeTable, scale=None,
                           backend: str = "auto", block: tuple | None = None,
-                          out: torch.Tensor | None = None) -> torch.Tensor:
+                          out: torch.Tensor | None = None, sink_cs: tuple | None = None,
+                          sink_rope: str | None = None) -> torch.Tensor:
     """softmax(q [k_win; rope(k_sink)]^T * scale) [v_win; v_sink] without concatenating the segments.
 
     q [B, Lq, H, D]; k_win, v_win [B, Lw, H, D] (keys roped); k_sink, v_sink [B, Ls, H, D] (keys
@@ -161,6 +205,9 @@ def two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeT
     backend: "auto" (Triton on CUDA or under the interpreter, else torch), "triton", "torch".
     block: (BLOCK_M, BLOCK_N[, num_warps, num_stages]) to bypass autotuning (tests, benchmarks).
     out: an optional [B, Lq, H, D] tensor to write into (Triton path).
+    sink_cs: precomputed sink_rope_tables(rope, sink_pos) (the same for all layers of a forward).
+    sink_rope: "gathered" (per-token cos/sin rows, gathered by torch) or "table" (the kernel gathers
+    from the table by position); default configs.SINK_ROPE. Both rotate in registers, bit-exactly.
     """
     B, Lq, H, D = q.shape
     Lw, Ls = k_win.shape[1], k_sink.shape[1]
@@ -174,10 +221,7 @@ def two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeT
         raise RuntimeError("backend='triton' needs triton installed")
     q, k_win, v_win, k_sink, v_sink = map(_lastdim_contiguous, (q, k_win, v_win, k_sink, v_sink))
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    pos = sink_pos.to(device=q.device, dtype=torch.int32).contiguous()
-    if Ls == 0:
-        pos = torch.zeros(1, 3, dtype=torch.int32, device=q.device)
-    cos, sin = rope.cos.to(q.device), rope.sin.to(q.device)
+    pos, cos, sin, max_pos, gathered = sink_args(rope, sink_pos, Ls, q.device, sink_cs, sink_rope)
     if out is None:
         out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
     args = (q, k_win, v_win, k_sink, v_sink, pos, cos, sin, out,
@@ -185,16 +229,16 @@ def two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeT
             v_win.stride(0), v_win.stride(1), v_win.stride(2), k_sink.stride(0), k_sink.stride(1),
             k_sink.stride(2), v_sink.stride(0), v_sink.stride(1), v_sink.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            H, Lq, Lw, Ls, rope.max_len - 1, scale * LOG2E)
+            H, Lq, Lw, Ls, max_pos, scale * LOG2E)
     pt, ph, _ = rope.pairs
     up = configs.interpreting()
     if block is not None:
         grid = (triton.cdiv(Lq, block[0]), B * H)
         _attn_fwd[grid](*args, PT=pt, PH=ph, D=D, BLOCK_M=block[0], BLOCK_N=block[1], UPCAST=up,
-                        **launch_opts(block))
+                        GATHERED=gathered, **launch_opts(block))
     else:
         grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _kernel(configs.arch_family(q.device))[grid](*args, PT=pt, PH=ph, D=D, UPCAST=up)
+        _kernel(configs.arch_family(q.device))[grid](*args, PT=pt, PH=ph, D=D, UPCAST=up, GATHERED=gathered)
     return out
 
 

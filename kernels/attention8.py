@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from lowvram.kernels import configs
-from lowvram.kernels.attention import LOG2E, launch_opts, triton_usable
+from lowvram.kernels.attention import LOG2E, launch_opts, sink_args, triton_usable
 from lowvram.kernels.reference import INT8_MAX, attention_torch, round_half_away
 from lowvram.model.rope import RopeTable
 
@@ -45,7 +45,8 @@ except ImportError:  # CPU-only installs: the torch fallback serves
 @dataclass
 class KV8Cache:
     """8-bit KV cache of one layer: k int8 [B, L, H, D], v int8 [B, H, D, L] (token-contiguous, the
-    K-major operand layout that 8-bit wgmma needs for P @ V), k_scale, v_scale fp32 [B, L, H],
+    K-major operand layout that 8-bit wgmma needs for P @ V), k_scale, v_scale fp32 [B, H, L]
+    (token-contiguous: a key tile's scales are one vector load),
     k_mean fp32 [B, H, D]."""
 
     k: torch.Tensor
@@ -64,7 +65,7 @@ def kv8_alloc(B: int, L: int, H: int, D: int, device="cpu") -> KV8Cache:
     """An empty cache of L tokens (about 2*L*H*(D+4) bytes per batch entry)."""
     k = torch.zeros(B, L, H, D, dtype=torch.int8, device=device)
     v = torch.zeros(B, H, D, L, dtype=torch.int8, device=device)
-    zs = lambda: torch.ones(B, L, H, dtype=torch.float32, device=device)  # noqa: E731
+    zs = lambda: torch.ones(B, H, L, dtype=torch.float32, device=device)  # noqa: E731
     return KV8Cache(k, zs(), v, zs(), torch.zeros(B, H, D, dtype=torch.float32, device=device))
 
 
@@ -89,21 +90,21 @@ def kv8_write(cache: KV8Cache, start: int, k: torch.Tensor, v: torch.Tensor) -> 
     kq, ks = quantize_tokens(k.float() - cache.k_mean[:, None])
     vq, vs = quantize_tokens(v)
     cache.k[:, start:start + n] = kq
-    cache.k_scale[:, start:start + n] = ks
+    cache.k_scale[..., start:start + n] = ks.transpose(1, 2)
     cache.v[..., start:start + n] = vq.permute(0, 2, 3, 1)
-    cache.v_scale[:, start:start + n] = vs
+    cache.v_scale[..., start:start + n] = vs.transpose(1, 2)
 
 
 def kv8_window(cache: KV8Cache, end: int) -> KV8Cache:
     """A view of the cache's first `end` tokens (no copy)."""
-    return replace(cache, k=cache.k[:, :end], k_scale=cache.k_scale[:, :end],
-                   v=cache.v[..., :end], v_scale=cache.v_scale[:, :end])
+    return replace(cache, k=cache.k[:, :end], k_scale=cache.k_scale[..., :end],
+                   v=cache.v[..., :end], v_scale=cache.v_scale[..., :end])
 
 
 def kv8_dequantize(cache: KV8Cache, dtype=torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
     """The cache's keys and values back in `dtype`: ([B, L, H, D], [B, L, H, D])."""
-    k = cache.k.float() * cache.k_scale[..., None] + cache.k_mean[:, None]
-    v = cache.v.permute(0, 3, 1, 2).float() * cache.v_scale[..., None]
+    k = cache.k.float() * cache.k_scale.transpose(1, 2)[..., None] + cache.k_mean[:, None]
+    v = cache.v.permute(0, 3, 1, 2).float() * cache.v_scale.transpose(1, 2)[..., None]
     return k.to(dtype), v.to(dtype)
 
 
@@ -140,11 +141,12 @@ if triton is not None:
 
     @triton.jit
     def _attn8_fwd(Q, KW, KWS, KM, VW, VWS, KS, VS, POS, COS, SIN, O,
-                   sqb, sql, sqh, skb, skl, skh, sksb, sksl, svb, svh, svd, svl, svsb, svsl, smb, smh,
+                   sqb, sql, sqh, skb, skl, skh, sksb, sksh, svb, svh, svd, svl, svsb, svsh, smb, smh,
                    s2kb, s2kl, s2kh, s2vb, s2vl, s2vh, sob, sol, soh,
                    H, Lq, Lw, Ls, max_pos, qk_scale,
                    PT: tl.constexpr, PH: tl.constexpr, D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                   GATHERED: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -168,16 +170,16 @@ if triton is not None:
             qm = tl.sum(qf * mean[None, :], 1)  # [BM]
             kw = KW + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :]
             vw = VW + b * svb + h * svh + offs_d[:, None] * svd + offs_n[None, :]  # [D, BN], svl = 1
-            ksp = KWS + b * sksb + h + offs_n * sksl
-            vsp = VWS + b * svsb + h + offs_n * svsl
+            ksp = KWS + b * sksb + h * sksh + offs_n  # scales [B, H, L]: token-contiguous
+            vsp = VWS + b * svsb + h * svsh + offs_n
             w_full = (Lw // BLOCK_N) * BLOCK_N
             for start in range(0, w_full, BLOCK_N):
-                m_i, l_i, acc = _int8_step(kw + start * skl, vw + start * svl, ksp + start * sksl,
-                                           vsp + start * svsl, start + offs_n, Lw, q8, qs, qm,
+                m_i, l_i, acc = _int8_step(kw + start * skl, vw + start * svl, ksp + start,
+                                           vsp + start, start + offs_n, Lw, q8, qs, qm,
                                            m_i, l_i, acc, False)
             if w_full < Lw:
-                m_i, l_i, acc = _int8_step(kw + w_full * skl, vw + w_full * svl, ksp + w_full * sksl,
-                                           vsp + w_full * svsl, w_full + offs_n, Lw, q8, qs, qm,
+                m_i, l_i, acc = _int8_step(kw + w_full * skl, vw + w_full * svl, ksp + w_full,
+                                           vsp + w_full, w_full + offs_n, Lw, q8, qs, qm,
                                            m_i, l_i, acc, True)
 
         ks2 = KS + b * s2kb + h * s2kh + offs_n[:, None] * s2kl + offs_d[None, :]
@@ -186,7 +188,7 @@ if triton is not None:
             n = start + offs_n
             k = tl.load(ks2 + start * s2kl, mask=n[:, None] < Ls, other=0.0)
             v = tl.load(vs2 + start * s2vl, mask=n[:, None] < Ls, other=0.0)
-            k = _rope_tile(k, n, Ls, POS, COS, SIN, max_pos, PT, PH, D, BLOCK_N)
+            k = _rope_tile(k, n, Ls, POS, COS, SIN, max_pos, PT, PH, D, BLOCK_N, GATHERED)
             s = mma(q, tl.trans(k), UPCAST)
             s = tl.where(n[None, :] < Ls, s, float("-inf"))
             m_i, l_i, acc = _softmax_step(s, qk_scale, v, m_i, l_i, acc, UPCAST)
@@ -203,18 +205,20 @@ def _kernel(family: str):
         cfgs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]},
                               num_warps=c["num_warps"], num_stages=c["num_stages"])
                 for c in configs.select(configs.ATTENTION8, family)]
-        _TUNED[family] = triton.autotune(cfgs, key=["D", "PT", "PH"])(_attn8_fwd)
+        _TUNED[family] = triton.autotune(cfgs, key=["D", "PT", "PH", "GATHERED"])(_attn8_fwd)
     return _TUNED[family]
 
 
 def two_segment_attention8(q, win: KV8Cache, k_sink, v_sink, sink_pos, rope: RopeTable, scale=None,
                            backend: str = "auto", block: tuple | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, sink_cs: tuple | None = None,
+                           sink_rope: str | None = None) -> torch.Tensor:
     """Like attention.two_segment_attention, with the window read from an 8-bit cache view.
 
     q [B, Lq, H, D] bf16; win: kv8_window(cache, end) ([B, Lw, H, D], keys roped before
     quantizing); k_sink (un-roped), v_sink [B, Ls, H, D] bf16; sink_pos [Ls, 3]. Returns q.dtype.
-    backend "torch" dequantizes the window and runs the torch fallback; out: optional output tensor.
+    backend "torch" dequantizes the window and runs the torch fallback; out, sink_cs, sink_rope: as
+    two_segment_attention.
     """
     B, Lq, H, D = q.shape
     Lw, Ls = win.k.shape[1], k_sink.shape[1]
@@ -229,10 +233,7 @@ def two_segment_attention8(q, win: KV8Cache, k_sink, v_sink, sink_pos, rope: Rop
         raise RuntimeError("backend='triton' needs triton installed")
     q, k_sink, v_sink = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_sink, v_sink))
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    pos = sink_pos.to(device=q.device, dtype=torch.int32).contiguous()
-    if Ls == 0:
-        pos = torch.zeros(1, 3, dtype=torch.int32, device=q.device)
-    cos, sin = rope.cos.to(q.device), rope.sin.to(q.device)
+    pos, cos, sin, max_pos, gathered = sink_args(rope, sink_pos, Ls, q.device, sink_cs, sink_rope)
     if out is None:
         out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
     for t in (win.k, win.v, win.k_scale, win.v_scale, win.k_mean):
@@ -244,16 +245,16 @@ def two_segment_attention8(q, win: KV8Cache, k_sink, v_sink, sink_pos, rope: Rop
             win.v_scale.stride(0), win.v_scale.stride(1), win.k_mean.stride(0), win.k_mean.stride(1),
             k_sink.stride(0), k_sink.stride(1), k_sink.stride(2), v_sink.stride(0), v_sink.stride(1),
             v_sink.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            H, Lq, Lw, Ls, rope.max_len - 1, scale * LOG2E)
+            H, Lq, Lw, Ls, max_pos, scale * LOG2E)
     pt, ph, _ = rope.pairs
     up = configs.interpreting()
     if block is not None:
         grid = (triton.cdiv(Lq, block[0]), B * H)
         _attn8_fwd[grid](*args, PT=pt, PH=ph, D=D, BLOCK_M=block[0], BLOCK_N=block[1], UPCAST=up,
-                         **launch_opts(block))
+                         GATHERED=gathered, **launch_opts(block))
     else:
         grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _kernel(configs.arch_family(q.device))[grid](*args, PT=pt, PH=ph, D=D, UPCAST=up)
+        _kernel(configs.arch_family(q.device))[grid](*args, PT=pt, PH=ph, D=D, UPCAST=up, GATHERED=gathered)
     return out
 
 

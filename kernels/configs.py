@@ -62,6 +62,14 @@ QUANT_ROWS_INTERP = dict(BLOCK=64, num_warps=4)
 FP8_ENGINE = {"sm90": "triton", "sm80": "triton", "sm8x": "triton", "interp": "triton"}
 
 
+# where the sink keys' RoPE multipliers come from: "gathered" (torch gathers per-token cos/sin rows
+# once per call, [Ls, D/2] fp16; the kernel loads them as plain tiles) or "table" (the kernel gathers
+# from the RopeTable by position: dependent loads that the pipeliner cannot prefetch). Both rotate in
+# registers and give identical keys. "table" measured 5.67 ms at B=1 on the H200 (bench_kernels);
+# "gathered" is the default by prediction (no dependent gathers in the sink loop), not yet timed.
+SINK_ROPE = "gathered"
+
+
 def interpreting() -> bool:
     """True when Triton runs in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

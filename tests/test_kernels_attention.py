@@ -14,7 +14,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from lowvram.kernels import attention8 as A8  # noqa: E402
-from lowvram.kernels.attention import two_segment_attention  # noqa: E402
+from lowvram.kernels.attention import sink_rope_tables, two_segment_attention  # noqa: E402
 from lowvram.kernels.reference import attention_reference, rel_error, sqnr_db  # noqa: E402
 from lowvram.model.rope import RopeTable  # noqa: E402
 
@@ -56,11 +56,21 @@ def check_bf16(inp, rope, **kw):
 
 
 @on_cpu
-@pytest.mark.parametrize("B,D,block", [(1, 64, None), (3, 128, None), (1, 64, (16, 16)), (1, 32, (16, 32))])
-def test_bf16_two_segments(B, D, block):
-    # window 100 (a tail tile for both block sizes) as a strided view; sink 17 with negative times
+@pytest.mark.parametrize("B,D,block,mode", [(1, 64, None, "gathered"), (3, 128, None, "table"),
+                                            (1, 64, (16, 16), "table"), (1, 32, (16, 32), "gathered")])
+def test_bf16_two_segments(B, D, block, mode):
+    # window 100 (a tail tile for both block sizes) as a strided view; sink 17 with negative times;
+    # both sources of the sink's RoPE multipliers
     inp = make_inputs(B * 10 + D, B, 33, 100, 17, 2, D)
-    check_bf16(inp, RopeTable.build(D, 64), block=block)
+    check_bf16(inp, RopeTable.build(D, 64), block=block, sink_rope=mode)
+
+
+def test_sink_rope_tables_equal_the_model_gather():
+    inp = make_inputs(2, 1, 1, 0, 50, 1, 128)
+    rope = RopeTable.build(128, 64)
+    cos, sin = sink_rope_tables(rope, inp["sink_pos"])
+    ref_cos, ref_sin = rope.gather(inp["sink_pos"], dtype=torch.float16)
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin) and (inp["sink_pos"][:, 0] < 0).any()
 
 
 @on_cpu
@@ -76,7 +86,7 @@ def test_sink_rope_matters_and_positions_are_used():
     # the same sink keys at other positions must give another output (the kernel really ropes)
     inp = make_inputs(5, 1, 33, 0, 17, 2, 64)
     rope = RopeTable.build(64, 64)
-    a = two_segment_attention(**inp, rope=rope)
+    a = two_segment_attention(**inp, rope=rope, sink_cs=sink_rope_tables(rope, inp["sink_pos"]))
     inp["sink_pos"] = inp["sink_pos"].flip(0)
     b = check_bf16(inp, rope)
     assert rel_error(a, b) > 0.05
@@ -114,11 +124,11 @@ def check_8bit(inp, rope, floor_db=30.0, **kw):
 
 
 @on_cpu
-@pytest.mark.parametrize("B,D,Lw,block", [(1, 64, 100, None), (3, 128, 100, None), (1, 64, 96, (16, 32)),
-                                          (1, 32, 0, None)])
-def test_8bit_sqnr(B, D, Lw, block):
+@pytest.mark.parametrize("B,D,Lw,block,mode", [(1, 64, 100, None, "gathered"), (3, 128, 100, None, "gathered"),
+                                               (1, 64, 96, (16, 32), "table"), (1, 32, 0, None, "table")])
+def test_8bit_sqnr(B, D, Lw, block, mode):
     inp = make_inputs(B + D + Lw, B, 33, Lw, 17, 2, D, outliers=True)
-    check_8bit(inp, RopeTable.build(D, 64), block=block)
+    check_8bit(inp, RopeTable.build(D, 64), block=block, sink_rope=mode)
 
 
 def test_8bit_torch_backend():
@@ -145,6 +155,6 @@ def test_gpu_bf16_and_8bit(B, D):
     inp = make_inputs(B * D, B, 777, 3000, 701, 4, D, device="cuda", outliers=True, spare=333)
     rope = RopeTable.build(D, 256, device="cuda")
     check_bf16(inp, rope)
-    check_bf16(inp, rope, block=(64, 64))
+    check_bf16(inp, rope, block=(64, 64), sink_rope="table")
     check_8bit(inp, rope)
-    check_8bit(inp, rope, block=(64, 64))
+    check_8bit(inp, rope, block=(64, 64), sink_rope="table")
