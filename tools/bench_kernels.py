@@ -120,6 +120,8 @@ def bench_attention_shape(B, Lq, Lw, Ls, H, D, dev, sweep):
 
     row("ours bf16 (triton)", lambda: two_segment_attention(**inp, rope=rope), "bf16")
     row("ours 8-bit (triton8)", lambda: A8.two_segment_attention8(**sink, win=cache, rope=rope), "8bit")
+    row("  ours bf16, sink RoPE from table", lambda: two_segment_attention(**inp, rope=rope, sink_rope="table"),
+        "bf16")
     if torch.cuda.is_available():
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -147,6 +149,9 @@ def bench_attention_shape(B, Lq, Lw, Ls, H, D, dev, sweep):
         pbase = R.rel_error(R.attention_reference(**psub, rope=rope, compute_dtype=BF), pref)
         row(f"  ours bf16, {seg}", lambda part=part: two_segment_attention(**part, rope=rope), "bf16",
             (pref, pbase), Lw if keep == "win" else Ls)
+        if keep == "sink":  # the two sources of the sink's RoPE rows (configs.SINK_ROPE)
+            row(f"  ours bf16, {seg}, RoPE from table", lambda part=part: two_segment_attention(
+                **part, rope=rope, sink_rope="table"), "bf16", (pref, pbase), Ls)
         if keep == "win":
             psink = dict(sink, k_sink=part["k_sink"], v_sink=part["v_sink"], sink_pos=part["sink_pos"])
             row(f"  ours 8-bit, {seg}", lambda psink=psink: A8.two_segment_attention8(**psink, win=cache, rope=rope),
