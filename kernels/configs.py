@@ -52,9 +52,10 @@ GEMM = [
     dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1, archs=("interp",)),
 ]
 
-# per-token activation quantization: one row per program, BLOCK columns per step
-QUANT_ROWS = dict(BLOCK=2048, num_warps=8)
-QUANT_ROWS_INTERP = dict(BLOCK=64, num_warps=4)
+# per-token activation quantization: one row per program; rows up to SINGLE_MAX columns are read
+# once (held in registers, 16 warps past 4096 columns), longer rows in two passes of BLOCK columns
+QUANT_ROWS = dict(BLOCK=2048, num_warps=8, SINGLE_MAX=16384)
+QUANT_ROWS_INTERP = dict(BLOCK=64, num_warps=4, SINGLE_MAX=128)
 
 # FP8 GEMM engine per family: "triton" (ours, scales and bias in the epilogue) or "scaled_mm" (cuBLAS
 # torch._scaled_mm row-wise, fed by our quantization kernel). On the H200 ours was 3-6% faster at all

@@ -28,24 +28,35 @@ except ImportError:  # CPU-only installs: the torch references serve
 if triton is not None:
 
     @triton.jit
+    def _to_8bit(y, QMAX: tl.constexpr, FP8: tl.constexpr, OUT_TY: tl.constexpr):
+        y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+        if FP8:
+            yq = y.to(OUT_TY)
+        else:
+            yq = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int32).to(tl.int8)  # ties away from zero
+        return yq
+
+    @triton.jit
     def _quant_rows(X, Q, S, K, stride_x, stride_q, QMAX: tl.constexpr, FP8: tl.constexpr,
-                    BLOCK: tl.constexpr):
+                    BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+        # SINGLE: the whole row fits one block and is read once; else two passes (absmax, quantize)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
-        amax = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, K, BLOCK):
-            x = tl.load(X + row * stride_x + start + cols, mask=start + cols < K, other=0.0)
-            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-        scale = tl.maximum(tl.max(amax, 0), 1e-8) / QMAX
-        for start in range(0, K, BLOCK):
-            mask = start + cols < K
-            y = tl.load(X + row * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32) / scale
-            y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-            if FP8:
-                yq = y.to(Q.dtype.element_ty)
-            else:
-                yq = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int32).to(tl.int8)  # ties away from zero
-            tl.store(Q + row * stride_q + start + cols, yq, mask=mask)
+        if SINGLE:
+            mask = cols < K
+            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            scale = tl.maximum(tl.max(tl.abs(x), 0), 1e-8) / QMAX
+            tl.store(Q + row * stride_q + cols, _to_8bit(x / scale, QMAX, FP8, Q.dtype.element_ty), mask=mask)
+        else:
+            amax = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, K, BLOCK):
+                x = tl.load(X + row * stride_x + start + cols, mask=start + cols < K, other=0.0)
+                amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+            scale = tl.maximum(tl.max(amax, 0), 1e-8) / QMAX
+            for start in range(0, K, BLOCK):
+                mask = start + cols < K
+                y = tl.load(X + row * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32) / scale
+                tl.store(Q + row * stride_q + start + cols, _to_8bit(y, QMAX, FP8, Q.dtype.element_ty), mask=mask)
         tl.store(S + row, scale)
 
     @triton.jit
@@ -113,16 +124,21 @@ def triton_usable(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or configs.interpreting())
 
 
-def quantize_rows(x: torch.Tensor, fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token quantization x [M, K] -> (int8 or float8_e4m3fn [M, K], fp32 scale [M]) in one kernel."""
+def quantize_rows(x: torch.Tensor, fp8: bool = False, single: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token quantization x [M, K] -> (int8 or float8_e4m3fn [M, K], fp32 scale [M]) in one kernel.
+
+    single: read each row once (rows up to configs.QUANT_ROWS["SINGLE_MAX"] columns; the default
+    when they fit) or in two passes (any K)."""
     M, K = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     q = torch.empty(M, K, device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
     s = torch.empty(M, device=x.device, dtype=torch.float32)
     cfg = configs.QUANT_ROWS_INTERP if configs.interpreting() else configs.QUANT_ROWS
-    block = min(cfg["BLOCK"], triton.next_power_of_2(K))
+    single = K <= cfg["SINGLE_MAX"] if single is None else single
+    block = triton.next_power_of_2(K) if single else min(cfg["BLOCK"], triton.next_power_of_2(K))
+    warps = cfg["num_warps"] if block <= 4096 else 16
     _quant_rows[(M,)](x, q, s, K, x.stride(0), q.stride(0), QMAX=448.0 if fp8 else 127.0, FP8=fp8,
-                      BLOCK=block, num_warps=cfg["num_warps"])
+                      BLOCK=block, SINGLE=single, num_warps=warps)
     return q, s
 
 

@@ -56,10 +56,10 @@ def test_int8_linear(M, K, N, bias, block):
 
 
 @on_cpu
-@pytest.mark.parametrize("fp8", [False, True])
-def test_quantize_rows(fp8):
+@pytest.mark.parametrize("fp8,single", [(False, False), (False, True), (True, False), (True, True)])
+def test_quantize_rows(fp8, single):
     x, _, _ = make(3, 33, 200, 1)
-    q, s = gemm.quantize_rows(x, fp8=fp8)
+    q, s = gemm.quantize_rows(x, fp8=fp8, single=single)
     qr, sr = (R.quantize_rows_fp8 if fp8 else R.quantize_rows_int8)(x)
     assert torch.equal(s, sr)
     if fp8:  # the interpreter's own e4m3 cast (Triton 3.9) rounds some values down a binade:
@@ -115,9 +115,10 @@ def test_gpu_int8_and_fp8(M, K, N):
     full = x.double() @ w.double().T + b.double()
     wq, ws = R.quantize_rows_int8(w)
     check(gemm.int8_linear(x, wq, ws, b), R.int8_linear_reference(x, wq, ws, b), full, 30.0)
-    q, s = gemm.quantize_rows(x)
     qr, sr = R.quantize_rows_int8(x)
-    assert (q.int() - qr.int()).abs().max() <= 1 and torch.allclose(s, sr)
+    for single in (True, False):
+        q, s = gemm.quantize_rows(x, single=single)
+        assert (q.int() - qr.int()).abs().max() <= 1 and torch.allclose(s, sr)
     q, s = gemm.quantize_rows(x, fp8=True)
     qr, sr = R.quantize_rows_fp8(x)
     assert (q.float() == qr.float()).float().mean() > 0.999 and torch.allclose(s, sr)

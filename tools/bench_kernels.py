@@ -240,8 +240,9 @@ def bench_gemm_shape(M, K, N, dev, sweep):
     ours8 = row("ours INT8 (quant incl.)", lambda: gemm.int8_linear(x, wq, ws, b), ref8, 30.0)
     oursf = row("ours FP8 triton (quant incl.)", lambda: gemm.fp8_linear(x, wf, wfs, b, engine="triton"), reff, 25.0)
     oursfs = row("ours FP8 quant + _scaled_mm", lambda: gemm.fp8_linear(x, wf, wfs, b, engine="scaled_mm"), reff, 25.0)
-    q_ms = timed(lambda: gemm.quantize_rows(x)) if gemm.triton_usable(x) else None
-    rows.append(dict(group=group, variant="  our quant kernel alone", ms=q_ms, check="int8, per token"))
+    for single, tag in ((None, "default"), (False, "two-pass")):
+        q_ms = timed(lambda single=single: gemm.quantize_rows(x, single=single)) if gemm.triton_usable(x) else None
+        rows.append(dict(group=group, variant=f"  our quant kernel alone, {tag}", ms=q_ms, check="int8, per token"))
     im = row("torch._int_mm bare", lambda: torch._int_mm(xq, wq.t()))
     sm = row("torch._scaled_mm rowwise bare",
              lambda: torch._scaled_mm(xf, wf.t(), scale_a=xfs[:, None], scale_b=wfs[None, :], out_dtype=BF))
