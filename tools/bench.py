@@ -1,0 +1,319 @@
+"""Full-size benchmark of lowvram on one GPU: random weights built in memory (no 32 GB file).
+
+    python tools/bench.py --out $OUT                 # on the GPU: accuracy + every profile
+    python tools/bench.py --quick --device cpu       # a scaled-down dry run of the same code
+
+Part 1 (issue 4): SQNR of whole DiT forwards at 704x384 (int8 and fp8 W8A8 against bf16, same
+random weights, same inputs). Part 2 (issue 5): for each profile under its allocator cap, at least
+2 clips after a warm-up clip with the real schedule: peak VRAM (allocator reserved and NVML),
+seconds per clip, generated FPS, DiT and VAE time, PCIe bytes per forward, copy-stream busy time,
+the plan's expected peak, and a projection onto a 4090 (23 GB/s PCIe, compute scaled by peak
+throughput ratio), labelled as such. Prints a table last and writes JSON under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from lowvram.config import DiTConfig
+from lowvram.model.dit import build_model
+from lowvram.quantize.linear import QuantLinear, apply_quant_layers, quantize_weight, sqnr_db
+from lowvram.quantize.select import quantized_module
+
+GIB = 1024 ** 3
+FULL = dict(dim=5120, ffn_dim=13824, freq_dim=256, num_heads=40, num_layers=40)
+QUICK = dict(dim=256, ffn_dim=512, freq_dim=64, num_heads=2, num_layers=4, text_dim=64, audio_dim=64,
+             audio_inject_layers=[0, 3], num_audio_layers=3)
+CAPS = {"h100-80": None, "4090": 24, "16gb": 16, "12gb": 12}
+
+
+class NvmlPeak:
+    """Polls nvidia-smi for this process's GPU memory (what NVML reports, context included)."""
+
+    def __init__(self, interval=0.05):
+        self.peak, self.interval, self._stop = 0, interval, threading.Event()
+        self.ok = subprocess.run(["which", "nvidia-smi"], capture_output=True).returncode == 0
+
+    def _poll(self):
+        pid = str(os.getpid())
+        while not self._stop.is_set():
+            out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True).stdout
+            for line in out.splitlines():
+                p, _, mib = line.partition(",")
+                if p.strip() == pid:
+                    self.peak = max(self.peak, int(mib) * 2 ** 20)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        if self.ok:
+            self.t = threading.Thread(target=self._poll, daemon=True)
+            self.t.start()
+        return self
+
+    def __exit__(self, *a):
+        self._stop.set()
+
+
+def random_model(cfg: DiTConfig, scheme: str, device, out_device, seed=0):
+    """The DiT with random weights (realistic scales), Linear layers quantized to `scheme` unless bf16.
+    Tensors are generated on `device` and stored on `out_device` (the CPU for the profiles that place it)."""
+    model = build_model(cfg, "meta")
+    sd_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    names = {}
+    if scheme != "bf16":
+        names = {m: scheme for k, s in sd_shapes.items() if (m := quantized_module(k, s))}
+        apply_quant_layers(model, names)
+    g = torch.Generator(device=device).manual_seed(seed)
+    state = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        mod, _, leaf = k.rpartition(".")
+        shape = tuple(v.shape)
+        if mod in names and leaf == "qweight":
+            w = torch.randn(shape, generator=g, device=device, dtype=torch.bfloat16) * shape[1] ** -0.5
+            q, s = quantize_weight(w, scheme)
+            state[k], state[f"{mod}.scale"] = q.to(out_device), s.to(out_device)
+            continue
+        if mod in names and leaf == "scale":
+            continue
+        t = torch.randn(shape, generator=g, device=device, dtype=torch.float32)
+        if k.endswith("weight") and len(shape) >= 2:
+            fan_in = int(torch.tensor(shape[1:]).prod())
+            t = t * fan_in ** -0.5
+        elif k.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight")):
+            t = 1 + 0.05 * t
+        else:
+            t = t * 0.05
+        state[k] = t.to(torch.bfloat16).to(out_device)
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def quantize_copy(model, scheme):
+    """QuantLinear copies of every quantizable Linear of a bf16 model (name -> module)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and quantized_module(name + ".weight", tuple(m.weight.shape)):
+            out[name] = QuantLinear.from_linear(m, scheme)
+    return out
+
+
+def swap(model, modules: dict):
+    old = {}
+    for name, new in modules.items():
+        parent, _, child = name.rpartition(".")
+        p = model.get_submodule(parent)
+        old[name] = getattr(p, child)
+        setattr(p, child, new)
+    return old
+
+
+def synthetic_inputs(cfg, h, w, device, seed=1):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    ctx = torch.randn(40, cfg.text_dim, generator=g)
+    ref = torch.randn(1, 16, 1, h, w, generator=g)
+    motion = torch.randn(1, 16, 19, h, w, generator=g)
+    audio = torch.randn(1, cfg.num_audio_layers, cfg.audio_dim, 48 * 4, generator=g) * 0.5
+    return ctx, ref, motion, audio
+
+
+def accuracy(cfg, h, w, device, log):
+    """SQNR of DiT forwards (sink + 2 blocks, 2 steps each) for int8 and fp8 against bf16."""
+    from lowvram.kv_cache import GpuKVCache
+
+    model = random_model(cfg, "bf16", device, device)
+    ctx, ref, motion, audio = synthetic_inputs(cfg, h, w, device)
+    tokens = (h // 2) * (w // 2)
+    g = torch.Generator(device="cpu").manual_seed(5)
+    xs = [torch.randn(1, 16, 3, h, w, generator=g).to(device, torch.bfloat16) for _ in range(2)]
+
+    def forwards():
+        c = model.embed_text([ctx])
+        sink = model.prefill_sink(ref.to(device, torch.bfloat16), motion.to(device, torch.bfloat16), c)
+        kv = GpuKVCache(cfg.num_layers, 12 * tokens, 1, cfg.num_heads, cfg.head_dim, torch.bfloat16, device)
+        outs = []
+        for b, x in enumerate(xs):
+            for t in (1000.0, 857.6923):
+                outs.append(model(x, torch.full((1, 3), t, device=device), c, audio[..., :12].to(device), kv, sink,
+                                  3 * b, 10).float().cpu())
+        del kv, sink
+        return outs
+
+    res = {}
+    t0 = time.perf_counter()
+    ref_out = forwards()
+    res["bf16_forward_s"] = (time.perf_counter() - t0) / len(ref_out)
+    for scheme in ("int8", "fp8"):
+        if scheme == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            res[scheme] = "n/a: FP8 needs sm_89+"
+            continue
+        q = quantize_copy(model, scheme)
+        old = swap(model, q)
+        outs = forwards()
+        swap(model, old)
+        del q
+        res[scheme] = [round(sqnr_db(a, b), 2) for a, b in zip(ref_out, outs)]
+        log(f"accuracy {scheme}: SQNR per forward {res[scheme]} dB")
+    del model
+    gc.collect()
+    return res
+
+
+def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, vae=None, overrides=None):
+    """One profile: plan, place a random-weight model, warm up one clip, time `clips` clips."""
+    from lowvram.pipeline import Generator
+    from lowvram.planner import make_plan
+    from lowvram.profile import Profile
+    from lowvram.runtime import guarded, place
+    from lowvram.schedule import BlockIndex
+
+    prof = Profile.from_name(name, **(overrides or {}))
+    if scheme_override:
+        prof = Profile.from_name(name, **{**(overrides or {}), "quant": scheme_override})
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total) if cap_gib else 1.0, device)
+        torch.cuda.reset_peak_memory_stats(device)
+    free = min(cap_gib * GIB, torch.cuda.mem_get_info(device)[0]) if (cap_gib and device.type == "cuda") else None
+    plan = make_plan(prof, cfg, w * 8, h * 8, free_vram_bytes=free, sink_dtype="bf16")
+    log(f"[{name}] {plan.headline()}")
+    t0 = time.perf_counter()
+    model = random_model(cfg, prof.quant, device, "cpu")
+    model.attention = prof.attention if device.type == "cuda" else "sdpa"
+    tokens = (h // 2) * (w // 2)
+    placement = place(model, plan, device, tokens, dtype=torch.bfloat16)
+    build_s = time.perf_counter() - t0
+    ctx, ref, motion, audio = synthetic_inputs(cfg, h, w, device)
+    gen = Generator(model, vae, ctx, audio, ref, motion, 4, 420, device, torch.bfloat16, kv_caches=placement.kv,
+                    guard=lambda f: guarded(f, placement, log))
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def clip(c):
+        dit = dec = 0.0
+        for b in range(4):
+            sync()
+            t = time.perf_counter()
+            lat = gen.denoise_block(BlockIndex(c, b))
+            sync()
+            dit += time.perf_counter() - t
+            t = time.perf_counter()
+            gen.decode(lat)
+            sync()
+            dec += time.perf_counter() - t
+        return dit, dec
+
+    clip(0)  # warm-up (Triton autotuning, cuDNN plans, first pinned copies)
+    placement.reset_stats()
+    with NvmlPeak() as nv:
+        times = [clip(c) for c in range(1, clips + 1)]
+    sync()
+    stats = placement.stats()
+    dit = sum(t[0] for t in times) / clips
+    dec = sum(t[1] for t in times) / clips
+    per_clip = dit + dec
+    forwards = 16 * clips
+    blk, kvs = stats.get("blocks", {}), stats.get("kv", {})
+    h2d = blk.get("bytes_h2d", 0) + kvs.get("bytes_h2d", 0)
+    busy = blk.get("copy_busy_s", 0.0) + kvs.get("copy_busy_s", 0.0)
+    res = dict(profile=name, cap_gib=cap_gib, scheme=prof.quant, attention=model.attention,
+               resident=len(plan.resident), streamed=len(plan.streamed), kv=f"{plan.kv_caches[0]}/{plan.kv_dtype}",
+               build_s=round(build_s, 1), s_per_clip=round(per_clip, 3), dit_s_per_clip=round(dit, 3),
+               vae_s_per_clip=round(dec, 3), fps=round(48 / per_clip, 2),
+               pcie_h2d_gb_per_forward=round(h2d / forwards / 1e9, 3),
+               plan_pcie_gb_per_forward=round(plan.pcie_h2d_bytes / 1e9, 3),
+               copy_busy_fraction=round(busy / (dit * clips), 3) if dit else 0.0,
+               expected_peak_gib=round(plan.generate_peak_bytes / GIB, 2),
+               peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / GIB, 2) if device.type == "cuda" else 0,
+               peak_nvml_gib=round(nv.peak / GIB, 2), raw_stats=stats)
+    # projection onto a 4090 (labelled): compute scaled by peak INT8 (660 vs this GPU's measured class),
+    # PCIe traffic at 23 GB/s; the clip takes the larger of the two when copies overlap compute
+    res["projected_4090_pcie_s_per_forward"] = round(h2d / forwards / 23e9, 3)
+    del gen, placement, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    log(f"[{name}] {res['fps']} FPS, {res['s_per_clip']} s/clip, peak reserved {res['peak_reserved_gib']} GiB, "
+        f"NVML {res['peak_nvml_gib']} GiB, expected {res['expected_peak_gib']} GiB")
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--quick", action="store_true", help="scaled-down model and size (a dry run of the code)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--clips", type=int, default=2)
+    ap.add_argument("--profiles", default="h100-80,4090,16gb,12gb")
+    ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--resident-int8", action="store_true", default=True,
+                    help="also run the 4090's scheme all-resident (the throughput reference)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = DiTConfig.from_dict(QUICK if args.quick else FULL)
+    h, w = (16, 16) if args.quick else (48, 88)  # latent size of 704x384
+    logs = []
+
+    def log(msg):
+        print(msg, flush=True)
+        logs.append(msg)
+
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+               "size": f"{w * 8}x{h * 8}"}
+    if not args.skip_accuracy:
+        results["accuracy"] = accuracy(cfg, h, w, device, log)
+        (out / "bench.json").write_text(json.dumps(results, indent=1))
+    from lowvram.model.vae import VAEConfig, WanVAE
+
+    with torch.device(device):
+        vae = WanVAE(VAEConfig(dim=16 if args.quick else 96)).to(torch.bfloat16).eval()
+    runs = []
+    names = args.profiles.split(",")
+    if args.resident_int8 and "4090" in names:
+        runs.append(("4090", None, dict(vram_budget_gib=76.0, kv_placement="gpu", kv_dtype="bf16",
+                                        blocks_resident=40 if not args.quick else 4), "4090-all-resident"))
+    runs += [(n, CAPS.get(n), None, n) for n in names]
+    results["profiles"] = []
+    for name, cap, ov, label in runs:
+        try:
+            r = profile_run(cfg, name, cap, None, h, w, device, args.clips, log, vae=vae, overrides=ov)
+        except Exception as e:  # one profile failing must not lose the others' numbers
+            r = {"profile": name, "error": f"{type(e).__name__}: {e}"[:500]}
+            log(f"[{label}] failed: {r['error']}")
+        r["label"] = label
+        results["profiles"].append(r)
+        (out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "bench.log").write_text("\n".join(logs))
+    print("\n| run | scheme | attn | resident | KV | s/clip | DiT s | VAE s | FPS | PCIe GB/fwd | copy busy | "
+          "expected GiB | reserved GiB | NVML GiB |")
+    print("|" + "---|" * 14)
+    for r in results["profiles"]:
+        if "error" in r:
+            print(f"| {r['label']} | error: {r['error'][:80]} |")
+            continue
+        print(f"| {r['label']} | {r['scheme']} | {r['attention']} | {r['resident']}/{r['resident'] + r['streamed']} | "
+              f"{r['kv']} | {r['s_per_clip']} | {r['dit_s_per_clip']} | {r['vae_s_per_clip']} | {r['fps']} | "
+              f"{r['pcie_h2d_gb_per_forward']} | {r['copy_busy_fraction']} | {r['expected_peak_gib']} | "
+              f"{r['peak_reserved_gib']} | {r['peak_nvml_gib']} |")
+    if "accuracy" in results:
+        print("accuracy (SQNR dB per forward vs bf16):", json.dumps(results["accuracy"]))
+
+
+if __name__ == "__main__":
+    main()
