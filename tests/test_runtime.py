@@ -15,11 +15,12 @@ TOKENS = (HW[0] // 2) * (HW[1] // 2)
 
 def _inputs(model, seed=0):
     g = torch.Generator().manual_seed(seed)
-    dt = model.dtype
-    ctx = model.embed_text([torch.randn(6, model.cfg.text_dim, generator=g)])
-    ref, mot = torch.randn(1, 16, 1, *HW, generator=g).to(dt), torch.randn(1, 16, 19, *HW, generator=g).to(dt)
-    xs = [torch.randn(1, 16, 3, *HW, generator=g).to(dt) for _ in range(5)]
-    audio = torch.randn(1, model.cfg.num_audio_layers, model.cfg.audio_dim, 12, generator=g)
+    dt, dev = model.dtype, model.patch_embedding.weight.device
+    ctx = model.embed_text([torch.randn(6, model.cfg.text_dim, generator=g).to(dev)])
+    ref = torch.randn(1, 16, 1, *HW, generator=g).to(dev, dt)
+    mot = torch.randn(1, 16, 19, *HW, generator=g).to(dev, dt)
+    xs = [torch.randn(1, 16, 3, *HW, generator=g).to(dev, dt) for _ in range(5)]
+    audio = torch.randn(1, model.cfg.num_audio_layers, model.cfg.audio_dim, 12, generator=g).to(dev)
     return ctx, ref, mot, xs, audio
 
 
@@ -29,8 +30,8 @@ def _run(model, placement, seed=0):
     outs = []
     for b, x in enumerate(xs):  # 5 blocks: the 12-frame ring wraps at block 4
         for i, kv in enumerate(placement.kv[:2]):
-            outs.append(guarded(lambda: model(x, torch.full((1, 3), 500.0 + i), ctx, audio, kv, sink, 3 * b, 9),
-                                placement))
+            t = torch.full((1, 3), 500.0 + i, device=x.device)
+            outs.append(guarded(lambda: model(x, t, ctx, audio, kv, sink, 3 * b, 9), placement).cpu())
     return outs
 
 
@@ -39,16 +40,17 @@ def _plan(model, **kw):
     return make_plan(prof, model.cfg, HW[1] * 8, HW[0] * 8, sink_dtype="bf16")
 
 
-def test_streamed_blocks_and_host_kv_equal_the_resident_model(tiny_ckpt):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_streamed_blocks_and_host_kv_equal_the_resident_model(tiny_ckpt, device):
     """bf16, as on the GPU (the host caches hold bf16): bit-identical outputs."""
     ckpt, lora = tiny_ckpt
     bf = torch.bfloat16
     resident = load_dit(ckpt, lora=lora, dtype=bf)
-    want = _run(resident, place(resident, None, "cpu", TOKENS, dtype=bf))
+    want = _run(resident, place(resident, None, device, TOKENS, dtype=bf))
     model = load_dit(ckpt, lora=lora, dtype=bf)
     plan = _plan(model, blocks_resident=1, kv_dtype="bf16")
     assert len(plan.streamed) == model.cfg.num_layers - 1 and set(plan.kv_caches) == {"host"}
-    placement = place(model, plan, "cpu", TOKENS, dtype=bf)
+    placement = place(model, plan, device, TOKENS, dtype=bf)
     got = _run(model, placement)
     for a, b in zip(want, got):
         assert torch.equal(a, b)
