@@ -263,6 +263,8 @@ def main(argv=None):
                     help="also run the 4090's scheme all-resident (the throughput reference)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # the allocator cap needs an index
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = DiTConfig.from_dict(QUICK if args.quick else FULL)
