@@ -145,7 +145,7 @@ def _kernel(family: str):
 
 def triton_usable(x: torch.Tensor) -> bool:
     """Whether the Triton path can run for tensors on x's device."""
-    return triton is not None and (x.is_cuda or configs.interpreting())
+    return triton is not None and (x.is_cuda or configs.interpreter_ready())
 
 
 def launch_opts(block: tuple) -> dict:

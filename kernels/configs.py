@@ -76,6 +76,23 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+INTERPRETER_WHY = ("CPU kernel tests need Triton's interpreter: TRITON_INTERPRET=1 must be set before triton is "
+                   "first imported (tests/conftest.py should set it when no CUDA GPU is present)")
+
+
+def interpreter_ready() -> bool:
+    """True when TRITON_INTERPRET=1 was set before triton was imported, so kernels can run on the CPU.
+
+    Triton decides at import time whether its own library functions (tl.zeros, tl.max, ...) are
+    interpreted; setting the variable later leaves them compiled-only and every launch fails."""
+    if not interpreting():
+        return False
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.zeros, InterpretedFunction)
+
+
 def arch_family(device=None) -> str:
     """The family name of the device that runs the kernels ("interp" under the interpreter)."""
     if interpreting() or not torch.cuda.is_available():

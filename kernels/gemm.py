@@ -121,7 +121,7 @@ def _gemm_kernel(family: str):
 
 def triton_usable(x: torch.Tensor) -> bool:
     """Whether the Triton path can run for tensors on x's device."""
-    return triton is not None and (x.is_cuda or configs.interpreting())
+    return triton is not None and (x.is_cuda or configs.interpreter_ready())
 
 
 def quantize_rows(x: torch.Tensor, fp8: bool = False, single: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from lowvram.kernels.configs import INTERPRETER_WHY, interpreter_ready  # noqa: E402
+
 from lowvram.kernels import attention8 as A8  # noqa: E402
 from lowvram.kernels.attention import sink_rope_tables, two_segment_attention  # noqa: E402
 from lowvram.kernels.reference import attention_reference, rel_error, sqnr_db  # noqa: E402
@@ -21,7 +23,7 @@ from lowvram.model.rope import RopeTable  # noqa: E402
 BF = torch.bfloat16
 cuda = pytest.mark.cuda
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-on_cpu = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tests run in the interpreter")
+on_cpu = pytest.mark.skipif(not interpreter_ready(), reason=INTERPRETER_WHY)
 
 
 def make_inputs(seed, B, Lq, Lw, Ls, H, D, device="cpu", outliers=False, spare=7):

@@ -15,12 +15,14 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from lowvram.kernels.configs import INTERPRETER_WHY, interpreter_ready  # noqa: E402
+
 from lowvram.kernels import gemm  # noqa: E402
 from lowvram.kernels import reference as R  # noqa: E402
 
 cuda = pytest.mark.cuda
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-on_cpu = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tests run in the interpreter")
+on_cpu = pytest.mark.skipif(not interpreter_ready(), reason=INTERPRETER_WHY)
 SMALL = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)
 
 
