@@ -298,6 +298,11 @@ def main(argv=None):
         except Exception as e:  # one profile failing must not lose the others' numbers
             r = {"profile": name, "error": f"{type(e).__name__}: {e}"[:500]}
             log(f"[{label}] failed: {r['error']}")
+            import traceback
+            log(traceback.format_exc()[-1500:])
+        gc.collect()  # a failed run's model and caches must not stay on the GPU for the next profile
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         r["label"] = label
         results["profiles"].append(r)
         (out / "bench.json").write_text(json.dumps(results, indent=1, default=str))

@@ -35,5 +35,5 @@ def attend_two_segments(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeTab
         if k_win is None:
             k_win = q.new_empty(q.shape[0], 0, *q.shape[2:])
             v_win = k_win
-        return two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos, rope)
+        return two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos.to(q.device), rope)
     raise ValueError(f"unknown attention backend {backend!r}; use one of {', '.join(BACKENDS)}")
