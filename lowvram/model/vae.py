@@ -139,7 +139,7 @@ class WanVAE(nn.Module):
         if self.cfg.z_dim != len(LATENT_MEAN):
             raise LowvramError(f"the Wan2.1 latent statistics have {len(LATENT_MEAN)} channels, "
                                f"this VAE has z_dim {self.cfg.z_dim}; use a z_dim-16 checkpoint")
-        kw = dict(dtype=self.dtype, device=like.device)
+        kw = dict(dtype=self.dtype, device=self.device)  # the latents are moved to the model's device
         mean = torch.tensor(LATENT_MEAN, **kw).view(1, -1, 1, 1, 1)
         inv_std = 1.0 / torch.tensor(LATENT_STD, **kw).view(1, -1, 1, 1, 1)
         return mean, inv_std
