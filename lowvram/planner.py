@@ -46,11 +46,11 @@ VAE_ACT_BYTES_PER_PIXEL = {"frame": 4640.0, "tiled": 4640.0 / 3}
 CONTEXT_BYTES = int(0.6 * GIB)  # CUDA context, cuBLAS/cuDNN handles, loaded kernels (NVML sees them)
 ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation, as a fraction of the allocated peak
 ACT_MARGIN = 1.1  # activations: headroom over the measured bf16 forward (W8A8 adds its int8 copies)
-# W8A8 forward (eager per-token quantization, int32 GEMM outputs and their fp32 rescale, plus the allocator's
-# fragmentation around them): tools/bench.py on the H200 at 704x384 (2026-11-21) measured NVML peaks of the
-# 4090/16gb/12gb profiles 1.4-2.2 GiB over the bf16-fitted plan with the FFN run over all 3168 tokens at once,
-# ~71 bytes per (token x ffn channel). The FFN now runs one latent frame of tokens at a time.
-W8A8_BYTES_PER_TOKEN_FFN = 71
+# Measured, not modelled: tools/bench.py on the H200 at 704x384 (2026-11-21, two runs) found the NVML peaks of
+# the W8A8 profiles (4090, 16gb, 12gb) 1.8-2.2 GiB over the plan built from the bf16-fitted terms above (eager
+# per-token activation quantization, int32 GEMM outputs and their fp32 rescale, cuDNN workspaces and the
+# allocator's fragmentation around them). Planned as this much per query token.
+W8A8_UNATTRIBUTED_BYTES_PER_QUERY = int(2.0 * GIB / 3168)
 HOST_RESERVE = 8 * GIB  # host RAM for the OS, Python, torch and the loader besides the plan's buffers
 PCIE_4090 = 23e9  # bytes/s, pinned host->GPU on PCIe 4.0 x16 (anchors.md §3)
 
@@ -290,11 +290,12 @@ def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vr
     fixed.append(PlanItem("VAE decoder + time cache", "gpu",
                           int(2 * VAE_DECODER_PARAMS + VAE_CACHE_BYTES_PER_PIXEL * pixels), "bf16"))
     act_dit = forward_activation_bytes(cfg, lq, cap + sink, sink, profile.attention)
-    if profile.quant != "bf16":
-        act_dit = max(act_dit, W8A8_BYTES_PER_TOKEN_FFN * tk["per_frame"] * cfg.ffn_dim)
     act_vae = int(VAE_ACT_BYTES_PER_PIXEL[profile.vae_decode] * pixels)
     act = PlanItem("activations: max(DiT forward, VAE decode of one latent frame)", "gpu", max(act_dit, act_vae),
                    f"DiT {act_dit / GIB:.2f}, VAE {act_vae / GIB:.2f} ({profile.vae_decode})")
+    if profile.quant != "bf16":
+        fixed.append(PlanItem("W8A8 transients + fragmentation (measured on H200)", "gpu",
+                              W8A8_UNATTRIBUTED_BYTES_PER_QUERY * lq, "tools/bench.py"))
     n_prefetch = profile.prefetch_blocks + 1
 
     def generate_peak(streamed: set[int]) -> tuple[int, list[PlanItem]]:

@@ -259,8 +259,8 @@ def main(argv=None):
     ap.add_argument("--clips", type=int, default=2)
     ap.add_argument("--profiles", default="h100-80,4090,16gb,12gb")
     ap.add_argument("--skip-accuracy", action="store_true")
-    ap.add_argument("--resident-int8", action="store_true", default=True,
-                    help="also run the 4090's scheme all-resident (the throughput reference)")
+    ap.add_argument("--no-resident", action="store_true",
+                    help="skip the 4090's scheme all-resident (the throughput reference)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
@@ -287,7 +287,7 @@ def main(argv=None):
         vae = WanVAE(VAEConfig(dim=16 if args.quick else 96)).to(torch.bfloat16).eval()
     runs = []
     names = args.profiles.split(",")
-    if args.resident_int8 and "4090" in names:
+    if not args.no_resident and "4090" in names:
         runs.append(("4090", None, dict(vram_budget_gib=76.0, kv_placement="gpu", kv_dtype="bf16",
                                         blocks_resident=40 if not args.quick else 4), "4090-all-resident"))
     runs += [(n, CAPS.get(n), None, n) for n in names]
