@@ -135,6 +135,9 @@ def check_inputs(opts: RunOptions) -> Inputs:
         raise LowvramError(f"--num-clip must be at least 1 (got {opts.num_clip})")
     if opts.steps < 1 or opts.steps > 50:
         raise LowvramError(f"--steps must be between 1 and 50 (got {opts.steps}); LiveAvatar is distilled for 4")
+    from lowvram.model.attention import check_backend
+
+    check_backend(opts.attention)
     check_output_path(str(opts.out))
     image, (w, h) = load_image(str(opts.image), area)
     block_seconds = FRAMES_PER_BLOCK * 4 / FPS

@@ -189,3 +189,18 @@ def test_sink_positions_follow_the_rolling_formula():
     for n, d, want in [(0, 30, 30), (12, 10, 30), (27, 4, 31), (60, 7, 67)]:
         p = s.positions(n, d)
         assert (p[:4, 0] == want).all() and (p[4:, 0] == -1).all()
+
+
+def test_triton_attention_backend_matches_sdpa(tiny):
+    """The two-segment kernel (interpreted on the CPU in CI) inside the model, against the SDPA path."""
+    model, ctx, sink, g, hw = tiny
+    x = torch.randn(1, 16, 3, *hw, generator=g)
+    audio = torch.randn(1, 3, model.cfg.audio_dim, 12, generator=g)
+    outs = {}
+    for backend in ("sdpa", "triton"):
+        model.attention = backend
+        kv = _new_kv(model, hw)
+        _step(model, ctx, sink, kv, torch.randn(1, 16, 3, *hw, generator=torch.Generator().manual_seed(1)), audio, 0)
+        outs[backend] = _step(model, ctx, sink, kv, x, audio, 3)
+    model.attention = "sdpa"
+    torch.testing.assert_close(outs["triton"], outs["sdpa"], rtol=2e-3, atol=2e-3)
