@@ -204,3 +204,15 @@ def test_triton_attention_backend_matches_sdpa(tiny):
         outs[backend] = _step(model, ctx, sink, kv, x, audio, 3)
     model.attention = "sdpa"
     torch.testing.assert_close(outs["triton"], outs["sdpa"], rtol=2e-3, atol=2e-3)
+
+
+def test_rope_table_grows_past_45000_positions_without_changing_earlier_entries(tiny):
+    model, ctx, sink, g, hw = tiny
+    small = model.rope
+    model._rope = RopeTable.build(model.cfg.head_dim, 64)
+    x = torch.randn(1, 16, 3, *hw, generator=g)
+    audio = torch.randn(1, 3, model.cfg.audio_dim, 12, generator=g)
+    _step(model, ctx, sink, _new_kv(model, hw), x, audio, start_frame=90)   # needs positions >= 64
+    assert model.rope.max_len == 128
+    torch.testing.assert_close(model.rope.cos[:64], small.cos[:64], rtol=0, atol=0)
+    model._rope = small

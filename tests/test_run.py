@@ -139,3 +139,27 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_ckpt, inputs, tmp_
     lines = [l for l in res.output.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.output
     assert not any(Path(tmp_path).iterdir())
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_quantized_checkpoint_runs_and_stays_close(first, tiny_ckpt, inputs, tmp_path, scheme):
+    from lowvram.quantize.convert import convert
+
+    ckpt, lora = tiny_ckpt
+    qdir = tmp_path / f"q-{scheme}"
+    convert(ckpt, qdir, scheme, lora=lora, progress=False)
+    res = run(_opts(tiny_ckpt, inputs, tmp_path / "q.mp4", ckpt_dir=qdir, lora=None, num_clip=1),
+              log=lambda *a: None)
+    frames, fps, _ = _frames(res.out)
+    assert frames.shape[0] == 45 and fps == 25
+    ref = _frames(first.out)[0][:45].astype(np.float64)
+    err = np.abs(frames.astype(np.float64) - ref).mean()
+    assert 0 < err < 20, err           # same seed: close to the bf16-merged run, not identical
+
+
+def test_online_decode_refreshes_the_sink_at_clip_1(first, tiny_ckpt, inputs, tmp_path):
+    res = run(_opts(tiny_ckpt, inputs, tmp_path / "o.mp4", online_decode=True), log=lambda *a: None)
+    a, b = _frames(first.out)[0], _frames(res.out)[0]
+    assert a.shape == b.shape
+    assert np.array_equal(a[:45], b[:45])          # clip 0 is generated before the refresh
+    assert not np.array_equal(a[45:], b[45:])      # clip 1 sees the new ref + motion sink

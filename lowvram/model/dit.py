@@ -71,6 +71,17 @@ class LiveAvatarDiT(nn.Module):
             self._rope = RopeTable.build(self.cfg.head_dim, self.cfg.rope_max_len, device=dev)
         return self._rope
 
+    def _rope_for(self, last_frame: int) -> RopeTable:
+        """The table, grown (doubled) past the reference's 45000 positions for videos longer than ~2 h;
+        entries below the old length are unchanged (each is computed on its own in float64)."""
+        table = self.rope
+        if last_frame >= table.max_len:
+            n = table.max_len
+            while last_frame >= n:
+                n *= 2
+            self._rope = table = RopeTable.build(self.cfg.head_dim, n, device=table.cos.device)
+        return table
+
     def embed_text(self, contexts: list[torch.Tensor]) -> torch.Tensor:
         """T5 outputs cut to their real length [L_i, text_dim] -> zero-padded to text_len -> [B, text_len, dim]."""
         L = self.cfg.text_len
@@ -143,9 +154,9 @@ class LiveAvatarDiT(nn.Module):
         frames = grid[0]
         # no pose video: cond_encoder(0) is exactly its bias
         tokens = tokens + self.cond_encoder.bias.to(dt) + self.trainable_cond_mask.weight[0].to(dt)
-        cos, sin = self.rope.gather(grid_positions(range(start_frame, start_frame + frames),
-                                                   range(grid[1]), range(grid[2])))
         sink_pos = sink.positions(start_frame, ref_shift)
+        rope = self._rope_for(max(start_frame + frames, int(sink_pos[:, 0].max())))
+        cos, sin = rope.gather(grid_positions(range(start_frame, start_frame + frames), range(grid[1]), range(grid[2])))
         e, e0 = self._time(t.to(tokens.device))
         n_new = tokens.shape[1]
         kv.begin_forward(start_frame * grid[1] * grid[2], n_new)
@@ -154,7 +165,7 @@ class LiveAvatarDiT(nn.Module):
             def attend(q, k, v, i=i):
                 k_win, v_win = kv.update(i, rope_apply(k, cos, sin), v)
                 out = attend_two_segments(rope_apply(q, cos, sin), k_win, v_win, sink.k[i], sink.v[i],
-                                          sink_pos, self.rope, self.attention)
+                                          sink_pos, rope, self.attention)
                 kv.done(i)
                 return out
             h = block(h, e0, context, attend, frames)
