@@ -158,8 +158,27 @@ def encode_prompt(ckpt, prompt: str, device, dtype, t5_mode: str, log=print) -> 
     enc = load_text_encoder(ckpt.root, device=device, dtype=t5_dtype, quant=t5_mode)
     ctx = enc.encode([prompt])[0].float().cpu()
     _free(enc)
+    if t5_mode != "bf16":
+        report_t5_cosine(ckpt, prompt, ctx, device, t5_dtype, t5_mode, log)
     prompt_cache.store(key, ctx)
     return ctx
+
+
+def report_t5_cosine(ckpt, prompt, ctx, device, dtype, t5_mode, log=print):
+    """Once per T5 file and mode: the cosine of the 8/4-bit embedding against bf16, computed with the bf16
+    encoder after the quantized one is freed (the same encode-phase memory as a bf16 run)."""
+    from lowvram.model.text_encoder import embedding_cosine, load_text_encoder
+
+    marker = prompt_cache.cache_dir() / f"t5-cosine-{prompt_cache.prompt_key('', ckpt.t5, t5_mode)}.txt"
+    if marker.is_file():
+        return
+    enc = load_text_encoder(ckpt.root, device=device, dtype=dtype, quant="bf16")
+    ref = enc.encode([prompt])[0].float().cpu()
+    _free(enc)
+    cos = embedding_cosine([ctx], [ref])
+    log(f"umT5 {t5_mode}: embedding cosine against bf16 {cos:.4f} (printed once for this T5 file)")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"{cos:.6f}\n")
 
 
 def encode_audio(ckpt, wave, device, num_clip: int | None):

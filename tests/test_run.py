@@ -163,3 +163,19 @@ def test_online_decode_refreshes_the_sink_at_clip_1(first, tiny_ckpt, inputs, tm
     assert a.shape == b.shape
     assert np.array_equal(a[:45], b[:45])          # clip 0 is generated before the refresh
     assert not np.array_equal(a[45:], b[45:])      # clip 1 sees the new ref + motion sink
+
+
+def test_quantized_t5_prints_its_cosine_against_bf16_once(tiny_ckpt, inputs, tmp_path):
+    from lowvram.pipeline import encode_prompt
+    from lowvram.weights import discover
+
+    logs = []
+    ckpt = discover(tiny_ckpt[0])
+    import torch
+    for prompt in ("first prompt for int8", "second prompt for int8"):
+        ctx = encode_prompt(ckpt, prompt, torch.device("cpu"), torch.float32, "int8", logs.append)
+        assert ctx.ndim == 2 and torch.isfinite(ctx).all()
+    lines = [m for m in logs if "cosine against bf16" in m]
+    assert len(lines) == 1
+    cos = float(lines[0].split("bf16 ")[1].split()[0])
+    assert 0.9 < cos <= 1.0
