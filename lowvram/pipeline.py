@@ -182,15 +182,27 @@ def report_t5_cosine(ckpt, prompt, ctx, device, dtype, t5_mode, log=print):
 
 
 def encode_audio(ckpt, wave, device, num_clip: int | None):
-    """wav2vec2 features bucketed to 25 fps video frames: ([1, L+1, D, N], clips to generate)."""
-    from lowvram.model.audio_encoder import bucket_audio_features, load_audio_encoder
+    """wav2vec2 features per clip (lowvram.audio_features) and the number of clips to generate."""
+    from lowvram.audio_features import ClipAudio
+    from lowvram.model.audio_encoder import load_audio_encoder
 
-    enc = load_audio_encoder(ckpt.root, device=device,
-                             dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    hidden = enc.hidden_states(wave)
-    _free(enc)
-    feats, clips = bucket_audio_features(hidden.float().cpu(), video_fps=FPS, clip_frames=CLIP_FRAMES)
-    return feats, clips if num_clip is None else min(clips, num_clip)
+    def encoder(device=device):
+        return load_audio_encoder(ckpt.root, device=device,
+                                  dtype=torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+
+    feats = ClipAudio(encoder, wave, device, video_fps=FPS, clip_frames=CLIP_FRAMES)
+    _free()  # the whole-file encoder is gone; a windowed one waits on the CPU
+    return feats, feats.num_clips if num_clip is None else min(feats.num_clips, num_clip)
+
+
+class _AllClips:
+    """Features of every frame already in one tensor [1, L+1, D, N] (benchmarks, tests)."""
+
+    def __init__(self, feats):
+        self.feats = feats
+
+    def clip(self, r: int):
+        return self.feats[..., r * CLIP_FRAMES:(r + 1) * CLIP_FRAMES]
 
 
 def encode_conditioning(vae, image: torch.Tensor):
@@ -239,7 +251,7 @@ class Generator:
 
         self.model, self.vae, self.device, self.dtype = model, vae, device, dtype
         self.context = model.embed_text([context])
-        self.audio = audio_feats
+        self.audio = audio_feats if hasattr(audio_feats, "clip") else _AllClips(audio_feats)
         self.sigmas = flow_sigmas(steps)
         self.t = model_timesteps(self.sigmas)
         self.seed = seed
@@ -262,10 +274,11 @@ class Generator:
                                             self.context)
 
     def block_audio(self, idx: BlockIndex) -> torch.Tensor:
-        sl = idx.audio_slice
-        a = self.audio[..., sl.start:sl.stop]
-        if a.shape[-1] < sl.stop - sl.start:  # past the end of the audio: zero features
-            a = torch.nn.functional.pad(a, (0, sl.stop - sl.start - a.shape[-1]))
+        """The block's 12 video-rate feature frames [1, L+1, D, 12] (zeros past the audio's end)."""
+        n = FRAMES_PER_BLOCK * 4
+        a = self.audio.clip(idx.clip)[..., idx.block * n:(idx.block + 1) * n]
+        if a.shape[-1] < n:
+            a = torch.nn.functional.pad(a, (0, n - a.shape[-1]))
         return a.to(self.device)
 
     def denoise_block(self, idx: BlockIndex) -> torch.Tensor:

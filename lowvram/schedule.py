@@ -56,12 +56,6 @@ class BlockIndex:
         """Absolute latent frame index of the block's first frame (the RoPE time position)."""
         return (self.clip * self.blocks_per_clip + self.block) * FRAMES_PER_BLOCK
 
-    @property
-    def audio_slice(self) -> slice:
-        """Video-rate audio feature frames of this block (12 = 4 per latent frame)."""
-        a = self.clip * CLIP_FRAMES + self.block * FRAMES_PER_BLOCK * 4
-        return slice(a, a + FRAMES_PER_BLOCK * 4)
-
 
 def output_frames(num_clips: int) -> int:
     return CLIP_FRAMES * num_clips - DROPPED_FRAMES

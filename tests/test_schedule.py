@@ -25,8 +25,7 @@ def test_euler_step_is_fp32_then_rounds_to_the_latent_dtype():
     assert torch.equal(out, (x.float() + (s[2] - s[1]) * v.float()).to(torch.bfloat16))
 
 
-def test_block_positions_and_audio_slices():
+def test_block_positions_and_frame_counts():
     assert BlockIndex(0, 0).start_frame == 0 and BlockIndex(0, 3).start_frame == 9
     assert BlockIndex(2, 1).start_frame == 27
-    assert BlockIndex(1, 2).audio_slice == slice(48 + 24, 48 + 36)
     assert output_frames(1) == 45 and output_frames(3) == 141

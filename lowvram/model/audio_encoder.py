@@ -52,7 +52,13 @@ class AudioEncoder:
         # zero-mean unit-variance per preprocessor_config.json (do_normalize)
         x = self.feature_extractor(wave.astype(np.float32), sampling_rate=SAMPLE_RATE,
                                    return_tensors="pt").input_values  # [1, S]
-        out = self.model(x.to(self.device, self.dtype), output_hidden_states=True)
+        return self.hidden_states_normalized(x[0])
+
+    @torch.no_grad()
+    def hidden_states_normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states [L+1, T50, D] of an already normalised wave x [S] (lowvram.audio_features' windows)."""
+        dev = next(self.model.parameters()).device
+        out = self.model(x[None].to(dev, self.dtype), output_hidden_states=True)
         # LiveAvatar ran transformers <= 4.51, whose last hidden state is the encoder's output after its
         # final LayerNorm; transformers 5 returns the last layer's output before it. The inputs of the
         # layers agree, so take those and append last_hidden_state: the same L+1 states under both.
