@@ -117,7 +117,12 @@ def test_gpu_int8_and_fp8(M, K, N):
     x, w, b = make(M, M, K, N, device="cuda")
     full = x.double() @ w.double().T + b.double()
     wq, ws = R.quantize_rows_int8(w)
-    check(gemm.int8_linear(x, wq, ws, b), R.int8_linear_reference(x, wq, ws, b), full, 30.0)
+    ref = R.int8_linear_reference(x, wq, ws, b)
+    # with 3 outlier input channels at K >= 1024, per-token INT8 itself stays under 30 dB (24.8-27.5 dB
+    # measured on the H200): the kernel must lose nothing beyond the scheme, and the scheme keeps >= 20 dB
+    scheme_db = R.sqnr_db(ref, full)
+    assert scheme_db >= 20.0
+    check(gemm.int8_linear(x, wq, ws, b), ref, full, min(30.0, scheme_db - 0.5))
     qr, sr = R.quantize_rows_int8(x)
     for single in (True, False):
         q, s = gemm.quantize_rows(x, single=single)
