@@ -223,6 +223,8 @@ def fp8_linear(x, qweight, w_scale, bias=None, backend: str = "auto", engine: st
         return res if out is None else out.copy_(res)
     xq, xs = quantize_rows(x, fp8=True)
     engine = engine or configs.FP8_ENGINE[configs.arch_family(x.device)]
+    if engine == "scaled_mm" and (x.shape[1] % 16 or qweight.shape[0] % 16):
+        engine = "triton"  # torch._scaled_mm needs K and N divisible by 16; our GEMM masks any shape
     if engine == "scaled_mm":
         y = _scaled_mm_rowwise(xq, xs, qweight, w_scale, bias)
         return y if out is None else out.copy_(y)
