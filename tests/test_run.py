@@ -72,10 +72,10 @@ def test_same_seed_same_frames_other_seed_other_frames(first, tiny_ckpt, inputs,
 
 
 class _InterruptAfter:
-    """A progress sink that sends this process SIGINT after k blocks."""
+    """A progress sink that sends this process a signal (SIGINT by default) after k blocks."""
 
-    def __init__(self, k):
-        self.k = k
+    def __init__(self, k, sig=signal.SIGINT):
+        self.k, self.sig = k, sig
 
     def start(self, **kw):
         pass
@@ -83,14 +83,15 @@ class _InterruptAfter:
     def block_done(self, clip, block, frames, seconds, peak):
         self.k -= 1
         if self.k == 0:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), self.sig)
 
     def finish(self):
         pass
 
 
-def test_sigint_keeps_a_playable_file_with_the_finished_blocks(tiny_ckpt, inputs, tmp_path):
-    res = run(_opts(tiny_ckpt, inputs, tmp_path / "i.mp4"), progress=_InterruptAfter(3), log=lambda *a: None)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_keeps_a_playable_file_with_the_finished_blocks(tiny_ckpt, inputs, tmp_path, sig):
+    res = run(_opts(tiny_ckpt, inputs, tmp_path / "i.mp4"), progress=_InterruptAfter(3, sig), log=lambda *a: None)
     assert res.interrupted and res.blocks == 3
     frames, fps, _ = _frames(res.out)
     assert frames.shape[0] == 3 * 12 - 3 and fps == 25

@@ -1,0 +1,22 @@
+"""`lowvram doctor`: machine facts always, checkpoint files with --ckpt-dir, each problem with its fix."""
+
+import shutil
+
+from click.testing import CliRunner
+
+from lowvram.cli import cli
+
+
+def test_doctor_reports_the_machine_and_a_good_checkpoint(tiny_ckpt):
+    r = CliRunner().invoke(cli, ["doctor", "--ckpt-dir", str(tiny_ckpt[0])])
+    assert r.exit_code == 0, r.output
+    for needle in ("python", "torch", "host RAM", "ulimit -l", "config.json", "Wan2.1_VAE.pth", "DiT"):
+        assert needle in r.output, needle
+
+
+def test_doctor_names_a_missing_file_and_how_to_get_it(tiny_ckpt, tmp_path):
+    ckpt = shutil.copytree(tiny_ckpt[0], tmp_path / "c")
+    (ckpt / "models_t5_umt5-xxl-enc-bf16.pth").unlink()
+    r = CliRunner().invoke(cli, ["doctor", "--ckpt-dir", str(ckpt)])
+    lines = [l for l in r.output.splitlines() if l.startswith("problem:")]
+    assert any("models_t5_umt5-xxl-enc-bf16.pth" in l and "huggingface-cli download" in l for l in lines)
