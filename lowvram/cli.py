@@ -12,22 +12,13 @@ from pathlib import Path
 
 import click
 
-from lowvram.errors import LowvramError
+from lowvram.clickutil import Group
 
 DEFAULT_CKPT = "ckpt/Wan2.2-S2V-14B"
 DEFAULT_LORA = "ckpt/LiveAvatar/liveavatar.safetensors"
 
 
-class _Group(click.Group):
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except LowvramError as e:
-            click.echo(f"error: {' '.join(str(e).split())}", err=True)
-            ctx.exit(e.exit_code)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lowvram")
 def cli():
     """Live Avatar (Wan2.2-S2V-14B + LiveAvatar LoRA) on a 24 GB card."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from lowvram.config import DiTConfig
+from lowvram.clickutil import Command
 from lowvram.errors import LowvramError
 from lowvram.planner import Plan, make_plan
 from lowvram.profile import GIB, Profile, parse_set
@@ -64,12 +65,7 @@ def plan_for_checkpoint(profile_name: str, ckpt_dir, size: str = "704*384", sets
                      quantized_bytes=checkpoint_bytes(ckpt_dir, profile.quant))
 
 
-def _fail(e: LowvramError) -> None:
-    click.echo(f"error: {' '.join(str(e).split())}", err=True)
-    raise click.exceptions.Exit(e.exit_code)
-
-
-@click.command("plan")
+@click.command("plan", cls=Command)
 @click.option("--profile", "profile_name", default="auto", show_default=True,
               help="hardware profile (`lowvram profiles` lists them) or auto")
 @click.option("--ckpt-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -80,19 +76,13 @@ def _fail(e: LowvramError) -> None:
 @click.option("--host-ram-gib", type=float, default=None, help="plan for a host with this much RAM (GiB)")
 def plan_cmd(profile_name, ckpt_dir, size, sets, vram_gib, host_ram_gib):
     """Print what lives where, the bytes over PCIe per forward and the expected peak VRAM."""
-    try:
-        plan = plan_for_checkpoint(profile_name, ckpt_dir, size, sets, vram_gib, host_ram_gib)
-    except LowvramError as e:
-        _fail(e)
+    plan = plan_for_checkpoint(profile_name, ckpt_dir, size, sets, vram_gib, host_ram_gib)
     click.echo(plan.render(), nl=False)
 
 
-@click.command("profiles")
+@click.command("profiles", cls=Command)
 def profiles_cmd():
     """List the hardware profiles, one line each."""
-    try:
-        for name in Profile.names():
-            click.echo(Profile.from_name(name).summary())
-    except LowvramError as e:
-        _fail(e)
+    for name in Profile.names():
+        click.echo(Profile.from_name(name).summary())
     click.echo(f"{'auto':<8} picks one of the above from GPU 0's memory and compute capability")

@@ -6,22 +6,11 @@ from pathlib import Path
 
 import click
 
-from lowvram.errors import LowvramError
+from lowvram.clickutil import Command
 from lowvram.quantize.convert import DEFAULT_SHARD_SIZE, convert
 
 
-class _Command(click.Command):
-    """Prints a LowvramError as one `error: ...` line and exits with its code (2), also when run alone."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except LowvramError as e:
-            click.echo(f"error: {' '.join(str(e).split())}", err=True)
-            ctx.exit(e.exit_code)
-
-
-@click.command("quantize", cls=_Command)
+@click.command("quantize", cls=Command)
 @click.option("--ckpt-dir", required=True, type=click.Path(path_type=Path),
               help="The bf16 Wan2.2-S2V-14B directory (config.json, index json and shards).")
 @click.option("--lora", type=click.Path(path_type=Path), default=None,
