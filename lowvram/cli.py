@@ -93,10 +93,10 @@ def demo(out, workdir, seconds, quiet):
         root = Path(workdir) if workdir else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         ckpt, lora = write_tiny_checkpoint(root)
-        synth_portrait(str(root / "portrait.png"), width=320, height=384)
+        synth_portrait(str(root / "portrait.png"), width=256, height=320)
         synth_voice(str(root / "voice.wav"), seconds=seconds)
         _run(RunOptions(ckpt_dir=ckpt, lora=lora, image=root / "portrait.png", audio=root / "voice.wav",
-                        prompt="A person talking to the camera, natural light.", size="320*384", out=out,
+                        prompt="A person talking to the camera, natural light.", size="256*320", out=out,
                         device="cpu"), quiet)
     click.echo(f"demo done in {time.perf_counter() - t0:.1f} s (random tiny weights: expect noise, not a face)")
 
