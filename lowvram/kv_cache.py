@@ -227,3 +227,24 @@ class HostKVCache(_Ring):
         h2d, d2h = self.engine.stats(), self.ws.wb.stats()
         return {"bytes_h2d": h2d["bytes_h2d"], "bytes_d2h": d2h["bytes_d2h"], "copy_busy_s": h2d["copy_busy_s"],
                 "writeback_busy_s": d2h["copy_busy_s"]}
+
+
+class GpuKV8Cache(_Ring):
+    """All layers in lowvram.kernels.attention8's 8-bit format on the device (INT8 K smoothed by a mean
+    fixed at the first write, INT8 V, per-token scales) for `attention="triton8"`: update quantizes the new
+    chunk in place and returns the window as a KV8Cache view (read directly by the 8-bit kernel) and None."""
+
+    def __init__(self, num_layers: int, capacity: int, batch: int, heads: int, head_dim: int, device="cuda"):
+        from lowvram.kernels.attention8 import kv8_alloc
+
+        self.layers = [kv8_alloc(batch, capacity, heads, head_dim, device) for _ in range(num_layers)]
+        super().__init__(num_layers, capacity)
+
+    def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
+        from lowvram.kernels.attention8 import kv8_window, kv8_write
+
+        kv8_write(self.layers[layer], self.off, k_new, v_new)
+        return kv8_window(self.layers[layer], self.end), None
+
+    def done(self, layer: int) -> None:
+        pass

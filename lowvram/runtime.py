@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lowvram.kv_cache import GpuKVCache, HostKVCache, KVWorkspace
+from lowvram.errors import LowvramError
+from lowvram.kv_cache import GpuKV8Cache, GpuKVCache, HostKVCache, KVWorkspace
 from lowvram.offload import BlockStreamer, apply_block_streaming, retry_on_oom
 from lowvram.planner import Plan
 
@@ -45,16 +46,26 @@ def injector_units(model) -> dict:
 
 def place(model, plan: Plan | None, device, tokens_per_frame: int, kv_frames: int = 12, steps: int = 4,
           dtype=torch.bfloat16) -> Placement:
-    """Move the model (loaded on the CPU) to `device` as the plan says and build the step KV caches.
+    """Move the model (loaded on the CPU) to `device` as the plan says and build the step KV caches
+    (in the 8-bit kernel's format when model.attention is "triton8").
 
     Without a plan everything is resident and the caches live on the device."""
     device = torch.device(device)
     cfg = model.cfg
     cap = kv_frames * tokens_per_frame
+    eight = getattr(model, "attention", "sdpa") == "triton8"
+
+    def gpu_cache():
+        if eight:
+            return GpuKV8Cache(cfg.num_layers, cap, 1, cfg.num_heads, cfg.head_dim, device)
+        return GpuKVCache(cfg.num_layers, cap, 1, cfg.num_heads, cfg.head_dim, dtype, device)
+
     if plan is None:
         model.to(device)
-        return Placement(None, None, [GpuKVCache(cfg.num_layers, cap, 1, cfg.num_heads, cfg.head_dim, dtype, device)
-                                      for _ in range(steps)])
+        return Placement(None, None, [gpu_cache() for _ in range(steps)])
+    if eight and "host" in plan.kv_caches:
+        raise LowvramError("attention triton8 reads 8-bit caches on the GPU; the plan keeps them in host memory: "
+                           "use --set kv_placement=gpu kv_dtype=bf16 or --set attention=sdpa")
     units = injector_units(model)
     attached = {m for ms in units.values() for m in ms}
     for name, child in model.named_children():
@@ -72,7 +83,7 @@ def place(model, plan: Plan | None, device, tokens_per_frame: int, kv_frames: in
     kv, ws = [], None
     for i, where in enumerate(plan.kv_caches[:steps]):
         if where == "gpu":
-            kv.append(GpuKVCache(cfg.num_layers, cap, 1, cfg.num_heads, cfg.head_dim, dtype, device))
+            kv.append(gpu_cache())
             continue
         int8 = plan.kv_dtype == "int8"
         if ws is None:

@@ -216,3 +216,25 @@ def test_rope_table_grows_past_45000_positions_without_changing_earlier_entries(
     assert model.rope.max_len == 128
     torch.testing.assert_close(model.rope.cos[:64], small.cos[:64], rtol=0, atol=0)
     model._rope = small
+
+
+def test_triton8_attention_reads_the_8bit_step_cache(tiny):
+    """attention="triton8": the step cache holds the 8-bit format and the 8-bit kernel reads it in place."""
+    from lowvram.kv_cache import GpuKV8Cache
+
+    model, ctx, sink, g, hw = tiny
+    cfg = model.cfg
+    xs = [torch.randn(1, 16, 3, *hw, generator=g) for _ in range(2)]
+    audio = torch.randn(1, 3, cfg.audio_dim, 12, generator=g)
+    outs = {}
+    for backend in ("sdpa", "triton8"):
+        model.attention = backend
+        cap = 12 * (hw[0] // 2) * (hw[1] // 2)
+        kv = GpuKV8Cache(cfg.num_layers, cap, 1, cfg.num_heads, cfg.head_dim, "cpu") if backend == "triton8" \
+            else _new_kv(model, hw)
+        outs[backend] = [_step(model, ctx, sink, kv, x, audio, 3 * b) for b, x in enumerate(xs)]
+    model.attention = "sdpa"
+    assert kv.layers[0].k.dtype == torch.int8
+    for a, b in zip(outs["sdpa"], outs["triton8"]):
+        sqnr = 10 * torch.log10(a.pow(2).sum() / (a - b).pow(2).sum())
+        assert sqnr > 25, f"{sqnr:.1f} dB"

@@ -121,7 +121,6 @@ BAD = [
     (dict(size="100000*100000"), "--size"),
     (dict(num_clip="0"), "--num-clip"),
     (dict(out="no/such/dir/x.mp4"), "no/such/dir"),
-    (dict(attention="triton8"), "triton8"),
 ]
 
 

@@ -3,8 +3,8 @@
 `sdpa`: ropes the un-roped sink keys in torch, concatenates them after the window and calls
 torch SDPA (the reference's path, cuDNN/flash on CUDA). `triton`: the two-segment Triton kernel
 reads both segments in place and ropes sink keys in registers (lowvram.kernels.attention).
-`triton8` (the 8-bit kernel over lowvram.kernels.attention8's cache format) is refused until the
-step caches store that format.
+`triton8`: the step caches hold lowvram.kernels.attention8's 8-bit format (GpuKV8Cache) and the 8-bit
+kernel reads the window from it directly (the sink stays bf16 and is roped in the kernel).
 """
 
 from __future__ import annotations
@@ -25,11 +25,8 @@ def check_backend(backend: str) -> None:
     """Refuse a backend that cannot run (one line, what to use instead)."""
     from lowvram.errors import LowvramError
 
-    if backend == "triton8":
-        raise LowvramError("attention triton8: the 8-bit kernel (lowvram.kernels.attention8) does not read the step "
-                           "caches yet (and measured 0.55x of cuDNN SDPA); use --attention triton or sdpa")
     if backend not in BACKENDS:
-        raise LowvramError(f"unknown attention backend {backend!r}; use one of sdpa, triton")
+        raise LowvramError(f"unknown attention backend {backend!r}; use one of {', '.join(BACKENDS)}")
 
 
 def attend_two_segments(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeTable, backend: str = "sdpa"):
@@ -42,7 +39,11 @@ def attend_two_segments(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeTab
         if k_win is None:
             return sdpa(q, ks, v_sink)
         return sdpa(q, torch.cat([k_win, ks], dim=1), torch.cat([v_win, v_sink], dim=1))
-    if backend == "triton":
+    if backend == "triton8" and k_win is not None:  # the window is an 8-bit KV8Cache view (GpuKV8Cache)
+        from lowvram.kernels.attention8 import two_segment_attention8
+
+        return two_segment_attention8(q, k_win, k_sink, v_sink, sink_pos.to(q.device), rope)
+    if backend in ("triton", "triton8"):  # triton8's sink prefill has no window: the bf16 kernel
         from lowvram.kernels.attention import two_segment_attention
 
         if k_win is None:
