@@ -1,6 +1,5 @@
 """Per-clip audio features: the whole-file path (the reference's) and the windowed path for long audio."""
 
-import numpy as np
 import pytest
 import torch
 

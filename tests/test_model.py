@@ -1,11 +1,10 @@
 """The S2V DiT: real-size structure, RoPE exactness, sink and streaming semantics (tiny, CPU, fp32)."""
 
-import numpy as np
 import pytest
 import torch
 
 from lowvram.config import DiTConfig
-from lowvram.model.dit import LiveAvatarDiT, Sink, build_model
+from lowvram.model.dit import Sink, build_model
 from lowvram.model.framepack import FramePackMotioner
 from lowvram.model.rope import RopeTable, grid_positions, rope_apply, rope_pairs, rope_params, strided
 from lowvram.tiny import tiny_config, tiny_dit_state_dict
