@@ -346,6 +346,10 @@ def run(opts: RunOptions, progress=None, log=print) -> RunResult:
     ref, motion = encode_conditioning(vae, inputs.image.to(device))
     model, scheme = load_dit_for_run(ckpt, opts, torch.device("cpu") if plan is not None else device, dtype, log)
     model.attention = profile.attention if profile is not None else opts.attention
+    if profile is not None:
+        from lowvram.quantize.backends import set_backend
+
+        set_backend(profile.gemm)
     tokens = (inputs.height // 16) * (inputs.width // 16)
     placement = place(model, plan, device, tokens, dtype=dtype)
     timings["setup_s"] = time.perf_counter() - t_start

@@ -33,6 +33,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "kv_dtype": ("bf16", "int8"),
     "t5": ("bf16", "int8", "nf4", "cpu"),
     "vae_decode": ("frame", "tiled"),
+    "gemm": ("auto", "int_mm", "scaled_mm", "triton", "reference"),
 }
 # Fields a file or `--set` may not change: the name is the file's stem.
 FIXED = ("name",)
@@ -54,6 +55,7 @@ class Profile:
     blocks_resident: str | int  # "auto" (as many as the budget allows) or a count
     pinned_budget_gib: float  # most page-locked host memory to take; the rest is pageable
     prefetch_blocks: int  # streamed blocks copied ahead of use (GPU buffers = this + 1)
+    gemm: str  # QuantLinear's W8A8 matmul: auto (int_mm / scaled_mm by scheme) | int_mm | scaled_mm | triton | reference
 
     def __post_init__(self) -> None:
         where = f"profile {self.name}"

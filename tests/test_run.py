@@ -179,3 +179,31 @@ def test_quantized_t5_prints_its_cosine_against_bf16_once(tiny_ckpt, inputs, tmp
     assert len(lines) == 1
     cos = float(lines[0].split("bf16 ")[1].split()[0])
     assert 0.9 < cos <= 1.0
+
+
+def test_profile_run_streams_blocks_and_sets_the_gemm_backend(tiny_ckpt, inputs, tmp_path):
+    """--profile 4090 on the CPU: the plan places the quantized model (2 blocks resident, host INT8 KV)."""
+    from lowvram.quantize.backends import get_backend, set_backend
+    from lowvram.quantize.convert import convert
+
+    ckpt, lora = tiny_ckpt
+    qdir = tmp_path / "q"
+    convert(ckpt, qdir, "int8", lora=lora, progress=False)
+    try:
+        res = run(_opts(tiny_ckpt, inputs, tmp_path / "p.mp4", ckpt_dir=qdir, lora=None, num_clip=1,
+                        profile="4090", overrides=("blocks_resident=2", "gemm=reference")), log=lambda *a: None)
+        assert get_backend() == "reference"
+    finally:
+        set_backend("auto")
+    frames, fps, _ = _frames(res.out)
+    assert frames.shape[0] == 45 and fps == 25
+
+
+def test_profile_bad_set_is_one_line(tiny_ckpt, inputs, tmp_path):
+    ckpt, lora = tiny_ckpt
+    r = CliRunner().invoke(cli, ["run", "--ckpt-dir", str(ckpt), "--lora", str(lora), "--image", str(inputs / "face.png"),
+                                 "--audio", str(inputs / "voice.wav"), "--prompt", "x", "--size", "128*128",
+                                 "--device", "cpu", "--profile", "4090", "--set", "gemm=fastest",
+                                 "--out", str(tmp_path / "o.mp4")])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "gemm" in r.output
+    assert not (tmp_path / "o.mp4").exists()
