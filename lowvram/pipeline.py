@@ -109,8 +109,8 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-def _free(*objs):
-    del objs
+def _free():
+    """Return the memory of models the caller has just dropped (`del`) to the device."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -157,7 +157,8 @@ def encode_prompt(ckpt, prompt: str, device, dtype, t5_mode: str, log=print) -> 
     t5_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     enc = load_text_encoder(ckpt.root, device=device, dtype=t5_dtype, quant=t5_mode)
     ctx = enc.encode([prompt])[0].float().cpu()
-    _free(enc)
+    del enc  # the quantized encoder goes before a bf16 one may load for the cosine
+    _free()
     if t5_mode != "bf16":
         report_t5_cosine(ckpt, prompt, ctx, device, t5_dtype, t5_mode, log)
     prompt_cache.store(key, ctx)
@@ -174,7 +175,8 @@ def report_t5_cosine(ckpt, prompt, ctx, device, dtype, t5_mode, log=print):
         return
     enc = load_text_encoder(ckpt.root, device=device, dtype=dtype, quant="bf16")
     ref = enc.encode([prompt])[0].float().cpu()
-    _free(enc)
+    del enc
+    _free()
     cos = embedding_cosine([ctx], [ref])
     log(f"umT5 {t5_mode}: embedding cosine against bf16 {cos:.4f} (printed once for this T5 file)")
     marker.parent.mkdir(parents=True, exist_ok=True)
