@@ -374,45 +374,47 @@ def run(opts: RunOptions, progress=None, log=print) -> RunResult:
     t_gen = time.perf_counter()
     dit_s = vae_s = 0.0
     clip0_frames = []
-    with StopFlag() as flag, VideoWriter(str(opts.out), inputs.width, inputs.height, fps=FPS,
-                                         audio=wave, audio_rate=AUDIO_RATE) as writer:
-        for clip in range(clips):
-            clip_latents = []
-            for b in range(blocks_per_clip):
-                idx = BlockIndex(clip, b)
-                t0 = time.perf_counter()
-                lat = gen.denoise_block(idx)
-                _sync(device)
-                t1 = time.perf_counter()
-                video = gen.decode(lat)                                       # [3, 12, H, W]
-                if clip == 0 and b == 0:
-                    video = video[:, DROPPED_FRAMES:]
-                kept = writer.write(video)
-                _sync(device)
-                dit_s += t1 - t0
-                vae_s += time.perf_counter() - t1
-                frames += kept
-                blocks += 1
-                clip_latents.append(lat)
-                if opts.online_decode and clip == 0:
-                    clip0_frames.append(video.float().cpu())
-                if progress is not None:
-                    progress.block_done(clip, b, frames, time.perf_counter() - t_gen, _peak(device))
-                if flag.stop:
-                    interrupted = True
+    try:
+        with StopFlag() as flag, VideoWriter(str(opts.out), inputs.width, inputs.height, fps=FPS,
+                                             audio=wave, audio_rate=AUDIO_RATE) as writer:
+            for clip in range(clips):
+                clip_latents = []
+                for b in range(blocks_per_clip):
+                    idx = BlockIndex(clip, b)
+                    t0 = time.perf_counter()
+                    lat = gen.denoise_block(idx)
+                    _sync(device)
+                    t1 = time.perf_counter()
+                    video = gen.decode(lat)                                       # [3, 12, H, W]
+                    if clip == 0 and b == 0:
+                        video = video[:, DROPPED_FRAMES:]
+                    kept = writer.write(video)
+                    _sync(device)
+                    dit_s += t1 - t0
+                    vae_s += time.perf_counter() - t1
+                    frames += kept
+                    blocks += 1
+                    clip_latents.append(lat)
+                    if opts.online_decode and clip == 0:
+                        clip0_frames.append(video.float().cpu())
+                    if progress is not None:
+                        progress.block_done(clip, b, frames, time.perf_counter() - t_gen, _peak(device))
+                    if flag.stop:
+                        interrupted = True
+                        break
+                if interrupted:
                     break
-            if interrupted:
-                break
-            if opts.online_decode and clip == 0 and clips > 1:
-                # as the reference: the first generated latent becomes the ref, and the motion latents are
-                # re-encoded from the motion window with clip 0's frames rolled in
-                ref = torch.cat(clip_latents, dim=2)[:, :, :1]
-                motion = reencode_motion(vae, inputs.image.to(device), torch.cat(clip0_frames, dim=1).to(device))
-                gen.refresh_sink(ref, motion)
+                if opts.online_decode and clip == 0 and clips > 1:
+                    # as the reference: the first generated latent becomes the ref, and the motion latents are
+                    # re-encoded from the motion window with clip 0's frames rolled in
+                    ref = torch.cat(clip_latents, dim=2)[:, :, :1]
+                    motion = reencode_motion(vae, inputs.image.to(device), torch.cat(clip0_frames, dim=1).to(device))
+                    gen.refresh_sink(ref, motion)
+    finally:
+        if progress is not None:
+            progress.finish()  # also when a block fails: the display must not be left running
     seconds = time.perf_counter() - t_gen
     timings.update(dit_s=dit_s, vae_s=vae_s, total_s=time.perf_counter() - t_start)
-    if progress is not None:
-        progress.finish()
     return RunResult(Path(opts.out), frames, clips, blocks, seconds, interrupted, _peak(device), timings)
 
 
