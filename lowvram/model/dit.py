@@ -122,7 +122,10 @@ class LiveAvatarDiT(nn.Module):
         pos = torch.cat([grid_positions([SINK_REF_FRAME], range(hh), range(ww)),
                          FramePackMotioner.positions(h, w)])
         cos, sin = self.rope.gather(pos)
-        _, e0 = self._time(torch.zeros(b, 1, device=x.device))
+        # t = 0 for the sink; computed as the reference does (a block's frames plus the zero row, in one
+        # batch), so the fp32 GEMMs see the same shapes and round alike
+        _, e0 = self._time(torch.zeros(b + 1, 3, device=x.device))
+        e0 = e0[-1:, :1].expand(b, -1, -1, -1)
         ks, vs = [], []
         for block in self.blocks:
             def attend(q, k, v):
@@ -157,7 +160,9 @@ class LiveAvatarDiT(nn.Module):
         sink_pos = sink.positions(start_frame, ref_shift)
         rope = self._rope_for(max(start_frame + frames, int(sink_pos[:, 0].max())))
         cos, sin = rope.gather(grid_positions(range(start_frame, start_frame + frames), range(grid[1]), range(grid[2])))
-        e, e0 = self._time(t.to(tokens.device))
+        t = t.to(tokens.device, torch.float32)
+        e, e0 = self._time(torch.cat([t, torch.zeros_like(t[:1])]))   # + the zero-t row, as the reference
+        e, e0 = e[: t.shape[0]], e0[: t.shape[0]]
         n_new = tokens.shape[1]
         kv.begin_forward(start_frame * grid[1] * grid[2], n_new)
         h = tokens

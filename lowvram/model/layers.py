@@ -109,7 +109,8 @@ class Block(nn.Module):
 
         y = self.self_attn(mod(self.norm1(x).float(), shift1, scale1).to(dt), attend)
         x = x + gate(y, gate1)                                          # fp32 from here
-        x = x + self.cross_attn(self.norm3(x.to(dt)), context)
+        # the reference rounds the cross-attention's input to bf16 whatever the compute dtype
+        x = x + self.cross_attn(self.norm3(x.to(torch.bfloat16)).to(dt), context)
         h = mod(self.norm2(x), shift2, scale2).to(dt)
         # one latent frame of tokens at a time: the [tokens, ffn_dim] hidden (and a W8A8 layer's int32/fp32
         # temporaries) is the largest activation of the forward; rows are independent, so this is exact
