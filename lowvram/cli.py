@@ -5,12 +5,16 @@ User mistakes raise `LowvramError`; `main` prints them as one line and exits wit
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import click
+
+# lowvram draws its own progress; the Hugging Face loaders' bars (wav2vec2, tokenizer) would interleave with it
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from lowvram.clickutil import Group
 
