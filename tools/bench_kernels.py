@@ -237,7 +237,10 @@ def bench_gemm_shape(M, K, N, dev, sweep):
         rows.append(r)
         return r
 
-    ours8 = row("ours INT8 (quant incl.)", lambda: gemm.int8_linear(x, wq, ws, b), ref8, 30.0)
+    # with outlier input channels per-token INT8 itself stays under 30 dB (22.9-24.6 dB measured on the H200):
+    # judge our kernel against the W8A8 scheme's own SQNR, as tests/test_kernels_gemm.py does
+    floor8 = min(30.0, R.sqnr_db(ref8, full) - 0.5)
+    ours8 = row("ours INT8 (quant incl.)", lambda: gemm.int8_linear(x, wq, ws, b), ref8, floor8)
     oursf = row("ours FP8 triton (quant incl.)", lambda: gemm.fp8_linear(x, wf, wfs, b, engine="triton"), reff, 25.0)
     oursfs = row("ours FP8 quant + _scaled_mm", lambda: gemm.fp8_linear(x, wf, wfs, b, engine="scaled_mm"), reff, 25.0)
     for single, tag in ((None, "default"), (False, "two-pass")):
@@ -263,7 +266,7 @@ def bench_gemm_shape(M, K, N, dev, sweep):
     if sweep:
         for c in SWEEP_GEMM:
             tag = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
-            row(f"  sweep INT8 {tag}", lambda c=c: gemm.int8_linear(x, wq, ws, b, block=c), ref8, 30.0)
+            row(f"  sweep INT8 {tag}", lambda c=c: gemm.int8_linear(x, wq, ws, b, block=c), ref8, floor8)
             row(f"  sweep FP8 {tag}", lambda c=c: gemm.fp8_linear(x, wf, wfs, b, engine="triton", block=c),
                 reff, 25.0)
     return rows
