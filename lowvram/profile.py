@@ -32,7 +32,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "kv_placement": ("gpu", "host"),
     "kv_dtype": ("bf16", "int8"),
     "t5": ("bf16", "int8", "nf4", "cpu"),
-    "vae_decode": ("frame", "tiled"),
+    "vae_decode": ("frame",),  # "tiled" (also split spatially) is planned for but not implemented yet
     "gemm": ("auto", "int_mm", "scaled_mm", "triton", "reference"),
 }
 # Fields a file or `--set` may not change: the name is the file's stem.
@@ -51,7 +51,7 @@ class Profile:
     kv_placement: str  # the four step KV caches: gpu | host (pinned RAM, streamed per layer)
     kv_dtype: str  # bf16 | int8 (per-token-per-head absmax; host placement only)
     t5: str  # umT5 while encoding the prompt: bf16 | int8 | nf4 on the GPU, or cpu
-    vae_decode: str  # frame (one latent frame at a time) | tiled (also split spatially)
+    vae_decode: str  # frame: one latent frame at a time (the only mode the VAE implements)
     blocks_resident: str | int  # "auto" (as many as the budget allows) or a count
     pinned_budget_gib: float  # most page-locked host memory to take; the rest is pageable
     prefetch_blocks: int  # streamed blocks copied ahead of use (GPU buffers = this + 1)
