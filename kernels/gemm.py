@@ -177,15 +177,23 @@ def int8_linear(x, qweight, w_scale, bias=None, backend: str = "auto", block: di
     under the interpreter, else the float32 torch reference), "triton", "torch".
     block: a GEMM config dict to bypass autotuning (tests); out: optional bf16 [M, N] to write into.
     """
-    if x.dim() > 2:  # [..., K] -> [M, K] and back
-        return int8_linear(x.reshape(-1, x.shape[-1]), qweight, w_scale, bias, backend, block,
-                           out).reshape(*x.shape[:-1], qweight.shape[0])
+    return _w8a8(x, qweight, w_scale, bias, backend, out, False,
+                 lambda x2, xq, xs, out: _gemm(xq, xs, qweight, w_scale, bias, block, out))
+
+
+def _w8a8(x, qweight, w_scale, bias, backend, out, fp8: bool, matmul):
+    """The body int8_linear and fp8_linear share: [..., K] flattened to [M, K] and back, the torch
+    fallback, per-token quantization; matmul(x, xq, xs, out) runs the GEMM."""
+    if x.dim() > 2:
+        return _w8a8(x.reshape(-1, x.shape[-1]), qweight, w_scale, bias, backend, out, fp8,
+                     matmul).reshape(*x.shape[:-1], qweight.shape[0])
     _check(x, qweight, w_scale)
     if backend == "torch" or (backend == "auto" and not triton_usable(x)):
-        res = int8_linear_reference(x, qweight, w_scale, bias, torch.float32, torch.bfloat16)
+        reference = fp8_linear_reference if fp8 else int8_linear_reference
+        res = reference(x, qweight, w_scale, bias, torch.float32, torch.bfloat16)
         return res if out is None else out.copy_(res)
-    xq, xs = quantize_rows(x, fp8=False)
-    return _gemm(xq, xs, qweight, w_scale, bias, block, out)
+    xq, xs = quantize_rows(x, fp8=fp8)
+    return matmul(x, xq, xs, out)
 
 
 _SCALED_MM_BIAS: dict = {}  # device family -> whether _scaled_mm takes a bias with row-wise scales
@@ -214,21 +222,16 @@ def fp8_linear(x, qweight, w_scale, bias=None, backend: str = "auto", engine: st
     or "scaled_mm" (torch._scaled_mm row-wise after our quantization kernel); None picks the
     device's faster one from configs.FP8_ENGINE. backend, block, out: as int8_linear.
     """
-    if x.dim() > 2:  # [..., K] -> [M, K] and back
-        return fp8_linear(x.reshape(-1, x.shape[-1]), qweight, w_scale, bias, backend, engine, block,
-                          out).reshape(*x.shape[:-1], qweight.shape[0])
-    _check(x, qweight, w_scale)
-    if backend == "torch" or (backend == "auto" and not triton_usable(x)):
-        res = fp8_linear_reference(x, qweight, w_scale, bias, torch.float32, torch.bfloat16)
-        return res if out is None else out.copy_(res)
-    xq, xs = quantize_rows(x, fp8=True)
-    engine = engine or configs.FP8_ENGINE[configs.arch_family(x.device)]
-    if engine == "scaled_mm" and (x.shape[1] % 16 or qweight.shape[0] % 16):
-        engine = "triton"  # torch._scaled_mm needs K and N divisible by 16; our GEMM masks any shape
-    if engine == "scaled_mm":
-        y = _scaled_mm_rowwise(xq, xs, qweight, w_scale, bias)
-        return y if out is None else out.copy_(y)
-    return _gemm(xq, xs, qweight, w_scale, bias, block, out)
+    def matmul(x2, xq, xs, out):
+        how = engine or configs.FP8_ENGINE[configs.arch_family(x2.device)]
+        if how == "scaled_mm" and (x2.shape[1] % 16 or qweight.shape[0] % 16):
+            how = "triton"  # torch._scaled_mm needs K and N divisible by 16; our GEMM masks any shape
+        if how == "scaled_mm":
+            y = _scaled_mm_rowwise(xq, xs, qweight, w_scale, bias)
+            return y if out is None else out.copy_(y)
+        return _gemm(xq, xs, qweight, w_scale, bias, block, out)
+
+    return _w8a8(x, qweight, w_scale, bias, backend, out, True, matmul)
 
 
 def bench_gemm(M=3168, K=5120, N=5120, fp8=False, device="cuda") -> dict:
