@@ -78,6 +78,24 @@ if triton is not None:
         return tl.reshape(kr, (BLOCK_N, D)).to(k.dtype)
 
     @triton.jit
+    def _sink_segment(q, m_i, l_i, acc, KS, VS, sksl, svsl, offs_n, offs_d, Ls, POS, COS, SIN, max_pos,
+                      qk_scale, PT: tl.constexpr, PH: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                      UPCAST: tl.constexpr, GATHERED: tl.constexpr):
+        """Online softmax over the sink of one (batch, head): un-roped keys roped tile by tile.
+        KS, VS point at the (b, h) slice; shared by the bf16 and the 8-bit kernels."""
+        ks = KS + offs_n[:, None] * sksl + offs_d[None, :]
+        vs = VS + offs_n[:, None] * svsl + offs_d[None, :]
+        for start in range(0, Ls, BLOCK_N):
+            n = start + offs_n
+            k = tl.load(ks + start * sksl, mask=n[:, None] < Ls, other=0.0)
+            v = tl.load(vs + start * svsl, mask=n[:, None] < Ls, other=0.0)
+            k = _rope_tile(k, n, Ls, POS, COS, SIN, max_pos, PT, PH, D, BLOCK_N, GATHERED)
+            s = mma(q, tl.trans(k), UPCAST)
+            s = tl.where(n[None, :] < Ls, s, float("-inf"))
+            m_i, l_i, acc = _softmax_step(s, qk_scale, v, m_i, l_i, acc, UPCAST)
+        return m_i, l_i, acc
+
+    @triton.jit
     def _attn_fwd(Q, KW, VW, KS, VS, POS, COS, SIN, O,
                   sqb, sql, sqh, skwb, skwl, skwh, svwb, svwl, svwh,
                   sksb, sksl, sksh, svsb, svsl, svsh, sob, sol, soh,
@@ -116,16 +134,9 @@ if triton is not None:
             m_i, l_i, acc = _softmax_step(s, qk_scale, v, m_i, l_i, acc, UPCAST)
 
         # segment 2: the sink, keys roped here from their positions
-        ks = KS + b * sksb + h * sksh + offs_n[:, None] * sksl + offs_d[None, :]
-        vs = VS + b * svsb + h * svsh + offs_n[:, None] * svsl + offs_d[None, :]
-        for start in range(0, Ls, BLOCK_N):
-            n = start + offs_n
-            k = tl.load(ks + start * sksl, mask=n[:, None] < Ls, other=0.0)
-            v = tl.load(vs + start * svsl, mask=n[:, None] < Ls, other=0.0)
-            k = _rope_tile(k, n, Ls, POS, COS, SIN, max_pos, PT, PH, D, BLOCK_N, GATHERED)
-            s = mma(q, tl.trans(k), UPCAST)
-            s = tl.where(n[None, :] < Ls, s, float("-inf"))
-            m_i, l_i, acc = _softmax_step(s, qk_scale, v, m_i, l_i, acc, UPCAST)
+        m_i, l_i, acc = _sink_segment(q, m_i, l_i, acc, KS + b * sksb + h * sksh, VS + b * svsb + h * svsh,
+                                      sksl, svsl, offs_n, offs_d, Ls, POS, COS, SIN, max_pos, qk_scale,
+                                      PT, PH, D, BLOCK_N, UPCAST, GATHERED)
 
         out = acc / l_i[:, None]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], out.to(O.dtype.element_ty),

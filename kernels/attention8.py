@@ -37,7 +37,7 @@ try:
     import triton
     import triton.language as tl
 
-    from lowvram.kernels.attention import _rope_tile, _softmax_step, mma
+    from lowvram.kernels.attention import _sink_segment
 except ImportError:  # CPU-only installs: the torch fallback serves
     triton = None
 
@@ -182,16 +182,9 @@ if triton is not None:
                                            vsp + w_full, w_full + offs_n, Lw, q8, qs, qm,
                                            m_i, l_i, acc, True)
 
-        ks2 = KS + b * s2kb + h * s2kh + offs_n[:, None] * s2kl + offs_d[None, :]
-        vs2 = VS + b * s2vb + h * s2vh + offs_n[:, None] * s2vl + offs_d[None, :]
-        for start in range(0, Ls, BLOCK_N):
-            n = start + offs_n
-            k = tl.load(ks2 + start * s2kl, mask=n[:, None] < Ls, other=0.0)
-            v = tl.load(vs2 + start * s2vl, mask=n[:, None] < Ls, other=0.0)
-            k = _rope_tile(k, n, Ls, POS, COS, SIN, max_pos, PT, PH, D, BLOCK_N, GATHERED)
-            s = mma(q, tl.trans(k), UPCAST)
-            s = tl.where(n[None, :] < Ls, s, float("-inf"))
-            m_i, l_i, acc = _softmax_step(s, qk_scale, v, m_i, l_i, acc, UPCAST)
+        m_i, l_i, acc = _sink_segment(q, m_i, l_i, acc, KS + b * s2kb + h * s2kh, VS + b * s2vb + h * s2vh,
+                                      s2kl, s2vl, offs_n, offs_d, Ls, POS, COS, SIN, max_pos, qk_scale,
+                                      PT, PH, D, BLOCK_N, UPCAST, GATHERED)
 
         out = acc / l_i[:, None]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], out.to(O.dtype.element_ty),
