@@ -145,13 +145,18 @@ if triton is not None:
 _TUNED: dict = {}
 
 
-def _kernel(family: str):
-    if family not in _TUNED:
+def autotuned(cache: dict, kernel, space, family: str):
+    """`kernel` autotuned over the configs of `space` (kernels/configs.py) for a device family, made once."""
+    if family not in cache:
         cfgs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]},
                               num_warps=c["num_warps"], num_stages=c["num_stages"])
-                for c in configs.select(configs.ATTENTION, family)]
-        _TUNED[family] = triton.autotune(cfgs, key=["D", "PT", "PH", "GATHERED"])(_attn_fwd)
-    return _TUNED[family]
+                for c in configs.select(space, family)]
+        cache[family] = triton.autotune(cfgs, key=["D", "PT", "PH", "GATHERED"])(kernel)
+    return cache[family]
+
+
+def _kernel(family: str):
+    return autotuned(_TUNED, _attn_fwd, configs.ATTENTION, family)
 
 
 def triton_usable(x: torch.Tensor) -> bool:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from lowvram.kernels import configs
-from lowvram.kernels.attention import LOG2E, launch_opts, sink_args, triton_usable
+from lowvram.kernels.attention import LOG2E, autotuned, launch_opts, sink_args, triton_usable
 from lowvram.kernels.reference import INT8_MAX, attention_torch, round_half_away
 from lowvram.model.rope import RopeTable
 
@@ -194,12 +194,7 @@ _TUNED: dict = {}
 
 
 def _kernel(family: str):
-    if family not in _TUNED:
-        cfgs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]},
-                              num_warps=c["num_warps"], num_stages=c["num_stages"])
-                for c in configs.select(configs.ATTENTION8, family)]
-        _TUNED[family] = triton.autotune(cfgs, key=["D", "PT", "PH", "GATHERED"])(_attn8_fwd)
-    return _TUNED[family]
+    return autotuned(_TUNED, _attn8_fwd, configs.ATTENTION8, family)
 
 
 def two_segment_attention8(q, win: KV8Cache, k_sink, v_sink, sink_pos, rope: RopeTable, scale=None,
