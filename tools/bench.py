@@ -191,6 +191,9 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
     t0 = time.perf_counter()
     model = random_model(cfg, prof.quant, device, "cpu")
     model.attention = prof.attention if device.type == "cuda" else "sdpa"
+    from lowvram.quantize.backends import set_backend
+
+    set_backend(prof.gemm)
     tokens = (h // 2) * (w // 2)
     placement = place(model, plan, device, tokens, dtype=torch.bfloat16)
     build_s = time.perf_counter() - t0
@@ -229,7 +232,7 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
     blk, kvs = stats.get("blocks", {}), stats.get("kv", {})
     h2d = blk.get("bytes_h2d", 0) + kvs.get("bytes_h2d", 0)
     busy = blk.get("copy_busy_s", 0.0) + kvs.get("copy_busy_s", 0.0)
-    res = dict(profile=name, cap_gib=cap_gib, scheme=prof.quant, attention=model.attention,
+    res = dict(profile=name, cap_gib=cap_gib, scheme=prof.quant, gemm=prof.gemm, attention=model.attention,
                resident=len(plan.resident), streamed=len(plan.streamed), kv=f"{plan.kv_caches[0]}/{plan.kv_dtype}",
                build_s=round(build_s, 1), s_per_clip=round(per_clip, 3), dit_s_per_clip=round(dit, 3),
                vae_s_per_clip=round(dec, 3), fps=round(48 / per_clip, 2),
@@ -259,6 +262,8 @@ def main(argv=None):
     ap.add_argument("--clips", type=int, default=2)
     ap.add_argument("--profiles", default="h100-80,4090,16gb,12gb")
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field of every profile run, e.g. gemm=triton or attention=triton")
     ap.add_argument("--no-resident", action="store_true",
                     help="skip the 4090's scheme all-resident (the throughput reference)")
     args = ap.parse_args(argv)
@@ -290,11 +295,15 @@ def main(argv=None):
     if not args.no_resident and "4090" in names:
         runs.append(("4090", None, dict(vram_budget_gib=76.0, kv_placement="gpu", kv_dtype="bf16",
                                         blocks_resident=40 if not args.quick else 4), "4090-all-resident"))
-    runs += [(n, CAPS.get(n), None, n) for n in names]
+    from lowvram.profile import parse_set
+
+    common = parse_set(args.sets)
+    runs = [(n, c, {**(ov or {}), **common}, lbl) for n, c, ov, lbl in runs]
+    runs += [(n, CAPS.get(n), common or None, n) for n in names]
     results["profiles"] = []
     for name, cap, ov, label in runs:
         try:
-            r = profile_run(cfg, name, cap, None, h, w, device, args.clips, log, vae=vae, overrides=ov)
+            r = profile_run(cfg, name, cap, None, h, w, device, args.clips, log, vae=vae, overrides=ov or None)
         except Exception as e:  # one profile failing must not lose the others' numbers
             r = {"profile": name, "error": f"{type(e).__name__}: {e}"[:500]}
             log(f"[{label}] failed: {r['error']}")
