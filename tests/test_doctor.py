@@ -20,3 +20,11 @@ def test_doctor_names_a_missing_file_and_how_to_get_it(tiny_ckpt, tmp_path):
     r = CliRunner().invoke(cli, ["doctor", "--ckpt-dir", str(ckpt)])
     lines = [l for l in r.output.splitlines() if l.startswith("problem:")]
     assert any("models_t5_umt5-xxl-enc-bf16.pth" in l and "huggingface-cli download" in l for l in lines)
+
+
+def test_doctor_spots_a_truncated_shard(tiny_ckpt, tmp_path):
+    ckpt = shutil.copytree(tiny_ckpt[0], tmp_path / "c")
+    shard = sorted(ckpt.glob("diffusion_pytorch_model-*"))[0]
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    r = CliRunner().invoke(cli, ["doctor", "--ckpt-dir", str(ckpt)])
+    assert any(shard.name in l and "interrupted download" in l for l in r.output.splitlines()), r.output
