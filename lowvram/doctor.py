@@ -50,21 +50,6 @@ def machine_report() -> tuple[list[tuple[str, str]], list[str]]:
     return rows, problems
 
 
-def safetensors_size(path: Path):
-    """The file size a safetensors header implies (8 + header + the last tensor's end), or None."""
-    import json
-    import struct
-
-    try:
-        with open(path, "rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            header = json.loads(fh.read(n))
-    except (OSError, ValueError, struct.error):
-        return None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    return 8 + n + max(ends, default=0)
-
-
 def checkpoint_report(ckpt_dir) -> tuple[list[tuple[str, str]], list[str]]:
     from lowvram.weights import discover
 
@@ -74,13 +59,13 @@ def checkpoint_report(ckpt_dir) -> tuple[list[tuple[str, str]], list[str]]:
     except CheckpointError as e:
         return rows, [str(e)]
     files = [ckpt.config, *ckpt.shards, ckpt.t5, ckpt.vae]
+    from lowvram.quantize.shards import read_header
+
     for shard in ckpt.shards:
-        want = safetensors_size(shard)
-        if want is None:
-            problems.append(f"{shard} has no readable safetensors header: re-download it")
-        elif shard.stat().st_size < want:
-            problems.append(f"{shard} is {shard.stat().st_size / 1e9:.2f} GB but its header describes "
-                            f"{want / 1e9:.2f} GB (an interrupted download?): re-download it")
+        try:
+            read_header(shard)
+        except CheckpointError as e:
+            problems.append(f"{e} (an interrupted download?)")
     for f in files:
         size = f.stat().st_size
         rows.append((str(Path(f).relative_to(ckpt.root)), f"{size / 1e9:.2f} GB"))

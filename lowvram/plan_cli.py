@@ -29,7 +29,7 @@ def parse_size(size: str) -> tuple[int, int]:
 def checkpoint_bytes(ckpt_dir: Path, quant: str) -> dict[str, int] | None:
     """Tensor name -> bytes from a quantized checkpoint's shard headers; None for a plain (bf16) checkpoint."""
     from lowvram.quantize.format import detect_format
-    from lowvram.quantize.shards import read_header
+    from lowvram.quantize.shards import tensor_bytes
 
     info = detect_format(ckpt_dir)
     if info is None:
@@ -37,13 +37,7 @@ def checkpoint_bytes(ckpt_dir: Path, quant: str) -> dict[str, int] | None:
     if info.scheme != quant:
         raise LowvramError(f"{ckpt_dir} is quantized as {info.scheme} but the profile uses {quant}; "
                            f"use --set quant={info.scheme} or re-run `lowvram quantize --scheme {quant}`")
-    out: dict[str, int] = {}
-    for shard in info.shards:
-        for name, entry in read_header(ckpt_dir / shard).items():
-            if name != "__metadata__":
-                a, b = entry["data_offsets"]
-                out[name] = b - a
-    return out
+    return tensor_bytes(Path(ckpt_dir) / shard for shard in info.shards)
 
 
 def plan_for_checkpoint(profile_name: str, ckpt_dir, size: str = "704*384", sets=(), vram_gib: float | None = None,

@@ -5,7 +5,6 @@ built on the meta device and assigned (no second copy), with the LiveAvatar LoRA
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,14 +50,9 @@ class Checkpoint:
 
     def tensor_bytes(self) -> dict:
         """key -> stored bytes of every DiT tensor, from the shard headers (exact for quantized shards)."""
-        out = {}
-        for shard in self.shards:
-            with open(shard, "rb") as fh:
-                n = struct.unpack("<Q", fh.read(8))[0]
-                header = json.loads(fh.read(n))
-            out.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
-                        if k != "__metadata__"})
-        return out
+        from lowvram.quantize.shards import tensor_bytes
+
+        return tensor_bytes(self.shards)
 
     def shapes(self) -> dict:
         """key -> shape of every DiT tensor, read from the shard headers (no tensor data)."""
@@ -88,16 +82,12 @@ _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "
 def mapped_tensors(path: Path) -> dict:
     """Every tensor of a safetensors file as a view of one private memory map: no copy is made, and
     pages are read only when touched (moving a tensor to the GPU reads it once)."""
-    with _open(path) as f:  # safetensors validates the header against the file size
-        keys = list(f.keys())
-    with open(path, "rb") as fh:
-        n = struct.unpack("<Q", fh.read(8))[0]
-        header = json.loads(fh.read(n))
-    size = path.stat().st_size
-    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
-    base = 8 + n
+    from lowvram.quantize.shards import read_header_at
+
+    header, base = read_header_at(path)  # checked against the file's size: a truncated shard is refused
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
     out = {}
-    for k in keys:
+    for k in (k for k in header if k != "__metadata__"):
         info = header[k]
         dtype = _DTYPES.get(info["dtype"])
         if dtype is None:

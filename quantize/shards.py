@@ -31,8 +31,9 @@ def nbytes(shape, dtype: torch.dtype) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
-def read_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (tensor entries and `__metadata__`), checked against the size."""
+def read_header_at(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file (tensor entries and `__metadata__`), checked against the
+    file's size, and the byte offset where its tensor data starts."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -54,7 +55,23 @@ def read_header(path: Path) -> dict:
     if 8 + n + end > size:
         raise CheckpointError(f"{path} is truncated: {size} bytes, its header needs {8 + n + end}; "
                               "re-download or re-create it")
-    return header
+    return header, 8 + n
+
+
+def read_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, checked against the file's size (see read_header_at)."""
+    return read_header_at(path)[0]
+
+
+def tensor_bytes(paths) -> dict[str, int]:
+    """Tensor name -> stored bytes over safetensors files, from their headers alone."""
+    out: dict[str, int] = {}
+    for path in paths:
+        for name, entry in read_header(path).items():
+            if name != "__metadata__":
+                a, b = entry["data_offsets"]
+                out[name] = b - a
+    return out
 
 
 class ShardWriter:
