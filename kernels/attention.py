@@ -170,25 +170,12 @@ def launch_opts(block: tuple) -> dict:
     return {"num_warps": warps, "num_stages": stages}
 
 
-_AXIS: dict = {}
-
-
 def sink_rope_tables(rope: RopeTable, sink_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token fp16 multipliers of the sink: (cos, sin) [Ls, D/2] on the table's device, sin negated
-    for negative time positions. The same values RopeTable.gather returns, without its host sync.
-    The sink positions are the same in every layer: compute once per forward, pass as `sink_cs`."""
-    half = rope.cos.shape[1]
-    key = (rope.pairs, half, rope.cos.device)
-    if key not in _AXIS:
-        pt, ph, _ = rope.pairs
-        axis = torch.full((half,), 2, dtype=torch.long)
-        axis[:pt], axis[pt:pt + ph] = 0, 1
-        _AXIS[key] = (axis.to(rope.cos.device), torch.arange(half, device=rope.cos.device))
-    axis, col = _AXIS[key]
-    p = sink_pos.to(rope.cos.device).long()[:, axis]  # [Ls, D/2]
-    pa = p.abs().clamp_max(rope.max_len - 1)
-    sin = rope.sin[pa, col]
-    return rope.cos[pa, col].contiguous(), torch.where(p < 0, -sin, sin).contiguous()
+    for negative time positions (RopeTable.gather in the table's dtype). The sink positions are the same
+    in every layer: compute once per forward, pass as `sink_cs`."""
+    cos, sin = rope.gather(sink_pos, dtype=rope.cos.dtype)
+    return cos.contiguous(), sin.contiguous()
 
 
 def sink_args(rope: RopeTable, sink_pos, Ls: int, device, sink_cs, mode: str | None) -> tuple:

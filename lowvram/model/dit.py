@@ -121,7 +121,7 @@ class LiveAvatarDiT(nn.Module):
         h, w = ref_latent.shape[-2:]
         pos = torch.cat([grid_positions([SINK_REF_FRAME], range(hh), range(ww)),
                          FramePackMotioner.positions(h, w)])
-        cos, sin = self.rope.gather(pos)
+        cos, sin = self.rope.gather(pos, dtype=self.rope.cos.dtype)  # q and k share the sink's positions
         # t = 0 for the sink; computed as the reference does (a block's frames plus the zero row, in one
         # batch), so the fp32 GEMMs see the same shapes and round alike
         _, e0 = self._time(torch.zeros(b + 1, 3, device=x.device))
@@ -131,7 +131,8 @@ class LiveAvatarDiT(nn.Module):
             def attend(q, k, v):
                 ks.append(k)
                 vs.append(v)
-                return attend_two_segments(rope_apply(q, cos, sin), None, None, k, v, pos, self.rope, self.attention)
+                return attend_two_segments(rope_apply(q, cos, sin), None, None, k, v, pos, self.rope, self.attention,
+                                           sink_cs=(cos, sin))
             x = block(x, e0, context, attend, frames=1)
         return Sink(ks, vs, pos, n_ref=ref.shape[1])
 
@@ -160,6 +161,7 @@ class LiveAvatarDiT(nn.Module):
         sink_pos = sink.positions(start_frame, ref_shift)
         rope = self._rope_for(max(start_frame + frames, int(sink_pos[:, 0].max())))
         cos, sin = rope.gather(grid_positions(range(start_frame, start_frame + frames), range(grid[1]), range(grid[2])))
+        sink_cs = rope.gather(sink_pos, dtype=rope.cos.dtype)  # the same in all layers of this forward
         t = t.to(tokens.device, torch.float32)
         e, e0 = self._time(torch.cat([t, torch.zeros_like(t[:1])]))   # + the zero-t row, as the reference
         e, e0 = e[: t.shape[0]], e0[: t.shape[0]]
@@ -170,7 +172,7 @@ class LiveAvatarDiT(nn.Module):
             def attend(q, k, v, i=i):
                 k_win, v_win = kv.update(i, rope_apply(k, cos, sin), v)
                 out = attend_two_segments(rope_apply(q, cos, sin), k_win, v_win, sink.k[i], sink.v[i],
-                                          sink_pos, rope, self.attention)
+                                          sink_pos, rope, self.attention, sink_cs)
                 kv.done(i)
                 return out
             h = block(h, e0, context, attend, frames)

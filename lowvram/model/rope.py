@@ -56,11 +56,13 @@ class RopeTable:
         return RopeTable(self.cos.to(device), self.sin.to(device), self.pairs)
 
     def gather(self, pos: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token multipliers for positions pos [L, 3] (f, h, w): (cos, sin) [L, D/2] in `dtype`."""
+        """Per-token multipliers for positions pos [L, 3] (f, h, w): (cos, sin) [L, D/2] in `dtype`.
+        Positions on the CPU are checked against the table's length; positions already on a device are
+        trusted (checking them would synchronise the device)."""
         pt, ph, _ = self.pairs
-        pos = pos.to(self.cos.device).long()
-        if int(pos.abs().max()) >= self.max_len:
+        if pos.device.type == "cpu" and pos.numel() and int(pos.abs().max()) >= self.max_len:  # no device sync
             raise ValueError(f"RoPE position {int(pos.abs().max())} is past the table of {self.max_len}")
+        pos = pos.to(self.cos.device).long()
         # axis of every pair column: 0 for the first pt, 1 for the next ph, 2 for the rest
         axis = torch.zeros(self.cos.shape[1], dtype=torch.long, device=pos.device)
         axis[pt:pt + ph] = 1
