@@ -32,19 +32,24 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs (macOS, Windows): the torch fallback serves
     triton = None
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton < 3.4: pointer loads only
+    TensorDescriptor = None
 
 LOG2E = 1.4426950408889634
 
 if triton is not None:
 
     @triton.jit
-    def mma(a, b, UPCAST: tl.constexpr):
-        # a @ b with fp32 accumulation. The CPU interpreter (Triton <= 3.9) mis-multiplies bf16
-        # operands, so there it multiplies their exact fp32 copies instead: the same sum.
+    def mma(a, b, UPCAST: tl.constexpr, acc=None):
+        # acc + a @ b with fp32 accumulation (in the MMA itself when acc is given). The CPU
+        # interpreter (Triton <= 3.9) mis-multiplies bf16 operands, so there it multiplies their
+        # exact fp32 copies instead: the same sum.
         if UPCAST:
-            out = tl.dot(a.to(tl.float32), b.to(tl.float32))
+            out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
         else:
-            out = tl.dot(a, b)
+            out = tl.dot(a, b, acc)
         return out
 
     @triton.jit
@@ -54,7 +59,7 @@ if triton is not None:
         p = tl.math.exp2(qk * scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST)
+        acc = mma(p.to(v.dtype), v, UPCAST, acc * alpha[:, None])
         return m_new, l_i, acc
 
     @triton.jit
@@ -80,15 +85,21 @@ if triton is not None:
     @triton.jit
     def _sink_segment(q, m_i, l_i, acc, KS, VS, sksl, svsl, offs_n, offs_d, Ls, POS, COS, SIN, max_pos,
                       qk_scale, PT: tl.constexpr, PH: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                      UPCAST: tl.constexpr, GATHERED: tl.constexpr):
+                      UPCAST: tl.constexpr, GATHERED: tl.constexpr, DKS=None, DVS=None, b=0, h=0,
+                      TMA: tl.constexpr = False):
         """Online softmax over the sink of one (batch, head): un-roped keys roped tile by tile.
-        KS, VS point at the (b, h) slice; shared by the bf16 and the 8-bit kernels."""
+        KS, VS point at the (b, h) slice (or, with TMA, DKS/DVS describe the whole [B, Ls, H, D]
+        tensors: rows past Ls read as zeros); shared by the bf16 and the 8-bit kernels."""
         ks = KS + offs_n[:, None] * sksl + offs_d[None, :]
         vs = VS + offs_n[:, None] * svsl + offs_d[None, :]
         for start in range(0, Ls, BLOCK_N):
             n = start + offs_n
-            k = tl.load(ks + start * sksl, mask=n[:, None] < Ls, other=0.0)
-            v = tl.load(vs + start * svsl, mask=n[:, None] < Ls, other=0.0)
+            if TMA:
+                k = DKS.load([b, start, h, 0]).reshape(BLOCK_N, D)
+                v = DVS.load([b, start, h, 0]).reshape(BLOCK_N, D)
+            else:
+                k = tl.load(ks + start * sksl, mask=n[:, None] < Ls, other=0.0)
+                v = tl.load(vs + start * svsl, mask=n[:, None] < Ls, other=0.0)
             k = _rope_tile(k, n, Ls, POS, COS, SIN, max_pos, PT, PH, D, BLOCK_N, GATHERED)
             s = mma(q, tl.trans(k), UPCAST)
             s = tl.where(n[None, :] < Ls, s, float("-inf"))
@@ -96,13 +107,15 @@ if triton is not None:
         return m_i, l_i, acc
 
     @triton.jit
-    def _attn_fwd(Q, KW, VW, KS, VS, POS, COS, SIN, O,
+    def _attn_fwd(Q, KW, VW, KS, VS, POS, COS, SIN, O, DQ, DKW, DVW, DKS, DVS,
                   sqb, sql, sqh, skwb, skwl, skwh, svwb, svwl, svwh,
                   sksb, sksl, sksh, svsb, svsl, svsh, sob, sol, soh,
                   H, Lq, Lw, Ls, max_pos, qk_scale,
                   PT: tl.constexpr, PH: tl.constexpr, D: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                  GATHERED: tl.constexpr):
+                  GATHERED: tl.constexpr, TMA: tl.constexpr):
+        # TMA: q and the full key/value tiles come through tensor descriptors (DQ, DKW, DVW, DKS,
+        # DVS over the [B, L, H, D] tensors, set up by the wrapper) instead of pointer loads
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // H
@@ -110,8 +123,11 @@ if triton is not None:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
-                    mask=offs_m[:, None] < Lq, other=0.0)  # [BM, D]
+        if TMA:
+            q = DQ.load([b, pid_m * BLOCK_M, h, 0]).reshape(BLOCK_M, D)  # rows past Lq read as zeros
+        else:
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
+                        mask=offs_m[:, None] < Lq, other=0.0)  # [BM, D]
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -121,8 +137,12 @@ if triton is not None:
         vw = VW + b * svwb + h * svwh + offs_n[:, None] * svwl + offs_d[None, :]
         w_full = (Lw // BLOCK_N) * BLOCK_N
         for start in range(0, w_full, BLOCK_N):
-            k = tl.load(kw + start * skwl)
-            v = tl.load(vw + start * svwl)
+            if TMA:
+                k = DKW.load([b, start, h, 0]).reshape(BLOCK_N, D)
+                v = DVW.load([b, start, h, 0]).reshape(BLOCK_N, D)
+            else:
+                k = tl.load(kw + start * skwl)
+                v = tl.load(vw + start * svwl)
             s = mma(q, tl.trans(k), UPCAST)
             m_i, l_i, acc = _softmax_step(s, qk_scale, v, m_i, l_i, acc, UPCAST)
         if w_full < Lw:
@@ -136,7 +156,7 @@ if triton is not None:
         # segment 2: the sink, keys roped here from their positions
         m_i, l_i, acc = _sink_segment(q, m_i, l_i, acc, KS + b * sksb + h * sksh, VS + b * svsb + h * svsh,
                                       sksl, svsl, offs_n, offs_d, Ls, POS, COS, SIN, max_pos, qk_scale,
-                                      PT, PH, D, BLOCK_N, UPCAST, GATHERED)
+                                      PT, PH, D, BLOCK_N, UPCAST, GATHERED, DKS, DVS, b, h, TMA)
 
         out = acc / l_i[:, None]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], out.to(O.dtype.element_ty),
@@ -145,18 +165,40 @@ if triton is not None:
 _TUNED: dict = {}
 
 
-def autotuned(cache: dict, kernel, space, family: str):
+def autotuned(cache: dict, kernel, space, family: str, key=("D", "PT", "PH", "GATHERED"), pre_hook=None):
     """`kernel` autotuned over the configs of `space` (kernels/configs.py) for a device family, made once."""
     if family not in cache:
         cfgs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]},
-                              num_warps=c["num_warps"], num_stages=c["num_stages"])
+                              num_warps=c["num_warps"], num_stages=c["num_stages"], pre_hook=pre_hook)
                 for c in configs.select(space, family)]
-        cache[family] = triton.autotune(cfgs, key=["D", "PT", "PH", "GATHERED"])(kernel)
+        cache[family] = triton.autotune(cfgs, key=list(key))(kernel)
     return cache[family]
 
 
+def _set_blocks(nargs: dict) -> None:
+    """Give the tensor descriptors the tile shapes of the config about to run (autotune pre-hook)."""
+    if nargs.get("DQ") is None:
+        return
+    nargs["DQ"].block_shape = [1, nargs["BLOCK_M"], 1, nargs["D"]]
+    for name in ("DKW", "DVW", "DKS", "DVS"):
+        nargs[name].block_shape = [1, nargs["BLOCK_N"], 1, nargs["D"]]
+
+
 def _kernel(family: str):
-    return autotuned(_TUNED, _attn_fwd, configs.ATTENTION, family)
+    return autotuned(_TUNED, _attn_fwd, configs.ATTENTION, family, key=("D", "PT", "PH", "GATHERED", "TMA"),
+                     pre_hook=_set_blocks)
+
+
+def tma_usable(*xs: torch.Tensor) -> bool:
+    """Whether tensor descriptors can describe these [B, L, H, D] tensors: Triton has them, no segment
+    is empty, the last dim is contiguous and the base and every other stride are 16-byte aligned."""
+    if TensorDescriptor is None:
+        return False
+    for x in xs:
+        size = x.element_size()
+        if x.numel() == 0 or x.stride(-1) != 1 or x.data_ptr() % 16 or any(st * size % 16 for st in x.stride()[:-1]):
+            return False
+    return True
 
 
 def triton_usable(x: torch.Tensor) -> bool:
@@ -199,7 +241,7 @@ def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
 def two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeTable, scale=None,
                           backend: str = "auto", block: tuple | None = None,
                           out: torch.Tensor | None = None, sink_cs: tuple | None = None,
-                          sink_rope: str | None = None) -> torch.Tensor:
+                          sink_rope: str | None = None, tma: bool | None = None) -> torch.Tensor:
     """softmax(q [k_win; rope(k_sink)]^T * scale) [v_win; v_sink] without concatenating the segments.
 
     q [B, Lq, H, D]; k_win, v_win [B, Lw, H, D] (keys roped); k_sink, v_sink [B, Ls, H, D] (keys
@@ -208,6 +250,8 @@ def two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeT
     backend: "auto" (Triton on CUDA or under the interpreter, else torch), "triton", "torch".
     block: (BLOCK_M, BLOCK_N[, num_warps, num_stages]) to bypass autotuning (tests, benchmarks).
     out: an optional [B, Lq, H, D] tensor to write into (Triton path).
+    tma: load tiles through tensor descriptors (None: configs.ATTENTION_TMA for the device family,
+    where the tensors allow it; True/False force it, True failing when they do not).
     sink_cs: precomputed sink_rope_tables(rope, sink_pos) (the same for all layers of a forward).
     sink_rope: "gathered" (per-token cos/sin rows, gathered by torch) or "table" (the kernel gathers
     from the table by position); default configs.SINK_ROPE. Both rotate in registers, bit-exactly.
@@ -227,7 +271,14 @@ def two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeT
     pos, cos, sin, max_pos, gathered = sink_args(rope, sink_pos, Ls, q.device, sink_cs, sink_rope)
     if out is None:
         out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
-    args = (q, k_win, v_win, k_sink, v_sink, pos, cos, sin, out,
+    family = configs.arch_family(q.device)
+    usable = tma_usable(q, k_win, v_win, k_sink, v_sink)
+    if tma and not usable:
+        raise ValueError("tma=True needs Triton tensor descriptors, non-empty segments and 16-byte aligned strides")
+    tma = usable if tma is None and configs.ATTENTION_TMA.get(family, False) else bool(tma)
+    descs = [TensorDescriptor.from_tensor(x, [1, 16, 1, D]) for x in (q, k_win, v_win, k_sink, v_sink)] \
+        if tma else [None] * 5  # block shapes set per config (_set_blocks)
+    args = (q, k_win, v_win, k_sink, v_sink, pos, cos, sin, out, *descs,
             q.stride(0), q.stride(1), q.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2),
             v_win.stride(0), v_win.stride(1), v_win.stride(2), k_sink.stride(0), k_sink.stride(1),
             k_sink.stride(2), v_sink.stride(0), v_sink.stride(1), v_sink.stride(2),
@@ -237,11 +288,13 @@ def two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeT
     up = configs.interpreting()
     if block is not None:
         grid = (triton.cdiv(Lq, block[0]), B * H)
+        _set_blocks(dict(DQ=descs[0], DKW=descs[1], DVW=descs[2], DKS=descs[3], DVS=descs[4],
+                         BLOCK_M=block[0], BLOCK_N=block[1], D=D))
         _attn_fwd[grid](*args, PT=pt, PH=ph, D=D, BLOCK_M=block[0], BLOCK_N=block[1], UPCAST=up,
-                        GATHERED=gathered, **launch_opts(block))
+                        GATHERED=gathered, TMA=tma, **launch_opts(block))
     else:
         grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _kernel(configs.arch_family(q.device))[grid](*args, PT=pt, PH=ph, D=D, UPCAST=up, GATHERED=gathered)
+        _kernel(family)[grid](*args, PT=pt, PH=ph, D=D, UPCAST=up, GATHERED=gathered, TMA=tma)
     return out
 
 

@@ -59,13 +59,30 @@ def check_bf16(inp, rope, **kw):
 
 
 @on_cpu
-@pytest.mark.parametrize("B,D,block,mode", [(1, 64, None, "gathered"), (3, 128, None, "table"),
-                                            (1, 64, (16, 16), "table"), (1, 32, (16, 32), "gathered")])
-def test_bf16_two_segments(B, D, block, mode):
+@pytest.mark.parametrize("B,D,block,mode,tma", [(1, 64, None, "gathered", False), (3, 128, None, "table", False),
+                                                (1, 64, (16, 16), "table", False), (1, 32, (16, 32), "gathered", False),
+                                                (3, 64, None, "gathered", True), (1, 128, (16, 32), "table", True)])
+def test_bf16_two_segments(B, D, block, mode, tma):
     # window 100 (a tail tile for both block sizes) as a strided view; sink 17 with negative times;
-    # both sources of the sink's RoPE multipliers
+    # both sources of the sink's RoPE multipliers; pointer loads and tensor-descriptor (TMA) loads,
+    # whose out-of-range rows (q past 33, the sink's last tile) read as zeros
     inp = make_inputs(B * 10 + D, B, 33, 100, 17, 2, D)
-    check_bf16(inp, RopeTable.build(D, 64), block=block, sink_rope=mode)
+    check_bf16(inp, RopeTable.build(D, 64), block=block, sink_rope=mode, tma=tma)
+
+
+def test_tma_needs_aligned_nonempty_segments():
+    from lowvram.kernels.attention import TensorDescriptor, tma_usable
+
+    if TensorDescriptor is None:
+        pytest.skip("this Triton has no tensor descriptors")
+    inp = make_inputs(3, 1, 33, 100, 17, 2, 64)
+    assert tma_usable(inp["q"], inp["k_win"], inp["k_sink"])
+    assert not tma_usable(inp["q"], inp["k_win"][:, :0])  # an empty segment: pointer loads
+    odd = torch.empty(33 * 2 * 64 + 1, dtype=BF)[1:].view(1, 33, 2, 64)  # base 2 bytes off 16
+    assert not tma_usable(odd)
+    with pytest.raises(ValueError, match="tma=True"):
+        two_segment_attention(**dict(inp, k_win=inp["k_win"][:, :0], v_win=inp["v_win"][:, :0]),
+                              rope=RopeTable.build(64, 64), tma=True, backend="triton")
 
 
 def test_sink_rope_tables_equal_the_model_gather():

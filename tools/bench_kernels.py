@@ -119,6 +119,7 @@ def bench_attention_shape(B, Lq, Lw, Ls, H, D, dev, sweep):
                          check=check + ("" if ok else " FAILED")))
 
     row("ours bf16 (triton)", lambda: two_segment_attention(**inp, rope=rope), "bf16")
+    row("  ours bf16, pointer loads (tma=False)", lambda: two_segment_attention(**inp, rope=rope, tma=False), "bf16")
     row("ours 8-bit (triton8)", lambda: A8.two_segment_attention8(**sink, win=cache, rope=rope), "8bit")
     row("  ours bf16, sink RoPE from table", lambda: two_segment_attention(**inp, rope=rope, sink_rope="table"),
         "bf16")
