@@ -55,7 +55,7 @@ class Profile:
     blocks_resident: str | int  # "auto" (as many as the budget allows) or a count
     pinned_budget_gib: float  # most page-locked host memory to take; the rest is pageable
     prefetch_blocks: int  # streamed blocks copied ahead of use (GPU buffers = this + 1)
-    gemm: str  # QuantLinear's W8A8 matmul: auto (int_mm / scaled_mm by scheme) | int_mm | scaled_mm | triton | reference
+    gemm: str  # QuantLinear's W8A8 matmul: auto (CUDA: triton, else int_mm / scaled_mm by scheme) | int_mm | scaled_mm | triton | reference
 
     def __post_init__(self) -> None:
         where = f"profile {self.name}"

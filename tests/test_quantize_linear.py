@@ -183,9 +183,9 @@ def test_cuda_backends_agree_with_reference(scheme, m):
     ql = QuantLinear.from_linear(lin, scheme)
     x = torch.randn(m, 256, generator=g, device="cuda").bfloat16()
     want = _reference_out(x, lin)
-    name = {"int8": "int_mm", "fp8": "scaled_mm"}[scheme]
-    assert backends.resolve(x, ql.qweight).name == name  # auto on CUDA
-    y = ql(x)
-    assert y.dtype == torch.bfloat16 and y.shape == (m, 384)
-    assert sqnr_db(want, y) >= OUTPUT_FLOOR[scheme]
-    assert sqnr_db(ql(x, backend="reference").float(), y.float()) >= OUTPUT_FLOOR[scheme]
+    assert backends.resolve(x, ql.qweight).name == "triton"  # auto on CUDA: the fused kernels
+    for name in ("auto", {"int8": "int_mm", "fp8": "scaled_mm"}[scheme]):
+        y = ql(x, backend=name)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, 384)
+        assert sqnr_db(want, y) >= OUTPUT_FLOOR[scheme], name
+        assert sqnr_db(ql(x, backend="reference").float(), y.float()) >= OUTPUT_FLOOR[scheme], name
