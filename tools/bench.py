@@ -264,6 +264,9 @@ def main(argv=None):
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="override a field of every profile run, e.g. gemm=triton or attention=triton")
+    ap.add_argument("--variant", dest="variants", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="also run every profile with these overrides (on top of --set), e.g. "
+                         "'gemm=triton,attention=triton'; repeatable: one more run per profile each")
     ap.add_argument("--no-resident", action="store_true",
                     help="skip the 4090's scheme all-resident (the throughput reference)")
     args = ap.parse_args(argv)
@@ -300,6 +303,9 @@ def main(argv=None):
     common = parse_set(args.sets)
     runs = [(n, c, {**(ov or {}), **common}, lbl) for n, c, ov, lbl in runs]
     runs += [(n, CAPS.get(n), common or None, n) for n in names]
+    for var in args.variants:
+        extra = parse_set([kv for kv in var.split(",") if kv])
+        runs += [(n, CAPS.get(n), {**common, **extra}, f"{n} {var}") for n in names]
     results["profiles"] = []
     for name, cap, ov, label in runs:
         try:

@@ -1,0 +1,132 @@
+"""Where a full-size DiT forward spends its GPU time: torch.profiler over resident forwards.
+
+    python3 tools/trace_forward.py --out $OUT [--scheme int8] [--gemm triton] [--attention sdpa]
+
+Random weights at full size (tools/bench.py's random_model), all 40 blocks resident, KV window
+full (4 blocks of 3168 tokens written before timing, as in steady state), 704x384. Warms up, then
+profiles `--forwards` forwards and prints the CUDA kernels grouped by kind (GEMM, attention,
+quantization, elementwise, copies, ...) and the top kernels by total time; writes trace_forward.json
+(and a Chrome trace with --chrome) under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import FULL, QUICK, random_model, synthetic_inputs  # noqa: E402
+
+from lowvram.config import DiTConfig  # noqa: E402
+from lowvram.kv_cache import GpuKVCache  # noqa: E402
+
+KINDS = [  # (kind, substrings of a kernel name, lowercase), first match wins
+    ("attention", ("attn", "flash", "fmha", "cudnn", "sdpa", "softmax")),
+    ("gemm", ("gemm", "_w8a8", "int8_mm", "fp8_mm", "matmul", "cutlass", "sm90_xmma", "nvjet", "wgmma")),
+    ("quantize", ("quant",)),
+    ("copy", ("memcpy", "memset", "copy_")),
+    ("norm", ("norm",)),
+    ("rope", ("rope",)),
+]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "elementwise/other"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--scheme", default="int8", choices=["int8", "fp8", "bf16"])
+    ap.add_argument("--gemm", default="auto")
+    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "triton"])
+    ap.add_argument("--forwards", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="scaled-down model on the CPU (a dry run of the code)")
+    ap.add_argument("--chrome", action="store_true", help="also write a Chrome trace (large)")
+    args = ap.parse_args(argv)
+    device = torch.device("cpu" if args.quick else "cuda")
+    cfg = DiTConfig.from_dict(QUICK if args.quick else FULL)
+    h, w = (16, 16) if args.quick else (48, 88)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from lowvram.quantize.backends import set_backend
+
+    set_backend(args.gemm)
+    model = random_model(cfg, args.scheme, device, device)
+    model.attention = args.attention
+    ctx, ref, motion, audio = synthetic_inputs(cfg, h, w, device)
+    tokens = (h // 2) * (w // 2)
+    g = torch.Generator(device="cpu").manual_seed(5)
+    x = torch.randn(1, 16, 3, h, w, generator=g).to(device, torch.bfloat16)
+    with torch.no_grad():
+        c = model.embed_text([ctx.to(device)])
+        sink = model.prefill_sink(ref.to(device, torch.bfloat16), motion.to(device, torch.bfloat16), c)
+        kv = GpuKVCache(cfg.num_layers, 4 * 3 * tokens, 1, cfg.num_heads, cfg.head_dim, torch.bfloat16, device)
+        t = torch.full((1, 3), 1000.0, device=device)
+
+        def forward(block):
+            return model(x, t, c, audio[..., :12].to(device), kv, sink, 3 * block, 10)
+
+        def sync():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        for b in range(5):  # fill the window (and warm up: autotuning, cuDNN plans)
+            forward(b)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.forwards):
+            forward(4)
+        sync()
+        wall = (time.perf_counter() - t0) / args.forwards
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                         if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(args.forwards):
+                forward(4)
+            sync()
+    if args.chrome:
+        prof.export_chrome_trace(str(out / "trace_forward.chrome.json"))
+    events = prof.key_averages()
+    per_kernel = []
+    for e in events:
+        us = getattr(e, "self_device_time_total", None)
+        if us is None:
+            us = getattr(e, "self_cuda_time_total", 0)
+        if device.type != "cuda":
+            us = e.self_cpu_time_total
+        if us > 0 and (device.type != "cuda" or e.device_type == torch.autograd.DeviceType.CUDA):
+            per_kernel.append((e.key, us / 1e3 / args.forwards, e.count // args.forwards))
+    per_kernel.sort(key=lambda r: -r[1])
+    kinds = defaultdict(float)
+    for name, ms, _ in per_kernel:
+        kinds[kind_of(name)] += ms
+    busy = sum(kinds.values())
+    res = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
+               date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command=" ".join(sys.argv),
+               scheme=args.scheme, gemm=args.gemm, attention=args.attention, wall_ms_per_forward=wall * 1e3,
+               kernel_ms_per_forward=busy, kinds=dict(kinds),
+               kernels=[dict(name=n, ms=ms, calls=c) for n, ms, c in per_kernel[:60]])
+    (out / "trace_forward.json").write_text(json.dumps(res, indent=1))
+    print(f"\ntop kernels per forward ({args.scheme}, gemm={args.gemm}, attention={args.attention}):")
+    for name, ms, calls in per_kernel[:25]:
+        print(f"  {ms:8.2f} ms {calls:5d}x  {kind_of(name):18s} {name[:90]}")
+    print(f"\nwall {wall * 1e3:.1f} ms per forward; kernels busy {busy:.1f} ms:")
+    for k, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:18s} {ms:8.2f} ms  {100 * ms / busy:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
