@@ -169,13 +169,13 @@ class LiveAvatarDiT(nn.Module):
         kv.begin_forward(start_frame * grid[1] * grid[2], n_new)
         h = tokens
         for i, block in enumerate(self.blocks):
-            def attend(q, k, v, i=i):
-                k_win, v_win = kv.update(i, rope_apply(k, cos, sin), v)
-                out = attend_two_segments(rope_apply(q, cos, sin), k_win, v_win, sink.k[i], sink.v[i],
-                                          sink_pos, rope, self.attention, sink_cs)
+            def attend(q, k, v, i=i):  # q, k roped by the block (with their norms)
+                k_win, v_win = kv.update(i, k, v)
+                out = attend_two_segments(q, k_win, v_win, sink.k[i], sink.v[i], sink_pos, rope, self.attention,
+                                          sink_cs)
                 kv.done(i)
                 return out
-            h = block(h, e0, context, attend, frames)
+            h = block(h, e0, context, attend, frames, rope=(cos, sin))
             h = self.audio_injector(i, h, a_loc, a_glob)
         out = self.head(h, e, frames)
         return self._unpatchify(out, grid)

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lowvram.kernels import fused
+
 
 class RMSNorm(nn.Module):
     """WanRMSNorm: x * rsqrt(mean(x^2) + eps) in fp32, cast back, times weight."""
@@ -22,9 +24,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):  # x: [..., C]
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+    def forward(self, x, rope=None, heads=1):  # x: [B, L, C]; rope: (cos, sin) [L, D/2] to rope each head after
+        return fused.rms_norm_rope(x, self.weight, self.eps, *(rope or (None, None)), heads=heads)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -59,11 +60,14 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
-    def forward(self, x, attend: Callable):  # x: [B, L, C]
+    def forward(self, x, attend: Callable, rope=None):
+        """x: [B, L, C]; rope: (cos, sin) of x's tokens, applied to q and k with their norms (one fused
+        pass on the GPU); without it attend gets un-roped q and k."""
         b, s = x.shape[:2]
-        q = self.norm_q(self.q(x)).view(b, s, self.num_heads, self.head_dim)
-        k = self.norm_k(self.k(x)).view(b, s, self.num_heads, self.head_dim)
-        v = self.v(x).view(b, s, self.num_heads, self.head_dim)
+        n = self.num_heads
+        q = self.norm_q(self.q(x), rope, n).view(b, s, n, self.head_dim)
+        k = self.norm_k(self.k(x), rope, n).view(b, s, n, self.head_dim)
+        v = self.v(x).view(b, s, n, self.head_dim)
         return self.o(attend(q, k, v).flatten(2))
 
 
@@ -93,30 +97,28 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
 
-    def forward(self, x, e0, context, attend: Callable, frames: int):
+    def forward(self, x, e0, context, attend: Callable, frames: int, rope=None):
         """x: [B, L, C] in the compute dtype; e0: [B, frames, 6, C] fp32 time projection of each
-        frame's t (L = frames * tokens per frame); context: [B, 512, C]."""
+        frame's t (L = frames * tokens per frame); context: [B, 512, C]; rope: see SelfAttention.
+        The norm + modulation and gate + residual chains are one pass each (kernels/fused.py on the
+        GPU, the same eager arithmetic on the CPU)."""
         dt = x.dtype
         b, L, c = x.shape
-        m = (self.modulation.float().unsqueeze(1) + e0).unsqueeze(3)  # [B, F, 6, 1, C]
-        shift1, scale1, gate1, shift2, scale2, gate2 = m.unbind(2)    # each [B, F, 1, C]
+        m = self.modulation.float().unsqueeze(1) + e0                   # [B, F, 6, C]
+        shift1, scale1, gate1, shift2, scale2, gate2 = m.unbind(2)    # each [B, F, C]
+        eps = self.norm1.eps
 
-        def mod(h, shift, scale):  # h: [B, L, C] fp32 -> per-frame modulation
-            return (h.unflatten(1, (frames, -1)) * (1 + scale) + shift).flatten(1, 2)
-
-        def gate(y, g):
-            return (y.float().unflatten(1, (frames, -1)) * g).flatten(1, 2)
-
-        y = self.self_attn(mod(self.norm1(x).float(), shift1, scale1).to(dt), attend)
-        x = x + gate(y, gate1)                                          # fp32 from here
+        h = fused.layer_norm_mod(x, eps, shift=shift1, scale=scale1, frames=frames, out_dtype=dt)
+        y = self.self_attn(h, attend, rope)
+        x = fused.gated_residual(x, y, gate1, frames)                   # fp32 from here
         # the reference rounds the cross-attention's input to bf16 whatever the compute dtype
-        x = x + self.cross_attn(self.norm3(x.to(torch.bfloat16)).to(dt), context)
-        h = mod(self.norm2(x), shift2, scale2).to(dt)
+        h = fused.layer_norm_mod(x, self.norm3.eps, self.norm3.weight, self.norm3.bias, round_in=True, out_dtype=dt)
+        x = x + self.cross_attn(h, context)
+        h = fused.layer_norm_mod(x, self.norm2.eps, shift=shift2, scale=scale2, frames=frames, out_dtype=dt)
         # one latent frame of tokens at a time: the [tokens, ffn_dim] hidden (and a W8A8 layer's int32/fp32
         # temporaries) is the largest activation of the forward; rows are independent, so this is exact
         y = torch.cat([self.ffn(c) for c in h.split(max(1, L // frames), dim=1)], dim=1)
-        x = x + gate(y, gate2)
-        return x.to(dt)
+        return fused.gated_residual(x, y, gate2, frames, out_dtype=dt)
 
 
 class Head(nn.Module):

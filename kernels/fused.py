@@ -1,0 +1,207 @@
+"""Row-wise fused kernels for the DiT block's elementwise work (one pass over a token row each).
+
+The eager block converts, normalises, modulates, ropes and gates [tokens, 5120] activations in
+a dozen separate fp32/bf16 passes per step (trace_forward: ~45% of a full-size forward's GPU
+time on an H200 was copies and elementwise kernels). Each kernel here does one of those chains
+in one pass, computing in fp32 and rounding exactly where the eager code rounds:
+
+- `rms_norm_rope`: WanRMSNorm (fp32 mean of squares, round, times the weight in bf16) and, with
+  (cos, sin) given, the interleaved-pair RoPE of every head (fp32, one rounding).
+- `layer_norm_mod`: WanLayerNorm (fp32, optional affine, optionally on an input first rounded to
+  bf16; rounded to its input's dtype) then per-frame `h * (1 + scale) + shift`.
+- `gated_residual`: x + y * gate[frame] in fp32, written in the output dtype.
+
+Each has a torch twin (the eager code) for CPU runs; results agree to fp32 reduction order.
+Rows: the last dim must be contiguous; the row length C up to 16384.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lowvram.kernels import configs
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch twins serve
+    triton = None
+
+
+def use_triton(x: torch.Tensor, backend: str) -> bool:
+    """backend "auto": the kernels on CUDA, the torch twins elsewhere; "triton": the kernels (on the CPU
+    through Triton's interpreter, for tests); "torch": the twins."""
+    if backend == "torch" or triton is None and backend == "auto":
+        return False
+    if backend == "auto":
+        return x.is_cuda
+    if backend != "triton":
+        raise ValueError(f"backend must be auto, triton or torch, not {backend!r}")
+    if triton is None or not (x.is_cuda or configs.interpreter_ready()):
+        raise RuntimeError("the fused kernels need triton on a CUDA device or under TRITON_INTERPRET=1")
+    return True
+
+
+def _warps(block: int) -> int:
+    return 4 if block <= 1024 else (8 if block <= 4096 else 16)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_rope_kernel(X, W, COS, SIN, O, sx, so, C, L, eps,
+                         HALF: tl.constexpr, BLOCK: tl.constexpr, ROPE: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        m = cols < C
+        x = tl.load(X + row * sx + cols, mask=m, other=0.0).to(tl.float32)
+        r = 1.0 / tl.sqrt(tl.sum(x * x, 0) / C + eps)
+        y = (x * r).to(O.dtype.element_ty).to(tl.float32)  # the norm rounds to the input dtype
+        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+        y = (y * w).to(O.dtype.element_ty)  # then the product with the weight, rounded again
+        if ROPE:
+            tok = row % L
+            pair = tl.arange(0, BLOCK // 2)
+            i = pair % HALF  # frequency index within the head
+            pm = pair < C // 2
+            c = tl.load(COS + tok * HALF + i, mask=pm, other=0.0).to(tl.float32)
+            s = tl.load(SIN + tok * HALF + i, mask=pm, other=0.0).to(tl.float32)
+            a, b = tl.split(tl.reshape(y.to(tl.float32), (BLOCK // 2, 2)))
+            y = tl.reshape(tl.join(a * c - b * s, a * s + b * c), (BLOCK,)).to(O.dtype.element_ty)
+        tl.store(O + row * so + cols, y, mask=m)
+
+    @triton.jit
+    def _ln_mod_kernel(X, W, B, SHIFT, SCALE, O, sx, so, C, rows_per_frame, eps,
+                       BLOCK: tl.constexpr, ROUND_IN: tl.constexpr, AFFINE: tl.constexpr,
+                       MOD: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        m = cols < C
+        x = tl.load(X + row * sx + cols, mask=m, other=0.0)
+        if ROUND_IN:
+            x = x.to(tl.bfloat16)
+        x = x.to(tl.float32)
+        mean = tl.sum(x, 0) / C
+        d = tl.where(m, x - mean, 0.0)
+        h = d / tl.sqrt(tl.sum(d * d, 0) / C + eps)
+        if AFFINE:
+            h = h * tl.load(W + cols, mask=m, other=0.0).to(tl.float32) + tl.load(B + cols, mask=m, other=0.0).to(
+                tl.float32)
+        if ROUND_IN:  # WanLayerNorm returns its input's dtype: bf16 here, x's dtype otherwise
+            h = h.to(tl.bfloat16).to(tl.float32)
+        else:
+            h = h.to(X.dtype.element_ty).to(tl.float32)
+        if MOD:
+            bf = row // rows_per_frame  # (batch, frame) index into [B, F, C] shift/scale
+            sc = tl.load(SCALE + bf * C + cols, mask=m, other=0.0)
+            sh = tl.load(SHIFT + bf * C + cols, mask=m, other=0.0)
+            h = h * (1.0 + sc) + sh
+        tl.store(O + row * so + cols, h.to(O.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _gate_kernel(X, Y, G, O, sx, sy, so, C, rows_per_frame, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < C
+        x = tl.load(X + row * sx + cols, mask=m, other=0.0).to(tl.float32)
+        y = tl.load(Y + row * sy + cols, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(G + (row // rows_per_frame) * C + cols, mask=m, other=0.0)
+        tl.store(O + row * so + cols, (x + y * g).to(O.dtype.element_ty), mask=m)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as a 2-D [rows, C] view with a contiguous last dim (copying only when it must)."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2
+
+
+# ------------------------------------------------------------------- torch twins (the eager code)
+
+def rms_norm_rope_torch(x, weight, eps, cos=None, sin=None, heads=1):
+    from lowvram.model.rope import rope_apply
+
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    if cos is None:
+        return y
+    b, L, c = y.shape
+    return rope_apply(y.view(b, L, heads, c // heads), cos, sin).view(b, L, c)
+
+
+def layer_norm_mod_torch(x, eps, weight=None, bias=None, shift=None, scale=None, frames=1, round_in=False,
+                         out_dtype=None):
+    out_dtype = out_dtype or x.dtype
+    if round_in:
+        x = x.to(torch.bfloat16)
+    w = weight.float() if weight is not None else None
+    b = bias.float() if bias is not None else None
+    h = F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).to(x.dtype).float()
+    if shift is not None:  # shift/scale [B, F, C]
+        h = (h.unflatten(1, (frames, -1)) * (1 + scale[:, :, None]) + shift[:, :, None]).flatten(1, 2)
+    return h.to(out_dtype)
+
+
+def gated_residual_torch(x, y, gate, frames, out_dtype=None):
+    out = x + (y.float().unflatten(1, (frames, -1)) * gate[:, :, None]).flatten(1, 2)
+    return out.to(out_dtype or out.dtype)
+
+
+# ------------------------------------------------------------------- public entry points
+
+def rms_norm_rope(x, weight, eps, cos=None, sin=None, heads=1, backend="auto"):
+    """RMSNorm(x) * weight over the last dim of x [..., C]; with (cos, sin) [L, D/2] given, x is [B, L, C]
+    and each of its `heads` heads of D = C / heads channels is then roped. Returns x.dtype, x's shape."""
+    if (not use_triton(x, backend) or weight.dtype != x.dtype or (cos is not None and x.dtype == torch.float32)):
+        # (a weight of another dtype promotes in the eager code; fp32 RoPE rotates in float64 there)
+        return rms_norm_rope_torch(x, weight, eps, cos, sin, heads)
+    c = x.shape[-1]
+    L = x.shape[-2] if cos is not None else 1
+    x2 = _rows(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block = triton.next_power_of_2(c)
+    rope = cos is not None
+    cos = cos.contiguous() if rope else weight
+    sin = sin.contiguous() if rope else weight
+    _rms_rope_kernel[(x2.shape[0],)](x2, weight, cos, sin, out, x2.stride(0), c, c, L, eps,
+                                     HALF=(c // heads) // 2 if rope else 1, BLOCK=block, ROPE=rope,
+                                     num_warps=_warps(block))
+    return out
+
+
+def layer_norm_mod(x, eps, weight=None, bias=None, shift=None, scale=None, frames=1, round_in=False,
+                   out_dtype=None, backend="auto"):
+    """WanLayerNorm of x [B, L, C] (fp32, rounded to its input's dtype; `round_in`: of x rounded to bf16
+    first; affine if weight is given), then with shift/scale [B, F, C] (fp32) the per-frame modulation
+    h * (1 + scale) + shift over F frames of L / F tokens. Returns out_dtype (x.dtype by default)."""
+    if not use_triton(x, backend):
+        return layer_norm_mod_torch(x, eps, weight, bias, shift, scale, frames, round_in, out_dtype)
+    b, L, c = x.shape
+    x2 = _rows(x)
+    out = torch.empty(b, L, c, dtype=out_dtype or x.dtype, device=x.device)
+    block = triton.next_power_of_2(c)
+    mod = shift is not None
+    dummy = x2
+    sh = shift.contiguous().float() if mod else dummy
+    sc = scale.contiguous().float() if mod else dummy
+    _ln_mod_kernel[(x2.shape[0],)](x2, weight if weight is not None else dummy, bias if bias is not None else dummy,
+                                   sh, sc, out, x2.stride(0), c, c, L // frames, eps, BLOCK=block,
+                                   ROUND_IN=round_in, AFFINE=weight is not None, MOD=mod,
+                                   num_warps=_warps(block))
+    return out
+
+
+def gated_residual(x, y, gate, frames, out_dtype=None, backend="auto"):
+    """x + y * gate per frame: x [B, L, C] (any float dtype), y [B, L, C], gate [B, F, C] fp32; computed in
+    fp32, returned in out_dtype (fp32 by default, as the eager promotion)."""
+    if not use_triton(x, backend):
+        return gated_residual_torch(x, y, gate, frames, out_dtype)
+    b, L, c = x.shape
+    x2, y2 = _rows(x), _rows(y)
+    out = torch.empty(b, L, c, dtype=out_dtype or torch.float32, device=x.device)
+    block = min(2048, triton.next_power_of_2(c))
+    _gate_kernel[(x2.shape[0], triton.cdiv(c, block))](x2, y2, gate.contiguous().float(), out, x2.stride(0),
+                                                        y2.stride(0), c, c, L // frames, BLOCK=block,
+                                                        num_warps=4)
+    return out

@@ -1,0 +1,146 @@
+"""Fused row kernels (kernels/fused.py) against their torch twins, the block's eager arithmetic.
+
+CPU: Triton's interpreter on small odd shapes (a row length that is not a power of two, 11 tokens
+per frame, two batch entries). GPU (`-m cuda`): the model's width, and a whole Block with the
+kernels against the same Block with the twins.
+"""
+
+import os
+
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from lowvram.kernels import fused  # noqa: E402
+from lowvram.kernels.configs import INTERPRETER_WHY, interpreter_ready  # noqa: E402
+from lowvram.model.rope import RopeTable, grid_positions  # noqa: E402
+
+BF = torch.bfloat16
+on_cpu = pytest.mark.skipif(not interpreter_ready(), reason=INTERPRETER_WHY)
+cuda = pytest.mark.cuda
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def same_rounding(a, b, dtype):
+    """a and b equal up to the last bits. On the GPU nearly all bf16 elements are bit-equal (only the
+    reductions' order differs); Triton's interpreter rounds fp32 -> bf16 toward zero (not to nearest,
+    as the GPU and torch do), so there each rounding may differ by one unit."""
+    a, b = a.float(), b.float()
+    assert a.shape == b.shape and torch.isfinite(a).all()
+    ulp = 2.0 ** -7 if dtype == BF else 2.0 ** -20
+    k = 2 if a.is_cuda else 4  # units of an intermediate's rounding, carried into small outputs by cancellation
+    torch.testing.assert_close(a, b, rtol=k * ulp, atol=k * ulp * b.abs().mean().item())
+    assert (a - b).norm() <= k / 2 * ulp * b.norm()
+    if dtype == BF and a.is_cuda:
+        assert (a == b).float().mean() > 0.97
+    return a, b
+
+
+def rope_tables(L, D, frames=3, seed=0):
+    pos = grid_positions(range(5, 5 + frames), range(L // frames), range(1))
+    cos, sin = RopeTable.build(D, 1024).gather(pos)
+    return cos, sin
+
+
+def shapes_and_inputs(device, dtype, C=96, B=2, frames=3, L=33, seed=1):
+    g = gen(seed)
+    x = (torch.randn(B, L, C, generator=g) * 3 + 0.5).to(device=device, dtype=dtype)
+    y = torch.randn(B, L, C, generator=g).to(device=device, dtype=BF)
+    shift = (torch.randn(B, frames, C, generator=g) * 0.3).to(device)
+    scale = (torch.randn(B, frames, C, generator=g) * 0.3).to(device)
+    return x, y, shift, scale
+
+
+@on_cpu
+@pytest.mark.parametrize("dtype,rope", [(BF, True), (BF, False), (torch.float32, False)])
+def test_rms_norm_rope(dtype, rope):
+    x, *_ = shapes_and_inputs("cpu", dtype, C=2 * 48)  # two heads of 48: 24 pairs, not a power of two
+    w = (1 + 0.1 * torch.randn(96, generator=gen(3))).to(dtype)
+    cs = rope_tables(33, 48) if rope else (None, None)
+    out = fused.rms_norm_rope(x, w, 1e-6, *cs, heads=2, backend="triton")
+    ref = fused.rms_norm_rope(x, w, 1e-6, *cs, heads=2, backend="torch")
+    same_rounding(out, ref, dtype)
+    if rope:  # the rotation happened (positions differ per token)
+        plain = fused.rms_norm_rope(x, w, 1e-6, heads=2, backend="torch")
+        assert (plain.float() - ref.float()).abs().max() > 0.1
+
+
+@on_cpu
+@pytest.mark.parametrize("case", ["norm1", "norm3", "norm2"])
+def test_layer_norm_mod(case):
+    dtype = BF if case == "norm1" else torch.float32
+    x, _, shift, scale = shapes_and_inputs("cpu", dtype)
+    kw = dict(out_dtype=BF)
+    if case == "norm3":  # affine, on x rounded to bf16, no modulation
+        kw.update(weight=1 + 0.1 * torch.randn(96, generator=gen(4)), bias=0.1 * torch.randn(96, generator=gen(5)),
+                  round_in=True)
+    else:
+        kw.update(shift=shift, scale=scale, frames=3)
+    out = fused.layer_norm_mod(x, 1e-6, backend="triton", **kw)
+    ref = fused.layer_norm_mod(x, 1e-6, backend="torch", **kw)
+    same_rounding(out, ref, BF)
+
+
+@on_cpu
+@pytest.mark.parametrize("xdtype,out_dtype", [(BF, None), (torch.float32, BF), (torch.float32, None)])
+def test_gated_residual(xdtype, out_dtype):
+    x, y, gate, _ = shapes_and_inputs("cpu", xdtype, C=2500)  # two column tiles, the second partial
+    out = fused.gated_residual(x, y, gate, 3, out_dtype=out_dtype, backend="triton")
+    ref = fused.gated_residual(x, y, gate, 3, out_dtype=out_dtype, backend="torch")
+    assert out.dtype == ref.dtype == (out_dtype or torch.float32)
+    same_rounding(out, ref, out.dtype)
+
+
+def test_auto_is_torch_on_the_cpu_and_bad_backend_refused():
+    x = torch.randn(1, 4, 8)
+    assert not fused.use_triton(x, "auto") and not fused.use_triton(x, "torch")
+    with pytest.raises(ValueError, match="backend"):
+        fused.use_triton(x, "fast")
+
+
+@cuda
+@needs_cuda
+def test_kernels_at_model_width_on_gpu():
+    x, y, shift, scale = shapes_and_inputs("cuda", BF, C=5120, L=3 * 352, frames=3)
+    w = (1 + 0.1 * torch.randn(5120, generator=gen(3))).to("cuda", BF)
+    cos, sin = (t.cuda() for t in rope_tables(3 * 352, 128))
+    a = fused.rms_norm_rope(x, w, 1e-6, cos, sin, heads=40, backend="triton")
+    b = fused.rms_norm_rope(x, w, 1e-6, cos, sin, heads=40, backend="torch")
+    same_rounding(a, b, BF)
+    a = fused.layer_norm_mod(x, 1e-6, shift=shift, scale=scale, frames=3, backend="triton")
+    b = fused.layer_norm_mod(x, 1e-6, shift=shift, scale=scale, frames=3, backend="torch")
+    same_rounding(a, b, BF)
+    a = fused.gated_residual(x, y, shift, 3, backend="triton")
+    b = fused.gated_residual(x, y, shift, 3, backend="torch")
+    same_rounding(a, b, torch.float32)
+
+
+@cuda
+@needs_cuda
+def test_block_with_kernels_matches_block_with_twins(monkeypatch):
+    from lowvram.model.layers import Block
+    from lowvram.model.attention import sdpa
+
+    torch.manual_seed(0)
+    blk = Block(256, 512, 2).to("cuda", BF)
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5 if p.ndim > 1 else 1 + 0.1 * torch.randn_like(p))
+    x = torch.randn(1, 3 * 40, 256, device="cuda").to(BF)
+    e0 = torch.randn(1, 3, 6, 256, device="cuda") * 0.1
+    ctx = torch.randn(1, 16, 256, device="cuda").to(BF)
+    cos, sin = (t.cuda() for t in rope_tables(3 * 40, 128, frames=3))
+    with torch.no_grad():
+        a = blk(x, e0, ctx, sdpa, 3, rope=(cos, sin))
+        monkeypatch.setattr(fused, "use_triton", lambda x, backend: False)
+        b = blk(x, e0, ctx, sdpa, 3, rope=(cos, sin))
+    rel = ((a.float() - b.float()).norm() / b.float().norm()).item()
+    assert rel < 1e-2, rel
