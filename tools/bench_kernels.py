@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from lowvram.kernels import attention8 as A8  # noqa: E402
-from lowvram.kernels import gemm  # noqa: E402
+from lowvram.kernels import configs, gemm  # noqa: E402
 from lowvram.kernels import reference as R  # noqa: E402
 from lowvram.kernels.attention import two_segment_attention  # noqa: E402
 from lowvram.model.rope import RopeTable  # noqa: E402
@@ -194,6 +194,14 @@ def bnb_layer(K, N, dev):
     return lin.to(dev)
 
 
+def note_config(r):
+    """Record the tile config the autotuner picked for the GEMM call just timed (it can differ run to run)."""
+    tuned = gemm._TUNED.get(configs.arch_family()) if r else None
+    if tuned is not None and getattr(tuned, "best_config", None) is not None:
+        r["config"] = str(tuned.best_config)
+        r["check"] = r.get("check", "") + f"; {r['config'][:70]}"
+
+
 def bench_gemm_shape(M, K, N, dev, sweep):
     g = torch.Generator(dev).manual_seed(M + K + N)
     x = torch.randn(M, K, device=dev, generator=g)
@@ -242,7 +250,9 @@ def bench_gemm_shape(M, K, N, dev, sweep):
     # judge our kernel against the W8A8 scheme's own SQNR, as tests/test_kernels_gemm.py does
     floor8 = min(30.0, R.sqnr_db(ref8, full) - 0.5)
     ours8 = row("ours INT8 (quant incl.)", lambda: gemm.int8_linear(x, wq, ws, b), ref8, floor8)
+    note_config(ours8)
     oursf = row("ours FP8 triton (quant incl.)", lambda: gemm.fp8_linear(x, wf, wfs, b, engine="triton"), reff, 25.0)
+    note_config(oursf)
     oursfs = row("ours FP8 quant + _scaled_mm", lambda: gemm.fp8_linear(x, wf, wfs, b, engine="scaled_mm"), reff, 25.0)
     for single, tag in ((None, "default"), (False, "two-pass")):
         q_ms = timed(lambda single=single: gemm.quantize_rows(x, single=single)) if gemm.triton_usable(x) else None
@@ -310,6 +320,7 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="time every candidate tile config explicitly")
     ap.add_argument("--quick", action="store_true", help="B=1 attention and one GEMM shape only")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU interpreter (dry run)")
+    ap.add_argument("--only", choices=["attention", "gemm"], help="run one half of the benchmark")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_kernels.json")
     a = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
@@ -321,6 +332,8 @@ def main():
         att = [(1, 3168, 12672, 2640, 40, 128)] + ([] if a.quick else [(4, 3168, 12672, 2640, 40, 128)])
         gem = [(M, K, N) for M in (3168, 12672) for K, N in ((5120, 5120), (5120, 13824), (13824, 5120))]
         gem = gem[1:2] if a.quick else gem
+    att = [] if a.only == "gemm" else att
+    gem = [] if a.only == "attention" else gem
     rows = []
     for i, shape in enumerate(att):  # the sweep (if asked) runs at the first shape of each kind
         rows += bench_attention_shape(*shape, dev, a.sweep and i == 0)
