@@ -24,6 +24,17 @@ def _version(mod: str) -> str:
         return "not installed"
 
 
+def kernel_status(cuda: bool, triton_version: str) -> tuple[tuple[str, str], str | None]:
+    """The row saying which kernels `lowvram run` will use, and a problem when a GPU runs without Triton."""
+    if not cuda:
+        return ("kernels", "torch (CPU)"), None
+    if triton_version == "not installed":
+        return ("kernels", "torch only"), (
+            "Triton is not installed: the GPU falls back to torch._int_mm with eager activation quantization and "
+            "eager norms/modulation (2.3x slower all resident, measured on an H200); `pip install triton`")
+    return ("kernels", "Triton: fused W8A8 GEMMs and row kernels (attention: SDPA unless --attention triton)"), None
+
+
 def machine_report() -> tuple[list[tuple[str, str]], list[str]]:
     rows = [("python", platform.python_version()), ("torch", torch.__version__),
             ("triton", _version("triton")), ("transformers", _version("transformers")),
@@ -37,6 +48,9 @@ def machine_report() -> tuple[list[tuple[str, str]], list[str]]:
         rows.append(("GPU", "none visible"))
         problems.append("no CUDA GPU: `lowvram run` will use the CPU (fine for `lowvram demo`, far too slow for the "
                         "real model); install a CUDA build of torch and a driver")
+    row, problem = kernel_status(torch.cuda.is_available(), _version("triton"))
+    rows.append(row)
+    problems += [problem] if problem else []
     vm = psutil.virtual_memory()
     rows.append(("host RAM", f"{vm.total / GIB:.1f} GiB total, {vm.available / GIB:.1f} GiB available"))
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)

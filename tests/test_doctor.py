@@ -28,3 +28,13 @@ def test_doctor_spots_a_truncated_shard(tiny_ckpt, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-1000])
     r = CliRunner().invoke(cli, ["doctor", "--ckpt-dir", str(ckpt)])
     assert any(shard.name in l and "interrupted download" in l for l in r.output.splitlines()), r.output
+
+
+def test_doctor_says_which_kernels_run():
+    from lowvram.doctor import kernel_status
+
+    row, problem = kernel_status(True, "not installed")
+    assert row[1] == "torch only" and "pip install triton" in problem
+    row, problem = kernel_status(True, "3.6.0")
+    assert row[1].startswith("Triton") and problem is None
+    assert kernel_status(False, "3.6.0") == (("kernels", "torch (CPU)"), None)
