@@ -239,8 +239,7 @@ def make_run_plan(opts: RunOptions, ckpt, inputs: Inputs, device, log=print):
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     plan = make_plan(profile, ckpt.dit_config(), inputs.width, inputs.height, free_vram_bytes=free,
                      host_ram_bytes=psutil.virtual_memory().available,
-                     quantized_bytes=ckpt.tensor_bytes() if info is not None else None,
-                     sink_dtype="bf16")  # the model keeps the sink K/V in bf16
+                     quantized_bytes=ckpt.tensor_bytes() if info is not None else None)
     return profile, plan
 
 
@@ -248,7 +247,7 @@ class Generator:
     """The streaming loop over clips and blocks; owns the sink, the step caches and the decoder."""
 
     def __init__(self, model, vae, context, audio_feats, ref, motion, steps: int, seed: int,
-                 device, dtype, kv_caches=None, guard=None):
+                 device, dtype, kv_caches=None, guard=None, sink_dtype: str = "bf16"):
         from lowvram.model.vae import StreamingDecoder
 
         self.model, self.vae, self.device, self.dtype = model, vae, device, dtype
@@ -260,7 +259,8 @@ class Generator:
         self.ref_shift_rng = random.Random(seed)  # the reference draws d = randint(4, 30) unseeded
         self.h, self.w = ref.shape[-2:]
         self.tokens_per_frame = (self.h // model.cfg.patch_size[1]) * (self.w // model.cfg.patch_size[2])
-        self.sink = model.prefill_sink(ref.to(device, dtype), motion.to(device, dtype), self.context)
+        self.sink_dtype = sink_dtype  # "int8": the sink K/V kept as INT8 (half the memory), dequantized per layer
+        self.sink = self._prefill(ref, motion)
         if kv_caches is None:
             from lowvram.runtime import place
 
@@ -271,9 +271,13 @@ class Generator:
         self.noise = None
         self.guard = guard or (lambda f: f())
 
+    def _prefill(self, ref, motion):
+        return self.model.prefill_sink(ref.to(self.device, self.dtype), motion.to(self.device, self.dtype),
+                                       self.context, int8=self.sink_dtype == "int8")
+
     def refresh_sink(self, ref, motion):
-        self.sink = self.model.prefill_sink(ref.to(self.device, self.dtype), motion.to(self.device, self.dtype),
-                                            self.context)
+        self.sink = None  # the old sink's memory is free before the new one is built
+        self.sink = self._prefill(ref, motion)
 
     def block_audio(self, idx: BlockIndex) -> torch.Tensor:
         """The block's 12 video-rate feature frames [1, L+1, D, 12] (zeros past the audio's end)."""
@@ -357,7 +361,8 @@ def run(opts: RunOptions, progress=None, log=print) -> RunResult:
     timings["setup_s"] = time.perf_counter() - t_start
 
     gen = Generator(model, vae, context, audio_feats, ref, motion, opts.steps, opts.seed, device, dtype,
-                    kv_caches=placement.kv, guard=lambda f: guarded(f, placement, log))
+                    kv_caches=placement.kv, guard=lambda f: guarded(f, placement, log),
+                    sink_dtype=plan.sink_dtype if plan is not None else "bf16")
     # A/V sync (module docstring): audio starts at the first kept frame; past its end the frames were
     # driven by zero audio features, so it is padded with silence to the video's length
     wave = inputs.wave[DROPPED_FRAMES * AUDIO_RATE // FPS:]

@@ -188,6 +188,7 @@ class Plan:
     pinned_kv_caches: int  # how many of the host step caches get page-locked memory
     pinned_blocks: tuple[int, ...]  # streamed blocks whose slabs are page-locked
     exact_bytes: bool  # True when block sizes came from a quantized checkpoint's headers
+    sink_dtype: str = "bf16"  # how the sink K/V are kept on the GPU ("bf16" | "int8")
 
     @property
     def peak_bytes(self) -> int:
@@ -388,4 +389,4 @@ def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vr
                 pcie_h2d_bytes=sum(slab[i] for i in streamed) + per_forward_kv,
                 pcie_d2h_bytes=L * lq * tok_kv if host_kv else 0,
                 host_pinned_bytes=pinned, host_pageable_bytes=pageable, pinned_kv_caches=pinned_caches,
-                pinned_blocks=tuple(pinned_blocks), exact_bytes=bool(quantized_bytes))
+                pinned_blocks=tuple(pinned_blocks), exact_bytes=bool(quantized_bytes), sink_dtype=sink_dtype or kv_dt)

@@ -237,3 +237,25 @@ def test_triton8_attention_reads_the_8bit_step_cache(tiny):
     for a, b in zip(outs["sdpa"], outs["triton8"]):
         sqnr = 10 * torch.log10(a.pow(2).sum() / (a - b).pow(2).sum())
         assert sqnr > 25, f"{sqnr:.1f} dB"
+
+
+def test_int8_sink_halves_its_memory_and_keeps_the_velocity(tiny):
+    from lowvram.kernels.reference import sqnr_db
+
+    model, ctx, sink, g, hw = tiny
+    ref, mot = torch.randn(1, 16, 1, *hw, generator=g), torch.randn(1, 16, 19, *hw, generator=g)
+    full = model.prefill_sink(ref, mot, ctx)
+    s8 = model.prefill_sink(ref, mot, ctx, int8=True)
+    late = full.to_int8()  # quantizing layer by layer during the pass = quantizing the finished sink
+    for i in range(model.cfg.num_layers):
+        for a, b in zip(s8.k[i] + s8.v[i], late.k[i] + late.v[i]):
+            assert torch.equal(a, b)
+        k, v = s8.layer(i)
+        assert k.dtype == full.k[i].dtype and k.shape == full.k[i].shape
+        assert sqnr_db(k, full.k[i]) > 38 and sqnr_db(v, full.v[i]) > 38
+    assert s8.nbytes() < 0.35 * full.nbytes()  # int8 + one fp32 scale per head and token, against fp32 here
+    x = torch.randn(1, 16, 3, *hw, generator=g)
+    audio = torch.randn(1, 3, model.cfg.audio_dim, 12, generator=g)
+    a = _step(model, ctx, full, _new_kv(model, hw), x, audio, 0)
+    b = _step(model, ctx, s8, _new_kv(model, hw), x, audio, 0)
+    assert not torch.equal(a, b) and sqnr_db(b, a) > 30

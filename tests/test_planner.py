@@ -112,6 +112,9 @@ def test_targets_at_704x384():
     assert [it.nbytes for it in bf16_sink.items if it.what.startswith("sink")] == [40 * 2640 * ref_kv_token("bf16")]
     assert len(bf16_sink.streamed) > len(make_plan(Profile.from_name("4090"), FULL, 704, 384).streamed)
     assert bf16_sink.peak_bytes <= 22.0 * GIB
+    # the plan says how the sink is kept (the pipeline passes it to the Generator): the profile's kv_dtype
+    assert (p4090.sink_dtype, bf16_sink.sink_dtype, p12.sink_dtype) == ("int8", "bf16", "int8")
+    assert make_plan(Profile.from_name("h100-80"), FULL, 704, 384).sink_dtype == "bf16"
 
 
 def _quantized_names(cfg, scheme_bytes=1):

@@ -137,9 +137,9 @@ def accuracy(cfg, h, w, device, log):
     g = torch.Generator(device="cpu").manual_seed(5)
     xs = [torch.randn(1, 16, 3, h, w, generator=g).to(device, torch.bfloat16) for _ in range(2)]
 
-    def forwards():
+    def forwards(int8_sink=False):
         c = model.embed_text([ctx])
-        sink = model.prefill_sink(ref.to(device, torch.bfloat16), motion.to(device, torch.bfloat16), c)
+        sink = model.prefill_sink(ref.to(device, torch.bfloat16), motion.to(device, torch.bfloat16), c, int8=int8_sink)
         kv = GpuKVCache(cfg.num_layers, 12 * tokens, 1, cfg.num_heads, cfg.head_dim, torch.bfloat16, device)
         outs = []
         for b, x in enumerate(xs):
@@ -160,10 +160,14 @@ def accuracy(cfg, h, w, device, log):
         q = quantize_copy(model, scheme)
         old = swap(model, q)
         outs = forwards()
+        outs8 = forwards(int8_sink=True) if scheme == "int8" else None  # the 24 GB profiles' INT8 sink
         swap(model, old)
         del q
         res[scheme] = [round(sqnr_db(a, b), 2) for a, b in zip(ref_out, outs)]
         log(f"accuracy {scheme}: SQNR per forward {res[scheme]} dB")
+        if outs8 is not None:
+            res[f"{scheme}+int8 sink"] = [round(sqnr_db(a, b), 2) for a, b in zip(ref_out, outs8)]
+            log(f"accuracy {scheme} + INT8 sink: SQNR per forward {res[f'{scheme}+int8 sink']} dB")
     del model
     gc.collect()
     return res
@@ -186,7 +190,7 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total) if cap_gib else 1.0, device)
         torch.cuda.reset_peak_memory_stats(device)
     free = min(cap_gib * GIB, torch.cuda.mem_get_info(device)[0]) if (cap_gib and device.type == "cuda") else None
-    plan = make_plan(prof, cfg, w * 8, h * 8, free_vram_bytes=free, sink_dtype="bf16")
+    plan = make_plan(prof, cfg, w * 8, h * 8, free_vram_bytes=free)
     log(f"[{name}] {plan.headline()}")
     t0 = time.perf_counter()
     model = random_model(cfg, prof.quant, device, "cpu")
@@ -199,7 +203,7 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
     build_s = time.perf_counter() - t0
     ctx, ref, motion, audio = synthetic_inputs(cfg, h, w, device)
     gen = Generator(model, vae, ctx, audio, ref, motion, 4, 420, device, torch.bfloat16, kv_caches=placement.kv,
-                    guard=lambda f: guarded(f, placement, log))
+                    guard=lambda f: guarded(f, placement, log), sink_dtype=plan.sink_dtype)
 
     def sync():
         if device.type == "cuda":
@@ -233,6 +237,7 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
     h2d = blk.get("bytes_h2d", 0) + kvs.get("bytes_h2d", 0)
     busy = blk.get("copy_busy_s", 0.0) + kvs.get("copy_busy_s", 0.0)
     res = dict(profile=name, cap_gib=cap_gib, scheme=prof.quant, gemm=prof.gemm, attention=model.attention,
+               sink=plan.sink_dtype,
                resident=len(plan.resident), streamed=len(plan.streamed), kv=f"{plan.kv_caches[0]}/{plan.kv_dtype}",
                build_s=round(build_s, 1), s_per_clip=round(per_clip, 3), dit_s_per_clip=round(dit, 3),
                vae_s_per_clip=round(dec, 3), fps=round(48 / per_clip, 2),

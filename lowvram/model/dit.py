@@ -25,12 +25,38 @@ SINK_REF_FRAME = 30  # the reference frame's RoPE time position in the sink pass
 
 @dataclass
 class Sink:
-    """The shared sink: per layer un-roped K and raw V of the ref + motion tokens, their positions."""
+    """The shared sink: per layer un-roped K and raw V of the ref + motion tokens, their positions.
 
-    k: list  # num_layers x [B, Ls, H, D]
+    Stored in the compute dtype, or after `to_int8()` as per-(token, head) absmax INT8 with fp32 scales
+    (half the memory; `layer(i)` dequantizes one layer at a time for its attention)."""
+
+    k: list  # num_layers x [B, Ls, H, D], or x (int8 [B, Ls, H, D], fp32 scale [B, Ls, H])
     v: list
     pos: torch.Tensor  # [Ls, 3] with the ref tokens (the first n_ref) at frame 30
     n_ref: int
+    dtype: torch.dtype | None = None  # the compute dtype of an INT8 sink's dequantized layers
+
+    def to_int8(self) -> "Sink":
+        """This sink with K and V quantized per (token, head) to INT8 (the step caches' INT8 format)."""
+        from lowvram.kv_cache import quantize_kv
+
+        if self.dtype is not None:
+            return self
+        return Sink([quantize_kv(k) for k in self.k], [quantize_kv(v) for v in self.v], self.pos, self.n_ref,
+                    dtype=self.k[0].dtype)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's (K, V) [B, Ls, H, D] in the compute dtype."""
+        if self.dtype is None:
+            return self.k[i], self.v[i]
+        from lowvram.kv_cache import dequantize_kv
+
+        return tuple(dequantize_kv(q, s, torch.empty(q.shape, dtype=self.dtype, device=q.device))
+                     for q, s in (self.k[i], self.v[i]))
+
+    def nbytes(self) -> int:
+        ts = [t for kv in (self.k, self.v) for x in kv for t in (x if isinstance(x, tuple) else (x,))]
+        return sum(t.numel() * t.element_size() for t in ts)
 
     def positions(self, start_frame: int, ref_shift: int) -> torch.Tensor:
         """Sink positions for a streaming call at latent frame n: ref at 30 + max(0, n - 30 + d)."""
@@ -107,11 +133,15 @@ class LiveAvatarDiT(nn.Module):
 
     # ----------------------------------------------------------------------------- sink
     @torch.no_grad()
-    def prefill_sink(self, ref_latent, motion_latents, context) -> Sink:
+    def prefill_sink(self, ref_latent, motion_latents, context, int8: bool = False) -> Sink:
         """The sink pass: ref tokens (mask id 1) + FramePack motion tokens (mask id 2) at t = 0,
         self-attention among themselves, text cross-attention, FFN; no audio, no head.
 
-        ref_latent: [B, 16, 1, h, w]; motion_latents: [B, 16, T, h, w]; context: [B, text_len, dim]."""
+        ref_latent: [B, 16, 1, h, w]; motion_latents: [B, 16, T, h, w]; context: [B, text_len, dim].
+        int8: keep each layer's K/V as INT8 as soon as its attention is done (Sink.to_int8's format, without
+        ever holding the whole sink in the compute dtype)."""
+        from lowvram.kv_cache import quantize_kv
+
         b = ref_latent.shape[0]
         ref, (_, hh, ww) = self._patchify(ref_latent)                           # [B, h'w', C]
         mot = self.frame_packer(motion_latents.to(self.dtype))                  # [B, Lm, C]
@@ -129,12 +159,12 @@ class LiveAvatarDiT(nn.Module):
         ks, vs = [], []
         for block in self.blocks:
             def attend(q, k, v):
-                ks.append(k)
-                vs.append(v)
+                ks.append(quantize_kv(k) if int8 else k)
+                vs.append(quantize_kv(v) if int8 else v)
                 return attend_two_segments(rope_apply(q, cos, sin), None, None, k, v, pos, self.rope, self.attention,
                                            sink_cs=(cos, sin))
             x = block(x, e0, context, attend, frames=1)
-        return Sink(ks, vs, pos, n_ref=ref.shape[1])
+        return Sink(ks, vs, pos, n_ref=ref.shape[1], dtype=x.dtype if int8 else None)
 
     # ----------------------------------------------------------------------------- streaming
     @torch.no_grad()
@@ -171,8 +201,7 @@ class LiveAvatarDiT(nn.Module):
         for i, block in enumerate(self.blocks):
             def attend(q, k, v, i=i):  # q, k roped by the block (with their norms)
                 k_win, v_win = kv.update(i, k, v)
-                out = attend_two_segments(q, k_win, v_win, sink.k[i], sink.v[i], sink_pos, rope, self.attention,
-                                          sink_cs)
+                out = attend_two_segments(q, k_win, v_win, *sink.layer(i), sink_pos, rope, self.attention, sink_cs)
                 kv.done(i)
                 return out
             h = block(h, e0, context, attend, frames, rope=(cos, sin))
