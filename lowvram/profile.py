@@ -49,7 +49,7 @@ class Profile:
     quant: str  # DiT Linear weights: int8 | fp8 (W8A8) | bf16
     attention: str  # sdpa (torch) | triton (bf16 kernel) | triton8 (8-bit QK/PV kernel)
     kv_placement: str  # the four step KV caches: gpu | host (pinned RAM, streamed per layer)
-    kv_dtype: str  # bf16 | int8 (per-token-per-head absmax; host placement only)
+    kv_dtype: str  # bf16 | int8 (per-token-per-head absmax; host placement only; the sink K/V follow it)
     t5: str  # umT5 while encoding the prompt: bf16 | int8 | nf4 on the GPU, or cpu
     vae_decode: str  # frame: one latent frame at a time (the only mode the VAE implements)
     blocks_resident: str | int  # "auto" (as many as the budget allows) or a count
