@@ -10,7 +10,9 @@ in fp32 and rounds to bf16, which is bit-identical to `rope_apply` (products of 
 fp16 value are exact in fp32). The per-token cos/sin rows are gathered from the table either by
 torch once per call (`sink_rope_tables`, default: the kernel then loads them as plain tiles) or
 by the kernel itself from the positions (dependent gathers; configs.SINK_ROPE picks).
-Non-causal, no mask; softmax over the union of both segments.
+Non-causal, no mask; softmax over the union of both segments. On Hopper (configs.ATTENTION_TMA) q and
+the full key/value tiles are loaded through TMA tensor descriptors over the [B, L, H, D] tensors (rows
+past a segment's end read as zeros and are masked like the pointer path's); P·V accumulates in the MMA.
 
 Limits: D a power of two >= 16 (pairs need D/2 >= 8); bf16 or fp16 in, same dtype out; the last
 dim of every input contiguous (views along L of a bigger cache are fine, strides are passed);
