@@ -109,6 +109,35 @@ if triton is not None:
         return m_i, l_i, acc
 
     @triton.jit
+    def _tile_start(Q, DQ, sqb, sql, sqh, H, Lq, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                    TMA: tl.constexpr):
+        """A program's (batch, head), its offsets, its q tile [BM, D] (through the descriptor DQ with TMA,
+        rows past Lq read as zeros) and a fresh online-softmax state; shared by both kernels."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        if TMA:
+            q = DQ.load([b, pid_m * BLOCK_M, h, 0]).reshape(BLOCK_M, D)
+        else:
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
+                        mask=offs_m[:, None] < Lq, other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        return b, h, offs_m, offs_n, offs_d, q, m_i, l_i, acc
+
+    @triton.jit
+    def _tile_store(O, acc, l_i, b, h, sob, sol, soh, offs_m, offs_d, Lq):
+        """The normalised output rows of one program (rows past Lq are not written)."""
+        out = acc / l_i[:, None]
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=offs_m[:, None] < Lq)
+
+    @triton.jit
     def _attn_fwd(Q, KW, VW, KS, VS, POS, COS, SIN, O, DQ, DKW, DVW, DKS, DVS,
                   sqb, sql, sqh, skwb, skwl, skwh, svwb, svwl, svwh,
                   sksb, sksl, sksh, svsb, svsl, svsh, sob, sol, soh,
@@ -118,21 +147,8 @@ if triton is not None:
                   GATHERED: tl.constexpr, TMA: tl.constexpr):
         # TMA: q and the full key/value tiles come through tensor descriptors (DQ, DKW, DVW, DKS,
         # DVS over the [B, L, H, D] tensors, set up by the wrapper) instead of pointer loads
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, D)
-        if TMA:
-            q = DQ.load([b, pid_m * BLOCK_M, h, 0]).reshape(BLOCK_M, D)  # rows past Lq read as zeros
-        else:
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
-                        mask=offs_m[:, None] < Lq, other=0.0)  # [BM, D]
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        b, h, offs_m, offs_n, offs_d, q, m_i, l_i, acc = _tile_start(Q, DQ, sqb, sql, sqh, H, Lq, BLOCK_M, BLOCK_N,
+                                                                     D, TMA)
 
         # segment 1: the window, keys already roped; full tiles unmasked, then the tail
         kw = KW + b * skwb + h * skwh + offs_n[:, None] * skwl + offs_d[None, :]
@@ -159,10 +175,7 @@ if triton is not None:
         m_i, l_i, acc = _sink_segment(q, m_i, l_i, acc, KS + b * sksb + h * sksh, VS + b * svsb + h * svsh,
                                       sksl, svsl, offs_n, offs_d, Ls, POS, COS, SIN, max_pos, qk_scale,
                                       PT, PH, D, BLOCK_N, UPCAST, GATHERED, DKS, DVS, b, h, TMA)
-
-        out = acc / l_i[:, None]
-        tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], out.to(O.dtype.element_ty),
-                 mask=offs_m[:, None] < Lq)
+        _tile_store(O, acc, l_i, b, h, sob, sol, soh, offs_m, offs_d, Lq)
 
 _TUNED: dict = {}
 

@@ -37,7 +37,7 @@ try:
     import triton
     import triton.language as tl
 
-    from lowvram.kernels.attention import _sink_segment
+    from lowvram.kernels.attention import _sink_segment, _tile_start, _tile_store
 except ImportError:  # CPU-only installs: the torch fallback serves
     triton = None
 
@@ -147,18 +147,8 @@ if triton is not None:
                    PT: tl.constexpr, PH: tl.constexpr, D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
                    GATHERED: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, D)
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
-                    mask=offs_m[:, None] < Lq, other=0.0)  # [BM, D]
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        b, h, offs_m, offs_n, offs_d, q, m_i, l_i, acc = _tile_start(Q, None, sqb, sql, sqh, H, Lq, BLOCK_M, BLOCK_N,
+                                                                     D, False)
 
         if Lw > 0:
             # Q to INT8 per row, softmax scale folded in; q.mean restores the smoothed-away term
@@ -185,10 +175,7 @@ if triton is not None:
         m_i, l_i, acc = _sink_segment(q, m_i, l_i, acc, KS + b * s2kb + h * s2kh, VS + b * s2vb + h * s2vh,
                                       s2kl, s2vl, offs_n, offs_d, Ls, POS, COS, SIN, max_pos, qk_scale,
                                       PT, PH, D, BLOCK_N, UPCAST, GATHERED)
-
-        out = acc / l_i[:, None]
-        tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], out.to(O.dtype.element_ty),
-                 mask=offs_m[:, None] < Lq)
+        _tile_store(O, acc, l_i, b, h, sob, sol, soh, offs_m, offs_d, Lq)
 
 _TUNED: dict = {}
 

@@ -32,16 +32,11 @@ ATTENTION = [
 # Pre-Hopper GPUs have no TMA; the interpreter emulates descriptors (tests run both paths).
 ATTENTION_TMA = {"sm90": True, "sm80": False, "sm8x": False, "interp": False}
 
-# 8-bit attention (INT8 QK^T and INT8 PV): sm90 128x64 w8 s3 fastest in the same sweep.
-# sm80/sm8x entries (both kernels) chosen by an offline compile with Triton 3.6 (ptxas -v): 128x32 w8 s2
-# is the only tile that neither spills nor passes ~99 KB of shared memory; 128x64 w8 s2 spills a little.
-ATTENTION8 = [
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, archs=("sm90",)),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, archs=("sm90",)),
-    dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2, archs=("sm80", "sm8x")),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, archs=("sm80", "sm8x")),
-    dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, archs=("interp",)),
-]
+# 8-bit attention (INT8 QK^T and INT8 PV): the same space. In the same sweep sm90 128x64 w8 s3 was its fastest
+# too; the sm80/sm8x entries (both kernels) were chosen by an offline compile with Triton 3.6 (ptxas -v):
+# 128x32 w8 s2 is the only tile that neither spills nor passes ~99 KB of shared memory; 128x64 w8 s2 spills a
+# little.
+ATTENTION8 = ATTENTION
 
 # W8A8 GEMM (INT8 and FP8): BLOCK_M x BLOCK_N output tile, BLOCK_K reduction step, grouped launch.
 # sm90 FP8 sweep at 3168x5120x13824 (H200): 128x256x128 w8 s3 1091 TFLOP/s, 128x256x64 w8 s4 1015,
