@@ -27,23 +27,14 @@ SINK_REF_FRAME = 30  # the reference frame's RoPE time position in the sink pass
 class Sink:
     """The shared sink: per layer un-roped K and raw V of the ref + motion tokens, their positions.
 
-    Stored in the compute dtype, or after `to_int8()` as per-(token, head) absmax INT8 with fp32 scales
-    (half the memory; `layer(i)` dequantizes one layer at a time for its attention)."""
+    Stored in the compute dtype, or (prefill_sink(int8=True)) as per-(token, head) absmax INT8 with fp32
+    scales (half the memory; `layer(i)` dequantizes one layer at a time for its attention)."""
 
     k: list  # num_layers x [B, Ls, H, D], or x (int8 [B, Ls, H, D], fp32 scale [B, Ls, H])
     v: list
     pos: torch.Tensor  # [Ls, 3] with the ref tokens (the first n_ref) at frame 30
     n_ref: int
     dtype: torch.dtype | None = None  # the compute dtype of an INT8 sink's dequantized layers
-
-    def to_int8(self) -> "Sink":
-        """This sink with K and V quantized per (token, head) to INT8 (the step caches' INT8 format)."""
-        from lowvram.kv_cache import quantize_kv
-
-        if self.dtype is not None:
-            return self
-        return Sink([quantize_kv(k) for k in self.k], [quantize_kv(v) for v in self.v], self.pos, self.n_ref,
-                    dtype=self.k[0].dtype)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's (K, V) [B, Ls, H, D] in the compute dtype."""
@@ -138,8 +129,8 @@ class LiveAvatarDiT(nn.Module):
         self-attention among themselves, text cross-attention, FFN; no audio, no head.
 
         ref_latent: [B, 16, 1, h, w]; motion_latents: [B, 16, T, h, w]; context: [B, text_len, dim].
-        int8: keep each layer's K/V as INT8 as soon as its attention is done (Sink.to_int8's format, without
-        ever holding the whole sink in the compute dtype)."""
+        int8: keep each layer's K/V as per-(token, head) INT8 (the host step caches' format, kv_cache.quantize_kv)
+        as soon as its attention is done, never holding the whole sink in the compute dtype."""
         from lowvram.kv_cache import quantize_kv
 
         b = ref_latent.shape[0]
