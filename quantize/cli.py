@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from lowvram.clickutil import Command
+from lowvram.cli.clickutil import Command
 from lowvram.quantize.convert import DEFAULT_SHARD_SIZE, convert
 
 

@@ -20,11 +20,18 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from safetensors import SafetensorError, safe_open
 
 from lowvram import __version__
-from lowvram.config import DiTConfig
 from lowvram.errors import CheckpointError, LowvramError
-from lowvram.lora import LoraSet
-from lowvram.quantize.format import (FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, detect_format,
-                                     read_index, sha256_file)
+from lowvram.io.lora import LoraSet
+from lowvram.model.config import DiTConfig
+from lowvram.quantize.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_NAME,
+    MANIFEST_NAME,
+    detect_format,
+    read_index,
+    sha256_file,
+)
 from lowvram.quantize.linear import SCHEMES, check_scheme, quantize_weight_sqnr
 from lowvram.quantize.outdir import check_out_dir, link_components, parse_size, staged_dir
 from lowvram.quantize.select import natural_key, quantized_module

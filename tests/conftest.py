@@ -32,6 +32,6 @@ def _private_prompt_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """(ckpt_dir, lora_path) of the tiny checkpoint in the real layout."""
-    from lowvram.tiny import write_tiny_checkpoint
+    from lowvram.demo.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))

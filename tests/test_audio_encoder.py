@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from lowvram.demo.components import write_tiny_wav2vec2
 from lowvram.errors import CheckpointError, LowvramError
-from lowvram.model.audio_encoder import (W2V_DIR, bucket_audio_features, load_audio_encoder,
-                                         write_tiny_wav2vec2)
+from lowvram.model.audio_encoder import W2V_DIR, bucket_audio_features, load_audio_encoder
 
 
 @pytest.fixture(scope="module")

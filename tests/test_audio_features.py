@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from lowvram.audio_features import ClipAudio, frames_of
-from lowvram.media import load_audio, synth_voice
+from lowvram.demo.inputs import synth_voice
+from lowvram.io.media import load_audio
 from lowvram.model.audio_encoder import load_audio_encoder
+from lowvram.pipeline.audio_features import ClipAudio, frames_of
 
 
 @pytest.fixture(scope="module")

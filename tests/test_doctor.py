@@ -4,7 +4,7 @@ import shutil
 
 from click.testing import CliRunner
 
-from lowvram.cli import cli
+from lowvram.cli.main import cli
 
 
 def test_doctor_reports_the_machine_and_a_good_checkpoint(tiny_ckpt):
@@ -31,7 +31,7 @@ def test_doctor_spots_a_truncated_shard(tiny_ckpt, tmp_path):
 
 
 def test_doctor_says_which_kernels_run():
-    from lowvram.doctor import kernel_status
+    from lowvram.cli.doctor import kernel_status
 
     row, problem = kernel_status(True, "not installed")
     assert row[1] == "torch only" and "pip install triton" in problem

@@ -14,10 +14,9 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from lowvram.kernels.configs import INTERPRETER_WHY, interpreter_ready  # noqa: E402
-
 from lowvram.kernels import attention8 as A8  # noqa: E402
 from lowvram.kernels.attention import sink_rope_tables, two_segment_attention  # noqa: E402
+from lowvram.kernels.configs import INTERPRETER_WHY, interpreter_ready  # noqa: E402
 from lowvram.kernels.reference import attention_reference, rel_error, sqnr_db  # noqa: E402
 from lowvram.model.rope import RopeTable  # noqa: E402
 

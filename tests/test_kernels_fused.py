@@ -126,8 +126,8 @@ def test_kernels_at_model_width_on_gpu():
 @cuda
 @needs_cuda
 def test_block_with_kernels_matches_block_with_twins(monkeypatch):
-    from lowvram.model.layers import Block
     from lowvram.model.attention import sdpa
+    from lowvram.model.layers import Block
 
     torch.manual_seed(0)
     blk = Block(256, 512, 2).to("cuda", BF)

@@ -16,10 +16,9 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from lowvram.kernels.configs import INTERPRETER_WHY, interpreter_ready  # noqa: E402
-
 from lowvram.kernels import gemm  # noqa: E402
 from lowvram.kernels import reference as R  # noqa: E402
+from lowvram.kernels.configs import INTERPRETER_WHY, interpreter_ready  # noqa: E402
 
 cuda = pytest.mark.cuda
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -3,8 +3,15 @@ import math
 import pytest
 import torch
 
-from lowvram.kv_cache import (GpuKVCache, HostKVCache, KVWorkspace, dequantize_kv, kv_token_bytes,
-                              kv_workspace_bytes, quantize_kv)
+from lowvram.runtime.kv_cache import (
+    GpuKVCache,
+    HostKVCache,
+    KVWorkspace,
+    dequantize_kv,
+    kv_token_bytes,
+    kv_workspace_bytes,
+    quantize_kv,
+)
 
 L, B, H, D = 3, 2, 3, 16
 N_NEW, CAP = 5, 20  # 4 chunks per ring

@@ -4,10 +4,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lowvram.config import DiTConfig
+from lowvram.demo.components import write_tiny_lora
+from lowvram.demo.synthetic import dit_state_shapes
 from lowvram.errors import CheckpointError
-from lowvram.lora import LoraSet, lora_target_keys, write_tiny_lora
-from lowvram.quantize.synthetic import dit_state_shapes
+from lowvram.io.lora import LoraSet, lora_target_keys
+from lowvram.model.config import DiTConfig
 
 REAL = DiTConfig(dim=5120, ffn_dim=13824, freq_dim=256, num_heads=40, num_layers=40)
 TINY = DiTConfig(dim=24, ffn_dim=40, freq_dim=8, num_heads=2, num_layers=2, text_dim=16, audio_dim=8,

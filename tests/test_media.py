@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from lowvram.demo.inputs import synth_portrait, synth_voice
 from lowvram.errors import LowvramError
-from lowvram.media import (gen_size, load_audio, load_image, parse_size, synth_portrait,
-                           synth_voice)
-from lowvram.video_writer import VideoWriter, check_output_path, to_uint8
+from lowvram.io.media import gen_size, load_audio, load_image, parse_size
+from lowvram.io.video_writer import VideoWriter, check_output_path, to_uint8
 
 FPS = 25
 
@@ -346,7 +346,7 @@ def test_writer_zero_frames_and_bad_paths(tmp_path):
 
 _CHILD = textwrap.dedent("""
     import sys, time, numpy as np
-    from lowvram.video_writer import VideoWriter
+    from lowvram.io.video_writer import VideoWriter
     path, blocks = sys.argv[1], int(sys.argv[2])
     rng = np.random.default_rng(0)
     audio = (0.3 * np.sin(np.arange(16000 * 10) * 0.1)).astype(np.float32)

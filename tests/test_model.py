@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from lowvram.config import DiTConfig
+from lowvram.demo.tiny import tiny_config, tiny_dit_state_dict
+from lowvram.model.config import DiTConfig
 from lowvram.model.dit import Sink, build_model
 from lowvram.model.framepack import FramePackMotioner
 from lowvram.model.rope import RopeTable, grid_positions, rope_apply, rope_pairs, rope_params, strided
-from lowvram.tiny import tiny_config, tiny_dit_state_dict
 
 REAL = dict(dim=5120, ffn_dim=13824, freq_dim=256, num_heads=40, num_layers=40)
 
@@ -78,7 +78,7 @@ def test_rope_split_and_strided_positions():
 
 
 class RingKV:
-    """A minimal ring cache with the model's interface (the production caches live in lowvram.kv_cache)."""
+    """A minimal ring cache with the model's interface (the production caches live in lowvram.runtime.kv_cache)."""
 
     def __init__(self, layers, cap, h, d):
         self.k = torch.zeros(layers, 1, cap, h, d)
@@ -219,7 +219,7 @@ def test_rope_table_grows_past_45000_positions_without_changing_earlier_entries(
 
 def test_triton8_attention_reads_the_8bit_step_cache(tiny):
     """attention="triton8": the step cache holds the 8-bit format and the 8-bit kernel reads it in place."""
-    from lowvram.kv_cache import GpuKV8Cache
+    from lowvram.runtime.kv_cache import GpuKV8Cache
 
     model, ctx, sink, g, hw = tiny
     cfg = model.cfg
@@ -241,7 +241,7 @@ def test_triton8_attention_reads_the_8bit_step_cache(tiny):
 
 def test_int8_sink_halves_its_memory_and_keeps_the_velocity(tiny):
     from lowvram.kernels.reference import sqnr_db
-    from lowvram.kv_cache import quantize_kv
+    from lowvram.runtime.kv_cache import quantize_kv
 
     model, ctx, sink, g, hw = tiny
     ref, mot = torch.randn(1, 16, 1, *hw, generator=g), torch.randn(1, 16, 19, *hw, generator=g)

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from lowvram import offload
+from lowvram.runtime import offload
 from lowvram.errors import LowvramError
-from lowvram.offload import BlockStreamer, alloc_host, retry_on_oom, stream_order
+from lowvram.runtime.offload import BlockStreamer, alloc_host, retry_on_oom, stream_order
 
 
 class ToyBlock(nn.Module):
@@ -162,10 +162,10 @@ def test_streamed_equals_resident_cuda():
 
 @torch.no_grad()
 def test_apply_block_streaming_follows_the_plan():
-    from lowvram.config import DiTConfig
-    from lowvram.offload import apply_block_streaming
-    from lowvram.planner import make_plan
-    from lowvram.profile import Profile
+    from lowvram.model.config import DiTConfig
+    from lowvram.runtime.offload import apply_block_streaming
+    from lowvram.runtime.planner import make_plan
+    from lowvram.runtime.profile import Profile
 
     cfg = DiTConfig(dim=64, ffn_dim=96, freq_dim=32, num_heads=4, num_layers=6, audio_inject_layers=(2,))
     plan = make_plan(Profile.from_name("4090", blocks_resident=3, prefetch_blocks=2), cfg, 64, 48)

@@ -5,11 +5,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from lowvram.config import DiTConfig
+from lowvram.cli.plan import plan_cmd, profiles_cmd
 from lowvram.errors import LowvramError
-from lowvram.plan_cli import plan_cmd, profiles_cmd
-from lowvram.planner import make_plan, token_counts
-from lowvram.profile import GIB, Profile
+from lowvram.model.config import DiTConfig
+from lowvram.runtime.planner import make_plan, token_counts
+from lowvram.runtime.profile import GIB, Profile
 
 INJECT = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
 FULL = DiTConfig(dim=5120, ffn_dim=13824, freq_dim=256, num_heads=40, num_layers=40, text_dim=4096,

@@ -9,8 +9,15 @@ import torch.nn as nn
 
 from lowvram.errors import LowvramError
 from lowvram.quantize import backends
-from lowvram.quantize.linear import (QuantLinear, apply_quant_layers, dequantize_weight, get_backend, quantize_weight,
-                                     set_backend, sqnr_db)
+from lowvram.quantize.linear import (
+    QuantLinear,
+    apply_quant_layers,
+    dequantize_weight,
+    get_backend,
+    quantize_weight,
+    set_backend,
+    sqnr_db,
+)
 
 # Measured on N(0,1) weights of odd shapes, seeds 0-4: int8 42.5-45.3 dB, fp8 31.1-32.4 dB.
 WEIGHT_FLOOR = {"int8": 41.0, "fp8": 30.0}

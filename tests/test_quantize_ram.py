@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from lowvram.lora import write_tiny_lora
-from lowvram.quantize.synthetic import write_checkpoint
+from lowvram.demo.components import write_tiny_lora
+from lowvram.demo.synthetic import write_checkpoint
 
 DIM, FFN, LAYERS = 4096, 8192, 8  # 16 tensors of 64 MiB bf16 = 1 GiB in 2 source shards
 SHARD = 256 * 2**20

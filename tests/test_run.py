@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from lowvram.cli import cli
-from lowvram.media import synth_portrait, synth_voice
-from lowvram.pipeline import RunOptions, run
+from lowvram.cli.main import cli
+from lowvram.demo.inputs import synth_portrait, synth_voice
+from lowvram.pipeline.run import RunOptions, run
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +166,8 @@ def test_online_decode_refreshes_the_sink_at_clip_1(first, tiny_ckpt, inputs, tm
 
 
 def test_quantized_t5_prints_its_cosine_against_bf16_once(tiny_ckpt, inputs, tmp_path):
-    from lowvram.pipeline import encode_prompt
-    from lowvram.weights import discover
+    from lowvram.io.weights import discover
+    from lowvram.pipeline.run import encode_prompt
 
     logs = []
     ckpt = discover(tiny_ckpt[0])

@@ -4,10 +4,10 @@ a CUDA OOM moves one more block to streaming and retries (CPU: synchronous copie
 import pytest
 import torch
 
-from lowvram.planner import make_plan
-from lowvram.profile import Profile
-from lowvram.runtime import guarded, place
-from lowvram.weights import load_dit
+from lowvram.io.weights import load_dit
+from lowvram.runtime.engine import guarded, place
+from lowvram.runtime.planner import make_plan
+from lowvram.runtime.profile import Profile
 
 HW = (16, 16)
 TOKENS = (HW[0] // 2) * (HW[1] // 2)

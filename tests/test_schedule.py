@@ -2,7 +2,7 @@
 
 import torch
 
-from lowvram.schedule import BlockIndex, euler_step, flow_sigmas, model_timesteps, output_frames
+from lowvram.runtime.schedule import BlockIndex, euler_step, flow_sigmas, model_timesteps, output_frames
 
 
 def test_four_step_sigmas_and_timesteps_are_the_references():

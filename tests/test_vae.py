@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lowvram.demo.components import write_tiny_vae
 from lowvram.errors import CheckpointError, LowvramError
-from lowvram.model.vae import (StreamingDecoder, VAEConfig, WanVAE, encode_repeated, load_vae,
-                               write_tiny_vae)
+from lowvram.model.vae import StreamingDecoder, VAEConfig, WanVAE, encode_repeated, load_vae
 from lowvram.model.vae_blocks import TimeCache
 
 # brief §1.3

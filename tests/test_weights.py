@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lowvram.errors import CheckpointError
-from lowvram.weights import INDEX, discover, load_dit
+from lowvram.io.weights import INDEX, discover, load_dit
 
 
 def _copy(src, dst):
@@ -97,9 +97,9 @@ def test_lora_that_does_not_fit_is_refused(tiny_ckpt, tmp_path):
 
 def _write_synthetic(root):
     """A checkpoint of the real key layout at dim 1024 x 12 layers (~350 MB of bf16)."""
-    from lowvram.config import DiTConfig
+    from lowvram.demo.tiny import TINY_CONFIG
+    from lowvram.model.config import DiTConfig
     from lowvram.model.dit import build_model
-    from lowvram.tiny import TINY_CONFIG
 
     raw = dict(TINY_CONFIG, dim=1024, ffn_dim=3072, num_heads=8, num_layers=12, text_dim=64, audio_dim=64,
                freq_dim=64, audio_inject_layers=[0, 11])
@@ -129,9 +129,9 @@ def test_loading_keeps_one_copy_in_ram(tmp_path):
     assert total > 300e6
     script = textwrap.dedent("""
         import json, sys, psutil, torch
-        from lowvram.weights import load_dit
+        from lowvram.io.weights import load_dit
         from lowvram.model.dit import build_model
-        from lowvram.tiny import tiny_config
+        from lowvram.demo.tiny import tiny_config
         build_model(tiny_config(), "meta")  # one-time import of torch's meta kernels (~150 MB) before the baseline
         base = psutil.Process().memory_info().rss
         model = load_dit(sys.argv[1], device="cpu", dtype=torch.bfloat16)

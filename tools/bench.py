@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lowvram.config import DiTConfig
+from lowvram.model.config import DiTConfig
 from lowvram.model.dit import build_model
 from lowvram.quantize.linear import QuantLinear, apply_quant_layers, quantize_weight, sqnr_db
 from lowvram.quantize.select import quantized_module
@@ -129,7 +129,7 @@ def synthetic_inputs(cfg, h, w, device, seed=1):
 
 def accuracy(cfg, h, w, device, log):
     """SQNR of DiT forwards (sink + 2 blocks, 2 steps each) for int8 and fp8 against bf16."""
-    from lowvram.kv_cache import GpuKVCache
+    from lowvram.runtime.kv_cache import GpuKVCache
 
     model = random_model(cfg, "bf16", device, device)
     ctx, ref, motion, audio = synthetic_inputs(cfg, h, w, device)
@@ -175,11 +175,11 @@ def accuracy(cfg, h, w, device, log):
 
 def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, vae=None, overrides=None):
     """One profile: plan, place a random-weight model, warm up one clip, time `clips` clips."""
-    from lowvram.pipeline import Generator
-    from lowvram.planner import make_plan
-    from lowvram.profile import Profile
-    from lowvram.runtime import guarded, place
-    from lowvram.schedule import BlockIndex
+    from lowvram.pipeline.run import Generator
+    from lowvram.runtime.engine import guarded, place
+    from lowvram.runtime.planner import make_plan
+    from lowvram.runtime.profile import Profile
+    from lowvram.runtime.schedule import BlockIndex
 
     prof = Profile.from_name(name, **(overrides or {}))
     if scheme_override:
@@ -303,7 +303,7 @@ def main(argv=None):
     if not args.no_resident and "4090" in names:
         runs.append(("4090", None, dict(vram_budget_gib=76.0, kv_placement="gpu", kv_dtype="bf16",
                                         blocks_resident=40 if not args.quick else 4), "4090-all-resident"))
-    from lowvram.profile import parse_set
+    from lowvram.runtime.profile import parse_set
 
     common = parse_set(args.sets)
     runs = [(n, c, {**(ov or {}), **common}, lbl) for n, c, ov, lbl in runs]

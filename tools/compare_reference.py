@@ -57,10 +57,10 @@ def main(argv=None):
     ap.add_argument("--liveavatar", required=True, help="a checkout of Alibaba-Quark/LiveAvatar")
     args = ap.parse_args(argv)
     R = import_reference(args.liveavatar)
-    from lowvram.config import DiTConfig
-    from lowvram.kv_cache import GpuKVCache
+    from lowvram.demo.tiny import TINY_CONFIG, tiny_dit_state_dict
+    from lowvram.model.config import DiTConfig
     from lowvram.model.dit import build_model
-    from lowvram.tiny import TINY_CONFIG, tiny_dit_state_dict
+    from lowvram.runtime.kv_cache import GpuKVCache
 
     cfg = DiTConfig.from_dict(dict(TINY_CONFIG, num_audio_layers=25))  # the reference hard-codes 25 states
     sd = {k: v.float() for k, v in tiny_dit_state_dict(cfg, seed=5).items()}

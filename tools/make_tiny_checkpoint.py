@@ -8,7 +8,7 @@ as the reference's ckpt/ folder; `lowvram run --ckpt-dir OUT_DIR/Wan2.2-S2V-14B 
 
 import argparse
 
-from lowvram.tiny import write_tiny_checkpoint
+from lowvram.demo.tiny import write_tiny_checkpoint
 
 
 def main(argv=None):

@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import FULL, QUICK, random_model, synthetic_inputs  # noqa: E402
 
-from lowvram.config import DiTConfig  # noqa: E402
-from lowvram.kv_cache import GpuKVCache  # noqa: E402
+from lowvram.model.config import DiTConfig  # noqa: E402
+from lowvram.runtime.kv_cache import GpuKVCache  # noqa: E402
 
 KINDS = [  # (kind, substrings of a kernel name, lowercase), first match wins
     ("attention", ("attn", "flash", "fmha", "cudnn", "sdpa", "softmax")),

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
+from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
 
 from lowvram.errors import CheckpointError, LowvramError
 
@@ -56,7 +56,7 @@ class AudioEncoder:
 
     @torch.no_grad()
     def hidden_states_normalized(self, x: torch.Tensor) -> torch.Tensor:
-        """Hidden states [L+1, T50, D] of an already normalised wave x [S] (lowvram.audio_features' windows)."""
+        """Hidden states [L+1, T50, D] of an already normalised wave x [S] (lowvram.pipeline.audio_features' windows)."""
         dev = next(self.model.parameters()).device
         out = self.model(x[None].to(dev, self.dtype), output_hidden_states=True)
         # LiveAvatar ran transformers <= 4.51, whose last hidden state is the encoder's output after its
@@ -128,27 +128,3 @@ def load_audio_encoder(ckpt_dir: str | Path, device: str | torch.device = "cpu",
                               "re-download the folder") from None
     model.to(device).eval().requires_grad_(False)
     return AudioEncoder(model, fe, device, dtype)
-
-
-def write_tiny_wav2vec2(ckpt_dir: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
-    """Write a random wav2vec2 with the real model's structure at tiny sizes (320 samples per frame)."""
-    folder = Path(ckpt_dir) / W2V_DIR
-    cfg = Wav2Vec2Config(
-        vocab_size=12, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-        intermediate_size=2 * hidden, conv_dim=[16] * 7, conv_kernel=[10, 3, 3, 3, 3, 2, 2],
-        conv_stride=[5, 2, 2, 2, 2, 2, 2], conv_bias=True, feat_extract_norm="layer", do_stable_layer_norm=True,
-        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, mask_time_prob=0.05, layerdrop=0.05,
-        hidden_dropout=0.05, feat_proj_dropout=0.05, attention_dropout=0.1, activation_dropout=0.05,
-        architectures=["Wav2Vec2ForCTC"])
-    g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Wav2Vec2ForCTC(cfg)
-    with torch.no_grad():  # biases and norms away from their 0/1 init, so that every weight matters
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    model.save_pretrained(folder, safe_serialization=True)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True,
-                             return_attention_mask=True).save_pretrained(folder)
-    return folder

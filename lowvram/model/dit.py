@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lowvram.config import DiTConfig
 from lowvram.model.attention import attend_two_segments
 from lowvram.model.audio import AudioInjector, CausalAudioEncoder
+from lowvram.model.config import DiTConfig
 from lowvram.model.framepack import FramePackMotioner
 from lowvram.model.layers import Block, Head, linear_fp32, sinusoidal_embedding_1d
 from lowvram.model.rope import RopeTable, grid_positions, rope_apply
@@ -40,7 +40,7 @@ class Sink:
         """Layer i's (K, V) [B, Ls, H, D] in the compute dtype."""
         if self.dtype is None:
             return self.k[i], self.v[i]
-        from lowvram.kv_cache import dequantize_kv
+        from lowvram.runtime.kv_cache import dequantize_kv
 
         return tuple(dequantize_kv(q, s, torch.empty(q.shape, dtype=self.dtype, device=q.device))
                      for q, s in (self.k[i], self.v[i]))
@@ -131,7 +131,7 @@ class LiveAvatarDiT(nn.Module):
         ref_latent: [B, 16, 1, h, w]; motion_latents: [B, 16, T, h, w]; context: [B, text_len, dim].
         int8: keep each layer's K/V as per-(token, head) INT8 (the host step caches' format, kv_cache.quantize_kv)
         as soon as its attention is done, never holding the whole sink in the compute dtype."""
-        from lowvram.kv_cache import quantize_kv
+        from lowvram.runtime.kv_cache import quantize_kv
 
         b = ref_latent.shape[0]
         ref, (_, hh, ww) = self._patchify(ref_latent)                           # [B, h'w', C]

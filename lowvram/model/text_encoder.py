@@ -11,9 +11,7 @@ with eps 1e-6.
 from __future__ import annotations
 
 import html
-import json
 import logging
-import math
 import re
 from pathlib import Path
 
@@ -247,88 +245,3 @@ def load_text_encoder(ckpt_dir: str | Path, device: str | torch.device = "cpu", 
     return TextEncoder(model, tokenizer, device, text_len=text_len, quant=quant)
 
 
-# --- tiny random checkpoint (tests, `lowvram demo`) -------------------------------------------
-
-_TINY_TEXT = """\
-A young woman with short dark hair sits in front of a bright window and talks to the camera.
-She smiles, nods and moves her hands while she explains how the old bridge over the river was
-built. An elderly man in a grey coat reads a newspaper on a wooden bench in a quiet park; birds
-sing, leaves fall and a child runs after a red ball. The presenter in the studio wears a blue
-shirt and looks straight ahead, speaking calmly about the weather, the rain in the north and the
-sunny afternoon expected in the south. A singer with long curly hair closes her eyes and sings a
-slow song, the light is warm and soft, the background is blurred. Two friends laugh at a small
-table in a busy cafe, cups of coffee steam, people walk past the glass door. The teacher points
-at the board and asks a question; the students raise their hands. A boy with glasses tells a
-story about his dog, his voice is clear and his face is lively. The news anchor reads the
-headlines: markets open higher, a new train line opens next week, the museum shows paintings
-from the last century. A chef in a white jacket cuts vegetables and describes every step of the
-recipe with care. The camera is still, the frame shows the head and shoulders, the expression
-changes naturally with the speech, eyes blink, lips move in sync with the words.
-"""
-
-
-def _tiny_tokenizer(out_dir: Path) -> int:
-    """Build a small Unigram tokenizer with T5's special ids (pad 0, eos 1, unk 2); returns its size.
-
-    The pieces are the built-in text's words and characters, scored by their log frequency: no
-    trainer, so the file is the same on every run.
-    """
-    from collections import Counter
-
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    words = Counter(re.findall(r"\w+|[^\w\s]", _TINY_TEXT))
-    chars = Counter(c for w, n in words.items() for c in w * n)
-    total = sum(words.values()) + sum(chars.values())
-    pieces = {"\u2581": math.log(sum(words.values()) / total)}
-    for c, n in chars.items():  # inside a word, and opening one
-        pieces[c] = pieces["\u2581" + c] = math.log(n / total) - 2.0
-    for w, n in words.items():
-        pieces["\u2581" + w] = math.log(n / total)
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    vocab += sorted(((p, round(v, 6)) for p, v in pieces.items()), key=lambda pv: (-pv[1], pv[0]))
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=TEXT_LEN)
-    fast.save_pretrained(out_dir)
-    # the class name every transformers version knows (5.x would write its own "TokenizersBackend")
-    cfg_path = out_dir / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    specials = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
-    return tok.get_vocab_size()
-
-
-def write_tiny_t5(ckpt_dir: str | Path, seed: int = 0, dim: int = 32, heads: int = 2, ffn: int = 64,
-                  layers: int = 2, num_buckets: int = 32) -> Path:
-    """Write a random umT5 encoder in Wan's key layout (bf16 .pth) and a tiny tokenizer under `ckpt_dir`."""
-    ckpt_dir = Path(ckpt_dir)
-    vocab = _tiny_tokenizer(ckpt_dir / TOKENIZER_DIR)
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, std=1.0, mean=0.0):
-        return (torch.randn(*shape, generator=g) * std + mean).to(torch.bfloat16)
-
-    sd = {"token_embedding.weight": rnd(vocab, dim)}
-    for i in range(layers):
-        p = f"blocks.{i}."
-        sd[p + "norm1.weight"] = rnd(dim, std=0.1, mean=1.0)
-        for n in "qkvo":
-            sd[p + f"attn.{n}.weight"] = rnd(dim, dim, std=dim ** -0.5)
-        sd[p + "norm2.weight"] = rnd(dim, std=0.1, mean=1.0)
-        sd[p + "ffn.gate.0.weight"] = rnd(ffn, dim, std=dim ** -0.5)
-        sd[p + "ffn.fc1.weight"] = rnd(ffn, dim, std=dim ** -0.5)
-        sd[p + "ffn.fc2.weight"] = rnd(dim, ffn, std=ffn ** -0.5)
-        sd[p + "pos_embedding.embedding.weight"] = rnd(num_buckets, heads, std=0.5)
-    sd["norm.weight"] = rnd(dim, std=0.1, mean=1.0)
-    path = ckpt_dir / T5_FILE
-    torch.save(sd, path)
-    return path

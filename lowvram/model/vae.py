@@ -7,14 +7,13 @@
 - `encode_repeated` encodes one image repeated n times (the reference's motion latents) and
   stops as soon as the encoder reaches a bit-identical steady state.
 - `load_vae` reads `Wan2.1_VAE.pth` (built on meta, assigned, no second copy);
-  `write_tiny_vae` writes a small random checkpoint of the same layout for tests and demos.
+  `lowvram.demo.components.write_tiny_vae` writes a small random checkpoint of the same layout.
 
 Module names equal the checkpoint's keys: encoder.*, conv1.*, conv2.*, decoder.*.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +21,7 @@ import torch
 import torch.nn as nn
 
 from lowvram.errors import CheckpointError, LowvramError
-from lowvram.model.vae_blocks import (AttentionBlock, CausalConv3d, RMS_norm, Resample,
-                                      ResidualBlock, TimeCache)
+from lowvram.model.vae_blocks import AttentionBlock, CausalConv3d, Resample, ResidualBlock, RMS_norm, TimeCache
 
 # per-channel statistics of Wan2.1 latents: z = (mu - MEAN) / STD
 LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -332,29 +330,3 @@ def load_vae(path, device="cpu", dtype: torch.dtype = torch.bfloat16) -> WanVAE:
     _check_keys(model, sd, str(path))
     model.load_state_dict(sd, assign=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def write_tiny_vae(path, seed: int = 0, dim: int = 8, z_dim: int = 16) -> Path:
-    """Write a small random VAE checkpoint in the Wan2.1 layout (fp32 state dict, `.pth`).
-
-    Conv weights are N(0, 1/fan_in) so activations keep unit scale through the norms; the
-    attention output and the decoder head are scaled down so decoded frames are not saturated.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        model = WanVAE(VAEConfig(dim=dim, z_dim=z_dim))
-    sd = {}
-    for name, p in model.state_dict().items():
-        if name.endswith("gamma"):
-            t = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
-        elif name.endswith("bias"):
-            t = 0.02 * torch.randn(p.shape, generator=gen)
-        else:
-            fan_in = math.prod(p.shape[1:])
-            gain = 0.3 if name.startswith("decoder.head") or name.endswith("proj.weight") else 1.0
-            t = gain * torch.randn(p.shape, generator=gen) / math.sqrt(fan_in)
-        sd[name] = t.float().contiguous()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(sd, path)
-    return path

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lowvram.config import DiTConfig
+from lowvram.model.config import DiTConfig
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from lowvram.errors import CheckpointError
 
@@ -205,28 +204,3 @@ class LoraSet:
             rows = slice(r0, r0 + step)
             out[rows] = torch.addmm(weight[rows].float(), b[rows], a, alpha=alpha)
         return out
-
-def write_tiny_lora(path, base_shapes: dict[str, tuple], rank: int = 4, seed: int = 0, spelling: str = "peft",
-                    alpha: float = 2.0, targets=LIVEAVATAR_TARGETS) -> list[str]:
-    """Write a seeded random LoRA for the 2-D weights of `base_shapes` that PEFT would target.
-
-    spelling: "peft" (`base_model.model.<m>.lora_A.default.weight`), "plain" (`<m>.lora_A.weight`) or
-    "kohya" (`<m>.lora_down.weight` / `lora_up`). alpha is stored as header metadata `lora_alpha`
-    (default 2.0 = rank 4 at LiveAvatar's scale 0.5). Returns the targeted weight keys.
-    """
-    fmt = {"peft": ("base_model.model.{m}.lora_A.default.weight", "base_model.model.{m}.lora_B.default.weight"),
-           "plain": ("{m}.lora_A.weight", "{m}.lora_B.weight"),
-           "kohya": ("{m}.lora_down.weight", "{m}.lora_up.weight")}
-    if spelling not in fmt:
-        raise ValueError(f"spelling must be one of {sorted(fmt)}, not {spelling!r}")
-    g = torch.Generator().manual_seed(seed)
-    keys = [k for k in lora_target_keys(sorted(base_shapes), targets) if len(base_shapes[k]) == 2]
-    tensors = {}
-    for key in keys:
-        out_f, in_f = base_shapes[key]
-        mod = key[: -len(".weight")]
-        # Trained adapters: A ~ kaiming-uniform-like, B small but non-zero (PEFT starts B at 0).
-        tensors[fmt[spelling][0].format(m=mod)] = (torch.randn(rank, in_f, generator=g) / in_f ** 0.5).bfloat16()
-        tensors[fmt[spelling][1].format(m=mod)] = (torch.randn(out_f, rank, generator=g) * 0.02).bfloat16()
-    save_file(tensors, str(path), metadata={"lora_alpha": repr(float(alpha)), "lora_rank": str(rank)})
-    return keys

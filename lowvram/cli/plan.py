@@ -11,11 +11,11 @@ from pathlib import Path
 
 import click
 
-from lowvram.config import DiTConfig
-from lowvram.clickutil import Command
+from lowvram.cli.clickutil import Command
 from lowvram.errors import LowvramError
-from lowvram.planner import Plan, make_plan
-from lowvram.profile import GIB, Profile, parse_set
+from lowvram.model.config import DiTConfig
+from lowvram.runtime.planner import Plan, make_plan
+from lowvram.runtime.profile import GIB, Profile, parse_set
 
 
 def parse_size(size: str) -> tuple[int, int]:

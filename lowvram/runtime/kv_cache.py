@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from lowvram.offload import ALIGN, CopyEngine, alloc_host
+from lowvram.runtime.offload import ALIGN, CopyEngine, alloc_host
 
 SCALE_BYTES = 4  # fp32 per-token-per-head scale of the INT8 cache
 

@@ -16,7 +16,7 @@ import click
 # lowvram draws its own progress; the Hugging Face loaders' bars (wav2vec2, tokenizer) would interleave with it
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from lowvram.clickutil import Group
+from lowvram.cli.clickutil import Group
 
 DEFAULT_CKPT = "ckpt/Wan2.2-S2V-14B"
 DEFAULT_LORA = "ckpt/LiveAvatar/liveavatar.safetensors"
@@ -29,8 +29,8 @@ def cli():
 
 
 def _run(opts, quiet: bool):
-    from lowvram.pipeline import run
-    from lowvram.progress import RichProgress
+    from lowvram.cli.progress import RichProgress
+    from lowvram.pipeline.run import run
 
     log = (lambda *a: None) if quiet else (lambda *a: click.echo(" ".join(map(str, a)), err=True))
     res = run(opts, progress=None if quiet else RichProgress(), log=log)
@@ -72,7 +72,7 @@ def _run(opts, quiet: bool):
 def run(ckpt_dir, lora, lora_alpha, image, audio, prompt, size, num_clip, seed, steps, out, device, dtype,
         attention, t5, online_decode, no_verify, profile, overrides, quiet):
     """Portrait + voice + prompt -> a talking-avatar mp4, written block by block."""
-    from lowvram.pipeline import RunOptions
+    from lowvram.pipeline.run import RunOptions
 
     _run(RunOptions(ckpt_dir=ckpt_dir, image=image, audio=audio, prompt=prompt, lora=lora, lora_alpha=lora_alpha,
                     size=size, num_clip=num_clip, seed=seed, steps=steps, out=out, device=device, dtype=dtype,
@@ -88,9 +88,9 @@ def run(ckpt_dir, lora, lora_alpha, image, audio, prompt, size, num_clip, seed, 
 @click.option("--quiet", is_flag=True, help="No progress display.")
 def demo(out, workdir, seconds, quiet):
     """The whole pipeline on the embedded tiny checkpoint (random weights) on the CPU: demo.mp4."""
-    from lowvram.media import synth_portrait, synth_voice
-    from lowvram.pipeline import RunOptions
-    from lowvram.tiny import write_tiny_checkpoint
+    from lowvram.demo.inputs import synth_portrait, synth_voice
+    from lowvram.demo.tiny import write_tiny_checkpoint
+    from lowvram.pipeline.run import RunOptions
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lowvram-demo-") as tmp:
@@ -109,7 +109,7 @@ def demo(out, workdir, seconds, quiet):
 @click.option("--ckpt-dir", type=click.Path(path_type=Path), default=None, help="Also check this checkpoint directory.")
 def doctor(ckpt_dir):
     """Versions, GPUs, host RAM, pinned-memory limit and (with --ckpt-dir) the checkpoint files."""
-    from lowvram.doctor import checkpoint_report, machine_report
+    from lowvram.cli.doctor import checkpoint_report, machine_report
 
     rows, problems = machine_report()
     if ckpt_dir is not None:
@@ -127,7 +127,7 @@ def doctor(ckpt_dir):
 
 def _register():
     """Commands that live beside their library code."""
-    from lowvram.plan_cli import plan_cmd, profiles_cmd
+    from lowvram.cli.plan import plan_cmd, profiles_cmd
     from lowvram.quantize.cli import quantize_cmd
 
     cli.add_command(quantize_cmd, "quantize")

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lowvram.config import DiTConfig
 from lowvram.errors import CheckpointError
+from lowvram.model.config import DiTConfig
 
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE = "diffusion_pytorch_model.safetensors"
@@ -159,7 +159,7 @@ def load_dit(ckpt_dir, lora=None, lora_alpha: float | None = None, device="cpu",
     expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()}
     lora_set = None
     if lora is not None:
-        from lowvram.lora import LoraSet
+        from lowvram.io.lora import LoraSet
 
         lora_set = LoraSet.load(lora, alpha=lora_alpha)
         lora_set.check({k: s for k, s in ckpt.shapes().items() if k.endswith(".weight")})

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lowvram.config import DiTConfig
-from lowvram.weights import INDEX, VAE
+from lowvram.io.weights import INDEX, VAE
+from lowvram.model.config import DiTConfig
 
 TINY_CONFIG = {
     "_class_name": "WanModel_S2V", "model_type": "s2v",
@@ -76,10 +76,7 @@ def write_tiny_dit(ckpt_dir: Path, seed: int = 0) -> dict:
 
 def write_tiny_checkpoint(root, seed: int = 0) -> tuple[Path, Path]:
     """Write the whole tiny checkpoint under root; returns (ckpt_dir, lora_path)."""
-    from lowvram.lora import write_tiny_lora
-    from lowvram.model.audio_encoder import write_tiny_wav2vec2
-    from lowvram.model.text_encoder import write_tiny_t5
-    from lowvram.model.vae import write_tiny_vae
+    from lowvram.demo.components import write_tiny_lora, write_tiny_t5, write_tiny_vae, write_tiny_wav2vec2
 
     root = Path(root)
     ckpt = root / "Wan2.2-S2V-14B"

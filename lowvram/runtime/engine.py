@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from lowvram.errors import LowvramError
-from lowvram.kv_cache import GpuKV8Cache, GpuKVCache, HostKVCache, KVWorkspace
-from lowvram.offload import BlockStreamer, apply_block_streaming, retry_on_oom
-from lowvram.planner import Plan
+from lowvram.runtime.kv_cache import GpuKV8Cache, GpuKVCache, HostKVCache, KVWorkspace
+from lowvram.runtime.offload import BlockStreamer, apply_block_streaming, retry_on_oom
+from lowvram.runtime.planner import Plan
 
 
 @dataclass

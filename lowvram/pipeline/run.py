@@ -22,10 +22,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowvram import prompt_cache
 from lowvram.errors import LowvramError
-from lowvram.schedule import (CLIP_FRAMES, DROPPED_FRAMES, FRAMES_PER_BLOCK, LATENT_FRAMES,
-                              BlockIndex, euler_step, flow_sigmas, model_timesteps, output_frames)
+from lowvram.io import prompt_cache
+from lowvram.runtime.schedule import (
+    CLIP_FRAMES,
+    DROPPED_FRAMES,
+    FRAMES_PER_BLOCK,
+    LATENT_FRAMES,
+    BlockIndex,
+    euler_step,
+    flow_sigmas,
+    model_timesteps,
+    output_frames,
+)
 
 AUDIO_RATE = 16000
 FPS = 25
@@ -127,8 +136,8 @@ class Inputs:
 
 
 def check_inputs(opts: RunOptions) -> Inputs:
-    from lowvram.media import load_audio, load_image, parse_size
-    from lowvram.video_writer import check_output_path
+    from lowvram.io.media import load_audio, load_image, parse_size
+    from lowvram.io.video_writer import check_output_path
 
     area = parse_size(opts.size)
     if opts.num_clip is not None and opts.num_clip < 1:
@@ -184,9 +193,9 @@ def report_t5_cosine(ckpt, prompt, ctx, device, dtype, t5_mode, log=print):
 
 
 def encode_audio(ckpt, wave, device, num_clip: int | None):
-    """wav2vec2 features per clip (lowvram.audio_features) and the number of clips to generate."""
-    from lowvram.audio_features import ClipAudio
+    """wav2vec2 features per clip (lowvram.pipeline.audio_features) and the number of clips to generate."""
     from lowvram.model.audio_encoder import load_audio_encoder
+    from lowvram.pipeline.audio_features import ClipAudio
 
     def encoder(device=device):
         return load_audio_encoder(ckpt.root, device=device,
@@ -223,9 +232,9 @@ def make_run_plan(opts: RunOptions, ckpt, inputs: Inputs, device, log=print):
         return None, None
     import psutil
 
-    from lowvram.planner import make_plan
-    from lowvram.profile import Profile, parse_set
     from lowvram.quantize.format import detect_format
+    from lowvram.runtime.planner import make_plan
+    from lowvram.runtime.profile import Profile, parse_set
 
     profile = Profile.from_name(opts.profile, **parse_set(list(opts.overrides)))
     info = detect_format(ckpt.root)
@@ -262,7 +271,7 @@ class Generator:
         self.sink_dtype = sink_dtype  # "int8": the sink K/V kept as INT8 (half the memory), dequantized per layer
         self.sink = self._prefill(ref, motion)
         if kv_caches is None:
-            from lowvram.runtime import place
+            from lowvram.runtime.engine import place
 
             kv_caches = place(model, None, device, self.tokens_per_frame, dtype=dtype).kv
         self.kv = kv_caches
@@ -310,8 +319,8 @@ class Generator:
 
 def load_dit_for_run(ckpt, opts: RunOptions, device, dtype, log=print):
     """The DiT from a bf16 checkpoint (+ LoRA merged at load) or a lowvram-quantized directory."""
+    from lowvram.io.weights import load_dit
     from lowvram.quantize.format import detect_format, quantized_module_names, verify_manifest
-    from lowvram.weights import load_dit
 
     info = detect_format(ckpt.root)
     if info is None:
@@ -330,10 +339,10 @@ def load_dit_for_run(ckpt, opts: RunOptions, device, dtype, log=print):
 
 def run(opts: RunOptions, progress=None, log=print) -> RunResult:
     """Generate the video described by opts; see the module docstring for the order of work."""
+    from lowvram.io.video_writer import VideoWriter
+    from lowvram.io.weights import discover
     from lowvram.model.vae import load_vae
-    from lowvram.runtime import guarded, place
-    from lowvram.video_writer import VideoWriter
-    from lowvram.weights import discover
+    from lowvram.runtime.engine import guarded, place
 
     t_start = time.perf_counter()
     inputs = check_inputs(opts)

@@ -21,11 +21,11 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
-from lowvram.config import DiTConfig, token_grid
 from lowvram.errors import LowvramError
-from lowvram.kv_cache import kv_token_bytes, kv_workspace_bytes
-from lowvram.offload import ALIGN, stream_order
-from lowvram.profile import GIB, Profile
+from lowvram.model.config import DiTConfig, token_grid
+from lowvram.runtime.kv_cache import kv_token_bytes, kv_workspace_bytes
+from lowvram.runtime.offload import ALIGN, stream_order
+from lowvram.runtime.profile import GIB, Profile
 
 FRAMES_PER_BLOCK = 3  # latent frames per DiT forward (brief §3.4)
 KV_FRAMES = 12  # latent frames each step's ring cache holds

@@ -65,7 +65,7 @@ def machine_report() -> tuple[list[tuple[str, str]], list[str]]:
 
 
 def checkpoint_report(ckpt_dir) -> tuple[list[tuple[str, str]], list[str]]:
-    from lowvram.weights import discover
+    from lowvram.io.weights import discover
 
     rows, problems = [], []
     try:

@@ -1,0 +1,1 @@
+"""The `lowvram` command line (`lowvram.cli.main:main`): thin commands, each calling one library function."""
