@@ -26,7 +26,7 @@ from lowvram.model.config import DiTConfig
 from lowvram.quantize.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
-    INDEX_NAME,
+    INDEX_FILE,
     MANIFEST_NAME,
     detect_format,
     read_index,
@@ -74,17 +74,17 @@ def _read_sources(ckpt_dir: Path) -> tuple[dict[str, str], dict[str, dict]]:
     """weight_map and each source shard's header, with every key checked to be in its shard."""
     weight_map = read_index(ckpt_dir)
     if weight_map is None:
-        raise CheckpointError(f"{ckpt_dir} has no {INDEX_NAME} (or diffusion_pytorch_model.safetensors); "
+        raise CheckpointError(f"{ckpt_dir} has no {INDEX_FILE} (or diffusion_pytorch_model.safetensors); "
                               "--ckpt-dir must be the Wan2.2-S2V-14B directory")
     headers = {}
     for shard in sorted(set(weight_map.values())):
         path = ckpt_dir / shard
         if not path.is_file():
-            raise CheckpointError(f"source shard {path} (listed in {INDEX_NAME}) is missing; re-download it")
+            raise CheckpointError(f"source shard {path} (listed in {INDEX_FILE}) is missing; re-download it")
         headers[shard] = read_header(path)
     for key, shard in weight_map.items():
         if key not in headers[shard]:
-            raise CheckpointError(f"{INDEX_NAME} puts {key} in {shard}, which does not hold it; re-download the index")
+            raise CheckpointError(f"{INDEX_FILE} puts {key} in {shard}, which does not hold it; re-download the index")
     return weight_map, headers
 
 
@@ -214,7 +214,7 @@ def convert(ckpt_dir, out, scheme: str, lora=None, keep_bf16=(), lora_alpha: flo
         for name, group in zip(names, groups):
             _write_shard(tmp / name, group, metadata, ckpt_dir, lora_set, scheme, layers, on_done)
             out_map.update({k: name for i in group for k in i.outputs})
-        source_names = [f for f in ["config.json", INDEX_NAME, *sorted(headers)] if (ckpt_dir / f).is_file()]
+        source_names = [f for f in ["config.json", INDEX_FILE, *sorted(headers)] if (ckpt_dir / f).is_file()]
         to_hash = ([(tmp / f, f) for f in names] + [(ckpt_dir / f, f) for f in source_names]
                    + ([(lora, lora.name)] if lora is not None else []))
         task = bar.add_task("hashing", total=sum(p.stat().st_size for p, _ in to_hash), count=f"0/{len(to_hash)} files")
@@ -225,7 +225,7 @@ def convert(ckpt_dir, out, scheme: str, lora=None, keep_bf16=(), lora_alpha: flo
         shards, sources = records[:n], records[n:n + len(source_names)]
         index = {"metadata": {"total_size": sum(s["size"] for s in shards), **metadata},
                  "weight_map": dict(sorted(out_map.items()))}
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         shutil.copyfile(ckpt_dir / "config.json", tmp / "config.json")
         components = link_components(ckpt_dir, tmp)
         lora_rec = None

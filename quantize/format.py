@@ -14,14 +14,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from lowvram.constants import INDEX_FILE, SINGLE_FILE
 from lowvram.errors import CheckpointError
 from lowvram.quantize.linear import SCHEMES
 from lowvram.quantize.shards import read_header
 
 FORMAT_NAME = "lowvram"
 FORMAT_VERSION = "1"
-INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-SINGLE_NAME = "diffusion_pytorch_model.safetensors"
 MANIFEST_NAME = "manifest.json"
 HASH_CHUNK = 16 * 1024 * 1024
 
@@ -45,7 +44,7 @@ def sha256_file(path: Path) -> str:
 def read_index(ckpt_dir: Path) -> dict[str, str] | None:
     """weight_map (key -> shard file) of the index json; a single-file checkpoint maps to itself; None if neither."""
     ckpt_dir = Path(ckpt_dir)
-    index = ckpt_dir / INDEX_NAME
+    index = ckpt_dir / INDEX_FILE
     if index.is_file():
         try:
             raw = json.loads(index.read_text())
@@ -55,10 +54,10 @@ def read_index(ckpt_dir: Path) -> dict[str, str] | None:
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index} has an empty weight_map; re-download it")
         return {str(k): str(v) for k, v in weight_map.items()}
-    single = ckpt_dir / SINGLE_NAME
+    single = ckpt_dir / SINGLE_FILE
     if single.is_file():
         keys = [k for k in read_header(single) if k != "__metadata__"]
-        return {k: SINGLE_NAME for k in keys}
+        return {k: SINGLE_FILE for k in keys}
     return None
 
 

@@ -12,10 +12,11 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from lowvram.constants import T5_FILE, TOKENIZER_DIR, VAE_FILE, WAV2VEC_DIR
 from lowvram.errors import LowvramError
 
 # The non-DiT components of Wan2.2-S2V-14B (brief §2.1); linked so the output directory runs on its own.
-COMPONENTS = ("models_t5_umt5-xxl-enc-bf16.pth", "google", "Wan2.1_VAE.pth", "wav2vec2-large-xlsr-53-english")
+COMPONENTS = (T5_FILE, TOKENIZER_DIR.split("/")[0], VAE_FILE, WAV2VEC_DIR)
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

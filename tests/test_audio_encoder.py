@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from lowvram.constants import WAV2VEC_DIR
 from lowvram.demo.components import write_tiny_wav2vec2
 from lowvram.errors import CheckpointError, LowvramError
-from lowvram.model.audio_encoder import W2V_DIR, bucket_audio_features, load_audio_encoder
+from lowvram.model.audio_encoder import bucket_audio_features, load_audio_encoder
 
 
 @pytest.fixture(scope="module")
@@ -128,13 +129,13 @@ def test_short_and_bad_audio(enc):
 
 
 def test_loader_errors(tiny, tmp_path):
-    with pytest.raises(CheckpointError, match=W2V_DIR):
+    with pytest.raises(CheckpointError, match=WAV2VEC_DIR):
         load_audio_encoder(tmp_path)
 
     def copy(name, drop=(), edit=None):
-        d = tmp_path / name / W2V_DIR
+        d = tmp_path / name / WAV2VEC_DIR
         d.mkdir(parents=True)
-        for f in (tiny / W2V_DIR).iterdir():
+        for f in (tiny / WAV2VEC_DIR).iterdir():
             if f.name not in drop:
                 (d / f.name).write_bytes(f.read_bytes())
         if edit:

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from lowvram.runtime import offload
 from lowvram.errors import LowvramError
+from lowvram.runtime import offload
 from lowvram.runtime.offload import BlockStreamer, alloc_host, retry_on_oom, stream_order
 
 

@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from lowvram.runtime import profile as profile_mod
 from lowvram.errors import LowvramError
+from lowvram.runtime import profile as profile_mod
 from lowvram.runtime.profile import Profile, parse_set, pick_profile_name
 
 NAMES = ["12gb", "16gb", "3090", "4090", "a100-80", "h100-80"]

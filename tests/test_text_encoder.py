@@ -6,11 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lowvram.constants import T5_FILE, TOKENIZER_DIR
 from lowvram.demo.components import write_tiny_t5
 from lowvram.errors import CheckpointError, LowvramError
 from lowvram.model.text_encoder import (
-    T5_FILE,
-    TOKENIZER_DIR,
     clean_text,
     embedding_cosine,
     load_text_encoder,

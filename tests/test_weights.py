@@ -11,8 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lowvram.constants import INDEX_FILE
 from lowvram.errors import CheckpointError
-from lowvram.io.weights import INDEX, discover, load_dit
+from lowvram.io.weights import discover, load_dit
 
 
 def _copy(src, dst):
@@ -74,9 +75,9 @@ def test_wrong_shape_missing_config_key_and_foreign_tensor(tiny_ckpt, tmp_path):
         load_dit(ckpt, dtype=torch.float32)
     sd["not_a_wan_key.weight"] = torch.ones(2)
     save_file(sd, str(shard))
-    index = json.loads((ckpt / INDEX).read_text())
+    index = json.loads((ckpt / INDEX_FILE).read_text())
     index["weight_map"]["not_a_wan_key.weight"] = shard.name
-    (ckpt / INDEX).write_text(json.dumps(index))
+    (ckpt / INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="not_a_wan_key"):
         load_dit(ckpt, dtype=torch.float32)
     cfg = json.loads((ckpt / "config.json").read_text())
@@ -114,7 +115,7 @@ def _write_synthetic(root):
         total += sum(t.numel() * 2 for t in sd.values())
         save_file(sd, str(root / name))
         wmap.update({k: name for k in part})
-    (root / INDEX).write_text(json.dumps({"weight_map": wmap}))
+    (root / INDEX_FILE).write_text(json.dumps({"weight_map": wmap}))
     (root / "config.json").write_text(json.dumps(raw))
     for f in ("models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth"):
         (root / f).write_bytes(b"x")

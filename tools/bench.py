@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
+from lowvram.constants import GIB
 from lowvram.model.config import DiTConfig
 from lowvram.model.dit import build_model
 from lowvram.quantize.linear import QuantLinear, apply_quant_layers, quantize_weight, sqnr_db
 from lowvram.quantize.select import quantized_module
 
-GIB = 1024 ** 3
 FULL = dict(dim=5120, ffn_dim=13824, freq_dim=256, num_heads=40, num_layers=40)
 QUICK = dict(dim=256, ffn_dim=512, freq_dim=64, num_heads=2, num_layers=4, text_dim=64, audio_dim=64,
              audio_inject_layers=[0, 3], num_audio_layers=3)

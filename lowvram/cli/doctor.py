@@ -10,9 +10,9 @@ from pathlib import Path
 import psutil
 import torch
 
+from lowvram.constants import GIB
 from lowvram.errors import CheckpointError
 
-GIB = 1024 ** 3
 # sizes of the real files (brief §2.1), for a warning when a file is far off (truncated download)
 EXPECTED_BYTES = {"models_t5_umt5-xxl-enc-bf16.pth": 11.36e9, "Wan2.1_VAE.pth": 0.508e9}
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-GIB = 1024 ** 3
+from lowvram.constants import GIB
 
 
 class RichProgress:

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from lowvram.constants import AUDIO_RATE, T5_FILE, TOKENIZER_DIR, WAV2VEC_DIR
 from lowvram.io.lora import LIVEAVATAR_TARGETS, lora_target_keys
-from lowvram.model.audio_encoder import SAMPLE_RATE, W2V_DIR
-from lowvram.model.text_encoder import T5_FILE, TEXT_LEN, TOKENIZER_DIR
+from lowvram.model.text_encoder import TEXT_LEN
 from lowvram.model.vae import VAEConfig, WanVAE
 
 _TINY_TEXT = """\
@@ -107,7 +107,7 @@ def write_tiny_wav2vec2(ckpt_dir: str | Path, seed: int = 0, hidden: int = 32, l
     """Write a random wav2vec2 with the real model's structure at tiny sizes (320 samples per frame)."""
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
 
-    folder = Path(ckpt_dir) / W2V_DIR
+    folder = Path(ckpt_dir) / WAV2VEC_DIR
     cfg = Wav2Vec2Config(
         vocab_size=12, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
         intermediate_size=2 * hidden, conv_dim=[16] * 7, conv_kernel=[10, 3, 3, 3, 3, 2, 2],
@@ -124,7 +124,7 @@ def write_tiny_wav2vec2(ckpt_dir: str | Path, seed: int = 0, hidden: int = 32, l
             if p.ndim == 1:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
     model.save_pretrained(folder, safe_serialization=True)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True,
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=AUDIO_RATE, padding_value=0.0, do_normalize=True,
                              return_attention_mask=True).save_pretrained(folder)
     return folder
 

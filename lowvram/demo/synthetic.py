@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from lowvram.constants import INDEX_FILE
 from lowvram.model.config import DiTConfig
-
-INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
 
 def _attn(prefix: str, dim: int, shapes: dict) -> None:
@@ -97,5 +96,5 @@ def write_checkpoint(ckpt_dir, shapes: dict[str, tuple], config: dict, num_shard
         weight_map.update({k: name for k in part})
         del part
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (ckpt_dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
+    (ckpt_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
     return weight_map

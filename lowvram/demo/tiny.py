@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lowvram.io.weights import INDEX, VAE
+from lowvram.constants import INDEX_FILE, VAE_FILE
 from lowvram.model.config import DiTConfig
 
 TINY_CONFIG = {
@@ -69,7 +69,7 @@ def write_tiny_dit(ckpt_dir: Path, seed: int = 0) -> dict:
         save_file({k: sd[k] for k in part}, str(ckpt_dir / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in part})
     total = sum(t.numel() * t.element_size() for t in sd.values())
-    (ckpt_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+    (ckpt_dir / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                              indent=2))
     return {k: tuple(v.shape) for k, v in sd.items()}
 
@@ -83,7 +83,7 @@ def write_tiny_checkpoint(root, seed: int = 0) -> tuple[Path, Path]:
     shapes = write_tiny_dit(ckpt, seed)
     write_tiny_t5(ckpt, seed=seed, dim=TINY_CONFIG["text_dim"])
     write_tiny_wav2vec2(ckpt, seed=seed, hidden=TINY_CONFIG["audio_dim"], layers=TINY_AUDIO_LAYERS - 1)
-    write_tiny_vae(ckpt / VAE, seed=seed)
+    write_tiny_vae(ckpt / VAE_FILE, seed=seed)
     lora = root / "LiveAvatar" / "liveavatar.safetensors"
     lora.parent.mkdir(parents=True, exist_ok=True)
     write_tiny_lora(lora, shapes, rank=4, seed=seed)

@@ -11,17 +11,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from lowvram.constants import INDEX_FILE, SINGLE_FILE, T5_FILE, TOKENIZER_DIR, VAE_FILE, WAV2VEC_DIR
 from lowvram.errors import CheckpointError
 from lowvram.model.config import DiTConfig
 
-INDEX = "diffusion_pytorch_model.safetensors.index.json"
-SINGLE = "diffusion_pytorch_model.safetensors"
-T5 = "models_t5_umt5-xxl-enc-bf16.pth"
-TOKENIZER = "google/umt5-xxl"
-VAE = "Wan2.1_VAE.pth"
-WAV2VEC = "wav2vec2-large-xlsr-53-english"
-LAYOUT = (f"config.json, {INDEX} + diffusion_pytorch_model-0000N-of-0000M.safetensors, {T5}, "
-          f"{TOKENIZER}/, {VAE}, {WAV2VEC}/")
+LAYOUT = (f"config.json, {INDEX_FILE} + diffusion_pytorch_model-0000N-of-0000M.safetensors, {T5_FILE}, "
+          f"{TOKENIZER_DIR}/, {VAE_FILE}, {WAV2VEC_DIR}/")
 DOWNLOAD = ("huggingface-cli download Wan-AI/Wan2.2-S2V-14B --local-dir ckpt/Wan2.2-S2V-14B && "
             "huggingface-cli download Quark-Vision/Live-Avatar --local-dir ckpt/LiveAvatar")
 
@@ -106,26 +101,26 @@ def discover(ckpt_dir) -> Checkpoint:
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory {root} does not exist; expected layout: {LAYOUT}; "
                               f"download with: {DOWNLOAD}")
-    missing = [n for n in ("config.json", T5, VAE) if not (root / n).is_file()]
-    missing += [n + "/" for n in (TOKENIZER, WAV2VEC) if not (root / n).is_dir()]
+    missing = [n for n in ("config.json", T5_FILE, VAE_FILE) if not (root / n).is_file()]
+    missing += [n + "/" for n in (TOKENIZER_DIR, WAV2VEC_DIR) if not (root / n).is_dir()]
     weight_map = {}
-    if (root / INDEX).is_file():
+    if (root / INDEX_FILE).is_file():
         try:
-            weight_map = json.loads((root / INDEX).read_text())["weight_map"]
+            weight_map = json.loads((root / INDEX_FILE).read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{root / INDEX} is not a valid index ({e}); re-download it") from None
+            raise CheckpointError(f"{root / INDEX_FILE} is not a valid index ({e}); re-download it") from None
         missing += sorted({s for s in weight_map.values() if not (root / s).is_file()})
-    elif (root / SINGLE).is_file():
-        with _open(root / SINGLE) as f:
-            weight_map = {k: SINGLE for k in f.keys()}
+    elif (root / SINGLE_FILE).is_file():
+        with _open(root / SINGLE_FILE) as f:
+            weight_map = {k: SINGLE_FILE for k in f.keys()}
     else:
-        missing.append(INDEX)
+        missing.append(INDEX_FILE)
     if missing:
         raise CheckpointError(f"checkpoint {root} is incomplete, missing: {', '.join(missing)}; "
                               f"expected layout: {LAYOUT}; download with: {DOWNLOAD}")
     shards = tuple(root / s for s in sorted(set(weight_map.values())))
-    return Checkpoint(root, root / "config.json", shards, weight_map, root / T5, root / TOKENIZER,
-                      root / VAE, root / WAV2VEC)
+    return Checkpoint(root, root / "config.json", shards, weight_map, root / T5_FILE, root / TOKENIZER_DIR,
+                      root / VAE_FILE, root / WAV2VEC_DIR)
 
 
 def iter_tensors(ckpt: Checkpoint):

@@ -9,12 +9,26 @@ kernel reads the window from it directly (the sink stays bf16 and is roped in th
 
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
 import torch.nn.functional as F
 
 from lowvram.model.rope import RopeTable, rope_apply
 
-BACKENDS = ("sdpa", "triton", "triton8")
+
+class Attention(str, Enum):
+    """Self-attention backends; the profile's `attention` field, the model and the CLI's choices all read this."""
+
+    SDPA = "sdpa"
+    TRITON = "triton"
+    TRITON8 = "triton8"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+BACKENDS = tuple(a.value for a in Attention)
 
 
 def sdpa(q, k, v):  # q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]

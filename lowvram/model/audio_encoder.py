@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
 
+from lowvram.constants import AUDIO_RATE, WAV2VEC_DIR
 from lowvram.errors import CheckpointError, LowvramError
 
-W2V_DIR = "wav2vec2-large-xlsr-53-english"
-SAMPLE_RATE = 16000
 FEATURE_FPS = 50  # wav2vec2: one frame per 320 samples
 RESAMPLE_FPS = 30  # LiveAvatar's intermediate rate (its `video_rate`)
 MIN_SAMPLES = 400  # the conv stack's receptive field: shorter audio gives no frame
@@ -46,11 +45,11 @@ class AudioEncoder:
             raise LowvramError(f"audio must be one mono channel, got an array of shape {wave.shape}; mix it down")
         if wave.shape[0] < MIN_SAMPLES:
             raise LowvramError(f"audio is {wave.shape[0]} samples long; wav2vec2 needs at least {MIN_SAMPLES} "
-                               f"({MIN_SAMPLES / SAMPLE_RATE * 1000:.0f} ms at 16 kHz)")
+                               f"({MIN_SAMPLES / AUDIO_RATE * 1000:.0f} ms at 16 kHz)")
         if not np.isfinite(wave).all():
             raise LowvramError("audio contains NaN or infinite samples; re-encode the file")
         # zero-mean unit-variance per preprocessor_config.json (do_normalize)
-        x = self.feature_extractor(wave.astype(np.float32), sampling_rate=SAMPLE_RATE,
+        x = self.feature_extractor(wave.astype(np.float32), sampling_rate=AUDIO_RATE,
                                    return_tensors="pt").input_values  # [1, S]
         return self.hidden_states_normalized(x[0])
 
@@ -107,20 +106,20 @@ def load_audio_encoder(ckpt_dir: str | Path, device: str | torch.device = "cpu",
     LiveAvatar runs it in bf16 on the GPU; float32 is the choice on the CPU. The CTC head, if
     the folder holds one, is not loaded: only hidden states are used.
     """
-    folder, device = Path(ckpt_dir) / W2V_DIR, torch.device(device)
+    folder, device = Path(ckpt_dir) / WAV2VEC_DIR, torch.device(device)
     if not folder.is_dir():
-        raise CheckpointError(f"{folder} is missing; copy the {W2V_DIR} folder of Wan2.2-S2V-14B")
+        raise CheckpointError(f"{folder} is missing; copy the {WAV2VEC_DIR} folder of Wan2.2-S2V-14B")
     for name in ("config.json", "preprocessor_config.json"):
         if not (folder / name).is_file():
-            raise CheckpointError(f"{folder / name} is missing; re-download the {W2V_DIR} folder")
+            raise CheckpointError(f"{folder / name} is missing; re-download the {WAV2VEC_DIR} folder")
     try:
         fe = Wav2Vec2FeatureExtractor.from_pretrained(folder)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{folder / 'preprocessor_config.json'} is unreadable ({type(e).__name__}); "
                               "re-download it") from None
-    if fe.sampling_rate != SAMPLE_RATE:
+    if fe.sampling_rate != AUDIO_RATE:
         raise CheckpointError(f"{folder / 'preprocessor_config.json'} says sampling_rate {fe.sampling_rate}; "
-                              f"the model needs {SAMPLE_RATE}")
+                              f"the model needs {AUDIO_RATE}")
     try:  # the folder holds a CTC model (as LiveAvatar loads it); only its wav2vec2 body is kept
         model = Wav2Vec2ForCTC.from_pretrained(folder, dtype=dtype).wav2vec2
     except (OSError, ValueError) as e:

@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
+from lowvram.constants import T5_FILE, TOKENIZER_DIR
 from lowvram.errors import CheckpointError, LowvramError
 
-T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
-TOKENIZER_DIR = "google/umt5-xxl"
 TEXT_LEN = 512
 QUANTS = ("bf16", "int8", "nf4")
 MAX_DISTANCE = 128

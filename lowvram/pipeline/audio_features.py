@@ -17,9 +17,9 @@ import math
 import numpy as np
 import torch
 
+from lowvram.constants import AUDIO_RATE
 from lowvram.model.audio_encoder import FEATURE_FPS, RESAMPLE_FPS, _sample_indices, bucket_audio_features
 
-SAMPLE_RATE = 16000
 HOP = 320             # samples per wav2vec2 frame (50 fps)
 RECEPTIVE = 400       # samples the conv stack needs for its first frame
 WHOLE_FILE_SECONDS = 120.0
@@ -39,7 +39,7 @@ class ClipAudio:
                  whole_file_seconds: float = WHOLE_FILE_SECONDS, window_seconds: float = WINDOW_SECONDS,
                  context_seconds: float = CONTEXT_SECONDS):
         self.fps, self.clip_frames, self.device = video_fps, clip_frames, torch.device(device)
-        self.windowed = wave.shape[0] > whole_file_seconds * SAMPLE_RATE
+        self.windowed = wave.shape[0] > whole_file_seconds * AUDIO_RATE
         if not self.windowed:
             enc = encoder()
             hidden = enc.hidden_states(wave)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lowvram.constants import AUDIO_RATE, FPS, MOTION_FRAMES
 from lowvram.errors import LowvramError
 from lowvram.io import prompt_cache
 from lowvram.runtime.schedule import (
@@ -36,9 +37,6 @@ from lowvram.runtime.schedule import (
     output_frames,
 )
 
-AUDIO_RATE = 16000
-FPS = 25
-MOTION_FRAMES = 73       # video frames of motion context (FramePack uses the last 19 latents)
 REF_REPEAT = 5           # the single-GPU reference encodes the ref image repeated 5 times
 
 

@@ -22,10 +22,9 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from lowvram.constants import ALIGN, GIB
 from lowvram.errors import LowvramError
 
-ALIGN = 256  # byte alignment of every tensor inside a slab (vector loads, dtype views)
-GIB = 1024**3
 PAGEABLE_WARNING = ("pinned host memory is unavailable ({err}); using pageable memory: host->GPU copies run "
                     "~5x slower (9.3 vs 55 GB/s measured). Raise `ulimit -l`, free RAM or lower pinned_budget_gib")
 

@@ -21,15 +21,13 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
+from lowvram.constants import FRAMES_PER_BLOCK, KV_FRAMES, NUM_STEPS
 from lowvram.errors import LowvramError
 from lowvram.model.config import DiTConfig, token_grid
 from lowvram.runtime.kv_cache import kv_token_bytes, kv_workspace_bytes
 from lowvram.runtime.offload import ALIGN, stream_order
 from lowvram.runtime.profile import GIB, Profile
 
-FRAMES_PER_BLOCK = 3  # latent frames per DiT forward (brief §3.4)
-KV_FRAMES = 12  # latent frames each step's ring cache holds
-NUM_STEPS = 4  # denoising steps = step caches
 KV_SLOTS = 2  # GPU working windows of a host KV cache (layers in flight)
 # umT5-XXL encoder (brief §1.2): token embedding and the rest (24 blocks, all Linear but the norms)
 T5_EMBED_PARAMS = 256384 * 4096

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, fields, replace
 from importlib import resources
 
+from lowvram.constants import GIB
 from lowvram.errors import LowvramError
 
 if sys.version_info >= (3, 11):
@@ -24,7 +25,6 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10 ships no TOML reader; tomli is the same parser under its PyPI name
     import tomli as tomllib
 
-GIB = 1024**3
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "quant": ("int8", "fp8", "bf16"),

@@ -12,13 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lowvram.constants import CLIP_FRAMES, DROPPED_FRAMES, FRAMES_PER_BLOCK, LATENT_FRAMES
+
 NUM_TRAIN_TIMESTEPS = 1000
 SHIFT = 3.0
-CLIP_FRAMES = 48          # video frames per clip
-FRAMES_PER_BLOCK = 3      # latent frames per block
-LATENT_FRAMES = 12        # latent frames per clip (4 blocks)
-KV_FRAMES = 12            # latent frames one step's ring cache holds
-DROPPED_FRAMES = 3        # generated frames dropped at the start of the video
 
 
 def _shift(s, shift):
