@@ -84,3 +84,25 @@ def test_oom_moves_one_more_block_to_streaming_and_retries(tiny_ckpt):
 
     assert guarded(forward, placement, log=lambda *a: None) == "ok"
     assert len(calls) == 2 and len(placement.streamer.streamed) == before + 1
+
+
+def test_a_features_tensor_is_sliced_by_clip_and_block(tiny_ckpt):
+    """Features of the whole video in one tensor [1, L, D, 48 N] (benchmarks pass one): block b of clip r
+    gets frames 48 r + 12 b .. + 12, not the whole tensor clamped (Tensor.clip is clamp)."""
+    from lowvram.demo.tiny import tiny_config
+    from lowvram.model.vae import load_vae
+    from lowvram.pipeline.run import Generator
+    from lowvram.runtime.schedule import BlockIndex
+
+    ckpt, lora = tiny_ckpt
+    model = load_dit(ckpt, lora=lora, dtype=torch.float32)
+    vae = load_vae(ckpt / "Wan2.1_VAE.pth", dtype=torch.float32)
+    cfg = tiny_config()
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(1, cfg.num_audio_layers, cfg.audio_dim, 48 * 3, generator=g)
+    ctx = torch.randn(5, cfg.text_dim, generator=g)
+    ref, mot = torch.randn(1, 16, 1, *HW, generator=g), torch.randn(1, 16, 19, *HW, generator=g)
+    gen = Generator(model, vae, ctx, feats, ref, mot, 4, 1, torch.device("cpu"), torch.float32)
+    for clip, block in ((0, 0), (1, 2), (2, 3)):
+        start = 48 * clip + 12 * block
+        assert torch.equal(gen.block_audio(BlockIndex(clip, block)), feats[..., start:start + 12])

@@ -259,7 +259,7 @@ class Generator:
 
         self.model, self.vae, self.device, self.dtype = model, vae, device, dtype
         self.context = model.embed_text([context])
-        self.audio = audio_feats if hasattr(audio_feats, "clip") else _AllClips(audio_feats)
+        self.audio = _AllClips(audio_feats) if isinstance(audio_feats, torch.Tensor) else audio_feats
         self.sigmas = flow_sigmas(steps)
         self.t = model_timesteps(self.sigmas)
         self.seed = seed
