@@ -29,12 +29,12 @@ from lowvram.runtime.offload import ALIGN, stream_order
 from lowvram.runtime.profile import GIB, Profile
 
 KV_SLOTS = 2  # GPU working windows of a host KV cache (layers in flight)
-# umT5-XXL encoder (brief §1.2): token embedding and the rest (24 blocks, all Linear but the norms)
+# umT5-XXL encoder (docs/model.md §1.2): token embedding and the rest (24 blocks, all Linear but the norms)
 T5_EMBED_PARAMS = 256384 * 4096
 T5_OTHER_PARAMS = 5_680_910_336 - T5_EMBED_PARAMS
 T5_BYTES_PER_PARAM = {"bf16": 2.0, "int8": 1.0 + 4 / 4096, "nf4": 0.5 + 4 / 64, "cpu": 0.0}
 WAV2VEC2_PARAMS = 315_000_000
-# Wan2.1 VAE decoder (brief §1.3) in bf16. Time cache: 2 frames of the input of every causal conv:
+# Wan2.1 VAE decoder (docs/model.md §7) in bf16. Time cache: 2 frames of the input of every causal conv:
 # 4240 channels at 1/8 resolution, 2496 at 1/4, 1152 at 1/2, 672 at full size (per pixel of one frame).
 VAE_DECODER_PARAMS = 73_295_331 + 272
 VAE_CACHE_BYTES_PER_PIXEL = 2 * 2 * (4240 / 64 + 2496 / 16 + 1152 / 4 + 672)
@@ -50,7 +50,7 @@ ACT_MARGIN = 1.1  # activations: headroom over the measured bf16 forward (W8A8 a
 # allocator's fragmentation around them). Planned as this much per query token.
 W8A8_UNATTRIBUTED_BYTES_PER_QUERY = int(2.0 * GIB / 3168)
 HOST_RESERVE = 8 * GIB  # host RAM for the OS, Python, torch and the loader besides the plan's buffers
-PCIE_4090 = 23e9  # bytes/s, pinned host->GPU on PCIe 4.0 x16 (anchors.md §3)
+PCIE_4090 = 23e9  # bytes/s, pinned host->GPU on PCIe 4.0 x16 (docs/model.md §9)
 
 
 def align(n: int) -> int:
@@ -125,7 +125,7 @@ def group_tensor_bytes(cfg: DiTConfig, tensor_bytes: Mapping[str, int]) -> tuple
 
 # ------------------------------------------------------------------------ token counts
 def token_counts(cfg: DiTConfig, width: int, height: int) -> dict[str, int]:
-    """Tokens per latent frame, per forward (query), per ring cache and in the sink (brief §3.4)."""
+    """Tokens per latent frame, per forward (query), per ring cache and in the sink (docs/model.md §3.1)."""
     if width % 16 or height % 16 or width <= 0 or height <= 0:
         raise LowvramError(f"size {width}*{height}: width and height must be positive multiples of 16, e.g. 704*384")
     rows, cols = token_grid(height, width, cfg)
