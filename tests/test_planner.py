@@ -19,7 +19,7 @@ SIZES = [(704, 384), (832, 480)]
 ALIGN_SLACK = 256  # the planner pads each tensor of a slab to 256 bytes
 
 
-# ---- bytes computed independently from the brief's parameter counts (§1.1, §2.2)
+# ---- bytes computed independently from the parameter counts of docs/model.md §1.1, §2.2
 def ref_block(quant):
     """(bytes, tensor count) of one block: Linear weights at the scheme's width + fp32 per-channel scales."""
     d, f, params = 5120, 13824, 351_394_304
@@ -95,7 +95,7 @@ def test_targets_at_704x384():
     assert p4090.peak_bytes <= 22.0 * GIB and len(p4090.resident) >= 24
     p4090 = make_plan(Profile.from_name("4090", vram_budget_gib=30.0), FULL, 704, 384)
     assert len(p4090.resident) == 40
-    # all-resident INT8 DiT = 15,938,355,200 Linear weights + 0.357 B bf16 params (brief §4.2: 16.65 GB)
+    # all-resident INT8 DiT = 15,938,355,200 Linear weights + 0.357 B bf16 params (docs/model.md §1.5: 16.65 GB)
     # + fp32 per-output-channel scales
     weights = sum(it.nbytes for it in p4090.items if it.what.startswith(("DiT blocks", "DiT non-block")))
     want = 15_938_355_200 + 2 * 357_400_409 + 4 * (40 * (9 * 5120 + 13824) + 12 * 6 * 5120)

@@ -3,8 +3,8 @@
     python tools/bench.py --out $OUT                 # on the GPU: accuracy + every profile
     python tools/bench.py --quick --device cpu       # a scaled-down dry run of the same code
 
-Part 1 (issue 4): SQNR of whole DiT forwards at 704x384 (int8 and fp8 W8A8 against bf16, same
-random weights, same inputs). Part 2 (issue 5): for each profile under its allocator cap, at least
+Part 1, accuracy: SQNR of whole DiT forwards at 704x384 (int8 and fp8 W8A8 against bf16, same
+random weights, same inputs). Part 2, memory and speed: for each profile under its allocator cap, at least
 2 clips after a warm-up clip with the real schedule: peak VRAM (allocator reserved and NVML),
 seconds per clip, generated FPS, DiT and VAE time, PCIe bytes per forward, copy-stream busy time,
 the plan's expected peak, and a projection onto a 4090 (23 GB/s PCIe, compute scaled by peak

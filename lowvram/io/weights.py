@@ -1,4 +1,4 @@
-"""Checkpoint discovery and loading (brief §2.1): the DiT from sharded, memory-mapped safetensors,
+"""Checkpoint discovery and loading (docs/model.md §2.1): the DiT from sharded, memory-mapped safetensors,
 built on the meta device and assigned (no second copy), with the LiveAvatar LoRA merged per layer.
 """
 

@@ -1,7 +1,7 @@
 """The conditioning of a video: the umT5 prompt embedding (disk-cached), the wav2vec2 features per clip,
 and the VAE latents of the portrait (the reference latent and the motion latents).
 
-A/V sync (docs/model.md §8): the reference drops the first 3 generated frames but muxes audio from
+A/V sync (docs/model.md §8.2): the reference drops the first 3 generated frames but muxes audio from
 t = 0, so its video leads its audio by 120 ms. Generated frame k is driven by the audio at k/25 s, so
 `muxed_audio` drops the first 120 ms of audio too: video frame 0 and audio t = 0 line up.
 """

@@ -96,7 +96,7 @@ class Plan:
 
 
 def resolve_size(size: str, image: Path | None = None) -> tuple[int, int]:
-    """Output (W, H) for `--size` (a pixel-area budget) and the portrait's aspect ratio (docs/model.md §3)."""
+    """Output (W, H) for `--size` (a pixel-area budget) and the portrait's aspect ratio (docs/model.md §8.1)."""
     from lowvram.io.media import gen_size, parse_dims
 
     w, h = parse_dims(size)

@@ -35,8 +35,8 @@ from lowvram.runtime.profile import Profile
 
 KV_SLOTS = 2  # GPU working windows of a host KV cache (layers in flight)
 T5_BYTES_PER_PARAM = {"bf16": 2.0, "int8": 1.0 + 4 / 4096, "nf4": 0.5 + 4 / 64, "cpu": 0.0}  # blocks; embedding bf16
-# Wan2.1 VAE decoder time cache: 2 frames of the input of every causal conv: 4240 channels at 1/8 resolution,
-# 2496 at 1/4, 1152 at 1/2, 672 at full size (per output pixel, bf16), for the released width (dim 96).
+# Wan2.1 VAE decoder (docs/model.md §7) time cache: 2 frames of the input of every causal conv: 4240 channels at
+# 1/8 resolution, 2496 at 1/4, 1152 at 1/2, 672 at full size (per output pixel, bf16), for the released width (96).
 VAE_REAL_DIM = 96
 VAE_CACHE_BYTES_PER_PIXEL = 2 * 2 * (4240 / 64 + 2496 / 16 + 1152 / 4 + 672)
 # One latent frame's decode (4 frames out), per output pixel: measured 1.17 GiB at 704x384 (H200, bf16,
@@ -115,7 +115,7 @@ def group_tensor_bytes(cfg: DiTConfig, tensor_bytes: Mapping[str, int]) -> tuple
 
 # ------------------------------------------------------------------------ token counts and activations
 def token_counts(cfg: DiTConfig, width: int, height: int) -> dict[str, int]:
-    """Tokens per latent frame, per forward (query), per ring cache and in the sink (docs/model.md §3)."""
+    """Tokens per latent frame, per forward (query), per ring cache and in the sink (docs/model.md §3.1)."""
     if width % 16 or height % 16 or width <= 0 or height <= 0:
         raise LowvramError(f"size {width}*{height}: width and height must be positive multiples of 16, e.g. 704*384")
     rows, cols = token_grid(height, width, cfg)

@@ -1,4 +1,4 @@
-"""The 4-step DMD sampler and the streaming schedule (brief §3.4, §3.8).
+"""The 4-step DMD sampler and the streaming schedule (docs/model.md §3.1, §5).
 
 Sigmas follow diffusers' FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3) with
 set_timesteps(steps): for 4 steps they are [1, 0.8576923, 0.60215056, 0.008928572, 0]; the model
