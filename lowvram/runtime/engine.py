@@ -6,14 +6,12 @@ runs after them), each step's KV cache on the device or in host memory in the pl
 in the plan's dtype, and the OOM guard that moves one more block to streaming and retries.
 
 Per video (`start`): the text embedding, the sink prefill, the sampler's sigmas, the seeded noise per
-clip and the rolling-sink shifts; per block (`denoise_block`): `steps` Euler steps, one DiT forward each,
+clip; the rolling-sink shift of each (block, step) comes from the seed (schedule.ref_shift); per block (`denoise_block`): `steps` Euler steps, one DiT forward each,
 against that step's cache; `decode` runs the streaming VAE. The pipeline, the benchmarks and the tests
 all drive this object.
 """
 
 from __future__ import annotations
-
-import random
 
 import torch
 
@@ -21,7 +19,7 @@ from lowvram.constants import FRAMES_PER_BLOCK, KV_FRAMES, LATENT_FRAMES
 from lowvram.runtime.kv_cache import GpuKV8Cache, GpuKVCache, HostKVCache, KVFormat, KVWorkspace
 from lowvram.runtime.offload import BlockStreamer, apply_block_streaming, retry_on_oom
 from lowvram.runtime.plan import Plan
-from lowvram.runtime.schedule import BlockIndex, euler_step, flow_sigmas, model_timesteps
+from lowvram.runtime.schedule import BlockIndex, euler_step, flow_sigmas, model_timesteps, ref_shift
 
 
 def injector_units(model) -> dict:
@@ -104,7 +102,6 @@ class Engine:
         self.sigmas = flow_sigmas(steps)
         self.t = model_timesteps(self.sigmas)
         self.seed = seed
-        self.ref_shift_rng = random.Random(seed)  # the reference draws d = randint(4, 30) unseeded
         self.h, self.w = ref.shape[-2:]
         self.noise = None
         self.refresh_sink(ref, motion)
@@ -133,7 +130,7 @@ class Engine:
     def step(self, idx: BlockIndex, i: int, x: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
         """Denoising step i of block idx: one DiT forward against step cache i, then the Euler update."""
         t = torch.full((1, FRAMES_PER_BLOCK), float(self.t[i]), dtype=torch.float32, device=self.device)
-        d = self.ref_shift_rng.randint(4, 30)
+        d = ref_shift(self.seed, idx, i)
         v = self.guarded(lambda: self.model(x, t, self.context, audio, self.kv[i], self.sink, idx.start_frame, d))
         return euler_step(x, v, self.sigmas[i], self.sigmas[i + 1])
 
