@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from lowvram.cli.plan import plan_cmd, profiles_cmd, render_plan
 from lowvram.errors import LowvramError
 from lowvram.model.config import DiTConfig
-from lowvram.runtime.planner import make_plan, token_counts
+from lowvram.runtime.planner import forward_activation_bytes, make_plan, token_counts
 from lowvram.runtime.profile import GIB, Profile
 
 INJECT = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
@@ -236,3 +236,24 @@ def test_profiles_cmd_lists_one_line_each():
     assert r.exit_code == 0
     lines = r.output.strip().splitlines()
     assert [ln.split()[0] for ln in lines] == NAMES + ["auto"]
+
+
+def test_a_batched_schedule_plans_the_batch_and_shares_the_streamed_blocks():
+    """schedule=batched: one DiT call runs a tick's 4 forwards; activations and KV windows are planned for 4,
+    and a streamed block crosses PCIe once per call, so its bytes per forward are a quarter."""
+    over = dict(vram_budget_gib=40.0, blocks_resident=20)
+    seq = make_plan(Profile.from_name("16gb", **over), FULL, 704, 384)
+    bat = make_plan(Profile.from_name("16gb", schedule="batched", **over), FULL, 704, 384)
+    assert (seq.batch, bat.batch, bat.schedule) == (1, 4, "batched") and seq.streamed == bat.streamed
+    streamed = sum(seq.block_bytes[i] for i in seq.streamed)
+    kv = 40 * (12672 - 3168) * ref_kv_token("int8")
+    assert seq.pcie_h2d_bytes == streamed + kv and bat.pcie_h2d_bytes == streamed // 4 + kv
+    assert bat.pcie_h2d_bytes_at(1) == seq.pcie_h2d_bytes and seq.pcie_h2d_bytes_at(4) == bat.pcie_h2d_bytes
+    act = {b: forward_activation_bytes(FULL, 3168, 12672 + 2640, 2640, "sdpa", b) for b in (1, 4)}
+    win = {p.batch: next(it.nbytes for it in p.items if it.what.startswith("KV working")) for p in (seq, bat)}
+    assert act[4] > 3 * act[1] and win[4] == 4 * win[1] and bat.generate_peak_bytes > seq.generate_peak_bytes
+    # a rank of the timestep-forcing pipeline holds only its own step's cache
+    rank = make_plan(Profile.from_name("16gb", **over), FULL, 704, 384, steps=(2,))
+    host = {p.steps: next(it.nbytes for it in p.items if it.what.startswith("KV ring")) for p in (seq, rank)}
+    assert rank.kv_caches == ("host",) and host[(2,)] * 4 == host[(0, 1, 2, 3)]
+    assert "schedule batched: 4 forward(s) per DiT call" in render_plan(bat)

@@ -48,7 +48,8 @@ def place_model(model, plan: Plan, device: torch.device) -> BlockStreamer | None
 
 
 def make_kv_caches(model, plan: Plan, device: torch.device, tokens_per_frame: int) -> list:
-    """One ring cache per step, placed and stored as the plan says (host caches share one device workspace)."""
+    """One ring cache per held step (plan.steps), placed and stored as the plan says (host caches share one
+    device workspace)."""
     cfg = model.cfg
     cap = KV_FRAMES * tokens_per_frame
     shape = (cfg.num_layers, cap, 1, cfg.num_heads, cfg.head_dim)
@@ -73,6 +74,7 @@ class Engine:
 
     def __init__(self, model, plan: Plan, device: torch.device, streamer, kv: list, vae=None, log=print):
         self.model, self.plan, self.device, self.streamer, self.kv, self.vae = model, plan, device, streamer, kv, vae
+        self.cache = dict(zip(plan.steps, kv))  # denoising step -> its ring cache
         self.log = log
         self.sink = self.context = self.decoder = self.noise = None
 
@@ -131,7 +133,7 @@ class Engine:
         """Denoising step i of block idx: one DiT forward against step cache i, then the Euler update."""
         t = torch.full((1, FRAMES_PER_BLOCK), float(self.t[i]), dtype=torch.float32, device=self.device)
         d = ref_shift(self.seed, idx, i)
-        v = self.guarded(lambda: self.model(x, t, self.context, audio, self.kv[i], self.sink, idx.start_frame, d))
+        v = self.guarded(lambda: self.model(x, t, self.context, audio, self.cache[i], self.sink, idx.start_frame, d))
         return euler_step(x, v, self.sigmas[i], self.sigmas[i + 1])
 
     def denoise_block(self, idx: BlockIndex, audio: torch.Tensor) -> torch.Tensor:
@@ -174,4 +176,5 @@ class Engine:
         """Free what the engine holds on the device (caches, sink, buffers); the model is not usable after."""
         if self.streamer is not None:
             self.streamer.remove()
-        self.kv, self.sink, self.context, self.decoder, self.noise, self.streamer = [], None, None, None, None, None
+        self.kv, self.cache, self.sink, self.context, self.decoder, self.noise = [], {}, None, None, None, None
+        self.streamer = None

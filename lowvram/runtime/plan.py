@@ -49,7 +49,7 @@ class Plan:
     resident: tuple[int, ...]
     streamed: tuple[int, ...]
     n_buffers: int
-    kv_caches: tuple[str, ...]  # placement of each step's cache: "gpu" | "host"
+    kv_caches: tuple[str, ...]  # placement of each held step's cache (aligned with `steps`): "gpu" | "host"
     kv_dtype: str  # the profile's kv_dtype
     kv_format: str  # how the step caches are stored: KVFormat value ("bf16" | "int8" | "kv8")
     kv_slots: int
@@ -58,7 +58,7 @@ class Plan:
     items: tuple[PlanItem, ...]
     encode_peak_bytes: int
     generate_peak_bytes: int
-    pcie_h2d_bytes: int  # host->GPU bytes of one full-window forward
+    pcie_h2d_bytes: int  # host->GPU bytes per full-window forward (streamed blocks shared by a batched call)
     pcie_d2h_bytes: int  # GPU->host bytes (write-back of the new K/V chunk)
     host_pinned_bytes: int
     host_pageable_bytes: int
@@ -71,6 +71,17 @@ class Plan:
     gemm: str  # QuantLinear's matmul backend
     t5: str  # umT5 while encoding the prompt: bf16 | int8 | nf4 | cpu
     host_reserve_bytes: int  # host RAM the plan keeps for the process besides its buffers
+    steps: tuple[int, ...] = (0, 1, 2, 3)  # the denoising steps whose caches this plan holds
+    batch: int = 1  # forwards per DiT call (the profile's schedule: 1 sequential, len(steps) batched)
+    streamed_bytes_per_call: int = 0  # host->GPU bytes of the streamed blocks, once per DiT call
+
+    @property
+    def schedule(self) -> str:
+        return self.profile.schedule
+
+    def pcie_h2d_bytes_at(self, batch: int) -> int:
+        """Host->GPU bytes per forward if a DiT call ran `batch` forwards (the plan's own: `pcie_h2d_bytes`)."""
+        return self.pcie_h2d_bytes - self.streamed_bytes_per_call // self.batch + self.streamed_bytes_per_call // batch
 
     @property
     def peak_bytes(self) -> int:

@@ -22,7 +22,7 @@ import math
 import re
 from types import MappingProxyType
 from dataclasses import dataclass, field, replace
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from lowvram.constants import ALIGN, FRAMES_PER_BLOCK, GIB, KV_FRAMES, NUM_STEPS
 from lowvram.errors import LowvramError
@@ -127,17 +127,18 @@ def token_counts(cfg: DiTConfig, width: int, height: int) -> dict[str, int]:
             "sink": sink}
 
 
-def forward_activation_bytes(cfg: DiTConfig, lq: int, lk: int, sink: int, attention: str) -> int:
-    """Live activations of one DiT forward over lq query tokens and lk keys (window + sink).
+def forward_activation_bytes(cfg: DiTConfig, lq: int, lk: int, sink: int, attention: str, batch: int = 1) -> int:
+    """Live activations of one DiT call over `batch` forwards of lq query tokens and lk keys (window + sink).
 
     Fitted to the bf16 model (lowvram.model.dit, H200): 0.618 GiB at 704x384 for both a 3168- and a
     15312-key forward, i.e. ~41 bytes per query token and channel, whatever the window; torch SDPA's
     [window; sink] concatenation (4 lk d) only wins for much longer windows. W8A8 adds the int8
-    copies of a Linear input (lq (d + f))."""
+    copies of a Linear input (lq (d + f)). A batch multiplies the token terms (attention runs one
+    sample at a time, so its concatenation does not)."""
     d, f, t = cfg.dim, cfg.ffn_dim, cfg.text_len
-    block = 41 * lq * d + 2 * t * d + lq * (d + f)
+    block = batch * (41 * lq * d + 2 * t * d + lq * (d + f))
     if attention == Attention.SDPA:
-        block = max(block, 20 * lq * d + 2 * 2 * lk * d + 2 * sink * d)
+        block = max(block, (batch - 1) * 41 * lq * d + 20 * lq * d + 2 * 2 * lk * d + 2 * sink * d)
     return int(ACT_MARGIN * block)
 
 
@@ -166,6 +167,8 @@ class _Model:
     kv_format: KVFormat
     sink_dtype: str
     sizes: Sizes
+    steps: tuple[int, ...]  # the denoising steps whose caches this plan holds
+    batch: int  # forwards per DiT call: 1 (sequential) or one per held step (batched ticks)
 
     @property
     def host_kv(self) -> bool:
@@ -189,27 +192,28 @@ def _fixed_items(m: _Model) -> list[PlanItem]:
     items = [PlanItem("DiT non-block params (embeddings, head, audio encoder, frame packer)", "gpu", m.rest, "bf16"),
              PlanItem(f"sink K/V ({sink} tokens x {L} layers)", "gpu", L * sink * kv_token_bytes(H, D, m.sink_dtype),
                       m.sink_dtype)]
+    S, B = len(m.steps), m.batch
     if m.host_kv:
-        items.append(PlanItem(f"KV working windows ({KV_SLOTS} layers in flight)", "gpu",
-                              kv_workspace_bytes(cap, lq, H, D, m.kv_format, KV_SLOTS), "bf16 windows"
+        items.append(PlanItem(f"KV working windows ({KV_SLOTS} layers x {B} forward(s) in flight)", "gpu",
+                              kv_workspace_bytes(cap, lq, H, D, m.kv_format, KV_SLOTS, batch=B), "bf16 windows"
                               + (" + int8 staging" if m.kv_format == KVFormat.INT8 else "")))
     else:
-        items.append(PlanItem(f"KV ring caches ({NUM_STEPS} steps x {cap} tokens)", "gpu",
-                              NUM_STEPS * L * cap * m.tok_kv, m.kv_format.value))
+        items.append(PlanItem(f"KV ring caches ({S} steps x {cap} tokens)", "gpu", S * L * cap * m.tok_kv,
+                              m.kv_format.value))
     scale = m.sizes.vae_dim / VAE_REAL_DIM
     items.append(PlanItem("VAE decoder + time cache", "gpu", int(2 * m.sizes.vae_decoder_params
                                                                 + scale * VAE_CACHE_BYTES_PER_PIXEL * m.width * m.height),
                           "bf16"))
     if m.profile.quant != "bf16":
         items.append(PlanItem("W8A8 transients + fragmentation (measured on H200)", "gpu",
-                              W8A8_UNATTRIBUTED_BYTES_PER_QUERY * lq, "tools/bench.py"))
+                              W8A8_UNATTRIBUTED_BYTES_PER_QUERY * lq * B, "tools/bench.py"))
     return items
 
 
 def _activations(m: _Model) -> PlanItem:
     tk = m.tokens
     act_dit = forward_activation_bytes(m.cfg, tk["query"], tk["capacity"] + tk["sink"], tk["sink"],
-                                       m.profile.attention)
+                                       m.profile.attention, m.batch)
     act_vae = int(VAE_ACT_BYTES_PER_PIXEL[m.profile.vae_decode] * m.sizes.vae_dim / VAE_REAL_DIM
                   * m.width * m.height)
     return PlanItem("activations: max(DiT forward, VAE decode of one latent frame)", "gpu", max(act_dit, act_vae),
@@ -286,13 +290,13 @@ def _host_memory(m: _Model, streamed: set[int], host_ram_bytes: int | None) -> _
     h = _Host()
     if m.host_kv:
         per_cache = L * cap * m.tok_kv
-        for _ in range(NUM_STEPS):
+        for _ in m.steps:
             if per_cache <= pin_left:
                 h.pinned, pin_left, h.pinned_caches = h.pinned + per_cache, pin_left - per_cache, h.pinned_caches + 1
             else:
                 h.pageable += per_cache
-        h.items.append(PlanItem(f"KV ring caches ({NUM_STEPS} steps x {cap} tokens)", "host", NUM_STEPS * per_cache,
-                                m.kv_format.value))
+        h.items.append(PlanItem(f"KV ring caches ({len(m.steps)} steps x {cap} tokens)", "host",
+                                len(m.steps) * per_cache, m.kv_format.value))
     for i in sorted(streamed):
         if m.slab[i] <= pin_left:
             h.pinned, pin_left = h.pinned + m.slab[i], pin_left - m.slab[i]
@@ -316,9 +320,13 @@ def _host_memory(m: _Model, streamed: set[int], host_ram_bytes: int | None) -> _
 # ------------------------------------------------------------------------ make_plan
 def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vram_bytes: int | None = None,
               host_ram_bytes: int | None = None, tensor_bytes: Mapping[str, int] | None = None,
-              sink_dtype: str | None = None, sizes: Sizes | None = None) -> Plan:
+              sink_dtype: str | None = None, sizes: Sizes | None = None, steps: Sequence[int] | None = None) -> Plan:
     """Decide residency, KV placement and format, and buffers for `profile` at width x height; raise
     LowvramError if nothing fits.
+
+    steps: the denoising steps whose caches this plan holds (default all NUM_STEPS; a rank of the
+    timestep-forcing pipeline holds its own); with the profile's schedule "batched", one DiT call runs
+    one forward per held step (a tick) and streamed blocks cross PCIe once per call.
 
     free_vram_bytes / host_ram_bytes: what the machine has (None: plan for the named card without checking);
     tensor_bytes: DiT tensor name -> bytes from a checkpoint's shard headers (exact weights; else the meta
@@ -337,7 +345,9 @@ def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vr
     kv_format = kv_format_of(profile)
     sink = sink_dtype or ("int8" if kv_format == KVFormat.INT8 else "bf16")
     slab, rest = _weights(profile, cfg, sizes)
-    m = _Model(profile, cfg, width, height, tk, slab, rest, kv_format, sink, sizes)
+    steps = tuple(range(NUM_STEPS)) if steps is None else tuple(steps)
+    batch = len(steps) if profile.schedule == "batched" else 1
+    m = _Model(profile, cfg, width, height, tk, slab, rest, kv_format, sink, sizes, steps, batch)
     fixed, act = _fixed_items(m), _activations(m)
     encode_peak, t5_item = _encode_phase(m, budget)
     order = stream_order(cfg.num_layers, [i for i in cfg.audio_inject_layers if i < cfg.num_layers])
@@ -346,13 +356,15 @@ def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vr
     host = _host_memory(m, streamed, host_ram_bytes)
     L, lq, cap = cfg.num_layers, tk["query"], tk["capacity"]
     n_buffers = min(profile.prefetch_blocks + 1, len(streamed))
+    kv_window = L * (cap - lq) * m.tok_kv if m.host_kv else 0
     return Plan(profile=profile, width=width, height=height, tokens=tk,
                 resident=tuple(i for i in range(L) if i not in streamed), streamed=tuple(sorted(streamed)),
-                n_buffers=n_buffers, kv_caches=(profile.kv_placement,) * NUM_STEPS, kv_dtype=profile.kv_dtype,
+                n_buffers=n_buffers, kv_caches=(profile.kv_placement,) * len(steps), kv_dtype=profile.kv_dtype,
                 kv_format=kv_format.value, kv_slots=KV_SLOTS if m.host_kv else 0, block_bytes=tuple(slab),
                 demote_order=tuple(order), items=tuple(items + host.items + [t5_item]),
                 encode_peak_bytes=encode_peak, generate_peak_bytes=gen_peak,
-                pcie_h2d_bytes=sum(slab[i] for i in streamed) + (L * (cap - lq) * m.tok_kv if m.host_kv else 0),
+                pcie_h2d_bytes=sum(slab[i] for i in streamed) // batch + kv_window, steps=steps, batch=batch,
+                streamed_bytes_per_call=sum(slab[i] for i in streamed),
                 pcie_d2h_bytes=L * lq * m.tok_kv if m.host_kv else 0,
                 host_pinned_bytes=host.pinned, host_pageable_bytes=host.pageable, pinned_kv_caches=host.pinned_caches,
                 pinned_blocks=tuple(host.pinned_blocks), exact_bytes=sizes.exact, sink_dtype=sink,

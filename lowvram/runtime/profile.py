@@ -39,6 +39,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "t5": ("bf16", "int8", "nf4", "cpu"),
     "vae_decode": ("frame",),  # "tiled" (also split spatially) is planned for but not implemented yet
     "gemm": ("auto", "int_mm", "scaled_mm", "triton", "reference"),
+    "schedule": ("sequential", "batched"),
 }
 # Fields a file or `--set` may not change: the name is the file's stem.
 FIXED = ("name",)
@@ -62,6 +63,7 @@ class Profile:
     pinned_budget_gib: float  # most page-locked host memory to take; the rest is pageable
     prefetch_blocks: int  # streamed blocks copied ahead of use (GPU buffers = this + 1)
     gemm: str  # QuantLinear's W8A8 matmul: auto (CUDA: triton, else int_mm / scaled_mm by scheme) | int_mm | scaled_mm | triton | reference
+    schedule: str  # sequential: one forward per DiT call | batched: a tick's (block, step) pairs in one call
 
     def __post_init__(self) -> None:
         where = f"profile {self.name}"
@@ -129,7 +131,7 @@ class Profile:
         base = dict(description="everything resident on the device, in the checkpoint's precision",
                     vram_budget_gib=float(vram_budget_gib), quant=quant, attention=Attention.SDPA, kv_placement="gpu",
                     kv_dtype="bf16", t5="bf16", vae_decode="frame", blocks_resident="all", pinned_budget_gib=0.0,
-                    prefetch_blocks=1, gemm="auto")
+                    prefetch_blocks=1, gemm="auto", schedule="sequential")
         _check_keys(overrides, "overrides")
         return cls(name=RESIDENT, **{**base, **overrides})
 
