@@ -261,6 +261,10 @@ class StreamingDecoder:
         """Forget the history: the next latent is decoded as the first of a new video."""
         self.cache = self._new_cache()
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The tensors the decoder carries from one call to the next (its time cache)."""
+        return [s for s in self.cache.slots if isinstance(s, torch.Tensor)]
+
     def _latent_stats(self):
         # held on the device: a fresh host->device copy per call would make the CPU wait for the stream
         vae = self.vae

@@ -80,6 +80,9 @@ class GraphedDecoder(StreamingDecoder):
 class OverlappedDecoder:
     """Decode blocks on their own CUDA stream while the caller queues the next block's DiT work.
 
+    decoder: a `StreamingDecoder`, `GraphedDecoder` or `TinyStreamingDecoder` (anything with
+    `decode(z)`, `state_tensors()` and `vae.device`).
+
     submit(latents): latents [B, z, n, h, w] just written on the caller's current stream. The
     decode waits for that stream's queued work (an event), runs `decoder.decode`, copies the
     frames to pinned host memory, and records a completion event; the call returns after
@@ -125,9 +128,8 @@ class OverlappedDecoder:
             # decode has run: the latents (the caller may drop them at once) and any cache slots
             # from decodes run on the caller's stream (the warm-up), which this decode replaces
             latents.record_stream(self.stream)
-            for slot in self.decoder.cache.slots:
-                if isinstance(slot, torch.Tensor):
-                    slot.record_stream(self.stream)
+            for t in self.decoder.state_tensors():
+                t.record_stream(self.stream)
             frames = self._frames(latents)
             host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
             host.copy_(frames, non_blocking=True)
