@@ -108,7 +108,8 @@ class CausalConv3d(nn.Conv3d):
         # x: [B, C, kt - 1 + T, H', W'] padded -> [B, O, T, H, W]
         kt = self.kernel_size[0]
         t = x.shape[2] - kt + 1
-        if self._weights_2d is None or self._weights_2d[0].dtype != self.weight.dtype:
+        w0 = self._weights_2d[0] if self._weights_2d is not None else None
+        if w0 is None or w0.dtype != self.weight.dtype or w0.device != self.weight.device:
             fmt = torch.channels_last if self.memory_format == torch.channels_last_3d else torch.contiguous_format
             self._weights_2d = [self.weight[:, :, k].contiguous(memory_format=fmt) for k in range(kt)]
         out = None

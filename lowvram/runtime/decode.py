@@ -127,7 +127,8 @@ class OverlappedDecoder:
             # memory made on the caller's stream and read here must not be reused there before the
             # decode has run: the latents (the caller may drop them at once) and any cache slots
             # from decodes run on the caller's stream (the warm-up), which this decode replaces
-            latents.record_stream(self.stream)
+            if latents.is_cuda:
+                latents.record_stream(self.stream)
             for t in self.decoder.state_tensors():
                 t.record_stream(self.stream)
             frames = self._frames(latents)
