@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from lowvram.demo.components import write_tiny_vae
 from lowvram.errors import CheckpointError, LowvramError
-from lowvram.model.vae import StreamingDecoder, VAEConfig, WanVAE, encode_repeated, load_vae
+from lowvram.model.vae import DecodeOptions, StreamingDecoder, VAEConfig, WanVAE, encode_repeated, load_vae
 from lowvram.model.vae_blocks import TimeCache
 
 # the Wan2.1 latent statistics (docs/model.md §7)
@@ -226,3 +226,87 @@ def test_framewise_norm_silu_matches_whole_tensor_norm(band, monkeypatch):
         norm.silu_into(x, out)
         # same formula; on CPU the scalar tail of a vector loop may round 1 ulp apart
         torch.testing.assert_close(out, F.silu(norm(x)).to(dtype), rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------- faster decode options (bounded, not bit-equal)
+
+FAST = {
+    "channels_last": DecodeOptions(channels_last=True),
+    "fused_norm_twin": DecodeOptions(fused_norm=True, norm_backend="torch"),
+    "split_time": DecodeOptions(split_time=True),
+    "group3": DecodeOptions(group=3),
+    "all_kernel": DecodeOptions(channels_last=True, fused_norm=True, norm_backend="triton", split_time=True, group=3),
+}
+
+
+@pytest.mark.parametrize("name", list(FAST))
+def test_fast_options_track_the_exact_path(tiny_path, vae, name):
+    """fp32: within fp32 rounding of the exact path; bf16: no further from fp32 than the exact bf16 path."""
+    from lowvram.kernels.configs import interpreter_ready
+
+    opts = FAST[name]
+    if opts.norm_backend == "triton" and not interpreter_ready():
+        pytest.skip("the Triton norm on the CPU needs TRITON_INTERPRET=1 before triton is imported")
+    z = torch.randn(1, 16, 3, 3, 5, generator=torch.Generator().manual_seed(20))
+    exact = StreamingDecoder(vae).decode(z)
+    fast = StreamingDecoder(vae, opts).decode(z)
+    assert fast.shape == exact.shape == (1, 3, 9, 24, 40) and fast.is_contiguous()
+    assert (fast - exact).abs().max() < 1e-5
+    bf = load_vae(tiny_path, dtype=torch.bfloat16)
+    err_exact = (StreamingDecoder(bf).decode(z) - exact).abs()
+    err_fast = (StreamingDecoder(bf, opts).decode(z) - exact).abs()
+    assert err_fast.mean() <= 1.5 * err_exact.mean() + 1e-4 and err_fast.max() <= 2 * err_exact.max() + 1e-3
+    # the default decoder afterwards is the exact one again (the switches are per decoder, set at each call)
+    assert torch.equal(StreamingDecoder(vae).decode(z), exact)
+
+
+def test_group_decode_steps_and_pieces(vae):
+    z = torch.randn(1, 16, 7, 3, 5, generator=torch.Generator().manual_seed(21))
+    opts = DecodeOptions(group=3)
+    calls = []
+    hook = vae.decoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[2]))
+    try:
+        whole = StreamingDecoder(vae, opts).decode(z)
+    finally:
+        hook.remove()
+    assert calls == [1, 3, 3]  # the first latent alone, then steps of 3
+    dec = StreamingDecoder(vae, opts)
+    same_steps = torch.cat([dec.decode(z[:, :, :1]), dec.decode(z[:, :, 1:4]), dec.decode(z[:, :, 4:])], dim=2)
+    assert torch.equal(same_steps, whole)
+    dec = StreamingDecoder(vae, opts)
+    other_steps = torch.cat([dec.decode(z[:, :, :2]), dec.decode(z[:, :, 2:])], dim=2)  # steps 1,1 | 3,2
+    torch.testing.assert_close(other_steps, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(whole, vae.decode(z), rtol=1e-5, atol=1e-5)
+
+
+def test_configure_decoder_touches_only_the_decoder(tiny_path):
+    from lowvram.model.vae import configure_decoder
+
+    model = load_vae(tiny_path, dtype=torch.float32)
+    video = rand(1, 3, 5, 16, 24, seed=22)
+    before = model.encode(video)
+    configure_decoder(model, DecodeOptions.fast())
+    w = model.decoder.upsamples[0].residual[2].weight
+    assert w.is_contiguous(memory_format=torch.channels_last_3d) and not w.is_contiguous()
+    assert model.decoder.upsamples[3].resample[1].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.encoder.conv1.weight.is_contiguous()
+    assert all(m.fused == "auto" for m in model.decoder.modules() if hasattr(m, "fused"))
+    assert torch.equal(model.encode(video), before)
+    configure_decoder(model, DecodeOptions())
+    assert w.is_contiguous() and model.decoder.upsamples[3].resample[1].weight.is_contiguous()
+    with pytest.raises(LowvramError, match="group"):
+        DecodeOptions(group=0)
+    with pytest.raises(LowvramError, match="norm_backend"):
+        DecodeOptions(norm_backend="cuda")
+
+
+def test_static_cache_keeps_slot_tensors_and_bits(vae):
+    z = torch.randn(1, 16, 6, 3, 5, generator=torch.Generator().manual_seed(23))
+    want = StreamingDecoder(vae).decode(z)
+    dec = StreamingDecoder(vae)
+    dec.cache = TimeCache(static=True)
+    got = [dec.decode(z[:, :, :3])]
+    ptrs = [s.data_ptr() for s in dec.cache.slots]
+    got += [dec.decode(z[:, :, 3:4]), dec.decode(z[:, :, 4:])]
+    assert [s.data_ptr() for s in dec.cache.slots] == ptrs  # copied in place, not replaced
+    assert torch.equal(torch.cat(got, dim=2), want)

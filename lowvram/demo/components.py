@@ -181,3 +181,41 @@ def write_tiny_lora(path, base_shapes: dict[str, tuple], rank: int = 4, seed: in
         tensors[fmt[spelling][1].format(m=mod)] = (torch.randn(out_f, rank, generator=g) * 0.02).bfloat16()
     save_file(tensors, str(path), metadata={"lora_alpha": repr(float(alpha)), "lora_rank": str(rank)})
     return keys
+
+
+def write_tiny_taehv(path, seed: int = 0, dtype: torch.dtype = torch.float32, with_encoder: bool = True) -> Path:
+    """Write random TAEHV weights for Wan 2.1 latents in the public `taew2_1` key layout (.pth, or
+    .safetensors by suffix). The design's widths are fixed (256/128/64), so this is full size (~10 M
+    decoder parameters); `with_encoder` adds the public encoder's keys, which the loader must ignore.
+    Convs are N(0, 1/fan_in), the last conv of each MemBlock halved, the output conv biased to mid-grey."""
+    from lowvram.model.taehv import TAEHVDecoder
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        model = TAEHVDecoder()
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if with_encoder:  # the public encoder: conv, ReLU, then 3 x (TPool, strided conv, 3 MemBlocks), conv -> 16
+        shapes.update({"encoder.0.weight": (64, 3, 3, 3), "encoder.0.bias": (64,), "encoder.17.weight": (16, 64, 3, 3),
+                       "encoder.17.bias": (16,)})
+        for i, stride in ((2, 2), (7, 2), (12, 1)):
+            shapes[f"encoder.{i}.conv.weight"] = (64, 64 * stride, 1, 1)
+            shapes[f"encoder.{i + 1}.weight"] = (64, 64, 3, 3)
+            for j in range(i + 2, i + 5):
+                for k, c_in in ((0, 128), (2, 64), (4, 64)):
+                    shapes[f"encoder.{j}.conv.{k}.weight"] = (64, c_in, 3, 3)
+                    shapes[f"encoder.{j}.conv.{k}.bias"] = (64,)
+    sd = {}
+    for name, shape in shapes.items():
+        if name.endswith("bias"):
+            t = torch.full(shape, 0.5) if name == "decoder.22.bias" else 0.02 * torch.randn(shape, generator=gen)
+        else:
+            gain = 0.5 if name.endswith("conv.4.weight") else 0.3 if name == "decoder.22.weight" else 1.0
+            t = gain * torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
+        sd[name] = t.to(dtype).contiguous()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file(sd, str(path))
+    else:
+        torch.save(sd, path)
+    return path

@@ -3,7 +3,9 @@
 - `WanVAE.encode(video)` runs frame 0 alone, then chunks of 4 frames, and returns the
   normalised mean latent; `WanVAE.decode(z)` runs one latent frame at a time.
 - `StreamingDecoder` keeps the decoder cache across calls, so a latent sequence decoded in
-  pieces gives exactly the frames of the whole decode.
+  pieces gives exactly the frames of the whole decode. `DecodeOptions` switch on faster ways to
+  run the same maths (channels-last convs, the fused norm kernel, several latents per step);
+  the default options are the reference's arithmetic bit for bit.
 - `encode_repeated` encodes one image repeated n times (the reference's motion latents) and
   stops as soon as the encoder reaches a bit-identical steady state.
 - `load_vae` reads `Wan2.1_VAE.pth` (built on meta, assigned, no second copy);
@@ -132,7 +134,7 @@ class WanVAE(nn.Module):
     def device(self) -> torch.device:
         return self.conv2.weight.device
 
-    def latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def latent_stats(self, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, 1/std) as [1, z, 1, 1, 1] in the model dtype, as the reference holds them."""
         if self.cfg.z_dim != len(LATENT_MEAN):
             raise LowvramError(f"the Wan2.1 latent statistics have {len(LATENT_MEAN)} channels, "
@@ -183,20 +185,102 @@ class WanVAE(nn.Module):
         return dec.decode(z)
 
 
-class StreamingDecoder:
-    """Decodes a latent sequence piece by piece, one latent frame at a time.
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How `StreamingDecoder` runs the decoder: the same maths, faster roundings.
 
-    The decoder's time cache persists across `decode` calls until `reset`; the first call after
-    a reset yields 1 + 4(n-1) frames, later calls 4n. Pieces give the frames of a whole decode.
+    The defaults are the reference's arithmetic bit for bit (cuDNN's NCDHW convs, the banded
+    eager norm, one latent per step). Each switch keeps the maths and changes where it rounds;
+    tests/test_vae.py bounds each against the default path.
+    - channels_last: decoder weights and conv buffers in NDHWC (cuDNN's Hopper conv kernels).
+    - fused_norm: RMS norm + SiLU in one Triton kernel (kernels/vae_norm.py) on CUDA;
+      norm_backend "triton" forces it (Triton's interpreter on the CPU), "torch" its twin.
+    - split_time: each 3x3x3 conv as three 2-D convs over shifted frames, summed.
+    - group: latent frames per decoder step (the first latent of a video always runs alone).
+    - cudnn_benchmark: let cuDNN time its algorithms for each conv shape (first call slower).
     """
 
-    def __init__(self, vae: WanVAE) -> None:
+    channels_last: bool = False
+    fused_norm: bool = False
+    norm_backend: str = "auto"
+    split_time: bool = False
+    group: int = 1
+    cudnn_benchmark: bool = False
+
+    def __post_init__(self) -> None:
+        if self.group < 1:
+            raise LowvramError(f"DecodeOptions.group must be >= 1 latent frames, got {self.group}")
+        if self.norm_backend not in ("auto", "triton", "torch"):
+            raise LowvramError(f"DecodeOptions.norm_backend must be auto, triton or torch, not {self.norm_backend!r}")
+
+    @classmethod
+    def fast(cls, group: int = 1) -> "DecodeOptions":
+        """Channels-last convs and the fused norm (bounded against the exact path, not bit-equal)."""
+        return cls(channels_last=True, fused_norm=True, group=group)
+
+
+def configure_decoder(vae: WanVAE, opts: DecodeOptions) -> None:
+    """Set the decoder's per-module switches and weight layout for `opts` (cheap when unchanged).
+
+    Only the decoder changes: the encoder and `conv1`/`conv2` keep their layout and arithmetic.
+    """
+    conv_fmt = torch.channels_last_3d if opts.channels_last else torch.contiguous_format
+    img_fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
+    for m in vae.decoder.modules():
+        if isinstance(m, RMS_norm):
+            m.fused = opts.norm_backend if opts.fused_norm else None
+        if isinstance(m, CausalConv3d):
+            if m.memory_format != conv_fmt or m.split_time != opts.split_time:
+                m._weights_2d = None
+            m.memory_format, m.split_time = conv_fmt, opts.split_time
+        if isinstance(m, (nn.Conv3d, nn.Conv2d)):
+            fmt = conv_fmt if isinstance(m, nn.Conv3d) else img_fmt
+            if not m.weight.is_contiguous(memory_format=fmt):
+                m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+
+
+class StreamingDecoder:
+    """Decodes a latent sequence piece by piece, `opts.group` latent frames per step (default 1).
+
+    The decoder's time cache persists across `decode` calls until `reset`; the first call after
+    a reset yields 1 + 4(n-1) frames, later calls 4n. With group 1 pieces give exactly the frames
+    of a whole decode; with more, pieces cut at other latents than the whole decode's steps give
+    the same maths at other batch shapes (cuDNN may round differently).
+    """
+
+    def __init__(self, vae: WanVAE, opts: DecodeOptions = DecodeOptions()) -> None:
         self.vae = vae
-        self.cache = TimeCache()
+        self.opts = opts
+        self.cache = self._new_cache()
+        self._stats = None
+
+    def _new_cache(self) -> TimeCache:
+        return TimeCache()
 
     def reset(self) -> None:
         """Forget the history: the next latent is decoded as the first of a new video."""
-        self.cache = TimeCache()
+        self.cache = self._new_cache()
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The tensors the decoder carries from one call to the next (its time cache)."""
+        return [s for s in self.cache.slots if isinstance(s, torch.Tensor)]
+
+    def _latent_stats(self):
+        # held on the device: a fresh host->device copy per call would make the CPU wait for the stream
+        vae = self.vae
+        if self._stats is None or self._stats[0].device != vae.device or self._stats[0].dtype != vae.dtype:
+            self._stats = vae.latent_stats(None)
+        return self._stats
+
+    def _step(self, z: torch.Tensor) -> torch.Tensor:
+        """One decoder step: de-normalised latents [B, z_dim, g, h, w] -> frames [B, 3, F, 8h, 8w] fp32."""
+        self.cache.start_chunk()
+        x = self.vae.conv2(z)  # per step, so any split into the same steps gives the same bits
+        y = self.vae.decoder(x, self.cache)
+        return y.to(torch.float32, memory_format=torch.contiguous_format).clamp_(-1, 1)
+
+    def _run(self, z: torch.Tensor) -> torch.Tensor:
+        return self._step(z)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -205,14 +289,21 @@ class StreamingDecoder:
         if z.ndim != 5 or z.shape[1] != vae.cfg.z_dim:
             raise LowvramError(f"VAE decode expects latents [B, {vae.cfg.z_dim}, n, h, w], "
                                f"got {list(z.shape)}")
-        mean, inv_std = vae.latent_stats(z)
+        configure_decoder(vae, self.opts)
+        mean, inv_std = self._latent_stats()
         z = z.to(device=vae.device, dtype=vae.dtype) / inv_std + mean
-        frames = []
-        for i in range(z.shape[2]):
-            self.cache.start_chunk()
-            x = vae.conv2(z[:, :, i:i + 1])  # per frame, so any split gives the same bits
-            frames.append(vae.decoder(x, self.cache).float().clamp_(-1, 1))
-        return torch.cat(frames, dim=2)
+        bench = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = self.opts.cudnn_benchmark or bench
+        try:
+            frames, i = [], 0
+            while i < z.shape[2]:
+                # a fresh cache: the first latent runs alone (the temporal up-samplers' first chunk)
+                g = 1 if not self.cache.slots else min(self.opts.group, z.shape[2] - i)
+                frames.append(self._run(z[:, :, i:i + g]))
+                i += g
+        finally:
+            torch.backends.cudnn.benchmark = bench
+        return frames[0] if len(frames) == 1 else torch.cat(frames, dim=2)
 
 
 @torch.no_grad()

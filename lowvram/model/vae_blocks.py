@@ -13,6 +13,11 @@ the temporal down-sampler keeps its last input slice; both as in the reference.
 Dtype: weights may be bf16. Norms compute in fp32 (like `F.normalize` under autocast) and
 every conv casts its input to the weight dtype, so activations and caches stay in the weight
 dtype between convs.
+
+Speed switches (per module, set by `lowvram.model.vae.configure_decoder`; all off by default,
+which is the reference's arithmetic bit for bit): `CausalConv3d.memory_format` (channels-last
+buffers, so cuDNN runs its NDHWC kernels), `CausalConv3d.split_time` (a 3-frame conv as three
+2-D convs summed), `RMS_norm.fused` (norm + SiLU in one Triton kernel, kernels/vae_norm.py).
 """
 
 from __future__ import annotations
@@ -27,11 +32,16 @@ REP = "Rep"  # marker: the temporal up-sampler has seen its first chunk, history
 
 
 class TimeCache:
-    """Per-conv time history, one slot per causal conv in call order."""
+    """Per-conv time history, one slot per causal conv in call order.
 
-    def __init__(self) -> None:
+    static: history of an unchanged shape is copied into the slot's tensor instead of replacing
+    it, so the slots keep their addresses from chunk to chunk (what a CUDA graph replay needs).
+    """
+
+    def __init__(self, static: bool = False) -> None:
         self.slots: list = []
         self.pos = 0
+        self.static = static
 
     def start_chunk(self) -> None:
         """Point at slot 0 before a chunk runs through the network."""
@@ -45,6 +55,16 @@ class TimeCache:
     def put(self, value) -> None:
         self.slots[self.pos] = value
         self.pos += 1
+
+    def put_history(self, tail: torch.Tensor, memory_format=torch.contiguous_format) -> None:
+        """Keep `tail` (a view into this chunk's conv input) as the slot's new history."""
+        old = self.slots[self.pos] if self.pos < len(self.slots) else None
+        if (self.static and isinstance(old, torch.Tensor) and old.shape == tail.shape
+                and old.dtype == tail.dtype):
+            old.copy_(tail)
+            self.pos += 1
+        else:
+            self.put(tail.clone(memory_format=memory_format))
 
     def equals(self, other: "TimeCache") -> bool:
         """True when both caches hold bit-identical tensors (and the same markers)."""
@@ -75,9 +95,34 @@ class CausalConv3d(nn.Conv3d):
         pt, ph, pw = padding if isinstance(padding, tuple) else (padding,) * 3
         self.time_pad = 2 * pt
         self.space_pad = (ph, pw)
+        self.memory_format = torch.contiguous_format  # of the padded buffers and kept history
+        self.split_time = False  # run a 3-frame kernel as three 2-D convs (see conv_split_time)
+        self._weights_2d = None
+
+    def conv_split_time(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv as kt 2-D convs over shifted frame windows, summed in the weight dtype.
+
+        Same maths as the 3-D conv; each partial sum is rounded before the adds, so not the
+        same bits. With channels-last buffers and batch 1 the frame windows are views.
+        """
+        # x: [B, C, kt - 1 + T, H', W'] padded -> [B, O, T, H, W]
+        kt = self.kernel_size[0]
+        t = x.shape[2] - kt + 1
+        w0 = self._weights_2d[0] if self._weights_2d is not None else None
+        if w0 is None or w0.dtype != self.weight.dtype or w0.device != self.weight.device:
+            fmt = torch.channels_last if self.memory_format == torch.channels_last_3d else torch.contiguous_format
+            self._weights_2d = [self.weight[:, :, k].contiguous(memory_format=fmt) for k in range(kt)]
+        out = None
+        for k in range(kt):
+            y = F.conv2d(frames_to_images(x[:, :, k:k + t]), self._weights_2d[k], self.bias if k == 0 else None,
+                         self.stride[1:])
+            out = y if out is None else out.add_(y)
+        return images_to_frames(out, t)
 
     def conv_padded(self, x: torch.Tensor) -> torch.Tensor:
         """The bare convolution of an already padded input."""
+        if self.split_time and self.kernel_size[0] > 1 and self.stride[0] == 1:
+            return self.conv_split_time(x)
         if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
             # for thin chunks PyTorch's heuristic picks the slow im2col conv3d; oneDNN is ~5x faster
             return torch.mkldnn_convolution(x, self.weight, self.bias, (0, 0, 0), self.stride,
@@ -85,18 +130,18 @@ class CausalConv3d(nn.Conv3d):
         return super().forward(x)
 
     def padded_input(self, x: torch.Tensor, history: torch.Tensor | None = None,
-                     norm: "RMS_norm | None" = None, keep: bool = True):
+                     norm: "RMS_norm | None" = None):
         """The padded conv input for one chunk after `history`, and the new history.
 
         x: [B, C, T, H, W]; history: [B, C, <=CACHE_T, H, W] (conv inputs, already normed).
-        Returns (buf [B, C, 2 + T, H + 2ph, W + 2pw], new history: its last CACHE_T slices).
+        Returns (buf [B, C, 2 + T, H + 2ph, W + 2pw], its last CACHE_T unpadded slices as a view).
         """
         b, c, t, h, w = x.shape
         ph, pw = self.space_pad
         nh = 0 if history is None else history.shape[2]
         zt = self.time_pad - nh  # time slices that stay zero
         buf = torch.empty((b, c, zt + nh + t, h + 2 * ph, w + 2 * pw), dtype=self.weight.dtype,
-                          device=x.device)
+                          device=x.device, memory_format=self.memory_format)
         buf[:, :, :zt].zero_()
         if ph:
             buf[:, :, zt:, :ph].zero_()
@@ -111,22 +156,21 @@ class CausalConv3d(nn.Conv3d):
             inner[:, :, nh:].copy_(x)
         else:
             norm.silu_into(x, inner[:, :, nh:])
-        new_history = inner[:, :, -CACHE_T:].clone(memory_format=torch.contiguous_format) if keep else None
-        return buf, new_history
+        return buf, inner[:, :, -CACHE_T:]
 
     def forward(self, x: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
         # x: [B, C, T, H, W]
         if self.time_pad == 0 and self.space_pad == (0, 0):
             return self.conv_padded(x.to(self.weight.dtype))  # 1x1x1 / strided time convs: no padding
-        return self.conv_padded(self.padded_input(x, history, keep=False)[0])
+        return self.conv_padded(self.padded_input(x, history)[0])
 
     def cached_input(self, x: torch.Tensor, cache: TimeCache | None,
                      norm: "RMS_norm | None" = None) -> torch.Tensor:
         """The padded input of one chunk (after norm + SiLU if given); updates this conv's slot."""
         prev = cache.peek() if cache is not None else None
-        buf, new_history = self.padded_input(x, prev, norm, keep=cache is not None)
+        buf, tail = self.padded_input(x, prev, norm)
         if cache is not None:
-            cache.put(new_history)
+            cache.put_history(tail, self.memory_format)
         return buf
 
     def cached(self, x: torch.Tensor, cache: TimeCache | None,
@@ -142,6 +186,7 @@ class RMS_norm(nn.Module):
         super().__init__()
         self.scale = dim ** 0.5
         self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
+        self.fused = None  # None: the banded eager norm; "auto"/"triton"/"torch": kernels/vae_norm.py
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, C, (T,) H, W] -> same shape, fp32
@@ -155,6 +200,11 @@ class RMS_norm(nn.Module):
         bits; on CPU a vector loop's scalar tail may round an element 1 ulp apart).
         """
         # x, out: [B, C, T, H, W]
+        if self.fused is not None:
+            from lowvram.kernels.vae_norm import norm_silu_into
+
+            norm_silu_into(x, self.gamma, self.scale, out, backend=self.fused)
+            return
         if x.device.type == "cpu":  # same math, 5x faster there than vector_norm's strided reduction
             denom = x.float().square().sum(1, keepdim=True).sqrt_()
         else:  # the bits of F.normalize under autocast
@@ -219,12 +269,15 @@ class Resample(nn.Module):
             cache.put(REP)
             return x
         # after REP the history counts as zeros: the conv pads them itself
-        buf, new_history = self.time_conv.padded_input(x, None if prev is REP else prev)
-        cache.put(new_history)
-        y = self.time_conv.conv_padded(buf)
+        conv = self.time_conv
+        buf, tail = conv.padded_input(x, None if prev is REP else prev)
+        cache.put_history(tail, conv.memory_format)
+        y = conv.conv_padded(buf)
         b, c, t, h, w = x.shape
-        # y: [B, 2C, T, H, W], channel halves interleave in time -> [B, C, 2T, H, W]
-        return y.reshape(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+        # y: [B, 2C, T, H, W], channel halves interleave in time: out[:, :, 2t + j] = y[:, j·C:(j+1)·C, t]
+        out = torch.empty((b, c, 2 * t, h, w), dtype=y.dtype, device=y.device, memory_format=conv.memory_format)
+        out.unflatten(2, (t, 2)).copy_(y.unflatten(1, (2, c)).permute(0, 2, 3, 1, 4, 5))
+        return out
 
     def _time_down(self, x: torch.Tensor, cache: TimeCache | None) -> torch.Tensor:
         # x: [B, C, T, H, W] -> [B, C, T/2, H, W] (or unchanged on the first chunk)

@@ -1,0 +1,124 @@
+"""The Wan VAE's RMS norm + SiLU in one pass, written straight into a conv's padded input buffer.
+
+The VAE's norm is `F.normalize(x, dim=C) · sqrt(C) · gamma` in fp32 (RMS_norm in
+lowvram/model/vae_blocks.py), always followed by SiLU and then a causal conv. The eager code does
+this in ~6 passes over an fp32 copy of every frame, in row bands (dozens of launches per norm at
+704x384). Here one program reads a tile of BLOCK_W pixels x all C channels of one (b, t, h) row,
+reduces the squares over C in fp32, and writes SiLU(x / max(||x||, 1e-12) · scale · gamma) in
+out's dtype; x and out may have any strides (NCDHW, NDHWC, or a view inside a padded buffer).
+
+Limits: C up to 1024 (the VAE has 96..384). Not bit-equal to the eager code: the sum of squares
+is reduced in another order, and exp is Triton's; the results agree to fp32 rounding before the
+cast to out's dtype (tests/test_kernels_vae_norm.py), so a bf16 element differs by at most one unit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lowvram.kernels.configs import interpreting
+from lowvram.kernels.fused import use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch twin serves
+    triton = None
+
+TILE = 4096  # elements of one program's [BLOCK_H = 1, BLOCK_W, BLOCK_C] tile on the GPU
+INTERP_TILE = 1 << 16  # and under Triton's interpreter (several rows per program)
+MAX_C = 1024
+EPS = 1e-12  # F.normalize's clamp of the norm
+
+
+if triton is not None:
+
+    @triton.jit
+    def _norm_silu_kernel(X, G, O, T, H, W, C, sxb, sxc, sxt, sxh, sxw, sob, soc, sot, soh, sow, scale, eps,
+                          BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        nh = tl.cdiv(H, BLOCK_H)
+        r = tl.program_id(0).to(tl.int64)  # BLOCK_H rows of pixels of one (b, t) frame
+        hs = (r % nh) * BLOCK_H + tl.arange(0, BLOCK_H)
+        t = (r // nh) % T
+        b = r // (nh * T)
+        ws = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        cs = tl.arange(0, BLOCK_C)
+        h3, w3, c3 = hs[:, None, None], ws[None, :, None], cs[None, None, :]
+        m = (h3 < H) & (w3 < W) & (c3 < C)
+        xp = X + b * sxb + t * sxt + h3 * sxh + w3 * sxw + c3 * sxc
+        x = tl.load(xp, mask=m, other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_W, BLOCK_C]
+        n = tl.maximum(tl.sqrt_rn(tl.sum(x * x, 2)), eps)  # [BLOCK_H, BLOCK_W]
+        g = tl.load(G + cs, mask=cs < C, other=0.0).to(tl.float32)
+        y = tl.div_rn(x, n[:, :, None]) * scale * g[None, None, :]
+        y = tl.div_rn(y, 1.0 + tl.exp(-y))  # SiLU as torch's kernel: x / (1 + exp(-x))
+        op = O + b * sob + t * sot + h3 * soh + w3 * sow + c3 * soc
+        tl.store(op, y.to(O.dtype.element_ty), mask=m)
+
+
+def norm_silu_torch(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+    """The eager arithmetic on the whole tensor at once (the CPU fallback)."""
+    # x, out: [B, C, T, H, W]; gamma: C elements
+    y = F.normalize(x.float(), dim=1).mul_(scale).mul_(gamma.float().reshape(1, -1, 1, 1, 1))
+    out.copy_(F.silu(y, inplace=True))
+
+
+def _tiles(c: int, h: int, w: int, channels_contiguous: bool) -> tuple[int, int, int, int]:
+    block_c = triton.next_power_of_2(c)
+    # channels-last: a pixel's C values are one contiguous run; otherwise take >= 32 pixels of a row
+    # so each channel's loads are 64 contiguous bytes (bf16)
+    block_w = max(1, TILE // block_c) if channels_contiguous else max(32, TILE // block_c)
+    block_w = min(block_w, triton.next_power_of_2(w))
+    block_h = 1
+    if interpreting():  # the interpreter runs programs one by one: few large ones are faster
+        block_w = triton.next_power_of_2(w)
+        block_h = max(1, min(triton.next_power_of_2(h), INTERP_TILE // (block_w * block_c)))
+    return block_h, block_w, block_c, 8 if block_w * block_c > TILE else 4
+
+
+def norm_silu_into(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch.Tensor,
+                   backend: str = "auto") -> None:
+    """out[:] = SiLU(x / max(||x||_C, 1e-12) · scale · gamma), computed in fp32, cast to out's dtype.
+
+    x: [B, C, T, H, W] of any strides; out: the same shape, any strides (a view into a padded
+    buffer is the intended use); gamma: C elements (any shape that flattens to C).
+    backend: "auto" (kernel on CUDA, torch elsewhere), "triton", "torch".
+    """
+    if x.shape != out.shape or x.ndim != 5:
+        raise ValueError(f"norm_silu_into needs x and out of one 5-D shape, got {list(x.shape)} and {list(out.shape)}")
+    b, c, t, h, w = x.shape
+    if not use_triton(x, backend) or c > MAX_C:
+        norm_silu_torch(x, gamma, scale, out)
+        return
+    if x.numel() == 0:
+        return
+    g = gamma.reshape(-1)
+    if g.numel() != c:
+        raise ValueError(f"gamma has {g.numel()} elements for {c} channels")
+    block_h, block_w, block_c, warps = _tiles(c, h, w, x.stride(1) == 1)
+    grid = (b * t * triton.cdiv(h, block_h), triton.cdiv(w, block_w))
+    _norm_silu_kernel[grid](x, g.contiguous(), out, t, h, w, c, *x.stride(), *out.stride(), float(scale), EPS,
+                            BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+
+
+def bench_norm_silu(shape=(1, 96, 4, 384, 704), dtype=torch.bfloat16, channels_last: bool = True,
+                    iters: int = 20) -> dict:
+    """ms per call of the kernel and of the torch twin on one CUDA tensor of `shape` (into a padded buffer)."""
+    b, c, t, h, w = shape
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    x = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+    buf = torch.zeros((b, c, t + 2, h + 2, w + 2), device="cuda", dtype=dtype).contiguous(memory_format=fmt)
+    out = buf[:, :, 2:, 1:-1, 1:-1]
+    gamma = torch.rand(c, device="cuda", dtype=dtype) + 0.5
+    res = {}
+    for name, fn in (("triton", lambda: norm_silu_into(x, gamma, c ** 0.5, out, "triton")),
+                     ("torch", lambda: norm_silu_torch(x, gamma, c ** 0.5, out))):
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        res[name] = start.elapsed_time(end) / iters
+    return res
