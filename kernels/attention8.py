@@ -29,9 +29,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from lowvram.kernels import configs
-from lowvram.kernels.attention import LOG2E, autotuned, launch_opts, sink_args, triton_usable
+from lowvram.kernels.attention import LOG2E, autotuned, bench_multipliers, launch_opts, sink_multipliers, triton_usable
 from lowvram.kernels.reference import INT8_MAX, attention_torch, round_half_away
-from lowvram.model.rope import RopeTable
 
 try:
     import triton
@@ -140,13 +139,11 @@ if triton is not None:
         return m_new, l_i, acc
 
     @triton.jit
-    def _attn8_fwd(Q, KW, KWS, KM, VW, VWS, KS, VS, POS, COS, SIN, O,
+    def _attn8_fwd(Q, KW, KWS, KM, VW, VWS, KS, VS, COS, SIN, O,
                    sqb, sql, sqh, skb, skl, skh, sksb, sksh, svb, svh, svd, svl, svsb, svsh, smb, smh,
                    s2kb, s2kl, s2kh, s2vb, s2vl, s2vh, sob, sol, soh,
-                   H, Lq, Lw, Ls, max_pos, qk_scale,
-                   PT: tl.constexpr, PH: tl.constexpr, D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                   GATHERED: tl.constexpr):
+                   H, Lq, Lw, Ls, qk_scale, D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
         b, h, offs_m, offs_n, offs_d, q, m_i, l_i, acc = _tile_start(Q, None, sqb, sql, sqh, H, Lq, BLOCK_M, BLOCK_N,
                                                                      D, False)
 
@@ -173,8 +170,7 @@ if triton is not None:
                                            m_i, l_i, acc, True)
 
         m_i, l_i, acc = _sink_segment(q, m_i, l_i, acc, KS + b * s2kb + h * s2kh, VS + b * s2vb + h * s2vh,
-                                      s2kl, s2vl, offs_n, offs_d, Ls, POS, COS, SIN, max_pos, qk_scale,
-                                      PT, PH, D, BLOCK_N, UPCAST, GATHERED)
+                                      s2kl, s2vl, offs_n, offs_d, Ls, COS, SIN, qk_scale, D, BLOCK_N, UPCAST)
         _tile_store(O, acc, l_i, b, h, sob, sol, soh, offs_m, offs_d, Lq)
 
 _TUNED: dict = {}
@@ -184,16 +180,15 @@ def _kernel(family: str):
     return autotuned(_TUNED, _attn8_fwd, configs.ATTENTION8, family)
 
 
-def two_segment_attention8(q, win: KV8Cache, k_sink, v_sink, sink_pos, rope: RopeTable, scale=None,
+def two_segment_attention8(q, win: KV8Cache, k_sink, v_sink, sink_cos, sink_sin, scale=None,
                            backend: str = "auto", block: tuple | None = None,
-                           out: torch.Tensor | None = None, sink_cs: tuple | None = None,
-                           sink_rope: str | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """Like attention.two_segment_attention, with the window read from an 8-bit cache view.
 
     q [B, Lq, H, D] bf16; win: kv8_window(cache, end) ([B, Lw, H, D], keys roped before
-    quantizing); k_sink (un-roped), v_sink [B, Ls, H, D] bf16; sink_pos [Ls, 3]. Returns q.dtype.
-    backend "torch" dequantizes the window and runs the torch fallback; out, sink_cs, sink_rope: as
-    two_segment_attention.
+    quantizing); k_sink (un-roped), v_sink [B, Ls, H, D] bf16; sink_cos, sink_sin [Ls, D/2]: as
+    two_segment_attention. Returns q.dtype.
+    backend "torch" dequantizes the window and runs the torch fallback; block, out: as two_segment_attention.
     """
     B, Lq, H, D = q.shape
     Lw, Ls = win.k.shape[1], k_sink.shape[1]
@@ -202,34 +197,32 @@ def two_segment_attention8(q, win: KV8Cache, k_sink, v_sink, sink_pos, rope: Rop
     use_triton = backend == "triton" or (backend == "auto" and triton_usable(q))
     if not use_triton:
         kw, vw = kv8_dequantize(win, q.dtype)
-        res = attention_torch(q, kw, vw, k_sink, v_sink, sink_pos, rope, scale)
+        res = attention_torch(q, kw, vw, k_sink, v_sink, sink_cos, sink_sin, scale)
         return res if out is None else out.copy_(res)
     if triton is None:
         raise RuntimeError("backend='triton' needs triton installed")
     q, k_sink, v_sink = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_sink, v_sink))
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    pos, cos, sin, max_pos, gathered = sink_args(rope, sink_pos, Ls, q.device, sink_cs, sink_rope)
+    cos, sin = sink_multipliers(sink_cos, sink_sin, Ls, D, q.device)
     if out is None:
         out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
     for t in (win.k, win.v, win.k_scale, win.v_scale, win.k_mean):
         if t.stride(-1) != 1:
             raise ValueError("KV8Cache tensors must have a contiguous last dim")
-    args = (q, win.k, win.k_scale, win.k_mean, win.v, win.v_scale, k_sink, v_sink, pos, cos, sin, out,
+    args = (q, win.k, win.k_scale, win.k_mean, win.v, win.v_scale, k_sink, v_sink, cos, sin, out,
             q.stride(0), q.stride(1), q.stride(2), win.k.stride(0), win.k.stride(1), win.k.stride(2),
             win.k_scale.stride(0), win.k_scale.stride(1), win.v.stride(0), win.v.stride(1), win.v.stride(2), 1,
             win.v_scale.stride(0), win.v_scale.stride(1), win.k_mean.stride(0), win.k_mean.stride(1),
             k_sink.stride(0), k_sink.stride(1), k_sink.stride(2), v_sink.stride(0), v_sink.stride(1),
             v_sink.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            H, Lq, Lw, Ls, max_pos, scale * LOG2E)
-    pt, ph, _ = rope.pairs
+            H, Lq, Lw, Ls, scale * LOG2E)
     up = configs.interpreting()
     if block is not None:
         grid = (triton.cdiv(Lq, block[0]), B * H)
-        _attn8_fwd[grid](*args, PT=pt, PH=ph, D=D, BLOCK_M=block[0], BLOCK_N=block[1], UPCAST=up,
-                         GATHERED=gathered, **launch_opts(block))
+        _attn8_fwd[grid](*args, D=D, BLOCK_M=block[0], BLOCK_N=block[1], UPCAST=up, **launch_opts(block))
     else:
         grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _kernel(configs.arch_family(q.device))[grid](*args, PT=pt, PH=ph, D=D, UPCAST=up, GATHERED=gathered)
+        _kernel(configs.arch_family(q.device))[grid](*args, D=D, UPCAST=up)
     return out
 
 
@@ -241,8 +234,7 @@ def bench_attention8(B=1, Lq=3168, Lw=12672, Ls=2640, H=40, D=128, device="cuda"
     kv8_write(cache, 0, *(torch.randn(B, Lw, H, D, device=device, dtype=torch.bfloat16, generator=gen)
                           for _ in range(2)))
     ks, vs = (torch.randn(B, Ls, H, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(2))
-    pos = torch.randint(-8, 40, (Ls, 3), device=device, generator=gen)
-    rope = RopeTable.build(D, 1024, device=device)
-    fn = lambda: two_segment_attention8(q, cache, ks, vs, pos, rope)  # noqa: E731
+    cos, sin = bench_multipliers(Ls, D, device, gen)
+    fn = lambda: two_segment_attention8(q, cache, ks, vs, cos, sin)  # noqa: E731
     ms = triton.testing.do_bench(fn, warmup=100, rep=500, return_mode="median")
     return {"ms": ms, "tflops": 4.0 * B * H * Lq * (Lw + Ls) * D / ms / 1e9}

@@ -18,7 +18,7 @@ from lowvram.model.audio import AudioInjector, CausalAudioEncoder
 from lowvram.model.config import DiTConfig
 from lowvram.model.framepack import FramePackMotioner
 from lowvram.model.layers import Block, Head, linear_fp32, sinusoidal_embedding_1d
-from lowvram.model.rope import RopeTable, grid_positions, rope_apply
+from lowvram.model.rope import RopeTable, grid_positions, rope_apply, sink_rope_tables
 
 SINK_REF_FRAME = 30  # the reference frame's RoPE time position in the sink pass
 
@@ -142,7 +142,7 @@ class LiveAvatarDiT(nn.Module):
         h, w = ref_latent.shape[-2:]
         pos = torch.cat([grid_positions([SINK_REF_FRAME], range(hh), range(ww)),
                          FramePackMotioner.positions(h, w)])
-        cos, sin = self.rope.gather(pos, dtype=self.rope.cos.dtype)  # q and k share the sink's positions
+        cos, sin = sink_rope_tables(self.rope, pos)  # q and k share the sink's positions
         # t = 0 for the sink; computed as the reference does (a block's frames plus the zero row, in one
         # batch), so the fp32 GEMMs see the same shapes and round alike
         _, e0 = self._time(torch.zeros(b + 1, 3, device=x.device))
@@ -152,8 +152,7 @@ class LiveAvatarDiT(nn.Module):
             def attend(q, k, v):
                 ks.append(quantize_kv(k) if int8 else k)
                 vs.append(quantize_kv(v) if int8 else v)
-                return attend_two_segments(rope_apply(q, cos, sin), None, None, k, v, pos, self.rope, self.attention,
-                                           sink_cs=(cos, sin))
+                return attend_two_segments(rope_apply(q, cos, sin), None, None, k, v, cos, sin, self.attention)
             x = block(x, e0, context, attend, frames=1)
         return Sink(ks, vs, pos, n_ref=ref.shape[1], dtype=x.dtype if int8 else None)
 
@@ -182,7 +181,7 @@ class LiveAvatarDiT(nn.Module):
         sink_pos = sink.positions(start_frame, ref_shift)
         rope = self._rope_for(max(start_frame + frames, int(sink_pos[:, 0].max())))
         cos, sin = rope.gather(grid_positions(range(start_frame, start_frame + frames), range(grid[1]), range(grid[2])))
-        sink_cs = rope.gather(sink_pos, dtype=rope.cos.dtype)  # the same in all layers of this forward
+        sink_cos, sink_sin = sink_rope_tables(rope, sink_pos)  # the same in all layers of this forward
         t = t.to(tokens.device, torch.float32)
         e, e0 = self._time(torch.cat([t, torch.zeros_like(t[:1])]))   # + the zero-t row, as the reference
         e, e0 = e[: t.shape[0]], e0[: t.shape[0]]
@@ -192,7 +191,7 @@ class LiveAvatarDiT(nn.Module):
         for i, block in enumerate(self.blocks):
             def attend(q, k, v, i=i):  # q, k roped by the block (with their norms)
                 k_win, v_win = kv.update(i, k, v)
-                out = attend_two_segments(q, k_win, v_win, *sink.layer(i), sink_pos, rope, self.attention, sink_cs)
+                out = attend_two_segments(q, k_win, v_win, *sink.layer(i), sink_cos, sink_sin, self.attention)
                 kv.done(i)
                 return out
             h = block(h, e0, context, attend, frames, rope=(cos, sin))
