@@ -1,23 +1,23 @@
 """8-bit two-segment attention reading the 8-bit KV cache in place, and that cache's format.
 
 Cache format (`KV8Cache`, one per layer and step cache): INT8 K and INT8 V with an fp32 scale per
-(token, head), absmax/127, round half away from zero. K is smoothed first (SageAttention): a mean
-over tokens per (batch, head), taken from the cache's first write and reused for every later
-write, is subtracted before quantizing, which removes the channel offsets (outlier channels) that
-would otherwise set the per-token scale. Since the mean is one vector for the whole window,
-q.mean is a per-query constant of the window's scores; the kernel adds it back because the
+(token, head) by kernels/rowquant.py's rule (absmax/127, ties to even). K is smoothed first
+(SageAttention): a mean over tokens per (batch, head), taken from the cache's first write and reused
+for every later write, is subtracted before quantizing, which removes the channel offsets (outlier
+channels) that would otherwise set the per-token scale. Since the mean is one vector for the whole
+window, q.mean is a per-query constant of the window's scores; the kernel adds it back because the
 softmax also spans the sink, whose scores do not carry it.
 V is INT8 on every device: the INT8 MMA is as fast as FP8 on sm_89/sm_90 and the only 8-bit MMA
 on sm_80/86, and INT8 with per-token scales quantizes V more finely than e4m3.
 
 Kernel: one program per (BLOCK_M queries, batch x head); Q is quantized per query row inside the
-kernel (softmax scale and log2(e) folded in first). Window tiles: S = (q8 k8^T) qs ks + q.mean;
-online softmax in base 2; the probabilities of a tile, taken relative to the tile's own row max
-(so every row uses the full INT8 range) and weighted by each token's V scale relative to the
-tile's largest, are quantized to INT8 and multiplied with the INT8 V; the per-row factor
-exp2(m_tile - m_run) * max(v_scale) / 127 rescales the int32 result. Sink tiles are bf16 (keys
-un-roped, roped in registers exactly as in attention.py): the sink is small (2640 of 15312 keys)
-and stays in bf16 in the model.
+kernel (softmax scale and log2(e) folded in first; rowquant.quantize_tile, the same rule). Window
+tiles: S = (q8 k8^T) qs ks + q.mean; online softmax in base 2; the probabilities of a tile, taken
+relative to the tile's own row max (so every row uses the full INT8 range) and weighted by each
+token's V scale relative to the tile's largest, are quantized to INT8 and multiplied with the INT8 V;
+the per-row factor exp2(m_tile - m_run) * max(v_scale) / 127 rescales the int32 result. Sink tiles
+are bf16 (keys un-roped, roped in registers exactly as in attention.py): the sink is small (2640 of
+15312 keys) and stays in bf16 in the model.
 Limits: as attention.py; window from a KV8Cache (views along L allowed), sink in bf16/fp16.
 """
 
@@ -30,13 +30,15 @@ import torch
 
 from lowvram.kernels import configs
 from lowvram.kernels.attention import LOG2E, autotuned, bench_multipliers, launch_opts, sink_multipliers, triton_usable
-from lowvram.kernels.reference import INT8_MAX, attention_torch, round_half_away
+from lowvram.kernels.reference import attention_torch
+from lowvram.kernels.rowquant import quantize_rows_int8
 
 try:
     import triton
     import triton.language as tl
 
     from lowvram.kernels.attention import _sink_segment, _tile_start, _tile_store
+    from lowvram.kernels.rowquant import quantize_tile
 except ImportError:  # CPU-only installs: the torch fallback serves
     triton = None
 
@@ -68,13 +70,6 @@ def kv8_alloc(B: int, L: int, H: int, D: int, device="cpu") -> KV8Cache:
     return KV8Cache(k, zs(), v, zs(), torch.zeros(B, H, D, dtype=torch.float32, device=device))
 
 
-def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(token, head) INT8 of x [B, n, H, D] -> (int8 [B, n, H, D], fp32 scale [B, n, H])."""
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1).clamp_min(1e-8) / INT8_MAX
-    return round_half_away(xf / scale[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
-
-
 def kv8_write(cache: KV8Cache, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
     """Quantize k (roped), v [B, n, H, D] into cache tokens [start, start + n) in place.
 
@@ -86,8 +81,8 @@ def kv8_write(cache: KV8Cache, start: int, k: torch.Tensor, v: torch.Tensor) -> 
     if not cache.mean_ready:
         cache.k_mean.copy_(k.float().mean(dim=1))  # [B, H, D]
         cache.mean_ready = True
-    kq, ks = quantize_tokens(k.float() - cache.k_mean[:, None])
-    vq, vs = quantize_tokens(v)
+    kq, ks = quantize_rows_int8(k.float() - cache.k_mean[:, None])  # per (token, head): [B, n, H, D], [B, n, H]
+    vq, vs = quantize_rows_int8(v)
     cache.k[:, start:start + n] = kq
     cache.k_scale[..., start:start + n] = ks.transpose(1, 2)
     cache.v[..., start:start + n] = vq.permute(0, 2, 3, 1)
@@ -150,9 +145,7 @@ if triton is not None:
         if Lw > 0:
             # Q to INT8 per row, softmax scale folded in; q.mean restores the smoothed-away term
             qf = q.to(tl.float32) * qk_scale
-            qs = tl.maximum(tl.max(tl.abs(qf), 1), 1e-20) / 127.0  # [BM]
-            qy = qf / qs[:, None]
-            q8 = (qy + tl.where(qy >= 0, 0.5, -0.5)).to(tl.int32).to(tl.int8)
+            q8, qs = quantize_tile(qf, 127.0, False, tl.int8)  # [BM, D] int8, [BM]
             mean = tl.load(KM + b * smb + h * smh + offs_d)  # [D] fp32
             qm = tl.sum(qf * mean[None, :], 1)  # [BM]
             kw = KW + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :]

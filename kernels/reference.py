@@ -5,8 +5,8 @@ RoPE (lowvram.model.rope re-exports it) and the twin of the rotation inside the 
 kernels. Attention: softmax(q k^T * scale) v over the union of two key segments, the KV window (keys
 already roped) and the sink (keys un-roped, roped here with `rope_apply` at the sink's multipliers,
 so the roped sink keys are bit-identical to what the model would have cached).
-GEMM: W8A8 with per-token activation scales (absmax / 127, round half away from zero) and
-per-output-channel weight scales; FP8 likewise with absmax / 448 and e4m3 (round to nearest even).
+GEMM: W8A8 with per-token activation scales and per-output-channel weight scales, both quantized by
+kernels/rowquant.py (INT8 absmax / 127, FP8 e4m3 absmax / 448, ties to even).
 `compute_dtype` selects float64 (test reference), float32 (CPU fallback) or the input dtype
 ("plain torch in the same dtype", the error baseline of the tolerance rule).
 """
@@ -18,8 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-INT8_MAX = 127.0
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+from lowvram.kernels.rowquant import quantize_rows_fp8, quantize_rows_int8
 
 
 def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -66,27 +65,6 @@ def attention_torch(q, k_win, v_win, k_sink, v_sink, sink_cos, sink_sin, scale=N
     v = torch.cat([v_win, v_sink], dim=1)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
     return out.transpose(1, 2)  # [B, Lq, H, D]
-
-
-def round_half_away(y: torch.Tensor) -> torch.Tensor:
-    """Round to nearest, ties away from zero (what the Triton kernels do: trunc(y + copysign(0.5, y)))."""
-    return torch.trunc(y + torch.where(y >= 0, 0.5, -0.5).to(y.dtype))
-
-
-def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric INT8: x [M, K] -> (int8 [M, K], fp32 scale [M]) with x ~= q * scale."""
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1).clamp_min(1e-8) / INT8_MAX  # [M]
-    q = round_half_away(xf / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return q, scale
-
-
-def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row FP8 e4m3: x [M, K] -> (float8_e4m3fn [M, K], fp32 scale [M])."""
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1).clamp_min(1e-8) / FP8_MAX
-    q = (xf / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, scale
 
 
 def _scaled_linear(xq, x_scale, qweight, w_scale, bias, compute_dtype, out_dtype):

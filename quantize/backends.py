@@ -4,10 +4,10 @@ Every backend is `fn(x, qweight, w_scale, bias) -> y` with x: [M, K] (bf16/fp16/
 float8_e4m3fn, w_scale: [N] fp32, bias: [N] or None, y: [M, N] in x.dtype.
 
 - "reference": dequantize the weight to x.dtype and F.linear (weight-only; any device). Also the fallback.
-- "int_mm":    W8A8. Per-token dynamic INT8 activations (absmax / 127 per row), torch._int_mm (int32
-               accumulate), scales and bias applied in fp32.
-- "scaled_mm": W8A8. Per-token dynamic FP8 e4m3 activations (absmax / 448 per row), torch._scaled_mm with
-               row-wise scales and bf16 output (CUDA sm_89+; recent CPU builds too).
+- "int_mm":    W8A8. Per-token dynamic INT8 activations (absmax / 127 per row, kernels/rowquant.py),
+               torch._int_mm (int32 accumulate), scales and bias applied in fp32.
+- "scaled_mm": W8A8. Per-token dynamic FP8 e4m3 activations (absmax / 448 per row, kernels/rowquant.py),
+               torch._scaled_mm with row-wise scales and bf16 output (CUDA sm_89+; recent CPU builds too).
 - "triton":    the fused kernels of `lowvram.kernels.gemm`, registered when that module imports.
 "auto" picks per call: CPU -> reference; CUDA -> triton where it loads (activation quantization, scales and
 bias fused: in the 4090 profile at 704x384 on an H200 the DiT ran 1.70x faster than with int_mm, 5.89 vs 10.02
@@ -25,10 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lowvram.errors import LowvramError
-
-INT8_MAX = 127.0
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-TINY = 1e-12  # scale floor: an all-zero row quantizes to zeros instead of NaN
+from lowvram.kernels.rowquant import quantize_rows_fp8, quantize_rows_int8
 
 
 @dataclass(frozen=True)
@@ -48,22 +45,6 @@ def register_backend(name: str, fn: Callable, supports: Callable | None = None) 
     _REGISTRY[name] = Backend(name, fn, supports or (lambda x, w: True))
 
 
-def quantize_act_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric INT8: x [M, K] -> (q int8 [M, K], scale fp32 [M])."""
-    x32 = x.float()
-    scale = (x32.abs().amax(dim=1) / INT8_MAX).clamp_min(TINY)  # [M]
-    q = torch.round(x32 / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return q, scale
-
-
-def quantize_act_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row FP8 e4m3: x [M, K] -> (q float8_e4m3fn [M, K], scale fp32 [M])."""
-    x32 = x.float()
-    scale = (x32.abs().amax(dim=1) / FP8_MAX).clamp_min(TINY)  # [M]
-    q = (x32 / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, scale
-
-
 def reference_linear(x, qweight, w_scale, bias):
     w = (qweight.float() * w_scale.float()[:, None]).to(x.dtype)  # [N, K]
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
@@ -71,7 +52,7 @@ def reference_linear(x, qweight, w_scale, bias):
 
 def int_mm_linear(x, qweight, w_scale, bias):
     m = x.shape[0]
-    xq, x_scale = quantize_act_int8(x)  # [M, K] int8, [M]
+    xq, x_scale = quantize_rows_int8(x)  # [M, K] int8, [M]
     if x.is_cuda and m <= 16:  # cuBLAS int8 GEMM needs M > 16: pad with zero rows
         xq = F.pad(xq, (0, 0, 0, 17 - m))
     acc = torch._int_mm(xq, qweight.t())[:m]  # [M, N] int32
@@ -90,7 +71,7 @@ def _int_mm_supports(x, qweight):
 
 
 def scaled_mm_linear(x, qweight, w_scale, bias):
-    xq, x_scale = quantize_act_fp8(x)  # [M, K] fp8, [M]
+    xq, x_scale = quantize_rows_fp8(x)  # [M, K] fp8, [M]
     y = torch._scaled_mm(xq, qweight.t(), scale_a=x_scale[:, None], scale_b=w_scale.float()[None, :],
                          bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
     return y.to(x.dtype)  # [M, N]

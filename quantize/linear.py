@@ -1,8 +1,9 @@
 """`QuantLinear`: an 8-bit Linear held in plain buffers, the weight quantizer, and the module swap.
 
-Weights are quantized per output channel (one fp32 scale per row of W [out, in]):
-    int8: scale = absmax / 127, q = round(W / scale) clamped to [-127, 127]
-    fp8:  scale = absmax / 448, q = float8_e4m3fn(W / scale)
+Weights are quantized per output channel (one fp32 scale per row of W [out, in]) by kernels/rowquant.py,
+the rule of every 8-bit tensor of the engine:
+    int8: scale = absmax / 127, q = W * (1 / scale) clamped to [-127, 127], rounded (ties to even)
+    fp8:  scale = absmax / 448, q = float8_e4m3fn(W * (1 / scale))
 The buffers (`qweight`, `scale`, `bias`) are ordinary tensors, so offload hooks, pinning and `record_stream`
 treat them like any parameter. The matmul itself is chosen in `backends.py`.
 """
@@ -15,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from lowvram.errors import LowvramError
-from lowvram.quantize.backends import FP8_MAX, INT8_MAX, TINY, available_backends, get_backend, resolve, set_backend
+from lowvram.kernels.rowquant import quantize_rows_fp8, quantize_rows_int8
+from lowvram.quantize.backends import available_backends, get_backend, resolve, set_backend
 
 SCHEMES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
@@ -60,19 +62,15 @@ def _quantize(w: torch.Tensor, scheme: str, measure: bool):
     dtype = check_scheme(scheme)
     if w.ndim != 2:
         raise ValueError(f"quantize_weight needs a 2-D weight, got shape {list(w.shape)}")
-    qmax = INT8_MAX if scheme == "int8" else FP8_MAX
+    quantize_rows = quantize_rows_int8 if scheme == "int8" else quantize_rows_fp8
     q = torch.empty(w.shape, dtype=dtype, device=w.device)  # [out, in]
     scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)  # [out]
     signal = noise = 0.0
     for rows in row_blocks(*w.shape):
-        ref = w[rows].float()  # [rows, in]
-        s = (ref.abs().amax(dim=1) / qmax).clamp_min_(TINY)
-        x = ref / s[:, None]
-        if scheme == "int8":
-            x.round_()
-        q[rows] = x.clamp_(-qmax, qmax)
+        q[rows], s = quantize_rows(w[rows])  # [rows, in], [rows]
         scale[rows] = s
         if measure:
+            ref = w[rows].float()
             approx = q[rows].float().mul_(s[:, None])
             signal += torch.linalg.vector_norm(ref).item() ** 2
             noise += torch.linalg.vector_norm(approx.sub_(ref)).item() ** 2

@@ -241,7 +241,7 @@ def test_triton8_attention_reads_the_8bit_step_cache(tiny):
 
 def test_int8_sink_halves_its_memory_and_keeps_the_velocity(tiny):
     from lowvram.kernels.reference import sqnr_db
-    from lowvram.runtime.kv_cache import quantize_kv
+    from lowvram.kernels.rowquant import quantize_rows_int8
 
     model, ctx, sink, g, hw = tiny
     ref, mot = torch.randn(1, 16, 1, *hw, generator=g), torch.randn(1, 16, 19, *hw, generator=g)
@@ -249,7 +249,7 @@ def test_int8_sink_halves_its_memory_and_keeps_the_velocity(tiny):
     s8 = model.prefill_sink(ref, mot, ctx, int8=True)
     for i in range(model.cfg.num_layers):
         # quantizing layer by layer during the pass = quantizing the finished sink
-        for a, b in zip(s8.k[i] + s8.v[i], quantize_kv(full.k[i]) + quantize_kv(full.v[i])):
+        for a, b in zip(s8.k[i] + s8.v[i], quantize_rows_int8(full.k[i]) + quantize_rows_int8(full.v[i])):
             assert torch.equal(a, b)
         k, v = s8.layer(i)
         assert k.dtype == full.k[i].dtype and k.shape == full.k[i].shape

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from lowvram.errors import LowvramError
+from lowvram.kernels.rowquant import quantize_rows_int8
 from lowvram.quantize import backends
 from lowvram.quantize.linear import (
     QuantLinear,
@@ -110,7 +111,7 @@ def test_w8a8_matches_dequantized_math():
     g = _gen(5)
     ql = QuantLinear.from_linear(nn.Linear(24, 16).bfloat16(), "int8")
     x = torch.randn(19, 24, generator=g).bfloat16()
-    xq, xs = backends.quantize_act_int8(x)
+    xq, xs = quantize_rows_int8(x)
     want = (xq.float() @ ql.qweight.float().t()) * xs[:, None] * ql.scale[None, :] + ql.bias.float()
     torch.testing.assert_close(ql(x, backend="int_mm").float(), want.bfloat16().float(), rtol=0, atol=0)
 

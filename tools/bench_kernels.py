@@ -32,6 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from lowvram.kernels import attention8 as A8  # noqa: E402
 from lowvram.kernels import configs, gemm  # noqa: E402
 from lowvram.kernels import reference as R  # noqa: E402
+from lowvram.kernels import rowquant as RQ  # noqa: E402
 from lowvram.kernels.attention import two_segment_attention  # noqa: E402
 from lowvram.model.rope import RopeTable, sink_rope_tables  # noqa: E402
 
@@ -206,10 +207,10 @@ def bench_gemm_shape(M, K, N, dev, sweep):
     x = x.to(BF)
     w = torch.randn(N, K, device=dev, generator=g) * 0.02
     b = torch.randn(N, device=dev, generator=g).to(BF)
-    wq, ws = R.quantize_rows_int8(w)
-    wf, wfs = R.quantize_rows_fp8(w)
-    xq, xs = R.quantize_rows_int8(x)
-    xf, xfs = R.quantize_rows_fp8(x)
+    wq, ws = RQ.quantize_rows_int8(w)
+    wf, wfs = RQ.quantize_rows_fp8(w)
+    xq, xs = RQ.quantize_rows_int8(x)
+    xf, xfs = RQ.quantize_rows_fp8(x)
     wb = w.to(BF)
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False

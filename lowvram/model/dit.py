@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lowvram.kernels.rowquant import dequantize_rows, quantize_rows_int8
 from lowvram.model.attention import attend_two_segments
 from lowvram.model.audio import AudioInjector, CausalAudioEncoder
 from lowvram.model.config import DiTConfig
@@ -40,9 +41,7 @@ class Sink:
         """Layer i's (K, V) [B, Ls, H, D] in the compute dtype."""
         if self.dtype is None:
             return self.k[i], self.v[i]
-        from lowvram.runtime.kv_cache import dequantize_kv
-
-        return tuple(dequantize_kv(q, s, torch.empty(q.shape, dtype=self.dtype, device=q.device))
+        return tuple(dequantize_rows(q, s, out=torch.empty(q.shape, dtype=self.dtype, device=q.device))
                      for q, s in (self.k[i], self.v[i]))
 
     def nbytes(self) -> int:
@@ -129,10 +128,8 @@ class LiveAvatarDiT(nn.Module):
         self-attention among themselves, text cross-attention, FFN; no audio, no head.
 
         ref_latent: [B, 16, 1, h, w]; motion_latents: [B, 16, T, h, w]; context: [B, text_len, dim].
-        int8: keep each layer's K/V as per-(token, head) INT8 (the host step caches' format, kv_cache.quantize_kv)
+        int8: keep each layer's K/V as per-(token, head) INT8 (the host step caches' format, kernels/rowquant.py)
         as soon as its attention is done, never holding the whole sink in the compute dtype."""
-        from lowvram.runtime.kv_cache import quantize_kv
-
         b = ref_latent.shape[0]
         ref, (_, hh, ww) = self._patchify(ref_latent)                           # [B, h'w', C]
         mot = self.frame_packer(motion_latents.to(self.dtype))                  # [B, Lm, C]
@@ -150,8 +147,8 @@ class LiveAvatarDiT(nn.Module):
         ks, vs = [], []
         for block in self.blocks:
             def attend(q, k, v):
-                ks.append(quantize_kv(k) if int8 else k)
-                vs.append(quantize_kv(v) if int8 else v)
+                ks.append(quantize_rows_int8(k) if int8 else k)
+                vs.append(quantize_rows_int8(v) if int8 else v)
                 return attend_two_segments(rope_apply(q, cos, sin), None, None, k, v, cos, sin, self.attention)
             x = block(x, e0, context, attend, frames=1)
         return Sink(ks, vs, pos, n_ref=ref.shape[1], dtype=x.dtype if int8 else None)
