@@ -25,8 +25,11 @@ try:
     import triton.language as tl
 
     from lowvram.kernels.rowquant import round_8bit, scale_of
-except ImportError:  # CPU-only installs: the torch references serve
+
+    TRITON_ERROR = None
+except ImportError as e:  # CPU-only installs: the torch references serve
     triton = None
+    TRITON_ERROR = f"{type(e).__name__}: {e}"  # why, for the GEMM backend's error message
 
 if triton is not None:
 

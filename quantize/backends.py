@@ -8,7 +8,7 @@ float8_e4m3fn, w_scale: [N] fp32, bias: [N] or None, y: [M, N] in x.dtype.
                torch._int_mm (int32 accumulate), scales and bias applied in fp32.
 - "scaled_mm": W8A8. Per-token dynamic FP8 e4m3 activations (absmax / 448 per row, kernels/rowquant.py),
                torch._scaled_mm with row-wise scales and bf16 output (CUDA sm_89+; recent CPU builds too).
-- "triton":    the fused kernels of `lowvram.kernels.gemm`, registered when that module imports.
+- "triton":    the fused kernels of `lowvram.kernels.gemm`, registered when Triton is installed.
 "auto" picks per call: CPU -> reference; CUDA -> triton where it loads (activation quantization, scales and
 bias fused: in the 4090 profile at 704x384 on an H200 the DiT ran 1.70x faster than with int_mm, 5.89 vs 10.02
 s per clip, tools/bench.py 2026-11-22), else int8 -> int_mm, fp8 on sm_89+ -> scaled_mm, else reference.
@@ -17,7 +17,6 @@ s per clip, tools/bench.py 2026-11-22), else int8 -> int_mm, fp8 on sm_89+ -> sc
 from __future__ import annotations
 
 import functools
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lowvram.errors import LowvramError
+from lowvram.kernels import gemm
 from lowvram.kernels.rowquant import quantize_rows_fp8, quantize_rows_int8
 
 
@@ -36,7 +36,6 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
-_TRITON_STATE = {"tried": False, "error": None}
 _current = "auto"
 
 
@@ -97,33 +96,25 @@ def _cpu_scaled_mm() -> bool:
     return True
 
 
+def triton_linear(x, qweight, w_scale, bias):
+    """The fused W8A8 kernels of lowvram.kernels.gemm (activation quantization, scales and bias inside)."""
+    fn = gemm.int8_linear if qweight.dtype == torch.int8 else gemm.fp8_linear
+    return fn(x, qweight, w_scale, bias)
+
+
+def _triton_supports(x, qweight):
+    return qweight.dtype in (torch.int8, torch.float8_e4m3fn) and x.is_cuda and gemm.triton_usable(x)
+
+
 register_backend("reference", reference_linear)
 register_backend("int_mm", int_mm_linear, _int_mm_supports)
 register_backend("scaled_mm", scaled_mm_linear, _scaled_mm_supports)
-
-
-def _load_triton() -> None:
-    """Register "triton" from lowvram.kernels.gemm once, if that module imports."""
-    if _TRITON_STATE["tried"]:
-        return
-    _TRITON_STATE["tried"] = True
-    try:
-        gemm = importlib.import_module("lowvram.kernels.gemm")
-    except ImportError as e:  # no Triton, or the kernels module is not there yet
-        _TRITON_STATE["error"] = f"{type(e).__name__}: {e}"
-        return
-    fns = {torch.int8: getattr(gemm, "int8_linear", None), torch.float8_e4m3fn: getattr(gemm, "fp8_linear", None)}
-
-    def triton_linear(x, qweight, w_scale, bias):
-        return fns[qweight.dtype](x, qweight, w_scale, bias)
-
-    usable = getattr(gemm, "triton_usable", lambda x: x.is_cuda)
-    register_backend("triton", triton_linear, lambda x, w: fns.get(w.dtype) is not None and x.is_cuda and usable(x))
+if gemm.triton is not None:
+    register_backend("triton", triton_linear, _triton_supports)
 
 
 def available_backends() -> list[str]:
     """Names that `set_backend` accepts (besides "auto")."""
-    _load_triton()
     return sorted(_REGISTRY)
 
 
@@ -131,7 +122,7 @@ def set_backend(name: str) -> None:
     """Choose the backend of every QuantLinear: "auto" or one of `available_backends()`."""
     global _current
     if name != "auto" and name not in available_backends():
-        why = f" ({_TRITON_STATE['error']})" if name == "triton" and _TRITON_STATE["error"] else ""
+        why = f" ({gemm.TRITON_ERROR})" if name == "triton" and gemm.TRITON_ERROR else ""
         raise LowvramError(f"unknown or unavailable quantized-matmul backend {name!r}{why}; "
                            f"choose one of auto, {', '.join(available_backends())}")
     _current = name
@@ -144,7 +135,6 @@ def get_backend() -> str:
 def _auto(x: torch.Tensor, qweight: torch.Tensor) -> str:
     if not x.is_cuda:
         return "reference"
-    _load_triton()
     if "triton" in _REGISTRY and _REGISTRY["triton"].supports(x, qweight):
         return "triton"
     name = "int_mm" if qweight.dtype == torch.int8 else "scaled_mm"
@@ -156,8 +146,6 @@ def resolve(x: torch.Tensor, qweight: torch.Tensor, name: str | None = None) -> 
     name = name or _current
     if name == "auto":
         name = _auto(x, qweight)
-    if name == "triton":
-        _load_triton()
     backend = _REGISTRY.get(name)
     if backend is None or not backend.supports(x, qweight):
         return _REGISTRY["reference"]

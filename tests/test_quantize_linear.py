@@ -1,8 +1,5 @@
 """QuantLinear: the weight quantizer (checked against optimum-quanto), every backend, the module swap."""
 
-import sys
-import types
-
 import pytest
 import torch
 import torch.nn as nn
@@ -127,14 +124,15 @@ def test_auto_and_fallback_choices():
 
 
 def test_triton_backend_plugs_in_when_the_kernels_import(monkeypatch):
+    from lowvram.kernels import gemm
+
+    if gemm.triton is None:
+        pytest.skip("Triton is not installed")
     calls = []
-    fake = types.ModuleType("lowvram.kernels.gemm")
-    fake.int8_linear = lambda x, q, s, b: calls.append("int8") or backends.reference_linear(x, q, s, b)
-    fake.fp8_linear = lambda x, q, s, b: calls.append("fp8") or backends.reference_linear(x, q, s, b)
-    fake.triton_usable = lambda x: True
-    monkeypatch.setitem(sys.modules, "lowvram.kernels.gemm", fake)
-    monkeypatch.setattr(backends, "_TRITON_STATE", {"tried": False, "error": None})
-    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+    for tag in ("int8", "fp8"):
+        monkeypatch.setattr(gemm, f"{tag}_linear",
+                            lambda x, q, s, b, tag=tag: calls.append(tag) or backends.reference_linear(x, q, s, b))
+    monkeypatch.setattr(gemm, "triton_usable", lambda x: True)
     assert "triton" in backends.available_backends()
     ql = QuantLinear.from_linear(nn.Linear(16, 8).bfloat16(), "int8")
     x = torch.randn(5, 16, generator=_gen(3)).bfloat16()
@@ -145,6 +143,17 @@ def test_triton_backend_plugs_in_when_the_kernels_import(monkeypatch):
     assert b.name == "triton"
     b.fn(x, ql.qweight, ql.scale, ql.bias)
     assert calls == ["int8"]
+
+
+def test_without_triton_the_backend_is_refused_with_the_reason(monkeypatch):
+    from lowvram.kernels import gemm
+
+    monkeypatch.setattr(backends, "_REGISTRY", {k: v for k, v in backends._REGISTRY.items() if k != "triton"})
+    monkeypatch.setattr(gemm, "TRITON_ERROR", "ModuleNotFoundError: No module named 'triton'")
+    with pytest.raises(LowvramError, match="unavailable quantized-matmul backend 'triton' .ModuleNotFoundError"):
+        set_backend("triton")
+    x = torch.randn(4, 16, generator=_gen(2))
+    assert backends.resolve(x, torch.zeros(16, 16, dtype=torch.int8), "triton").name == "reference"
 
 
 def test_apply_quant_layers_on_meta_then_assign():
