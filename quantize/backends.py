@@ -36,7 +36,6 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
-_current = "auto"
 
 
 def register_backend(name: str, fn: Callable, supports: Callable | None = None) -> None:
@@ -114,22 +113,16 @@ if gemm.triton is not None:
 
 
 def available_backends() -> list[str]:
-    """Names that `set_backend` accepts (besides "auto")."""
+    """Backend names that can be chosen here (besides "auto")."""
     return sorted(_REGISTRY)
 
 
-def set_backend(name: str) -> None:
-    """Choose the backend of every QuantLinear: "auto" or one of `available_backends()`."""
-    global _current
+def check_backend(name: str) -> None:
+    """LowvramError (one line: the reason and the choices) unless name is "auto" or an available backend."""
     if name != "auto" and name not in available_backends():
         why = f" ({gemm.TRITON_ERROR})" if name == "triton" and gemm.TRITON_ERROR else ""
         raise LowvramError(f"unknown or unavailable quantized-matmul backend {name!r}{why}; "
                            f"choose one of auto, {', '.join(available_backends())}")
-    _current = name
-
-
-def get_backend() -> str:
-    return _current
 
 
 def _auto(x: torch.Tensor, qweight: torch.Tensor) -> str:
@@ -141,9 +134,9 @@ def _auto(x: torch.Tensor, qweight: torch.Tensor) -> str:
     return name if _REGISTRY[name].supports(x, qweight) else "reference"
 
 
-def resolve(x: torch.Tensor, qweight: torch.Tensor, name: str | None = None) -> Backend:
-    """The backend that runs this call: the chosen one if it supports the shapes/device, else reference."""
-    name = name or _current
+def resolve(x: torch.Tensor, qweight: torch.Tensor, name: str = "auto") -> Backend:
+    """The backend that runs this call: `name` (a QuantLinear's `backend`) if it supports the shapes and
+    device, else reference; "auto" picks by device and scheme (module docstring)."""
     if name == "auto":
         name = _auto(x, qweight)
     backend = _REGISTRY.get(name)

@@ -5,7 +5,8 @@ the rule of every 8-bit tensor of the engine:
     int8: scale = absmax / 127, q = W * (1 / scale) clamped to [-127, 127], rounded (ties to even)
     fp8:  scale = absmax / 448, q = float8_e4m3fn(W * (1 / scale))
 The buffers (`qweight`, `scale`, `bias`) are ordinary tensors, so offload hooks, pinning and `record_stream`
-treat them like any parameter. The matmul itself is chosen in `backends.py`.
+treat them like any parameter. The matmul is one of `backends.py`'s, chosen per module: `QuantLinear.backend`
+("auto" unless `set_gemm_backend(model, name)` set it; no process-wide choice).
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import torch.nn as nn
 
 from lowvram.errors import LowvramError
 from lowvram.kernels.rowquant import quantize_rows_fp8, quantize_rows_int8
-from lowvram.quantize.backends import available_backends, get_backend, resolve, set_backend
+from lowvram.quantize.backends import available_backends, check_backend, resolve
 
 SCHEMES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
-__all__ = ["SCHEMES", "QuantLinear", "apply_quant_layers", "available_backends", "get_backend",
-           "quantize_weight", "set_backend", "sqnr_db", "weight_sqnr_db", "quantize_weight_sqnr", "check_scheme"]
+__all__ = ["SCHEMES", "QuantLinear", "apply_quant_layers", "available_backends", "quantize_weight",
+           "set_gemm_backend", "sqnr_db", "weight_sqnr_db", "quantize_weight_sqnr", "check_scheme"]
 
 
 def check_scheme(scheme: str) -> torch.dtype:
@@ -117,7 +118,10 @@ def sqnr_db(ref: torch.Tensor, approx: torch.Tensor, chunk: int = CHUNK) -> floa
 
 
 class QuantLinear(nn.Module):
-    """y = x @ (qweight · scale).T + bias with an 8-bit weight; x [..., in] -> y [..., out] in x.dtype."""
+    """y = x @ (qweight · scale).T + bias with an 8-bit weight; x [..., in] -> y [..., out] in x.dtype.
+
+    `backend`: the matmul backend of this module ("auto" or a name of backends.available_backends(); a plain
+    attribute, not a buffer: set_gemm_backend sets it on a whole model)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, scheme: str = "int8",
                  device=None, bias_dtype: torch.dtype = torch.bfloat16):
@@ -127,6 +131,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=qdtype, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
+        self.backend = "auto"
 
     @classmethod
     @torch.no_grad()
@@ -144,14 +149,28 @@ class QuantLinear(nn.Module):
         return dequantize_weight(self.qweight, self.scale, dtype)
 
     def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        """backend: this call's matmul backend instead of self.backend (tests, benchmarks)."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, in]
-        y = resolve(x2, self.qweight, backend).fn(x2, self.qweight, self.scale, self.bias)  # [M, out]
+        y = resolve(x2, self.qweight, backend or self.backend).fn(x2, self.qweight, self.scale, self.bias)  # [M, out]
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, scheme={self.scheme}")
+                f"bias={self.bias is not None}, scheme={self.scheme}, backend={self.backend}")
+
+
+def set_gemm_backend(model: nn.Module, name: str) -> int:
+    """Set the matmul backend of every QuantLinear of `model` (itself included) to `name`: "auto" or one of
+    backends.available_backends(); a one-line LowvramError listing the choices otherwise, before any change.
+    Returns how many modules were set; other models keep theirs."""
+    check_backend(name)
+    count = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.backend = name
+            count += 1
+    return count
 
 
 def apply_quant_layers(model: nn.Module, names: dict[str, str]) -> nn.Module:

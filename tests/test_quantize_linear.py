@@ -11,9 +11,8 @@ from lowvram.quantize.linear import (
     QuantLinear,
     apply_quant_layers,
     dequantize_weight,
-    get_backend,
     quantize_weight,
-    set_backend,
+    set_gemm_backend,
     sqnr_db,
 )
 
@@ -26,13 +25,6 @@ OUTPUT_FLOOR = {"int8": 39.0, "fp8": 27.0}
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture(autouse=True)
-def _auto_backend():
-    set_backend("auto")
-    yield
-    set_backend("auto")
 
 
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])
@@ -94,13 +86,24 @@ def test_backends_match_the_float_linear(scheme, backend):
     lin = lin.bfloat16()
     ql = QuantLinear.from_linear(lin, scheme)
     x = torch.randn(3, 7, 48, generator=g).bfloat16()  # [B, L, in], M = 21
-    set_backend(backend)
+    assert set_gemm_backend(ql, backend) == 1 and ql.backend == backend
     y = ql(x)
     assert y.shape == (3, 7, 40) and y.dtype == torch.bfloat16
-    assert backends.resolve(x.reshape(-1, 48), ql.qweight).name == backend
+    assert backends.resolve(x.reshape(-1, 48), ql.qweight, ql.backend).name == backend
     assert sqnr_db(_reference_out(x, lin), y) >= OUTPUT_FLOOR[scheme]
-    # an explicit backend per call gives the same answer as the global choice
+    # an explicit backend per call gives the same answer as the module's choice
     torch.testing.assert_close(ql(x, backend=backend), y, rtol=0, atol=0)
+
+
+def test_gemm_backend_is_per_module():
+    # set_gemm_backend sets every QuantLinear of one model and leaves other models alone
+    a = nn.Sequential(nn.Linear(16, 8), nn.GELU(), nn.Linear(8, 4))
+    b = nn.Sequential(nn.Linear(16, 8))
+    apply_quant_layers(a, {"0": "int8", "2": "int8"})
+    apply_quant_layers(b, {"0": "int8"})
+    assert a[0].backend == "auto" and "backend" not in dict(a.named_buffers())
+    assert set_gemm_backend(a, "int_mm") == 2 and set_gemm_backend(nn.GELU(), "reference") == 0
+    assert a[0].backend == a[2].backend == "int_mm" and b[0].backend == "auto"
 
 
 def test_w8a8_matches_dequantized_math():
@@ -118,9 +121,11 @@ def test_auto_and_fallback_choices():
     w8 = torch.zeros(16, 16, dtype=torch.int8)
     assert backends.resolve(x, w8).name == "reference"  # CPU -> reference
     assert backends.resolve(x, w8, "scaled_mm").name == "reference"  # wrong scheme -> reference
-    with pytest.raises(LowvramError, match="unknown or unavailable"):
-        set_backend("fastest")
-    assert get_backend() == "auto"
+    ql = QuantLinear.from_linear(nn.Linear(16, 8), "int8")
+    with pytest.raises(LowvramError, match="unknown or unavailable") as err:
+        set_gemm_backend(ql, "fastest")
+    assert ql.backend == "auto"
+    assert "\n" not in str(err.value) and all(n in str(err.value) for n in ["auto", *backends.available_backends()])
 
 
 def test_triton_backend_plugs_in_when_the_kernels_import(monkeypatch):
@@ -151,7 +156,7 @@ def test_without_triton_the_backend_is_refused_with_the_reason(monkeypatch):
     monkeypatch.setattr(backends, "_REGISTRY", {k: v for k, v in backends._REGISTRY.items() if k != "triton"})
     monkeypatch.setattr(gemm, "TRITON_ERROR", "ModuleNotFoundError: No module named 'triton'")
     with pytest.raises(LowvramError, match="unavailable quantized-matmul backend 'triton' .ModuleNotFoundError"):
-        set_backend("triton")
+        set_gemm_backend(QuantLinear.from_linear(nn.Linear(16, 8), "int8"), "triton")
     x = torch.randn(4, 16, generator=_gen(2))
     assert backends.resolve(x, torch.zeros(16, 16, dtype=torch.int8), "triton").name == "reference"
 

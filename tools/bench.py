@@ -195,9 +195,9 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
     t0 = time.perf_counter()
     model = random_model(cfg, prof.quant, device, "cpu")
     model.attention = prof.attention if device.type == "cuda" else "sdpa"
-    from lowvram.quantize.backends import set_backend
+    from lowvram.quantize.linear import set_gemm_backend
 
-    set_backend(prof.gemm)
+    set_gemm_backend(model, prof.gemm)
     tokens = (h // 2) * (w // 2)
     placement = place(model, plan, device, tokens, dtype=torch.bfloat16)
     build_s = time.perf_counter() - t0

@@ -61,10 +61,10 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from lowvram.quantize.backends import set_backend
+    from lowvram.quantize.linear import set_gemm_backend
 
-    set_backend(args.gemm)
     model = random_model(cfg, args.scheme, device, device)
+    set_gemm_backend(model, args.gemm)
     model.attention = args.attention
     ctx, ref, motion, audio = synthetic_inputs(cfg, h, w, device)
     tokens = (h // 2) * (w // 2)

@@ -360,9 +360,9 @@ def run(opts: RunOptions, progress=None, log=print) -> RunResult:
     model, scheme = load_dit_for_run(ckpt, opts, torch.device("cpu") if plan is not None else device, dtype, log)
     model.attention = profile.attention if profile is not None else opts.attention
     if profile is not None:
-        from lowvram.quantize.backends import set_backend
+        from lowvram.quantize.linear import set_gemm_backend
 
-        set_backend(profile.gemm)
+        set_gemm_backend(model, profile.gemm)
     tokens = (inputs.height // 16) * (inputs.width // 16)
     placement = place(model, plan, device, tokens, dtype=dtype)
     timings["setup_s"] = time.perf_counter() - t_start
