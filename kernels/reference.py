@@ -92,8 +92,3 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative Frobenius error ||out - ref|| / ||ref|| in float64 (NaN propagates)."""
     out, ref = out.double(), ref.double()
     return float((out - ref).norm() / ref.norm())
-
-
-def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio of out against ref in dB."""
-    return -20.0 * math.log10(max(rel_error(out, ref), 1e-30))

@@ -11,19 +11,18 @@ treat them like any parameter. The matmul is one of `backends.py`'s, chosen per 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
 from lowvram.errors import LowvramError
 from lowvram.kernels.rowquant import quantize_rows_fp8, quantize_rows_int8
+from lowvram.metrics import power_ratio_db
 from lowvram.quantize.backends import available_backends, check_backend, resolve
 
 SCHEMES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 __all__ = ["SCHEMES", "QuantLinear", "apply_quant_layers", "available_backends", "quantize_weight",
-           "set_gemm_backend", "sqnr_db", "weight_sqnr_db", "quantize_weight_sqnr", "check_scheme"]
+           "set_gemm_backend", "weight_sqnr_db", "quantize_weight_sqnr", "check_scheme"]
 
 
 def check_scheme(scheme: str) -> torch.dtype:
@@ -75,7 +74,7 @@ def _quantize(w: torch.Tensor, scheme: str, measure: bool):
             approx = q[rows].float().mul_(s[:, None])
             signal += torch.linalg.vector_norm(ref).item() ** 2
             noise += torch.linalg.vector_norm(approx.sub_(ref)).item() ** 2
-    return q, scale, (_db(signal, noise) if measure else None)
+    return q, scale, (power_ratio_db(signal, noise) if measure else None)
 
 
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -84,37 +83,13 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype=torch.fl
 
 
 def weight_sqnr_db(w: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> float:
-    """sqnr_db(w, dequantize_weight(qweight, scale)) without materialising the dequantized weight."""
+    """metrics.sqnr_db(w, dequantize_weight(qweight, scale)) without materialising the dequantized weight."""
     signal = noise = 0.0
     for rows in row_blocks(*w.shape):
         ref = w[rows].float()
         signal += torch.linalg.vector_norm(ref).item() ** 2
         noise += torch.linalg.vector_norm(ref - qweight[rows].float() * scale[rows, None]).item() ** 2
-    return _db(signal, noise)
-
-
-def _db(signal: float, noise: float) -> float:
-    if noise == 0.0:
-        return float("inf")
-    if signal == 0.0:
-        return float("-inf")
-    return 10.0 * math.log10(signal / noise)
-
-
-def sqnr_db(ref: torch.Tensor, approx: torch.Tensor, chunk: int = CHUNK) -> float:
-    """Signal-to-quantization-noise ratio 10·log10(Σref² / Σ(ref−approx)²) in dB (inf if equal).
-
-    Norms in fp32 per chunk of `chunk` elements, summed in float64.
-    """
-    r, a = ref.detach().reshape(-1), approx.detach().reshape(-1)
-    if r.shape != a.shape:
-        raise ValueError(f"sqnr_db: shapes differ, {list(ref.shape)} vs {list(approx.shape)}")
-    signal = noise = 0.0
-    for i in range(0, r.numel(), chunk):
-        rc = r[i:i + chunk].float()
-        signal += torch.linalg.vector_norm(rc).item() ** 2
-        noise += torch.linalg.vector_norm(rc - a[i:i + chunk].float()).item() ** 2
-    return _db(signal, noise)
+    return power_ratio_db(signal, noise)
 
 
 class QuantLinear(nn.Module):

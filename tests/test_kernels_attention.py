@@ -17,7 +17,8 @@ pytest.importorskip("triton")
 from lowvram.kernels import attention8 as A8  # noqa: E402
 from lowvram.kernels.attention import two_segment_attention  # noqa: E402
 from lowvram.kernels.configs import INTERPRETER_WHY, interpreter_ready  # noqa: E402
-from lowvram.kernels.reference import attention_reference, rel_error, sqnr_db  # noqa: E402
+from lowvram.kernels.reference import attention_reference, rel_error  # noqa: E402
+from lowvram.metrics import sqnr_db  # noqa: E402
 from lowvram.model.rope import RopeTable, sink_rope_tables  # noqa: E402
 
 BF = torch.bfloat16
@@ -145,7 +146,7 @@ def check_8bit(inp, rope, floor_db=30.0, **kw):
     out = A8.two_segment_attention8(**args, win=win, out=poisoned(inp["q"]), **kw)
     ref = attention_reference(**full)
     assert not out.isnan().any(), "unwritten output elements"
-    db = sqnr_db(out, ref)
+    db = sqnr_db(ref, out)
     assert db >= floor_db, f"SQNR {db:.1f} dB"
     return out
 
@@ -169,7 +170,7 @@ def test_kv8_cache_format():
     first_mean = inp["k_win"][:, :64].float().mean(dim=1)
     assert torch.allclose(cache.k_mean, first_mean), "the mean must come from the first write only"
     k, v = A8.kv8_dequantize(win, torch.float64)
-    assert sqnr_db(k, inp["k_win"]) > 38 and sqnr_db(v, inp["v_win"]) > 38
+    assert sqnr_db(inp["k_win"], k) > 38 and sqnr_db(inp["v_win"], v) > 38
     assert cache.k.dtype == torch.int8 and cache.v.dtype == torch.int8 and win.k.shape[1] == 100
     with pytest.raises(ValueError):
         A8.kv8_write(cache, cache.length - 10, inp["k_win"][:, :64], inp["v_win"][:, :64])

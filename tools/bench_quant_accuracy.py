@@ -32,8 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lowvram.metrics import sqnr_db
 from lowvram.quantize import backends
-from lowvram.quantize.linear import QuantLinear, quantize_weight_sqnr, set_gemm_backend, sqnr_db
+from lowvram.quantize.linear import QuantLinear, quantize_weight_sqnr, set_gemm_backend
 
 SHAPES = [(5120, 5120), (5120, 13824), (13824, 5120)]  # (K in, N out)
 VARIANTS = [("int8", "int_mm", "W8A8"), ("fp8", "scaled_mm", "W8A8"), ("int8", "reference", "W8A16"),
