@@ -3,20 +3,17 @@
 Algorithm: one program per (BLOCK_M queries, batch x head); online softmax in base 2 with fp32
 statistics and accumulator (FlashAttention-2 forward). The keys come from two segments read in
 place, never concatenated: the KV window (keys already roped) and the sink (keys stored
-un-roped). Each sink key tile is roped in registers: pair j of token n takes the position
-pos[n, axis(j)] (axis 0/1/2 = time/height/width for the first pt/ph/pw pairs), the fp16 cos/sin
-of that position from the model's RopeTable (sin negated for a negative time position), rotates
-in fp32 and rounds to bf16, which is bit-identical to `rope_apply` (products of a bf16 and an
-fp16 value are exact in fp32). The per-token cos/sin rows are gathered from the table either by
-torch once per call (`sink_rope_tables`, default: the kernel then loads them as plain tiles) or
-by the kernel itself from the positions (dependent gathers; configs.SINK_ROPE picks).
+un-roped). Each sink key tile is roped in registers: token n's pairs take the rows sink_cos[n],
+sink_sin[n] [D/2] (the model's fp16 multipliers at the sink positions, sin negated for a negative
+time position; the model gathers them once per forward), rotate in fp32 and round to bf16, which is
+bit-identical to reference.rope_apply (products of a bf16 and an fp16 value are exact in fp32).
 Non-causal, no mask; softmax over the union of both segments. On Hopper (configs.ATTENTION_TMA) q and
 the full key/value tiles are loaded through TMA tensor descriptors over the [B, L, H, D] tensors (rows
 past a segment's end read as zeros and are masked like the pointer path's); P·V accumulates in the MMA.
 
 Limits: D a power of two >= 16 (pairs need D/2 >= 8); bf16 or fp16 in, same dtype out; the last
 dim of every input contiguous (views along L of a bigger cache are fine, strides are passed);
-sink positions are clamped into the table (the model keeps them in range).
+sink_cos/sink_sin [Ls, D/2] (any float dtype; fp16 table values for the bit-identity above).
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ import torch
 
 from lowvram.kernels import configs
 from lowvram.kernels.reference import attention_torch
-from lowvram.model.rope import RopeTable
 
 try:
     import triton
@@ -65,29 +61,20 @@ if triton is not None:
         return m_new, l_i, acc
 
     @triton.jit
-    def _rope_tile(k, n, Ls, POS, COS, SIN, max_pos, PT: tl.constexpr, PH: tl.constexpr,
-                   D: tl.constexpr, BLOCK_N: tl.constexpr, GATHERED: tl.constexpr):
-        # k: [BN, D] un-roped sink keys of tokens n [BN] -> roped, same dtype
+    def _rope_tile(k, n, Ls, COS, SIN, D: tl.constexpr, BLOCK_N: tl.constexpr):
+        # k: [BN, D] un-roped sink keys of tokens n [BN] -> roped, same dtype; COS/SIN: per-token rows
+        # [Ls, HALF], sign folded (sink_cos, sink_sin)
         HALF: tl.constexpr = D // 2
         j = tl.arange(0, HALF)
-        if GATHERED:  # COS/SIN: per-token rows [Ls, HALF], sign folded (sink_rope_tables)
-            c = tl.load(COS + n[:, None] * HALF + j[None, :], mask=n[:, None] < Ls, other=0.0).to(tl.float32)
-            sn = tl.load(SIN + n[:, None] * HALF + j[None, :], mask=n[:, None] < Ls, other=0.0).to(tl.float32)
-        else:  # COS/SIN: the model's table [max_len, HALF], gathered here from the positions
-            axis = tl.where(j < PT, 0, tl.where(j < PT + PH, 1, 2))  # [HALF]
-            p = tl.load(POS + n[:, None] * 3 + axis[None, :], mask=n[:, None] < Ls, other=0)  # [BN, HALF]
-            pa = tl.minimum(tl.abs(p), max_pos)
-            c = tl.load(COS + pa * HALF + j[None, :]).to(tl.float32)
-            sn = tl.load(SIN + pa * HALF + j[None, :]).to(tl.float32)
-            sn = tl.where(p < 0, -sn, sn)
+        c = tl.load(COS + n[:, None] * HALF + j[None, :], mask=n[:, None] < Ls, other=0.0).to(tl.float32)
+        sn = tl.load(SIN + n[:, None] * HALF + j[None, :], mask=n[:, None] < Ls, other=0.0).to(tl.float32)
         a, b = tl.split(tl.reshape(k.to(tl.float32), (BLOCK_N, HALF, 2)))
         kr = tl.join(a * c - b * sn, a * sn + b * c)  # [BN, HALF, 2]
         return tl.reshape(kr, (BLOCK_N, D)).to(k.dtype)
 
     @triton.jit
-    def _sink_segment(q, m_i, l_i, acc, KS, VS, sksl, svsl, offs_n, offs_d, Ls, POS, COS, SIN, max_pos,
-                      qk_scale, PT: tl.constexpr, PH: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                      UPCAST: tl.constexpr, GATHERED: tl.constexpr, DKS=None, DVS=None, b=0, h=0,
+    def _sink_segment(q, m_i, l_i, acc, KS, VS, sksl, svsl, offs_n, offs_d, Ls, COS, SIN, qk_scale,
+                      D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DKS=None, DVS=None, b=0, h=0,
                       TMA: tl.constexpr = False):
         """Online softmax over the sink of one (batch, head): un-roped keys roped tile by tile.
         KS, VS point at the (b, h) slice (or, with TMA, DKS/DVS describe the whole [B, Ls, H, D]
@@ -102,7 +89,7 @@ if triton is not None:
             else:
                 k = tl.load(ks + start * sksl, mask=n[:, None] < Ls, other=0.0)
                 v = tl.load(vs + start * svsl, mask=n[:, None] < Ls, other=0.0)
-            k = _rope_tile(k, n, Ls, POS, COS, SIN, max_pos, PT, PH, D, BLOCK_N, GATHERED)
+            k = _rope_tile(k, n, Ls, COS, SIN, D, BLOCK_N)
             s = mma(q, tl.trans(k), UPCAST)
             s = tl.where(n[None, :] < Ls, s, float("-inf"))
             m_i, l_i, acc = _softmax_step(s, qk_scale, v, m_i, l_i, acc, UPCAST)
@@ -138,13 +125,11 @@ if triton is not None:
                  mask=offs_m[:, None] < Lq)
 
     @triton.jit
-    def _attn_fwd(Q, KW, VW, KS, VS, POS, COS, SIN, O, DQ, DKW, DVW, DKS, DVS,
+    def _attn_fwd(Q, KW, VW, KS, VS, COS, SIN, O, DQ, DKW, DVW, DKS, DVS,
                   sqb, sql, sqh, skwb, skwl, skwh, svwb, svwl, svwh,
                   sksb, sksl, sksh, svsb, svsl, svsh, sob, sol, soh,
-                  H, Lq, Lw, Ls, max_pos, qk_scale,
-                  PT: tl.constexpr, PH: tl.constexpr, D: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                  GATHERED: tl.constexpr, TMA: tl.constexpr):
+                  H, Lq, Lw, Ls, qk_scale, D: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
         # TMA: q and the full key/value tiles come through tensor descriptors (DQ, DKW, DVW, DKS,
         # DVS over the [B, L, H, D] tensors, set up by the wrapper) instead of pointer loads
         b, h, offs_m, offs_n, offs_d, q, m_i, l_i, acc = _tile_start(Q, DQ, sqb, sql, sqh, H, Lq, BLOCK_M, BLOCK_N,
@@ -171,16 +156,16 @@ if triton is not None:
             s = tl.where(n[None, :] < Lw, s, float("-inf"))
             m_i, l_i, acc = _softmax_step(s, qk_scale, v, m_i, l_i, acc, UPCAST)
 
-        # segment 2: the sink, keys roped here from their positions
+        # segment 2: the sink, keys roped here by their multipliers
         m_i, l_i, acc = _sink_segment(q, m_i, l_i, acc, KS + b * sksb + h * sksh, VS + b * svsb + h * svsh,
-                                      sksl, svsl, offs_n, offs_d, Ls, POS, COS, SIN, max_pos, qk_scale,
-                                      PT, PH, D, BLOCK_N, UPCAST, GATHERED, DKS, DVS, b, h, TMA)
+                                      sksl, svsl, offs_n, offs_d, Ls, COS, SIN, qk_scale,
+                                      D, BLOCK_N, UPCAST, DKS, DVS, b, h, TMA)
         _tile_store(O, acc, l_i, b, h, sob, sol, soh, offs_m, offs_d, Lq)
 
 _TUNED: dict = {}
 
 
-def autotuned(cache: dict, kernel, space, family: str, key=("D", "PT", "PH", "GATHERED"), pre_hook=None):
+def autotuned(cache: dict, kernel, space, family: str, key=("D",), pre_hook=None):
     """`kernel` autotuned over the configs of `space` (kernels/configs.py) for a device family, made once."""
     if family not in cache:
         cfgs = [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]},
@@ -200,8 +185,7 @@ def _set_blocks(nargs: dict) -> None:
 
 
 def _kernel(family: str):
-    return autotuned(_TUNED, _attn_fwd, configs.ATTENTION, family, key=("D", "PT", "PH", "GATHERED", "TMA"),
-                     pre_hook=_set_blocks)
+    return autotuned(_TUNED, _attn_fwd, configs.ATTENTION, family, key=("D", "TMA"), pre_hook=_set_blocks)
 
 
 def tma_usable(*xs: torch.Tensor) -> bool:
@@ -227,49 +211,36 @@ def launch_opts(block: tuple) -> dict:
     return {"num_warps": warps, "num_stages": stages}
 
 
-def sink_rope_tables(rope: RopeTable, sink_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token fp16 multipliers of the sink: (cos, sin) [Ls, D/2] on the table's device, sin negated
-    for negative time positions (RopeTable.gather in the table's dtype). The sink positions are the same
-    in every layer: compute once per forward, pass as `sink_cs`."""
-    cos, sin = rope.gather(sink_pos, dtype=rope.cos.dtype)
-    return cos.contiguous(), sin.contiguous()
-
-
-def sink_args(rope: RopeTable, sink_pos, Ls: int, device, sink_cs, mode: str | None) -> tuple:
-    """(POS, COS, SIN, max_pos, GATHERED) kernel arguments for the sink RoPE (see configs.SINK_ROPE)."""
-    mode = mode or configs.SINK_ROPE
-    if Ls > 0 and (mode == "gathered" or sink_cs is not None):
-        cos, sin = sink_cs if sink_cs is not None else sink_rope_tables(rope, sink_pos)
-        dummy = torch.zeros(1, 3, dtype=torch.int32, device=device)
-        return dummy, cos.to(device), sin.to(device), 0, True
-    if mode not in ("gathered", "table"):
-        raise ValueError(f"sink_rope must be 'gathered' or 'table', not {mode!r}")
-    pos = sink_pos.to(device=device, dtype=torch.int32).contiguous() if Ls > 0 else \
-        torch.zeros(1, 3, dtype=torch.int32, device=device)
-    return pos, rope.cos.to(device), rope.sin.to(device), rope.max_len - 1, False
+def sink_multipliers(sink_cos: torch.Tensor, sink_sin: torch.Tensor, Ls: int, D: int, device) -> tuple:
+    """(COS, SIN) kernel arguments: the sink's [Ls, D/2] rows on `device`, contiguous (a 1-element
+    placeholder when the sink is empty: the kernel then reads nothing)."""
+    if Ls == 0:
+        dummy = torch.zeros(1, dtype=torch.float16, device=device)
+        return dummy, dummy
+    for name, t in (("sink_cos", sink_cos), ("sink_sin", sink_sin)):
+        if tuple(t.shape) != (Ls, D // 2):
+            raise ValueError(f"{name} must be [Ls, D/2] = [{Ls}, {D // 2}], not {list(t.shape)}")
+    return sink_cos.to(device).contiguous(), sink_sin.to(device).contiguous()
 
 
 def _lastdim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeTable, scale=None,
+def two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_cos, sink_sin, scale=None,
                           backend: str = "auto", block: tuple | None = None,
-                          out: torch.Tensor | None = None, sink_cs: tuple | None = None,
-                          sink_rope: str | None = None, tma: bool | None = None) -> torch.Tensor:
+                          out: torch.Tensor | None = None, tma: bool | None = None) -> torch.Tensor:
     """softmax(q [k_win; rope(k_sink)]^T * scale) [v_win; v_sink] without concatenating the segments.
 
     q [B, Lq, H, D]; k_win, v_win [B, Lw, H, D] (keys roped); k_sink, v_sink [B, Ls, H, D] (keys
-    un-roped); sink_pos [Ls, 3] int (f, h, w; f < 0 = conjugate); rope: the model's table (on the
-    device). Lw >= 0, Ls >= 0, Lw + Ls > 0. Returns [B, Lq, H, D] in q.dtype.
+    un-roped); sink_cos, sink_sin [Ls, D/2]: the sink keys' RoPE multipliers (the model's fp16 table
+    at the sink positions, sin negated for negative time positions: lowvram.model.rope.sink_rope_tables,
+    the same for all layers of a forward). Lw >= 0, Ls >= 0, Lw + Ls > 0. Returns [B, Lq, H, D] in q.dtype.
     backend: "auto" (Triton on CUDA or under the interpreter, else torch), "triton", "torch".
     block: (BLOCK_M, BLOCK_N[, num_warps, num_stages]) to bypass autotuning (tests, benchmarks).
     out: an optional [B, Lq, H, D] tensor to write into (Triton path).
     tma: load tiles through tensor descriptors (None: configs.ATTENTION_TMA for the device family,
     where the tensors allow it; True/False force it, True failing when they do not).
-    sink_cs: precomputed sink_rope_tables(rope, sink_pos) (the same for all layers of a forward).
-    sink_rope: "gathered" (per-token cos/sin rows, gathered by torch) or "table" (the kernel gathers
-    from the table by position); default configs.SINK_ROPE. Both rotate in registers, bit-exactly.
     """
     B, Lq, H, D = q.shape
     Lw, Ls = k_win.shape[1], k_sink.shape[1]
@@ -277,13 +248,13 @@ def two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeT
         raise ValueError("two_segment_attention needs at least one key")
     use_triton = backend == "triton" or (backend == "auto" and triton_usable(q))
     if not use_triton:
-        res = attention_torch(q, k_win, v_win, k_sink, v_sink, sink_pos, rope, scale)
+        res = attention_torch(q, k_win, v_win, k_sink, v_sink, sink_cos, sink_sin, scale)
         return res if out is None else out.copy_(res)
     if triton is None:
         raise RuntimeError("backend='triton' needs triton installed")
     q, k_win, v_win, k_sink, v_sink = map(_lastdim_contiguous, (q, k_win, v_win, k_sink, v_sink))
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    pos, cos, sin, max_pos, gathered = sink_args(rope, sink_pos, Ls, q.device, sink_cs, sink_rope)
+    cos, sin = sink_multipliers(sink_cos, sink_sin, Ls, D, q.device)
     if out is None:
         out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
     family = configs.arch_family(q.device)
@@ -293,24 +264,29 @@ def two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeT
     tma = usable if tma is None and configs.ATTENTION_TMA.get(family, False) else bool(tma)
     descs = [TensorDescriptor.from_tensor(x, [1, 16, 1, D]) for x in (q, k_win, v_win, k_sink, v_sink)] \
         if tma else [None] * 5  # block shapes set per config (_set_blocks)
-    args = (q, k_win, v_win, k_sink, v_sink, pos, cos, sin, out, *descs,
+    args = (q, k_win, v_win, k_sink, v_sink, cos, sin, out, *descs,
             q.stride(0), q.stride(1), q.stride(2), k_win.stride(0), k_win.stride(1), k_win.stride(2),
             v_win.stride(0), v_win.stride(1), v_win.stride(2), k_sink.stride(0), k_sink.stride(1),
             k_sink.stride(2), v_sink.stride(0), v_sink.stride(1), v_sink.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            H, Lq, Lw, Ls, max_pos, scale * LOG2E)
-    pt, ph, _ = rope.pairs
+            H, Lq, Lw, Ls, scale * LOG2E)
     up = configs.interpreting()
     if block is not None:
         grid = (triton.cdiv(Lq, block[0]), B * H)
         _set_blocks(dict(DQ=descs[0], DKW=descs[1], DVW=descs[2], DKS=descs[3], DVS=descs[4],
                          BLOCK_M=block[0], BLOCK_N=block[1], D=D))
-        _attn_fwd[grid](*args, PT=pt, PH=ph, D=D, BLOCK_M=block[0], BLOCK_N=block[1], UPCAST=up,
-                        GATHERED=gathered, TMA=tma, **launch_opts(block))
+        _attn_fwd[grid](*args, D=D, BLOCK_M=block[0], BLOCK_N=block[1], UPCAST=up, TMA=tma,
+                        **launch_opts(block))
     else:
         grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _kernel(family)[grid](*args, PT=pt, PH=ph, D=D, UPCAST=up, GATHERED=gathered, TMA=tma)
+        _kernel(family)[grid](*args, D=D, UPCAST=up, TMA=tma)
     return out
+
+
+def bench_multipliers(Ls: int, D: int, device, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (cos, sin) [Ls, D/2] of random angles: stand-ins for the model's sink multipliers (benchmarks)."""
+    ang = torch.rand(Ls, D // 2, device=device, generator=gen) * (2 * math.pi)
+    return ang.cos().half(), ang.sin().half()
 
 
 def bench_attention(B=1, Lq=3168, Lw=12672, Ls=2640, H=40, D=128, device="cuda") -> dict:
@@ -319,9 +295,8 @@ def bench_attention(B=1, Lq=3168, Lw=12672, Ls=2640, H=40, D=128, device="cuda")
     q = torch.randn(B, Lq, H, D, device=device, dtype=torch.bfloat16, generator=gen)
     kw, vw = (torch.randn(B, Lw, H, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(2))
     ks, vs = (torch.randn(B, Ls, H, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(2))
-    pos = torch.randint(-8, 40, (Ls, 3), device=device, generator=gen)
-    rope = RopeTable.build(D, 1024, device=device)
-    fn = lambda: two_segment_attention(q, kw, vw, ks, vs, pos, rope)  # noqa: E731
+    cos, sin = bench_multipliers(Ls, D, device, gen)
+    fn = lambda: two_segment_attention(q, kw, vw, ks, vs, cos, sin)  # noqa: E731
     ms = triton.testing.do_bench(fn, warmup=100, rep=500, return_mode="median")
     flops = 4.0 * B * H * Lq * (Lw + Ls) * D
     return {"ms": ms, "tflops": flops / ms / 1e9}

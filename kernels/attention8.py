@@ -1,23 +1,23 @@
 """8-bit two-segment attention reading the 8-bit KV cache in place, and that cache's format.
 
 Cache format (`KV8Cache`, one per layer and step cache): INT8 K and INT8 V with an fp32 scale per
-(token, head), absmax/127, round half away from zero. K is smoothed first (SageAttention): a mean
-over tokens per (batch, head), taken from the cache's first write and reused for every later
-write, is subtracted before quantizing, which removes the channel offsets (outlier channels) that
-would otherwise set the per-token scale. Since the mean is one vector for the whole window,
-q.mean is a per-query constant of the window's scores; the kernel adds it back because the
+(token, head) by kernels/rowquant.py's rule (absmax/127, ties to even). K is smoothed first
+(SageAttention): a mean over tokens per (batch, head), taken from the cache's first write and reused
+for every later write, is subtracted before quantizing, which removes the channel offsets (outlier
+channels) that would otherwise set the per-token scale. Since the mean is one vector for the whole
+window, q.mean is a per-query constant of the window's scores; the kernel adds it back because the
 softmax also spans the sink, whose scores do not carry it.
 V is INT8 on every device: the INT8 MMA is as fast as FP8 on sm_89/sm_90 and the only 8-bit MMA
 on sm_80/86, and INT8 with per-token scales quantizes V more finely than e4m3.
 
 Kernel: one program per (BLOCK_M queries, batch x head); Q is quantized per query row inside the
-kernel (softmax scale and log2(e) folded in first). Window tiles: S = (q8 k8^T) qs ks + q.mean;
-online softmax in base 2; the probabilities of a tile, taken relative to the tile's own row max
-(so every row uses the full INT8 range) and weighted by each token's V scale relative to the
-tile's largest, are quantized to INT8 and multiplied with the INT8 V; the per-row factor
-exp2(m_tile - m_run) * max(v_scale) / 127 rescales the int32 result. Sink tiles are bf16 (keys
-un-roped, roped in registers exactly as in attention.py): the sink is small (2640 of 15312 keys)
-and stays in bf16 in the model.
+kernel (softmax scale and log2(e) folded in first; rowquant.quantize_tile, the same rule). Window
+tiles: S = (q8 k8^T) qs ks + q.mean; online softmax in base 2; the probabilities of a tile, taken
+relative to the tile's own row max (so every row uses the full INT8 range) and weighted by each
+token's V scale relative to the tile's largest, are quantized to INT8 and multiplied with the INT8 V;
+the per-row factor exp2(m_tile - m_run) * max(v_scale) / 127 rescales the int32 result. Sink tiles
+are bf16 (keys un-roped, roped in registers exactly as in attention.py): the sink is small (2640 of
+15312 keys) and stays in bf16 in the model.
 Limits: as attention.py; window from a KV8Cache (views along L allowed), sink in bf16/fp16.
 """
 
@@ -29,15 +29,16 @@ from dataclasses import dataclass, replace
 import torch
 
 from lowvram.kernels import configs
-from lowvram.kernels.attention import LOG2E, autotuned, launch_opts, sink_args, triton_usable
-from lowvram.kernels.reference import INT8_MAX, attention_torch, round_half_away
-from lowvram.model.rope import RopeTable
+from lowvram.kernels.attention import LOG2E, autotuned, bench_multipliers, launch_opts, sink_multipliers, triton_usable
+from lowvram.kernels.reference import attention_torch
+from lowvram.kernels.rowquant import quantize_rows_int8
 
 try:
     import triton
     import triton.language as tl
 
     from lowvram.kernels.attention import _sink_segment, _tile_start, _tile_store
+    from lowvram.kernels.rowquant import quantize_tile
 except ImportError:  # CPU-only installs: the torch fallback serves
     triton = None
 
@@ -69,13 +70,6 @@ def kv8_alloc(B: int, L: int, H: int, D: int, device="cpu") -> KV8Cache:
     return KV8Cache(k, zs(), v, zs(), torch.zeros(B, H, D, dtype=torch.float32, device=device))
 
 
-def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(token, head) INT8 of x [B, n, H, D] -> (int8 [B, n, H, D], fp32 scale [B, n, H])."""
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1).clamp_min(1e-8) / INT8_MAX
-    return round_half_away(xf / scale[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
-
-
 def kv8_write(cache: KV8Cache, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
     """Quantize k (roped), v [B, n, H, D] into cache tokens [start, start + n) in place.
 
@@ -87,8 +81,8 @@ def kv8_write(cache: KV8Cache, start: int, k: torch.Tensor, v: torch.Tensor) -> 
     if not cache.mean_ready:
         cache.k_mean.copy_(k.float().mean(dim=1))  # [B, H, D]
         cache.mean_ready = True
-    kq, ks = quantize_tokens(k.float() - cache.k_mean[:, None])
-    vq, vs = quantize_tokens(v)
+    kq, ks = quantize_rows_int8(k.float() - cache.k_mean[:, None])  # per (token, head): [B, n, H, D], [B, n, H]
+    vq, vs = quantize_rows_int8(v)
     cache.k[:, start:start + n] = kq
     cache.k_scale[..., start:start + n] = ks.transpose(1, 2)
     cache.v[..., start:start + n] = vq.permute(0, 2, 3, 1)
@@ -140,22 +134,18 @@ if triton is not None:
         return m_new, l_i, acc
 
     @triton.jit
-    def _attn8_fwd(Q, KW, KWS, KM, VW, VWS, KS, VS, POS, COS, SIN, O,
+    def _attn8_fwd(Q, KW, KWS, KM, VW, VWS, KS, VS, COS, SIN, O,
                    sqb, sql, sqh, skb, skl, skh, sksb, sksh, svb, svh, svd, svl, svsb, svsh, smb, smh,
                    s2kb, s2kl, s2kh, s2vb, s2vl, s2vh, sob, sol, soh,
-                   H, Lq, Lw, Ls, max_pos, qk_scale,
-                   PT: tl.constexpr, PH: tl.constexpr, D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                   GATHERED: tl.constexpr):
+                   H, Lq, Lw, Ls, qk_scale, D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
         b, h, offs_m, offs_n, offs_d, q, m_i, l_i, acc = _tile_start(Q, None, sqb, sql, sqh, H, Lq, BLOCK_M, BLOCK_N,
                                                                      D, False)
 
         if Lw > 0:
             # Q to INT8 per row, softmax scale folded in; q.mean restores the smoothed-away term
             qf = q.to(tl.float32) * qk_scale
-            qs = tl.maximum(tl.max(tl.abs(qf), 1), 1e-20) / 127.0  # [BM]
-            qy = qf / qs[:, None]
-            q8 = (qy + tl.where(qy >= 0, 0.5, -0.5)).to(tl.int32).to(tl.int8)
+            q8, qs = quantize_tile(qf, 127.0, False, tl.int8)  # [BM, D] int8, [BM]
             mean = tl.load(KM + b * smb + h * smh + offs_d)  # [D] fp32
             qm = tl.sum(qf * mean[None, :], 1)  # [BM]
             kw = KW + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :]
@@ -173,8 +163,7 @@ if triton is not None:
                                            m_i, l_i, acc, True)
 
         m_i, l_i, acc = _sink_segment(q, m_i, l_i, acc, KS + b * s2kb + h * s2kh, VS + b * s2vb + h * s2vh,
-                                      s2kl, s2vl, offs_n, offs_d, Ls, POS, COS, SIN, max_pos, qk_scale,
-                                      PT, PH, D, BLOCK_N, UPCAST, GATHERED)
+                                      s2kl, s2vl, offs_n, offs_d, Ls, COS, SIN, qk_scale, D, BLOCK_N, UPCAST)
         _tile_store(O, acc, l_i, b, h, sob, sol, soh, offs_m, offs_d, Lq)
 
 _TUNED: dict = {}
@@ -184,16 +173,15 @@ def _kernel(family: str):
     return autotuned(_TUNED, _attn8_fwd, configs.ATTENTION8, family)
 
 
-def two_segment_attention8(q, win: KV8Cache, k_sink, v_sink, sink_pos, rope: RopeTable, scale=None,
+def two_segment_attention8(q, win: KV8Cache, k_sink, v_sink, sink_cos, sink_sin, scale=None,
                            backend: str = "auto", block: tuple | None = None,
-                           out: torch.Tensor | None = None, sink_cs: tuple | None = None,
-                           sink_rope: str | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """Like attention.two_segment_attention, with the window read from an 8-bit cache view.
 
     q [B, Lq, H, D] bf16; win: kv8_window(cache, end) ([B, Lw, H, D], keys roped before
-    quantizing); k_sink (un-roped), v_sink [B, Ls, H, D] bf16; sink_pos [Ls, 3]. Returns q.dtype.
-    backend "torch" dequantizes the window and runs the torch fallback; out, sink_cs, sink_rope: as
-    two_segment_attention.
+    quantizing); k_sink (un-roped), v_sink [B, Ls, H, D] bf16; sink_cos, sink_sin [Ls, D/2]: as
+    two_segment_attention. Returns q.dtype.
+    backend "torch" dequantizes the window and runs the torch fallback; block, out: as two_segment_attention.
     """
     B, Lq, H, D = q.shape
     Lw, Ls = win.k.shape[1], k_sink.shape[1]
@@ -202,34 +190,32 @@ def two_segment_attention8(q, win: KV8Cache, k_sink, v_sink, sink_pos, rope: Rop
     use_triton = backend == "triton" or (backend == "auto" and triton_usable(q))
     if not use_triton:
         kw, vw = kv8_dequantize(win, q.dtype)
-        res = attention_torch(q, kw, vw, k_sink, v_sink, sink_pos, rope, scale)
+        res = attention_torch(q, kw, vw, k_sink, v_sink, sink_cos, sink_sin, scale)
         return res if out is None else out.copy_(res)
     if triton is None:
         raise RuntimeError("backend='triton' needs triton installed")
     q, k_sink, v_sink = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k_sink, v_sink))
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    pos, cos, sin, max_pos, gathered = sink_args(rope, sink_pos, Ls, q.device, sink_cs, sink_rope)
+    cos, sin = sink_multipliers(sink_cos, sink_sin, Ls, D, q.device)
     if out is None:
         out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
     for t in (win.k, win.v, win.k_scale, win.v_scale, win.k_mean):
         if t.stride(-1) != 1:
             raise ValueError("KV8Cache tensors must have a contiguous last dim")
-    args = (q, win.k, win.k_scale, win.k_mean, win.v, win.v_scale, k_sink, v_sink, pos, cos, sin, out,
+    args = (q, win.k, win.k_scale, win.k_mean, win.v, win.v_scale, k_sink, v_sink, cos, sin, out,
             q.stride(0), q.stride(1), q.stride(2), win.k.stride(0), win.k.stride(1), win.k.stride(2),
             win.k_scale.stride(0), win.k_scale.stride(1), win.v.stride(0), win.v.stride(1), win.v.stride(2), 1,
             win.v_scale.stride(0), win.v_scale.stride(1), win.k_mean.stride(0), win.k_mean.stride(1),
             k_sink.stride(0), k_sink.stride(1), k_sink.stride(2), v_sink.stride(0), v_sink.stride(1),
             v_sink.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            H, Lq, Lw, Ls, max_pos, scale * LOG2E)
-    pt, ph, _ = rope.pairs
+            H, Lq, Lw, Ls, scale * LOG2E)
     up = configs.interpreting()
     if block is not None:
         grid = (triton.cdiv(Lq, block[0]), B * H)
-        _attn8_fwd[grid](*args, PT=pt, PH=ph, D=D, BLOCK_M=block[0], BLOCK_N=block[1], UPCAST=up,
-                         GATHERED=gathered, **launch_opts(block))
+        _attn8_fwd[grid](*args, D=D, BLOCK_M=block[0], BLOCK_N=block[1], UPCAST=up, **launch_opts(block))
     else:
         grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _kernel(configs.arch_family(q.device))[grid](*args, PT=pt, PH=ph, D=D, UPCAST=up, GATHERED=gathered)
+        _kernel(configs.arch_family(q.device))[grid](*args, D=D, UPCAST=up)
     return out
 
 
@@ -241,8 +227,7 @@ def bench_attention8(B=1, Lq=3168, Lw=12672, Ls=2640, H=40, D=128, device="cuda"
     kv8_write(cache, 0, *(torch.randn(B, Lw, H, D, device=device, dtype=torch.bfloat16, generator=gen)
                           for _ in range(2)))
     ks, vs = (torch.randn(B, Ls, H, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(2))
-    pos = torch.randint(-8, 40, (Ls, 3), device=device, generator=gen)
-    rope = RopeTable.build(D, 1024, device=device)
-    fn = lambda: two_segment_attention8(q, cache, ks, vs, pos, rope)  # noqa: E731
+    cos, sin = bench_multipliers(Ls, D, device, gen)
+    fn = lambda: two_segment_attention8(q, cache, ks, vs, cos, sin)  # noqa: E731
     ms = triton.testing.do_bench(fn, warmup=100, rep=500, return_mode="median")
     return {"ms": ms, "tflops": 4.0 * B * H * Lq * (Lw + Ls) * D / ms / 1e9}

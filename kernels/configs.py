@@ -64,12 +64,10 @@ QUANT_ROWS_INTERP = dict(BLOCK=64, num_warps=4, SINGLE_MAX=128)
 FP8_ENGINE = {"sm90": "triton", "sm80": "triton", "sm8x": "triton", "interp": "triton"}
 
 
-# where the sink keys' RoPE multipliers come from: "gathered" (torch gathers per-token cos/sin rows
-# once per call, [Ls, D/2] fp16; the kernel loads them as plain tiles) or "table" (the kernel gathers
-# from the RopeTable by position: dependent loads that the pipeliner cannot prefetch). Both rotate in
-# registers and give identical keys. "table" measured 5.67 ms at B=1 on the H200 (bench_kernels);
-# "gathered" is the default by prediction (no dependent gathers in the sink loop), not yet timed.
-SINK_ROPE = "gathered"
+# The sink keys' RoPE multipliers reach the attention kernels as per-token rows [Ls, D/2] gathered once per
+# forward by the model. Gathering them inside the kernel from the table by position (dependent loads the
+# pipeliner cannot prefetch) measured 3.93 ms for the sink alone vs 0.67 ms on the H200 (BENCHMARKS.md
+# section 3) and was removed with the kernels' dependence on the model's RopeTable.
 
 
 def interpreting() -> bool:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lowvram.kernels import configs
+from lowvram.kernels.reference import rope_apply
 
 try:
     import triton
@@ -120,8 +121,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------- torch twins (the eager code)
 
 def rms_norm_rope_torch(x, weight, eps, cos=None, sin=None, heads=1):
-    from lowvram.model.rope import rope_apply
-
     xf = x.float()
     y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
     if cos is None:

@@ -1,8 +1,8 @@
 """W8A8 GEMMs: per-token activation quantization + an 8-bit tensor-core GEMM with scales and bias fused.
 
 Algorithm: (1) `quantize_rows`: one program per row of x [M, K] (bf16) finds absmax, writes the
-8-bit row (INT8: absmax/127, round half away from zero; FP8 e4m3: absmax/448, the hardware's
-round-to-nearest-even) and its fp32 scale; one read of x, one write of the 8-bit copy.
+8-bit row and its fp32 scale by kernels/rowquant.py's rule (INT8 absmax/127, FP8 e4m3 absmax/448,
+ties to even; bit-identical to rowquant's torch functions); one read of x, one write of the 8-bit copy.
 (2) `_w8a8_gemm`: C = (Xq Wq^T) * x_scale[:, None] * w_scale[None, :] + bias, tiles grouped along
 M for L2 reuse, int32 (INT8) or fp32 (FP8) accumulation, the scales and bias applied in the
 epilogue, bf16 out. The weight stays [N, K] (K contiguous), which is the K-major operand layout
@@ -18,23 +18,20 @@ import torch
 
 from lowvram.kernels import configs
 from lowvram.kernels.reference import fp8_linear_reference, int8_linear_reference
+from lowvram.kernels.rowquant import FP8_MAX, INT8_MAX
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: the torch references serve
+
+    from lowvram.kernels.rowquant import round_8bit, scale_of
+
+    TRITON_ERROR = None
+except ImportError as e:  # CPU-only installs: the torch references serve
     triton = None
+    TRITON_ERROR = f"{type(e).__name__}: {e}"  # why, for the GEMM backend's error message
 
 if triton is not None:
-
-    @triton.jit
-    def _to_8bit(y, QMAX: tl.constexpr, FP8: tl.constexpr, OUT_TY: tl.constexpr):
-        y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-        if FP8:
-            yq = y.to(OUT_TY)
-        else:
-            yq = (y + tl.where(y >= 0, 0.5, -0.5)).to(tl.int32).to(tl.int8)  # ties away from zero
-        return yq
 
     @triton.jit
     def _quant_rows(X, Q, S, K, stride_x, stride_q, QMAX: tl.constexpr, FP8: tl.constexpr,
@@ -45,18 +42,18 @@ if triton is not None:
         if SINGLE:
             mask = cols < K
             x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            scale = tl.maximum(tl.max(tl.abs(x), 0), 1e-8) / QMAX
-            tl.store(Q + row * stride_q + cols, _to_8bit(x / scale, QMAX, FP8, Q.dtype.element_ty), mask=mask)
+            scale, inv = scale_of(tl.max(tl.abs(x), 0), QMAX)
+            tl.store(Q + row * stride_q + cols, round_8bit(x * inv, QMAX, FP8, Q.dtype.element_ty), mask=mask)
         else:
             amax = tl.zeros([BLOCK], tl.float32)
             for start in range(0, K, BLOCK):
                 x = tl.load(X + row * stride_x + start + cols, mask=start + cols < K, other=0.0)
                 amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-            scale = tl.maximum(tl.max(amax, 0), 1e-8) / QMAX
+            scale, inv = scale_of(tl.max(amax, 0), QMAX)
             for start in range(0, K, BLOCK):
                 mask = start + cols < K
-                y = tl.load(X + row * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32) / scale
-                tl.store(Q + row * stride_q + start + cols, _to_8bit(y, QMAX, FP8, Q.dtype.element_ty), mask=mask)
+                y = tl.load(X + row * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32) * inv
+                tl.store(Q + row * stride_q + start + cols, round_8bit(y, QMAX, FP8, Q.dtype.element_ty), mask=mask)
         tl.store(S + row, scale)
 
     @triton.jit
@@ -125,7 +122,8 @@ def triton_usable(x: torch.Tensor) -> bool:
 
 
 def quantize_rows(x: torch.Tensor, fp8: bool = False, single: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token quantization x [M, K] -> (int8 or float8_e4m3fn [M, K], fp32 scale [M]) in one kernel.
+    """Per-token quantization x [M, K] -> (int8 or float8_e4m3fn [M, K], fp32 scale [M]) in one kernel,
+    bit-identical to rowquant.quantize_rows_int8 / quantize_rows_fp8.
 
     single: read each row once (rows up to configs.QUANT_ROWS["SINGLE_MAX"] columns; the default
     when they fit) or in two passes (any K)."""
@@ -137,7 +135,7 @@ def quantize_rows(x: torch.Tensor, fp8: bool = False, single: bool | None = None
     single = K <= cfg["SINGLE_MAX"] if single is None else single
     block = triton.next_power_of_2(K) if single else min(cfg["BLOCK"], triton.next_power_of_2(K))
     warps = cfg["num_warps"] if block <= 4096 else 16
-    _quant_rows[(M,)](x, q, s, K, x.stride(0), q.stride(0), QMAX=448.0 if fp8 else 127.0, FP8=fp8,
+    _quant_rows[(M,)](x, q, s, K, x.stride(0), q.stride(0), QMAX=FP8_MAX if fp8 else INT8_MAX, FP8=fp8,
                       BLOCK=block, SINGLE=single, num_warps=warps)
     return q, s
 

@@ -1,10 +1,12 @@
 """Torch references for the Triton kernels; they double as the CPU fallbacks.
 
-Attention: softmax(q k^T * scale) v over the union of two key segments, the KV window (keys
-already roped) and the sink (keys un-roped, roped here with the model's `rope_apply`, so the
-roped sink keys are bit-identical to what the model would have cached).
-GEMM: W8A8 with per-token activation scales (absmax / 127, round half away from zero) and
-per-output-channel weight scales; FP8 likewise with absmax / 448 and e4m3 (round to nearest even).
+RoPE: `rope_apply` rotates interleaved pairs by per-token (cos, sin) multipliers; it is the model's
+RoPE (lowvram.model.rope re-exports it) and the twin of the rotation inside the attention and fused
+kernels. Attention: softmax(q k^T * scale) v over the union of two key segments, the KV window (keys
+already roped) and the sink (keys un-roped, roped here with `rope_apply` at the sink's multipliers,
+so the roped sink keys are bit-identical to what the model would have cached).
+GEMM: W8A8 with per-token activation scales and per-output-channel weight scales, both quantized by
+kernels/rowquant.py (INT8 absmax / 127, FP8 e4m3 absmax / 448, ties to even).
 `compute_dtype` selects float64 (test reference), float32 (CPU fallback) or the input dtype
 ("plain torch in the same dtype", the error baseline of the tolerance rule).
 """
@@ -16,21 +18,32 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lowvram.model.rope import RopeTable, rope_apply
-
-INT8_MAX = 127.0
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+from lowvram.kernels.rowquant import quantize_rows_fp8, quantize_rows_int8
 
 
-def rope_sink_keys(k_sink: torch.Tensor, sink_pos: torch.Tensor, rope: RopeTable) -> torch.Tensor:
-    """Rope un-roped sink keys k_sink [B, Ls, H, D] at positions sink_pos [Ls, 3]; same dtype out."""
+def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x [B, L, H, D] by per-token (cos, sin) [L, D/2]; returns x.dtype.
+
+    bf16/fp16 inputs rotate in float32: a bf16 value (8-bit mantissa) times an fp16 multiplier (11-bit)
+    is exact in float32, so the one rounding of each sum equals the reference's float64 result rounded
+    to float32. float32 inputs rotate in float64."""
+    work = torch.float64 if x.dtype in (torch.float32, torch.float64) else torch.float32
+    xr = x.to(work).unflatten(-1, (-1, 2))  # [B, L, H, D/2, 2]
+    c = cos.to(work)[None, :, None, :]
+    s = sin.to(work)[None, :, None, :]
+    a, b = xr[..., 0], xr[..., 1]
+    out = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
+    return out.float().to(x.dtype) if x.dtype != torch.float64 else out
+
+
+def rope_sink_keys(k_sink: torch.Tensor, sink_cos: torch.Tensor, sink_sin: torch.Tensor) -> torch.Tensor:
+    """Rope un-roped sink keys k_sink [B, Ls, H, D] by their multipliers sink_cos/sink_sin [Ls, D/2]."""
     if k_sink.shape[1] == 0:
         return k_sink
-    cos, sin = rope.gather(sink_pos.to(rope.cos.device))
-    return rope_apply(k_sink, cos.to(k_sink.device), sin.to(k_sink.device))
+    return rope_apply(k_sink, sink_cos.to(k_sink.device), sink_sin.to(k_sink.device))
 
 
-def attention_reference(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeTable, scale=None,
+def attention_reference(q, k_win, v_win, k_sink, v_sink, sink_cos, sink_sin, scale=None,
                         compute_dtype=torch.float64) -> torch.Tensor:
     """Explicit-math attention of q [B, Lq, H, D] over window + roped sink; returns compute_dtype.
 
@@ -38,7 +51,7 @@ def attention_reference(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeTab
     probabilities rounded to it), the baseline of the tolerance rule.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    k = torch.cat([k_win, rope_sink_keys(k_sink, sink_pos, rope)], dim=1).to(compute_dtype)
+    k = torch.cat([k_win, rope_sink_keys(k_sink, sink_cos, sink_sin)], dim=1).to(compute_dtype)
     v = torch.cat([v_win, v_sink], dim=1).to(compute_dtype)
     qc = q.to(compute_dtype)
     s = torch.einsum("bqhd,bkhd->bhqk", qc, k) * scale  # [B, H, Lq, Lk]
@@ -46,33 +59,12 @@ def attention_reference(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeTab
     return torch.einsum("bhqk,bkhd->bqhd", p, v)  # [B, Lq, H, D]
 
 
-def attention_torch(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeTable, scale=None) -> torch.Tensor:
+def attention_torch(q, k_win, v_win, k_sink, v_sink, sink_cos, sink_sin, scale=None) -> torch.Tensor:
     """The fallback: SDPA on the concatenated keys (ropes the sink first); returns q.dtype."""
-    k = torch.cat([k_win, rope_sink_keys(k_sink, sink_pos, rope)], dim=1)
+    k = torch.cat([k_win, rope_sink_keys(k_sink, sink_cos, sink_sin)], dim=1)
     v = torch.cat([v_win, v_sink], dim=1)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
     return out.transpose(1, 2)  # [B, Lq, H, D]
-
-
-def round_half_away(y: torch.Tensor) -> torch.Tensor:
-    """Round to nearest, ties away from zero (what the Triton kernels do: trunc(y + copysign(0.5, y)))."""
-    return torch.trunc(y + torch.where(y >= 0, 0.5, -0.5).to(y.dtype))
-
-
-def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric INT8: x [M, K] -> (int8 [M, K], fp32 scale [M]) with x ~= q * scale."""
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1).clamp_min(1e-8) / INT8_MAX  # [M]
-    q = round_half_away(xf / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return q, scale
-
-
-def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row FP8 e4m3: x [M, K] -> (float8_e4m3fn [M, K], fp32 scale [M])."""
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1).clamp_min(1e-8) / FP8_MAX
-    q = (xf / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, scale
 
 
 def _scaled_linear(xq, x_scale, qweight, w_scale, bias, compute_dtype, out_dtype):
@@ -100,8 +92,3 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative Frobenius error ||out - ref|| / ||ref|| in float64 (NaN propagates)."""
     out, ref = out.double(), ref.double()
     return float((out - ref).norm() / ref.norm())
-
-
-def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio of out against ref in dB."""
-    return -20.0 * math.log10(max(rel_error(out, ref), 1e-30))

@@ -4,11 +4,11 @@ Every backend is `fn(x, qweight, w_scale, bias) -> y` with x: [M, K] (bf16/fp16/
 float8_e4m3fn, w_scale: [N] fp32, bias: [N] or None, y: [M, N] in x.dtype.
 
 - "reference": dequantize the weight to x.dtype and F.linear (weight-only; any device). Also the fallback.
-- "int_mm":    W8A8. Per-token dynamic INT8 activations (absmax / 127 per row), torch._int_mm (int32
-               accumulate), scales and bias applied in fp32.
-- "scaled_mm": W8A8. Per-token dynamic FP8 e4m3 activations (absmax / 448 per row), torch._scaled_mm with
-               row-wise scales and bf16 output (CUDA sm_89+; recent CPU builds too).
-- "triton":    the fused kernels of `lowvram.kernels.gemm`, registered when that module imports.
+- "int_mm":    W8A8. Per-token dynamic INT8 activations (absmax / 127 per row, kernels/rowquant.py),
+               torch._int_mm (int32 accumulate), scales and bias applied in fp32.
+- "scaled_mm": W8A8. Per-token dynamic FP8 e4m3 activations (absmax / 448 per row, kernels/rowquant.py),
+               torch._scaled_mm with row-wise scales and bf16 output (CUDA sm_89+; recent CPU builds too).
+- "triton":    the fused kernels of `lowvram.kernels.gemm`, registered when Triton is installed.
 "auto" picks per call: CPU -> reference; CUDA -> triton where it loads (activation quantization, scales and
 bias fused: in the 4090 profile at 704x384 on an H200 the DiT ran 1.70x faster than with int_mm, 5.89 vs 10.02
 s per clip, tools/bench.py 2026-11-22), else int8 -> int_mm, fp8 on sm_89+ -> scaled_mm, else reference.
@@ -17,7 +17,6 @@ s per clip, tools/bench.py 2026-11-22), else int8 -> int_mm, fp8 on sm_89+ -> sc
 from __future__ import annotations
 
 import functools
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,10 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from lowvram.errors import LowvramError
-
-INT8_MAX = 127.0
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
-TINY = 1e-12  # scale floor: an all-zero row quantizes to zeros instead of NaN
+from lowvram.kernels import gemm
+from lowvram.kernels.rowquant import quantize_rows_fp8, quantize_rows_int8
 
 
 @dataclass(frozen=True)
@@ -39,29 +36,11 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
-_TRITON_STATE = {"tried": False, "error": None}
-_current = "auto"
 
 
 def register_backend(name: str, fn: Callable, supports: Callable | None = None) -> None:
     """Add or replace a backend (see the module docstring for the calling convention)."""
     _REGISTRY[name] = Backend(name, fn, supports or (lambda x, w: True))
-
-
-def quantize_act_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric INT8: x [M, K] -> (q int8 [M, K], scale fp32 [M])."""
-    x32 = x.float()
-    scale = (x32.abs().amax(dim=1) / INT8_MAX).clamp_min(TINY)  # [M]
-    q = torch.round(x32 / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return q, scale
-
-
-def quantize_act_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row FP8 e4m3: x [M, K] -> (q float8_e4m3fn [M, K], scale fp32 [M])."""
-    x32 = x.float()
-    scale = (x32.abs().amax(dim=1) / FP8_MAX).clamp_min(TINY)  # [M]
-    q = (x32 / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, scale
 
 
 def reference_linear(x, qweight, w_scale, bias):
@@ -71,7 +50,7 @@ def reference_linear(x, qweight, w_scale, bias):
 
 def int_mm_linear(x, qweight, w_scale, bias):
     m = x.shape[0]
-    xq, x_scale = quantize_act_int8(x)  # [M, K] int8, [M]
+    xq, x_scale = quantize_rows_int8(x)  # [M, K] int8, [M]
     if x.is_cuda and m <= 16:  # cuBLAS int8 GEMM needs M > 16: pad with zero rows
         xq = F.pad(xq, (0, 0, 0, 17 - m))
     acc = torch._int_mm(xq, qweight.t())[:m]  # [M, N] int32
@@ -90,7 +69,7 @@ def _int_mm_supports(x, qweight):
 
 
 def scaled_mm_linear(x, qweight, w_scale, bias):
-    xq, x_scale = quantize_act_fp8(x)  # [M, K] fp8, [M]
+    xq, x_scale = quantize_rows_fp8(x)  # [M, K] fp8, [M]
     y = torch._scaled_mm(xq, qweight.t(), scale_a=x_scale[:, None], scale_b=w_scale.float()[None, :],
                          bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
     return y.to(x.dtype)  # [M, N]
@@ -116,67 +95,50 @@ def _cpu_scaled_mm() -> bool:
     return True
 
 
+def triton_linear(x, qweight, w_scale, bias):
+    """The fused W8A8 kernels of lowvram.kernels.gemm (activation quantization, scales and bias inside)."""
+    fn = gemm.int8_linear if qweight.dtype == torch.int8 else gemm.fp8_linear
+    return fn(x, qweight, w_scale, bias)
+
+
+def _triton_supports(x, qweight):
+    return qweight.dtype in (torch.int8, torch.float8_e4m3fn) and x.is_cuda and gemm.triton_usable(x)
+
+
 register_backend("reference", reference_linear)
 register_backend("int_mm", int_mm_linear, _int_mm_supports)
 register_backend("scaled_mm", scaled_mm_linear, _scaled_mm_supports)
-
-
-def _load_triton() -> None:
-    """Register "triton" from lowvram.kernels.gemm once, if that module imports."""
-    if _TRITON_STATE["tried"]:
-        return
-    _TRITON_STATE["tried"] = True
-    try:
-        gemm = importlib.import_module("lowvram.kernels.gemm")
-    except ImportError as e:  # no Triton, or the kernels module is not there yet
-        _TRITON_STATE["error"] = f"{type(e).__name__}: {e}"
-        return
-    fns = {torch.int8: getattr(gemm, "int8_linear", None), torch.float8_e4m3fn: getattr(gemm, "fp8_linear", None)}
-
-    def triton_linear(x, qweight, w_scale, bias):
-        return fns[qweight.dtype](x, qweight, w_scale, bias)
-
-    usable = getattr(gemm, "triton_usable", lambda x: x.is_cuda)
-    register_backend("triton", triton_linear, lambda x, w: fns.get(w.dtype) is not None and x.is_cuda and usable(x))
+if gemm.triton is not None:
+    register_backend("triton", triton_linear, _triton_supports)
 
 
 def available_backends() -> list[str]:
-    """Names that `set_backend` accepts (besides "auto")."""
-    _load_triton()
+    """Backend names that can be chosen here (besides "auto")."""
     return sorted(_REGISTRY)
 
 
-def set_backend(name: str) -> None:
-    """Choose the backend of every QuantLinear: "auto" or one of `available_backends()`."""
-    global _current
+def check_backend(name: str) -> None:
+    """LowvramError (one line: the reason and the choices) unless name is "auto" or an available backend."""
     if name != "auto" and name not in available_backends():
-        why = f" ({_TRITON_STATE['error']})" if name == "triton" and _TRITON_STATE["error"] else ""
+        why = f" ({gemm.TRITON_ERROR})" if name == "triton" and gemm.TRITON_ERROR else ""
         raise LowvramError(f"unknown or unavailable quantized-matmul backend {name!r}{why}; "
                            f"choose one of auto, {', '.join(available_backends())}")
-    _current = name
-
-
-def get_backend() -> str:
-    return _current
 
 
 def _auto(x: torch.Tensor, qweight: torch.Tensor) -> str:
     if not x.is_cuda:
         return "reference"
-    _load_triton()
     if "triton" in _REGISTRY and _REGISTRY["triton"].supports(x, qweight):
         return "triton"
     name = "int_mm" if qweight.dtype == torch.int8 else "scaled_mm"
     return name if _REGISTRY[name].supports(x, qweight) else "reference"
 
 
-def resolve(x: torch.Tensor, qweight: torch.Tensor, name: str | None = None) -> Backend:
-    """The backend that runs this call: the chosen one if it supports the shapes/device, else reference."""
-    name = name or _current
+def resolve(x: torch.Tensor, qweight: torch.Tensor, name: str = "auto") -> Backend:
+    """The backend that runs this call: `name` (a QuantLinear's `backend`) if it supports the shapes and
+    device, else reference; "auto" picks by device and scheme (module docstring)."""
     if name == "auto":
         name = _auto(x, qweight)
-    if name == "triton":
-        _load_triton()
     backend = _REGISTRY.get(name)
     if backend is None or not backend.supports(x, qweight):
         return _REGISTRY["reference"]

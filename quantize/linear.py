@@ -1,26 +1,28 @@
 """`QuantLinear`: an 8-bit Linear held in plain buffers, the weight quantizer, and the module swap.
 
-Weights are quantized per output channel (one fp32 scale per row of W [out, in]):
-    int8: scale = absmax / 127, q = round(W / scale) clamped to [-127, 127]
-    fp8:  scale = absmax / 448, q = float8_e4m3fn(W / scale)
+Weights are quantized per output channel (one fp32 scale per row of W [out, in]) by kernels/rowquant.py,
+the rule of every 8-bit tensor of the engine:
+    int8: scale = absmax / 127, q = W * (1 / scale) clamped to [-127, 127], rounded (ties to even)
+    fp8:  scale = absmax / 448, q = float8_e4m3fn(W * (1 / scale))
 The buffers (`qweight`, `scale`, `bias`) are ordinary tensors, so offload hooks, pinning and `record_stream`
-treat them like any parameter. The matmul itself is chosen in `backends.py`.
+treat them like any parameter. The matmul is one of `backends.py`'s, chosen per module: `QuantLinear.backend`
+("auto" unless `set_gemm_backend(model, name)` set it; no process-wide choice).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn as nn
 
 from lowvram.errors import LowvramError
-from lowvram.quantize.backends import FP8_MAX, INT8_MAX, TINY, available_backends, get_backend, resolve, set_backend
+from lowvram.kernels.rowquant import quantize_rows_fp8, quantize_rows_int8
+from lowvram.metrics import power_ratio_db
+from lowvram.quantize.backends import available_backends, check_backend, resolve
 
 SCHEMES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
-__all__ = ["SCHEMES", "QuantLinear", "apply_quant_layers", "available_backends", "get_backend",
-           "quantize_weight", "set_backend", "sqnr_db", "weight_sqnr_db", "quantize_weight_sqnr", "check_scheme"]
+__all__ = ["SCHEMES", "QuantLinear", "apply_quant_layers", "available_backends", "quantize_weight",
+           "set_gemm_backend", "weight_sqnr_db", "quantize_weight_sqnr", "check_scheme"]
 
 
 def check_scheme(scheme: str) -> torch.dtype:
@@ -60,23 +62,19 @@ def _quantize(w: torch.Tensor, scheme: str, measure: bool):
     dtype = check_scheme(scheme)
     if w.ndim != 2:
         raise ValueError(f"quantize_weight needs a 2-D weight, got shape {list(w.shape)}")
-    qmax = INT8_MAX if scheme == "int8" else FP8_MAX
+    quantize_rows = quantize_rows_int8 if scheme == "int8" else quantize_rows_fp8
     q = torch.empty(w.shape, dtype=dtype, device=w.device)  # [out, in]
     scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)  # [out]
     signal = noise = 0.0
     for rows in row_blocks(*w.shape):
-        ref = w[rows].float()  # [rows, in]
-        s = (ref.abs().amax(dim=1) / qmax).clamp_min_(TINY)
-        x = ref / s[:, None]
-        if scheme == "int8":
-            x.round_()
-        q[rows] = x.clamp_(-qmax, qmax)
+        q[rows], s = quantize_rows(w[rows])  # [rows, in], [rows]
         scale[rows] = s
         if measure:
+            ref = w[rows].float()
             approx = q[rows].float().mul_(s[:, None])
             signal += torch.linalg.vector_norm(ref).item() ** 2
             noise += torch.linalg.vector_norm(approx.sub_(ref)).item() ** 2
-    return q, scale, (_db(signal, noise) if measure else None)
+    return q, scale, (power_ratio_db(signal, noise) if measure else None)
 
 
 def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -85,41 +83,20 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype=torch.fl
 
 
 def weight_sqnr_db(w: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> float:
-    """sqnr_db(w, dequantize_weight(qweight, scale)) without materialising the dequantized weight."""
+    """metrics.sqnr_db(w, dequantize_weight(qweight, scale)) without materialising the dequantized weight."""
     signal = noise = 0.0
     for rows in row_blocks(*w.shape):
         ref = w[rows].float()
         signal += torch.linalg.vector_norm(ref).item() ** 2
         noise += torch.linalg.vector_norm(ref - qweight[rows].float() * scale[rows, None]).item() ** 2
-    return _db(signal, noise)
-
-
-def _db(signal: float, noise: float) -> float:
-    if noise == 0.0:
-        return float("inf")
-    if signal == 0.0:
-        return float("-inf")
-    return 10.0 * math.log10(signal / noise)
-
-
-def sqnr_db(ref: torch.Tensor, approx: torch.Tensor, chunk: int = CHUNK) -> float:
-    """Signal-to-quantization-noise ratio 10·log10(Σref² / Σ(ref−approx)²) in dB (inf if equal).
-
-    Norms in fp32 per chunk of `chunk` elements, summed in float64.
-    """
-    r, a = ref.detach().reshape(-1), approx.detach().reshape(-1)
-    if r.shape != a.shape:
-        raise ValueError(f"sqnr_db: shapes differ, {list(ref.shape)} vs {list(approx.shape)}")
-    signal = noise = 0.0
-    for i in range(0, r.numel(), chunk):
-        rc = r[i:i + chunk].float()
-        signal += torch.linalg.vector_norm(rc).item() ** 2
-        noise += torch.linalg.vector_norm(rc - a[i:i + chunk].float()).item() ** 2
-    return _db(signal, noise)
+    return power_ratio_db(signal, noise)
 
 
 class QuantLinear(nn.Module):
-    """y = x @ (qweight · scale).T + bias with an 8-bit weight; x [..., in] -> y [..., out] in x.dtype."""
+    """y = x @ (qweight · scale).T + bias with an 8-bit weight; x [..., in] -> y [..., out] in x.dtype.
+
+    `backend`: the matmul backend of this module ("auto" or a name of backends.available_backends(); a plain
+    attribute, not a buffer: set_gemm_backend sets it on a whole model)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, scheme: str = "int8",
                  device=None, bias_dtype: torch.dtype = torch.bfloat16):
@@ -129,7 +106,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=qdtype, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
-        self.backend: str | None = None  # the matmul backend (set_gemm_backend); None: the module default
+        self.backend = "auto"
 
     @classmethod
     @torch.no_grad()
@@ -147,6 +124,7 @@ class QuantLinear(nn.Module):
         return dequantize_weight(self.qweight, self.scale, dtype)
 
     def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        """backend: this call's matmul backend instead of self.backend (tests, benchmarks)."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, in]
         y = resolve(x2, self.qweight, backend or self.backend).fn(x2, self.qweight, self.scale, self.bias)  # [M, out]
@@ -154,19 +132,20 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, scheme={self.scheme}")
+                f"bias={self.bias is not None}, scheme={self.scheme}, backend={self.backend}")
 
 
 def set_gemm_backend(model: nn.Module, name: str) -> int:
-    """Set the matmul backend of every QuantLinear of `model` ("auto" or one of `available_backends()`);
-    returns how many modules it set. A one-line LowvramError for an unknown or unavailable backend."""
-    if name != "auto" and name not in available_backends():
-        raise LowvramError(f"unknown or unavailable quantized-matmul backend {name!r}; "
-                           f"choose one of auto, {', '.join(available_backends())}")
-    mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    for m in mods:
-        m.backend = name
-    return len(mods)
+    """Set the matmul backend of every QuantLinear of `model` (itself included) to `name`: "auto" or one of
+    backends.available_backends(); a one-line LowvramError listing the choices otherwise, before any change.
+    Returns how many modules were set; other models keep theirs."""
+    check_backend(name)
+    count = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.backend = name
+            count += 1
+    return count
 
 
 def apply_quant_layers(model: nn.Module, names: dict[str, str]) -> nn.Module:

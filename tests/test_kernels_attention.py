@@ -15,10 +15,11 @@ import torch  # noqa: E402
 pytest.importorskip("triton")
 
 from lowvram.kernels import attention8 as A8  # noqa: E402
-from lowvram.kernels.attention import sink_rope_tables, two_segment_attention  # noqa: E402
+from lowvram.kernels.attention import two_segment_attention  # noqa: E402
 from lowvram.kernels.configs import INTERPRETER_WHY, interpreter_ready  # noqa: E402
-from lowvram.kernels.reference import attention_reference, rel_error, sqnr_db  # noqa: E402
-from lowvram.model.rope import RopeTable  # noqa: E402
+from lowvram.kernels.reference import attention_reference, rel_error  # noqa: E402
+from lowvram.metrics import sqnr_db  # noqa: E402
+from lowvram.model.rope import RopeTable, sink_rope_tables  # noqa: E402
 
 BF = torch.bfloat16
 cuda = pytest.mark.cuda
@@ -43,14 +44,22 @@ def make_inputs(seed, B, Lq, Lw, Ls, H, D, device="cpu", outliers=False, spare=7
                 sink_pos=pos.to(device))
 
 
+def roped(inp, rope):
+    """inp with sink_pos replaced by the sink's multipliers (sink_cos, sink_sin), as the model passes them."""
+    args = {k: v for k, v in inp.items() if k != "sink_pos"}
+    args["sink_cos"], args["sink_sin"] = sink_rope_tables(rope, inp["sink_pos"])
+    return args
+
+
 def poisoned(like):
     return torch.full_like(like, float("nan"))
 
 
 def check_bf16(inp, rope, **kw):
-    out = two_segment_attention(**inp, rope=rope, out=poisoned(inp["q"]), **kw)
-    ref = attention_reference(**inp, rope=rope)
-    base = rel_error(attention_reference(**inp, rope=rope, compute_dtype=BF), ref)
+    args = roped(inp, rope)
+    out = two_segment_attention(**args, out=poisoned(inp["q"]), **kw)
+    ref = attention_reference(**args)
+    base = rel_error(attention_reference(**args, compute_dtype=BF), ref)
     err = rel_error(out, ref)
     assert not out.isnan().any(), "unwritten output elements"
     assert err <= 2 * base + 1e-3, f"error {err:.2e} vs plain bf16 torch {base:.2e}"
@@ -58,15 +67,14 @@ def check_bf16(inp, rope, **kw):
 
 
 @on_cpu
-@pytest.mark.parametrize("B,D,block,mode,tma", [(1, 64, None, "gathered", False), (3, 128, None, "table", False),
-                                                (1, 64, (16, 16), "table", False), (1, 32, (16, 32), "gathered", False),
-                                                (3, 64, None, "gathered", True), (1, 128, (16, 32), "table", True)])
-def test_bf16_two_segments(B, D, block, mode, tma):
+@pytest.mark.parametrize("B,D,block,tma", [(1, 64, None, False), (3, 128, None, False), (1, 64, (16, 16), False),
+                                           (1, 32, (16, 32), False), (3, 64, None, True), (1, 128, (16, 32), True)])
+def test_bf16_two_segments(B, D, block, tma):
     # window 100 (a tail tile for both block sizes) as a strided view; sink 17 with negative times;
-    # both sources of the sink's RoPE multipliers; pointer loads and tensor-descriptor (TMA) loads,
-    # whose out-of-range rows (q past 33, the sink's last tile) read as zeros
+    # pointer loads and tensor-descriptor (TMA) loads, whose out-of-range rows (q past 33, the sink's
+    # last tile) read as zeros
     inp = make_inputs(B * 10 + D, B, 33, 100, 17, 2, D)
-    check_bf16(inp, RopeTable.build(D, 64), block=block, sink_rope=mode, tma=tma)
+    check_bf16(inp, RopeTable.build(D, 64), block=block, tma=tma)
 
 
 def test_tma_needs_aligned_nonempty_segments():
@@ -80,8 +88,8 @@ def test_tma_needs_aligned_nonempty_segments():
     odd = torch.empty(33 * 2 * 64 + 1, dtype=BF)[1:].view(1, 33, 2, 64)  # base 2 bytes off 16
     assert not tma_usable(odd)
     with pytest.raises(ValueError, match="tma=True"):
-        two_segment_attention(**dict(inp, k_win=inp["k_win"][:, :0], v_win=inp["v_win"][:, :0]),
-                              rope=RopeTable.build(64, 64), tma=True, backend="triton")
+        two_segment_attention(**roped(dict(inp, k_win=inp["k_win"][:, :0], v_win=inp["v_win"][:, :0]),
+                                      RopeTable.build(64, 64)), tma=True, backend="triton")
 
 
 def test_sink_rope_tables_equal_the_model_gather():
@@ -105,7 +113,7 @@ def test_sink_rope_matters_and_positions_are_used():
     # the same sink keys at other positions must give another output (the kernel really ropes)
     inp = make_inputs(5, 1, 33, 0, 17, 2, 64)
     rope = RopeTable.build(64, 64)
-    a = two_segment_attention(**inp, rope=rope, sink_cs=sink_rope_tables(rope, inp["sink_pos"]))
+    a = two_segment_attention(**roped(inp, rope))
     inp["sink_pos"] = inp["sink_pos"].flip(0)
     b = check_bf16(inp, rope)
     assert rel_error(a, b) > 0.05
@@ -119,7 +127,7 @@ def test_torch_backend_matches_reference():
 def test_empty_keys_rejected():
     inp = make_inputs(1, 1, 5, 0, 0, 2, 32)
     with pytest.raises(ValueError):
-        two_segment_attention(**inp, rope=RopeTable.build(32, 8))
+        two_segment_attention(**roped(inp, RopeTable.build(32, 8)))
 
 
 def write_cache(inp, chunk=64, spare=40):
@@ -133,21 +141,22 @@ def write_cache(inp, chunk=64, spare=40):
 
 def check_8bit(inp, rope, floor_db=30.0, **kw):
     _, win = write_cache(inp)
-    args = {k: v for k, v in inp.items() if k not in ("k_win", "v_win")}
-    out = A8.two_segment_attention8(**args, win=win, rope=rope, out=poisoned(inp["q"]), **kw)
-    ref = attention_reference(**inp, rope=rope)
+    full = roped(inp, rope)
+    args = {k: v for k, v in full.items() if k not in ("k_win", "v_win")}
+    out = A8.two_segment_attention8(**args, win=win, out=poisoned(inp["q"]), **kw)
+    ref = attention_reference(**full)
     assert not out.isnan().any(), "unwritten output elements"
-    db = sqnr_db(out, ref)
+    db = sqnr_db(ref, out)
     assert db >= floor_db, f"SQNR {db:.1f} dB"
     return out
 
 
 @on_cpu
-@pytest.mark.parametrize("B,D,Lw,block,mode", [(1, 64, 100, None, "gathered"), (3, 128, 100, None, "gathered"),
-                                               (1, 64, 96, (16, 32), "table"), (1, 32, 0, None, "table")])
-def test_8bit_sqnr(B, D, Lw, block, mode):
+@pytest.mark.parametrize("B,D,Lw,block", [(1, 64, 100, None), (3, 128, 100, None), (1, 64, 96, (16, 32)),
+                                          (1, 32, 0, None)])
+def test_8bit_sqnr(B, D, Lw, block):
     inp = make_inputs(B + D + Lw, B, 33, Lw, 17, 2, D, outliers=True)
-    check_8bit(inp, RopeTable.build(D, 64), block=block, sink_rope=mode)
+    check_8bit(inp, RopeTable.build(D, 64), block=block)
 
 
 def test_8bit_torch_backend():
@@ -161,7 +170,7 @@ def test_kv8_cache_format():
     first_mean = inp["k_win"][:, :64].float().mean(dim=1)
     assert torch.allclose(cache.k_mean, first_mean), "the mean must come from the first write only"
     k, v = A8.kv8_dequantize(win, torch.float64)
-    assert sqnr_db(k, inp["k_win"]) > 38 and sqnr_db(v, inp["v_win"]) > 38
+    assert sqnr_db(inp["k_win"], k) > 38 and sqnr_db(inp["v_win"], v) > 38
     assert cache.k.dtype == torch.int8 and cache.v.dtype == torch.int8 and win.k.shape[1] == 100
     with pytest.raises(ValueError):
         A8.kv8_write(cache, cache.length - 10, inp["k_win"][:, :64], inp["v_win"][:, :64])
@@ -174,6 +183,25 @@ def test_gpu_bf16_and_8bit(B, D):
     inp = make_inputs(B * D, B, 777, 3000, 701, 4, D, device="cuda", outliers=True, spare=333)
     rope = RopeTable.build(D, 256, device="cuda")
     check_bf16(inp, rope)
-    check_bf16(inp, rope, block=(64, 64), sink_rope="table")
+    check_bf16(inp, rope, block=(64, 64))
     check_8bit(inp, rope)
-    check_8bit(inp, rope, block=(64, 64), sink_rope="table")
+    check_8bit(inp, rope, block=(64, 64))
+
+
+def test_sink_multipliers_shape_checked():
+    inp = make_inputs(6, 1, 5, 8, 9, 2, 32)
+    args = roped(inp, RopeTable.build(32, 64))
+    with pytest.raises(ValueError, match="sink_cos must be"):
+        two_segment_attention(**dict(args, sink_cos=args["sink_cos"][:4]), backend="triton")
+
+
+def test_kernels_do_not_import_the_model():
+    # the model imports the kernels; the kernels take tensors and never import lowvram.model back
+    import subprocess
+    import sys
+
+    code = ("import sys; import lowvram.kernels.attention, lowvram.kernels.attention8, lowvram.kernels.fused, "
+            "lowvram.kernels.gemm, lowvram.kernels.reference; "
+            "print(sorted(m for m in sys.modules if m.startswith('lowvram.model')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -3,14 +3,13 @@ import math
 import pytest
 import torch
 
+from lowvram.kernels.rowquant import dequantize_rows, quantize_rows_int8
 from lowvram.runtime.kv_cache import (
     GpuKVCache,
     HostKVCache,
     KVWorkspace,
-    dequantize_kv,
     kv_token_bytes,
     kv_workspace_bytes,
-    quantize_kv,
 )
 
 L, B, H, D = 3, 2, 3, 16
@@ -124,9 +123,9 @@ def test_int8_host_cache_sqnr_and_halved_traffic():
 def test_quantize_roundtrip_and_workspace_bytes():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 7, 4, 24, generator=g) * torch.rand(3, 7, 4, 1, generator=g) * 10
-    q, s = quantize_kv(x)
+    q, s = quantize_rows_int8(x)
     assert q.dtype == torch.int8 and s.shape == x.shape[:-1] and int(q.abs().max()) == 127
-    out = dequantize_kv(q, s, torch.empty_like(x))
+    out = dequantize_rows(q, s, out=torch.empty_like(x))
     assert ((out - x).abs() <= s.unsqueeze(-1) / 2 + 1e-6).all()
     ws = KVWorkspace(CAP, B, H, D, "cpu", n_slots=2, int8=True, max_new=N_NEW)
     held = sum(t.numel() * t.element_size() for t in (ws.kv, ws.stage_q, ws.stage_s, ws.wb_q, ws.wb_s))

@@ -15,11 +15,12 @@ from lowvram.demo.components import write_tiny_lora
 from lowvram.demo.synthetic import dit_state_shapes, write_checkpoint
 from lowvram.errors import CheckpointError
 from lowvram.io.lora import LoraSet
+from lowvram.metrics import sqnr_db
 from lowvram.model.config import DiTConfig
 from lowvram.quantize.cli import quantize_cmd
 from lowvram.quantize.convert import convert
 from lowvram.quantize.format import detect_format, quantized_module_names, verify_manifest
-from lowvram.quantize.linear import apply_quant_layers, dequantize_weight, sqnr_db
+from lowvram.quantize.linear import apply_quant_layers, dequantize_weight
 
 CONFIG = dict(dim=64, ffn_dim=96, freq_dim=16, num_heads=4, num_layers=2, text_dim=32, audio_dim=32,
               audio_inject_layers=[0, 1], num_audio_layers=5)

@@ -1,22 +1,19 @@
 """QuantLinear: the weight quantizer (checked against optimum-quanto), every backend, the module swap."""
 
-import sys
-import types
-
 import pytest
 import torch
 import torch.nn as nn
 
 from lowvram.errors import LowvramError
+from lowvram.kernels.rowquant import quantize_rows_int8
+from lowvram.metrics import sqnr_db
 from lowvram.quantize import backends
 from lowvram.quantize.linear import (
     QuantLinear,
     apply_quant_layers,
     dequantize_weight,
-    get_backend,
     quantize_weight,
-    set_backend,
-    sqnr_db,
+    set_gemm_backend,
 )
 
 # Measured on N(0,1) weights of odd shapes, seeds 0-4: int8 42.5-45.3 dB, fp8 31.1-32.4 dB.
@@ -28,13 +25,6 @@ OUTPUT_FLOOR = {"int8": 39.0, "fp8": 27.0}
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture(autouse=True)
-def _auto_backend():
-    set_backend("auto")
-    yield
-    set_backend("auto")
 
 
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])
@@ -96,13 +86,24 @@ def test_backends_match_the_float_linear(scheme, backend):
     lin = lin.bfloat16()
     ql = QuantLinear.from_linear(lin, scheme)
     x = torch.randn(3, 7, 48, generator=g).bfloat16()  # [B, L, in], M = 21
-    set_backend(backend)
+    assert set_gemm_backend(ql, backend) == 1 and ql.backend == backend
     y = ql(x)
     assert y.shape == (3, 7, 40) and y.dtype == torch.bfloat16
-    assert backends.resolve(x.reshape(-1, 48), ql.qweight).name == backend
+    assert backends.resolve(x.reshape(-1, 48), ql.qweight, ql.backend).name == backend
     assert sqnr_db(_reference_out(x, lin), y) >= OUTPUT_FLOOR[scheme]
-    # an explicit backend per call gives the same answer as the global choice
+    # an explicit backend per call gives the same answer as the module's choice
     torch.testing.assert_close(ql(x, backend=backend), y, rtol=0, atol=0)
+
+
+def test_gemm_backend_is_per_module():
+    # set_gemm_backend sets every QuantLinear of one model and leaves other models alone
+    a = nn.Sequential(nn.Linear(16, 8), nn.GELU(), nn.Linear(8, 4))
+    b = nn.Sequential(nn.Linear(16, 8))
+    apply_quant_layers(a, {"0": "int8", "2": "int8"})
+    apply_quant_layers(b, {"0": "int8"})
+    assert a[0].backend == "auto" and "backend" not in dict(a.named_buffers())
+    assert set_gemm_backend(a, "int_mm") == 2 and set_gemm_backend(nn.GELU(), "reference") == 0
+    assert a[0].backend == a[2].backend == "int_mm" and b[0].backend == "auto"
 
 
 def test_w8a8_matches_dequantized_math():
@@ -110,7 +111,7 @@ def test_w8a8_matches_dequantized_math():
     g = _gen(5)
     ql = QuantLinear.from_linear(nn.Linear(24, 16).bfloat16(), "int8")
     x = torch.randn(19, 24, generator=g).bfloat16()
-    xq, xs = backends.quantize_act_int8(x)
+    xq, xs = quantize_rows_int8(x)
     want = (xq.float() @ ql.qweight.float().t()) * xs[:, None] * ql.scale[None, :] + ql.bias.float()
     torch.testing.assert_close(ql(x, backend="int_mm").float(), want.bfloat16().float(), rtol=0, atol=0)
 
@@ -120,20 +121,23 @@ def test_auto_and_fallback_choices():
     w8 = torch.zeros(16, 16, dtype=torch.int8)
     assert backends.resolve(x, w8).name == "reference"  # CPU -> reference
     assert backends.resolve(x, w8, "scaled_mm").name == "reference"  # wrong scheme -> reference
-    with pytest.raises(LowvramError, match="unknown or unavailable"):
-        set_backend("fastest")
-    assert get_backend() == "auto"
+    ql = QuantLinear.from_linear(nn.Linear(16, 8), "int8")
+    with pytest.raises(LowvramError, match="unknown or unavailable") as err:
+        set_gemm_backend(ql, "fastest")
+    assert ql.backend == "auto"
+    assert "\n" not in str(err.value) and all(n in str(err.value) for n in ["auto", *backends.available_backends()])
 
 
 def test_triton_backend_plugs_in_when_the_kernels_import(monkeypatch):
+    from lowvram.kernels import gemm
+
+    if gemm.triton is None:
+        pytest.skip("Triton is not installed")
     calls = []
-    fake = types.ModuleType("lowvram.kernels.gemm")
-    fake.int8_linear = lambda x, q, s, b: calls.append("int8") or backends.reference_linear(x, q, s, b)
-    fake.fp8_linear = lambda x, q, s, b: calls.append("fp8") or backends.reference_linear(x, q, s, b)
-    fake.triton_usable = lambda x: True
-    monkeypatch.setitem(sys.modules, "lowvram.kernels.gemm", fake)
-    monkeypatch.setattr(backends, "_TRITON_STATE", {"tried": False, "error": None})
-    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+    for tag in ("int8", "fp8"):
+        monkeypatch.setattr(gemm, f"{tag}_linear",
+                            lambda x, q, s, b, tag=tag: calls.append(tag) or backends.reference_linear(x, q, s, b))
+    monkeypatch.setattr(gemm, "triton_usable", lambda x: True)
     assert "triton" in backends.available_backends()
     ql = QuantLinear.from_linear(nn.Linear(16, 8).bfloat16(), "int8")
     x = torch.randn(5, 16, generator=_gen(3)).bfloat16()
@@ -144,6 +148,17 @@ def test_triton_backend_plugs_in_when_the_kernels_import(monkeypatch):
     assert b.name == "triton"
     b.fn(x, ql.qweight, ql.scale, ql.bias)
     assert calls == ["int8"]
+
+
+def test_without_triton_the_backend_is_refused_with_the_reason(monkeypatch):
+    from lowvram.kernels import gemm
+
+    monkeypatch.setattr(backends, "_REGISTRY", {k: v for k, v in backends._REGISTRY.items() if k != "triton"})
+    monkeypatch.setattr(gemm, "TRITON_ERROR", "ModuleNotFoundError: No module named 'triton'")
+    with pytest.raises(LowvramError, match="unavailable quantized-matmul backend 'triton' .ModuleNotFoundError"):
+        set_gemm_backend(QuantLinear.from_linear(nn.Linear(16, 8), "int8"), "triton")
+    x = torch.randn(4, 16, generator=_gen(2))
+    assert backends.resolve(x, torch.zeros(16, 16, dtype=torch.int8), "triton").name == "reference"
 
 
 def test_apply_quant_layers_on_meta_then_assign():

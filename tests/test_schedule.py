@@ -2,8 +2,17 @@
 
 import torch
 
-from lowvram.runtime.schedule import (BlockIndex, Work, block_of, euler_step, flow_sigmas, model_timesteps,
-                                     output_frames, ref_shift, ticks)
+from lowvram.runtime.schedule import (
+    BlockIndex,
+    Work,
+    block_of,
+    euler_step,
+    flow_sigmas,
+    model_timesteps,
+    output_frames,
+    ref_shift,
+    ticks,
+)
 
 
 def test_four_step_sigmas_and_timesteps_are_the_references():

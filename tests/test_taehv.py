@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 from lowvram.demo.components import write_tiny_taehv
 from lowvram.errors import CheckpointError, LowvramError
-from lowvram.model.taehv import (MemBlock, TAEHVDecoder, TGrow, TinyStreamingDecoder, find_taehv_weights,
-                                 load_taehv)
+from lowvram.model.taehv import MemBlock, TAEHVDecoder, TGrow, TinyStreamingDecoder, find_taehv_weights, load_taehv
 from lowvram.runtime.decode import OverlappedDecoder
 
 

@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 
 from lowvram.constants import GIB
+from lowvram.metrics import sqnr_db
 from lowvram.model.config import DiTConfig
 from lowvram.model.dit import build_model
-from lowvram.quantize.linear import QuantLinear, apply_quant_layers, quantize_weight, sqnr_db
+from lowvram.quantize.linear import QuantLinear, apply_quant_layers, quantize_weight
 from lowvram.quantize.select import quantized_module
 
 FULL = dict(dim=5120, ffn_dim=13824, freq_dim=256, num_heads=40, num_layers=40)

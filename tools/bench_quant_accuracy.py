@@ -32,8 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lowvram.metrics import sqnr_db
 from lowvram.quantize import backends
-from lowvram.quantize.linear import QuantLinear, quantize_weight_sqnr, sqnr_db
+from lowvram.quantize.linear import QuantLinear, quantize_weight_sqnr, set_gemm_backend
 
 SHAPES = [(5120, 5120), (5120, 13824), (13824, 5120)]  # (K in, N out)
 VARIANTS = [("int8", "int_mm", "W8A8"), ("fp8", "scaled_mm", "W8A8"), ("int8", "reference", "W8A16"),
@@ -122,12 +123,9 @@ def bench_block(device, m: int, shrink: int, seed: int) -> list[dict]:
     for scheme, name in (("int8", "int_mm"), ("fp8", "scaled_mm")):
         qblock = copy.deepcopy(block)
         count = _quantize_block(qblock, scheme)
-        backends.set_backend(name)
-        try:
-            y = qblock(x, e0, ctx, _attend, frames)
-            used = backends.resolve(x[0], qblock.ffn[0].qweight).name
-        finally:
-            backends.set_backend("auto")
+        set_gemm_backend(qblock, name)
+        y = qblock(x, e0, ctx, _attend, frames)
+        used = backends.resolve(x[0], qblock.ffn[0].qweight, qblock.ffn[0].backend).name
         rows.append({"block": f"{m}x{dim} ffn {ffn}", "variant": f"{scheme} W8A8", "backend": used,
                      "linears": count, "output_sqnr": sqnr_db(y16, y),
                      "update_sqnr": sqnr_db(y16.float() - x.float(), y.float() - x.float())})
@@ -197,11 +195,8 @@ def minilm_embeddings(model_dir: Path) -> dict:
     for scheme, name in (("int8", "int_mm"), ("fp8", "scaled_mm"), ("int8", "reference"), ("fp8", "reference")):
         model = AutoModel.from_pretrained(str(model_dir)).eval()
         count = _swap_linears(model, scheme)
-        backends.set_backend(name)
-        try:
-            h, e = embed(model)
-        finally:
-            backends.set_backend("auto")
+        set_gemm_backend(model, name)
+        h, e = embed(model)
         res[f"{scheme} {name}"] = {"linears": count, "min_cosine": (e * e0).sum(-1).min().item(),
                                    "hidden_sqnr": sqnr_db(h0, h)}
     return res

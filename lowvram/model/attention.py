@@ -14,7 +14,7 @@ from enum import Enum
 import torch
 import torch.nn.functional as F
 
-from lowvram.model.rope import RopeTable, rope_apply
+from lowvram.model.rope import rope_apply
 
 
 class Attention(str, Enum):
@@ -43,29 +43,26 @@ def check_backend(backend: str) -> None:
         raise LowvramError(f"unknown attention backend {backend!r}; use one of {', '.join(BACKENDS)}")
 
 
-def attend_two_segments(q, k_win, v_win, k_sink, v_sink, sink_pos, rope: RopeTable, backend: str = "sdpa",
-                        sink_cs=None):
-    """Attention of roped q against the roped window keys and the sink keys roped at sink_pos [Ls, 3].
+def attend_two_segments(q, k_win, v_win, k_sink, v_sink, sink_cos, sink_sin, backend: str = "sdpa"):
+    """Attention of roped q against the roped window keys and the sink keys roped by sink_cos/sink_sin.
 
-    k_win/v_win may be None (the sink prefill attends only to the sink). sink_cs: the sink's (cos, sin)
-    from rope.gather(sink_pos), the same in every layer of a forward (computed once by the caller)."""
-    if sink_cs is None:
-        sink_cs = rope.gather(sink_pos, dtype=rope.cos.dtype)
+    k_win/v_win may be None (the sink prefill attends only to the sink). sink_cos, sink_sin [Ls, D/2]: the
+    sink's multipliers (rope.sink_rope_tables of the sink positions), the same in every layer of a forward
+    (gathered once by the caller)."""
     if backend == "sdpa":
-        cos, sin = sink_cs
-        ks = rope_apply(k_sink, cos, sin)
+        ks = rope_apply(k_sink, sink_cos, sink_sin)
         if k_win is None:
             return sdpa(q, ks, v_sink)
         return sdpa(q, torch.cat([k_win, ks], dim=1), torch.cat([v_win, v_sink], dim=1))
     if backend == "triton8" and k_win is not None:  # the window is an 8-bit KV8Cache view (GpuKV8Cache)
         from lowvram.kernels.attention8 import two_segment_attention8
 
-        return two_segment_attention8(q, k_win, k_sink, v_sink, sink_pos, rope, sink_cs=sink_cs)
+        return two_segment_attention8(q, k_win, k_sink, v_sink, sink_cos, sink_sin)
     if backend in ("triton", "triton8"):  # triton8's sink prefill has no window: the bf16 kernel
         from lowvram.kernels.attention import two_segment_attention
 
         if k_win is None:
             k_win = q.new_empty(q.shape[0], 0, *q.shape[2:])
             v_win = k_win
-        return two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_pos, rope, sink_cs=sink_cs)
+        return two_segment_attention(q, k_win, v_win, k_sink, v_sink, sink_cos, sink_sin)
     check_backend(backend)

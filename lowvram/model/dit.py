@@ -13,12 +13,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lowvram.kernels.rowquant import dequantize_rows, quantize_rows_int8
 from lowvram.model.attention import attend_two_segments
 from lowvram.model.audio import AudioInjector, CausalAudioEncoder
 from lowvram.model.config import DiTConfig
 from lowvram.model.framepack import FramePackMotioner
 from lowvram.model.layers import Block, Head, linear_fp32, sinusoidal_embedding_1d
-from lowvram.model.rope import RopeTable, grid_positions, rope_apply
+from lowvram.model.rope import RopeTable, grid_positions, rope_apply, sink_rope_tables
 
 SINK_REF_FRAME = 30  # the reference frame's RoPE time position in the sink pass
 
@@ -40,9 +41,7 @@ class Sink:
         """Layer i's (K, V) [B, Ls, H, D] in the compute dtype."""
         if self.dtype is None:
             return self.k[i], self.v[i]
-        from lowvram.runtime.kv_cache import dequantize_kv
-
-        return tuple(dequantize_kv(q, s, torch.empty(q.shape, dtype=self.dtype, device=q.device))
+        return tuple(dequantize_rows(q, s, out=torch.empty(q.shape, dtype=self.dtype, device=q.device))
                      for q, s in (self.k[i], self.v[i]))
 
     def nbytes(self) -> int:
@@ -129,10 +128,8 @@ class LiveAvatarDiT(nn.Module):
         self-attention among themselves, text cross-attention, FFN; no audio, no head.
 
         ref_latent: [B, 16, 1, h, w]; motion_latents: [B, 16, T, h, w]; context: [B, text_len, dim].
-        int8: keep each layer's K/V as per-(token, head) INT8 (the host step caches' format, kv_cache.quantize_kv)
+        int8: keep each layer's K/V as per-(token, head) INT8 (the host step caches' format, kernels/rowquant.py)
         as soon as its attention is done, never holding the whole sink in the compute dtype."""
-        from lowvram.runtime.kv_cache import quantize_kv
-
         b = ref_latent.shape[0]
         ref, (_, hh, ww) = self._patchify(ref_latent)                           # [B, h'w', C]
         mot = self.frame_packer(motion_latents.to(self.dtype))                  # [B, Lm, C]
@@ -142,7 +139,7 @@ class LiveAvatarDiT(nn.Module):
         h, w = ref_latent.shape[-2:]
         pos = torch.cat([grid_positions([SINK_REF_FRAME], range(hh), range(ww)),
                          FramePackMotioner.positions(h, w)])
-        cos, sin = self.rope.gather(pos, dtype=self.rope.cos.dtype)  # q and k share the sink's positions
+        cos, sin = sink_rope_tables(self.rope, pos)  # q and k share the sink's positions
         # t = 0 for the sink; computed as the reference does (a block's frames plus the zero row, in one
         # batch), so the fp32 GEMMs see the same shapes and round alike
         _, e0 = self._time(torch.zeros(b + 1, 3, device=x.device))
@@ -150,10 +147,9 @@ class LiveAvatarDiT(nn.Module):
         ks, vs = [], []
         for block in self.blocks:
             def attend(q, k, v):
-                ks.append(quantize_kv(k) if int8 else k)
-                vs.append(quantize_kv(v) if int8 else v)
-                return attend_two_segments(rope_apply(q, cos, sin), None, None, k, v, pos, self.rope, self.attention,
-                                           sink_cs=(cos, sin))
+                ks.append(quantize_rows_int8(k) if int8 else k)
+                vs.append(quantize_rows_int8(v) if int8 else v)
+                return attend_two_segments(rope_apply(q, cos, sin), None, None, k, v, cos, sin, self.attention)
             x = block(x, e0, context, attend, frames=1)
         return Sink(ks, vs, pos, n_ref=ref.shape[1], dtype=x.dtype if int8 else None)
 
@@ -182,7 +178,7 @@ class LiveAvatarDiT(nn.Module):
         sink_pos = sink.positions(start_frame, ref_shift)
         rope = self._rope_for(max(start_frame + frames, int(sink_pos[:, 0].max())))
         cos, sin = rope.gather(grid_positions(range(start_frame, start_frame + frames), range(grid[1]), range(grid[2])))
-        sink_cs = rope.gather(sink_pos, dtype=rope.cos.dtype)  # the same in all layers of this forward
+        sink_cos, sink_sin = sink_rope_tables(rope, sink_pos)  # the same in all layers of this forward
         t = t.to(tokens.device, torch.float32)
         e, e0 = self._time(torch.cat([t, torch.zeros_like(t[:1])]))   # + the zero-t row, as the reference
         e, e0 = e[: t.shape[0]], e0[: t.shape[0]]
@@ -192,7 +188,7 @@ class LiveAvatarDiT(nn.Module):
         for i, block in enumerate(self.blocks):
             def attend(q, k, v, i=i):  # q, k roped by the block (with their norms)
                 k_win, v_win = kv.update(i, k, v)
-                out = attend_two_segments(q, k_win, v_win, *sink.layer(i), sink_pos, rope, self.attention, sink_cs)
+                out = attend_two_segments(q, k_win, v_win, *sink.layer(i), sink_cos, sink_sin, self.attention)
                 kv.done(i)
                 return out
             h = block(h, e0, context, attend, frames, rope=(cos, sin))

@@ -7,7 +7,8 @@ to fp16 (complex32), and rotates in float64. We keep the fp16-rounded table as (
 rotate bf16/fp16 inputs in float32: a bf16 value (8-bit mantissa) times an fp16 value (11-bit)
 is exact in float32, and the one rounding of the sum then equals the reference's float64
 result rounded to float32, so the output is bit-identical (tests/test_rope.py checks it).
-float32 inputs rotate in float64, as the reference does.
+float32 inputs rotate in float64, as the reference does. The rotation (`rope_apply`) lives with the
+kernels' torch references (lowvram.kernels.reference), which the kernels must not import the model for.
 A negative time position p means the conjugate multiplier of |p| (motion frames, docs/model.md §4.2).
 """
 
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from lowvram.kernels.reference import rope_apply  # noqa: F401  (the model's RoPE; the kernels' torch twin)
 
 
 def rope_pairs(head_dim: int) -> tuple[int, int, int]:
@@ -74,15 +77,12 @@ class RopeTable:
         return cos, sin
 
 
-def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [B, L, H, D] by per-token (cos, sin) [L, D/2]; returns x.dtype."""
-    work = torch.float64 if x.dtype in (torch.float32, torch.float64) else torch.float32
-    xr = x.to(work).unflatten(-1, (-1, 2))  # [B, L, H, D/2, 2]
-    c = cos.to(work)[None, :, None, :]
-    s = sin.to(work)[None, :, None, :]
-    a, b = xr[..., 0], xr[..., 1]
-    out = torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
-    return out.float().to(x.dtype) if x.dtype != torch.float64 else out
+def sink_rope_tables(rope: RopeTable, sink_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sink's multipliers as the attention kernels take them (sink_cos, sink_sin [Ls, D/2], contiguous, on
+    the table's device): the fp16 table values at sink_pos [Ls, 3], sin negated for negative time positions.
+    The sink positions are the same in every layer: gather once per forward."""
+    cos, sin = rope.gather(sink_pos, dtype=rope.cos.dtype)
+    return cos.contiguous(), sin.contiguous()
 
 
 def grid_positions(frames, rows, cols) -> torch.Tensor:

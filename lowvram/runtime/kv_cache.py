@@ -12,8 +12,8 @@ The window is [0, end) with end = start + n_new until the ring first wraps (an a
 fetches layer l's window (all of it but the chunk the forward writes) ahead of use; after
 `done(l)` a second stream writes the new chunk back (PCIe is full duplex) and the first fetches
 layer l + n_slots into the freed slot.
-With kv_dtype "int8" the host holds per-token-per-head absmax INT8 (fp32 scales), halving the
-traffic; windows are dequantized to bf16 on the device after the copy.
+With kv_dtype "int8" the host holds per-token-per-head absmax INT8 (fp32 scales, kernels/rowquant.py),
+halving the traffic; windows are dequantized to bf16 on the device after the copy.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from enum import Enum
 
 import torch
 
+from lowvram.kernels.rowquant import dequantize_rows, quantize_rows_int8
 from lowvram.runtime.offload import ALIGN, CopyEngine, alloc_host
 
 SCALE_BYTES = 4  # fp32 per-token-per-head scale of the INT8 cache
@@ -54,19 +55,6 @@ def kv_workspace_bytes(capacity: int, max_new: int, heads: int, head_dim: int, k
         total += batch * (capacity + max_new) * kv_token_bytes(heads, head_dim, "int8")
         total += 3 * batch * max_new * hd * 4  # fp32 temporaries of quantizing the new chunk
     return total
-
-
-def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [..., D] -> (int8 [..., D], fp32 scale [...]) with per-row absmax scaling."""
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
-    q = torch.round(xf / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
-    return q, scale
-
-
-def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out[...] = q * scale in out's dtype, with no full-size fp32 temporary."""
-    return torch.mul(q, scale.unsqueeze(-1), out=out)
 
 
 class _Ring:
@@ -192,7 +180,7 @@ class HostKVCache(_Ring):
                             else:
                                 ws.kv[s, kv, b, x:y].copy_(self.host[layer, kv, b, x:y], non_blocking=True)
                     if self.int8:  # on the copy stream, right behind its copy
-                        dequantize_kv(ws.stage_q[:, :, x:y], ws.stage_s[:, :, x:y], ws.kv[s, :, :, x:y])
+                        dequantize_rows(ws.stage_q[:, :, x:y], ws.stage_s[:, :, x:y], out=ws.kv[s, :, :, x:y])
             e.record_copy(ws.loaded[s])
         tok = sum(y - x for x, y in self._ranges())
         e.bytes_h2d += tok * ws.shape[0] * kv_token_bytes(ws.shape[2], ws.shape[3], "int8" if self.int8 else "bf16")
@@ -214,7 +202,7 @@ class HostKVCache(_Ring):
             wb.copy_waits(ws.freed[s])
             with wb.timed():
                 if self.int8:
-                    q, sc = quantize_kv(ws.kv[s, :, :, a:a + n])
+                    q, sc = quantize_rows_int8(ws.kv[s, :, :, a:a + n])
                     ws.wb_q[:, :, :n].copy_(q)
                     ws.wb_s[:, :, :n].copy_(sc)
                     wb.record_copy(ws.read[s])  # slot s may be refilled once its chunk is quantized

@@ -20,8 +20,8 @@ from __future__ import annotations
 import functools
 import math
 import re
-from types import MappingProxyType
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Mapping, Sequence
 
 from lowvram.constants import ALIGN, FRAMES_PER_BLOCK, GIB, KV_FRAMES, NUM_STEPS

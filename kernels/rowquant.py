@@ -1,0 +1,99 @@
+"""Per-row symmetric 8-bit quantization: the one rule behind every 8-bit tensor of the engine.
+
+A row is the last dim of x [..., K]; QMAX is 127 (INT8) or 448 (FP8 e4m3, its largest finite value):
+    amax  = max |x| over the row, in fp32
+    scale = max(amax / QMAX, SCALE_FLOOR)          fp32 [...]; an all-zero row quantizes to zeros
+    y     = clamp(x * (1 / scale), -QMAX, QMAX)    one reciprocal per row, one multiply per element
+    q     = y rounded to nearest, ties to even      INT8: an integer; FP8: the nearest e4m3 value
+so that x ~= q * scale. Every step is one IEEE fp32 operation, so the torch functions here and the Triton
+helpers below give bit-identical (q, scale) (tests/test_kernels_rowquant.py checks it under the interpreter).
+
+Why ties to even: it is what torch.round and every FP8 cast do (torch, cuBLAS, the tensor cores), so INT8
+and FP8 share it and the torch side is one exact call each; in Triton it costs two fp32 additions
+((y + 1.5 * 2^23) - 1.5 * 2^23 rounds |y| < 2^22 to an integer) and needs no libdevice call, which the CPU
+interpreter cannot run. Round half away from zero (the Triton kernels' old rule) needs a sign select
+besides the additions, and its trunc(y + 0.5) spelling is not even exact (0.49999997 + 0.5 rounds to 1).
+Triton details: its `/` is an approximate division on the GPU, so the two divisions per row use
+tl.math.div_rn; the clamp sits between the multiply and the additions, so they cannot fuse into an FMA;
+FP8 values are rounded onto the e4m3 grid by the same additions with the constant moved to y's binade
+(its ulp is e4m3's step there), after which the cast is exact (the interpreter's own cast rounds wrongly).
+
+Used by the KV caches and the INT8 sink (runtime.kv_cache, model.dit), the 8-bit attention (its cache and
+its Q tiles, kernels.attention8), the GEMM backends (quantize.backends, kernels.gemm), the weight quantizer
+(quantize.linear) and the kernels' references.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: only the torch functions
+    triton = None
+
+INT8_MAX = 127.0
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+SCALE_FLOOR = 1e-12  # smallest scale: an all-zero row quantizes to zeros instead of NaN
+RNE_MAGIC = 12582912.0  # 1.5 * 2^23: (y + RNE_MAGIC) - RNE_MAGIC rounds fp32 |y| < 2^22 to an integer, ties to even
+
+
+def _scaled(x: torch.Tensor, qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # x [..., K] -> (y = clamp(x / scale) fp32 [..., K], scale fp32 [...])
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1) / qmax).clamp_min(SCALE_FLOOR)  # [...]
+    y = (xf * scale.reciprocal().unsqueeze(-1)).clamp_(-qmax, qmax)
+    return y, scale
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric INT8: x [..., K] -> (int8 [..., K], fp32 scale [...]) with x ~= q * scale."""
+    y, scale = _scaled(x, INT8_MAX)
+    return y.round_().to(torch.int8), scale
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row FP8 e4m3: x [..., K] -> (float8_e4m3fn [..., K], fp32 scale [...]) with x ~= q * scale."""
+    y, scale = _scaled(x, FP8_MAX)
+    return y.to(torch.float8_e4m3fn), scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q [..., K] * scale [...] in `dtype`, or written into `out` (its dtype; no full-size fp32 temporary)."""
+    if out is not None:  # torch does not promote float8: widen it (exactly) to out's dtype first
+        q = q.to(out.dtype) if q.dtype == torch.float8_e4m3fn else q
+        return torch.mul(q, scale.unsqueeze(-1), out=out)
+    return (q.float() * scale.unsqueeze(-1)).to(dtype)
+
+
+if triton is not None:
+    _FLOOR = tl.constexpr(SCALE_FLOOR)
+    _MAGIC = tl.constexpr(RNE_MAGIC)
+
+    @triton.jit
+    def scale_of(amax, QMAX: tl.constexpr):
+        """(scale, 1 / scale) of rows whose fp32 absmax is amax (any shape)."""
+        scale = tl.maximum(tl.math.div_rn(amax, QMAX), _FLOOR)
+        return scale, tl.math.div_rn(1.0, scale)
+
+    @triton.jit
+    def round_8bit(y, QMAX: tl.constexpr, FP8: tl.constexpr, OUT_TY: tl.constexpr):
+        """y = x / scale (fp32, any shape) -> clamped, rounded to nearest (ties to even), as OUT_TY."""
+        y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+        if FP8:
+            bits = y.to(tl.int32, bitcast=True)
+            e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # |y|'s binade; e4m3 subnormals step like 2^-6's
+            big = (((e + 147) << 23) | 0x400000).to(tl.float32, bitcast=True)  # 1.5 * 2^(e + 20): ulp 2^(e - 3)
+            r = (tl.abs(y) + big) - big
+            q = tl.where(bits < 0, -r, r).to(OUT_TY)  # the sign bit back (-0.0 stays -0.0, as torch's cast)
+        else:
+            q = ((y + _MAGIC) - _MAGIC).to(tl.int32).to(tl.int8)
+        return q
+
+    @triton.jit
+    def quantize_tile(x, QMAX: tl.constexpr, FP8: tl.constexpr, OUT_TY: tl.constexpr):
+        """Each row of an fp32 tile x [R, C] quantized: (q [R, C] as OUT_TY, scale [R] fp32)."""
+        scale, inv = scale_of(tl.max(tl.abs(x), 1), QMAX)
+        return round_8bit(x * inv[:, None], QMAX, FP8, OUT_TY), scale
