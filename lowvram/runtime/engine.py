@@ -19,7 +19,7 @@ from lowvram.constants import FRAMES_PER_BLOCK, KV_FRAMES, LATENT_FRAMES
 from lowvram.runtime.kv_cache import GpuKV8Cache, GpuKVCache, HostKVCache, KVFormat, KVWorkspace
 from lowvram.runtime.offload import BlockStreamer, apply_block_streaming, retry_on_oom
 from lowvram.runtime.plan import Plan
-from lowvram.runtime.schedule import BlockIndex, euler_step, flow_sigmas, model_timesteps, ref_shift
+from lowvram.runtime.schedule import BlockIndex, Work, euler_step, flow_sigmas, model_timesteps, ref_shift
 
 
 def injector_units(model) -> dict:
@@ -135,6 +135,12 @@ class Engine:
         d = ref_shift(self.seed, idx, i)
         v = self.guarded(lambda: self.model(x, t, self.context, audio, self.cache[i], self.sink, idx.start_frame, d))
         return euler_step(x, v, self.sigmas[i], self.sigmas[i + 1])
+
+    def run_works(self, works: list[Work], xs: list[torch.Tensor], audios: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The forwards of one tick (schedule.ticks) on this engine's step caches: xs[k] [1, 16, 3, h, w] after
+        step works[k].step of block works[k].idx, with that block's audio [1, L+1, D, 12]. One forward each
+        (plan.batch 1); a batched plan runs them as one DiT call."""
+        return [self.step(w.idx, w.step, x, a.to(self.device)) for w, x, a in zip(works, xs, audios)]
 
     def denoise_block(self, idx: BlockIndex, audio: torch.Tensor) -> torch.Tensor:
         """`steps` Euler steps of one block; audio: its 12 feature frames [1, L+1, D, 12]. Returns the clean
