@@ -15,6 +15,7 @@ from PIL import Image
 from lowvram.demo.inputs import synth_portrait, synth_voice
 from lowvram.errors import LowvramError
 from lowvram.io.media import gen_size, load_audio, load_image, parse_size
+from lowvram.io.partials import partial_path_for, partials_note
 from lowvram.io.video_writer import VideoWriter, check_output_path, to_uint8
 
 FPS = 25
@@ -370,8 +371,19 @@ def test_writer_survives_sigkill(tmp_path, killed_after):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    frames, rate, samples, _ = _decode(path)
+    # nothing under the final name; the frames are in the hidden partial file beside it
+    assert not path.exists()
+    partial = partial_path_for(path, proc.pid)
+    assert partial.is_file()
+    frames, rate, samples, _ = _decode(partial)
     # every block but the last one written is in a finished fragment
     assert len(frames) == 12 * (killed_after - 1)
     if frames:
         assert rate == FPS and samples > 0
+    # the next run is told where it is and how much it holds
+    note = partials_note(path)
+    assert str(partial) in note and f"{len(frames)} frames" in note
+    # the dead writer's lock does not block the next writer
+    with VideoWriter(str(path), 96, 64) as w:
+        w.write(np.zeros((2, 64, 96, 3), np.uint8))
+    assert len(_decode(path)[0]) == 2 and partial.is_file()
