@@ -65,19 +65,20 @@ def small_tmpfs(tmp_path):
 
 @pytest.fixture
 def enospc(monkeypatch):
-    """inject(module, name, budget): make `module.name(fd, data)` (an os.write-like function) fail with
-    ENOSPC once `budget` bytes went through, after writing what still fits, as a real disk does."""
+    """inject(module, name, budget): make `module.name(fd, data, *rest)` (an os.write/os.pwrite-like
+    function) fail with ENOSPC once `budget` bytes went through, after writing what still fits, as a real
+    disk does."""
     import errno
 
     def inject(module, name: str, budget: int):
         real = getattr(module, name)
         left = [budget]
 
-        def write(fd, data):
+        def write(fd, data, *rest):
             data = memoryview(data).cast("B")
             if left[0] <= 0:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            n = real(fd, data[: left[0]])
+            n = real(fd, data[: left[0]], *rest)
             left[0] -= n
             return n
 

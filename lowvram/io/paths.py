@@ -55,6 +55,21 @@ def refuse_out_as_input(out, inputs: Mapping[str, object], flag: str = "--out", 
                                f"input: choose another {flag}")
 
 
+def refuse_clashing_outputs(outputs: Mapping[str, object]) -> None:
+    """Raise LowvramError when two outputs ({label: path or None}, e.g. {"--out": ..., "--report": ...} or
+    one entry per batch job) name the same file: one would overwrite the other."""
+    seen: list[tuple[str, Path]] = []
+    for label, path in outputs.items():
+        if path is None:
+            continue
+        path = Path(path)
+        for other_label, other in seen:
+            if same_path(path, other):
+                raise LowvramError(f"{other_label} {other} and {label} {path} name the same file; one would "
+                                   "overwrite the other: give each its own path")
+        seen.append((label, path))
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this id exists now (it may be another program that reused the id)."""
     if pid <= 0:
