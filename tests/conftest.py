@@ -39,19 +39,19 @@ def tiny_ckpt(tmp_path_factory):
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    """mount(size) -> a fresh tmpfs of `size` ("2m") under tmp_path: a real full disk. Needs root and mount;
-    the test is skipped (with the reason) where they are not available."""
+    """mount(size, readonly=False) -> a fresh tmpfs of `size` ("2m") under tmp_path: a real full (or
+    read-only) disk. Needs root and mount; the test is skipped (with the reason) where they are not available."""
     import shutil
     import subprocess
 
     mounted = []
 
-    def mount(size: str = "2m"):
+    def mount(size: str = "2m", readonly: bool = False):
         if os.geteuid() != 0 or shutil.which("mount") is None:
             pytest.skip("a real full disk needs root and mount(8) to mount a small tmpfs")
         d = tmp_path / f"tmpfs{len(mounted)}"
         d.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}" + (",ro" if readonly else ""), "tmpfs", str(d)],
                            capture_output=True, text=True)
         if r.returncode:
             pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode})")
