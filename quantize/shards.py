@@ -41,17 +41,17 @@ def read_header_at(path: Path) -> tuple[dict, int]:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{path} is truncated (no safetensors header); re-create it")
+                raise CheckpointError(f"{path} is truncated (no safetensors header); re-download or re-create it")
             (n,) = struct.unpack("<Q", head)
             if n > min(MAX_HEADER, size - 8):
-                raise CheckpointError(f"{path} is truncated or not a safetensors file; re-create it")
+                raise CheckpointError(f"{path} is truncated or not a safetensors file; re-download or re-create it")
             header = json.loads(f.read(n))
     except OSError as e:
         raise CheckpointError(f"{path} cannot be read ({e.strerror or e}); check the file") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path} has a corrupt safetensors header; re-create it") from None
+        raise CheckpointError(f"{path} has a corrupt safetensors header; re-download or re-create it") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path} has a corrupt safetensors header; re-create it")
+        raise CheckpointError(f"{path} has a corrupt safetensors header; re-download or re-create it")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise CheckpointError(f"{path} is truncated: {size} bytes, its header needs {8 + n + end}; "
