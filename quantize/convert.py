@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from lowvram import __version__
 from lowvram.errors import CheckpointError, LowvramError
-from lowvram.io.lora import LoraSet
+from lowvram.io.lora import LoraSet, check_alpha
 from lowvram.model.config import DiTConfig
 from lowvram.quantize.format import (
     FORMAT_NAME,
@@ -243,6 +243,7 @@ def convert(ckpt_dir, out, scheme: str, lora=None, keep_bf16=(), lora_alpha: flo
     that fills up anyway removes the staging directory and raises one line with the size the output needs.
     """
     check_scheme(scheme)
+    lora_alpha = check_alpha(lora_alpha)
     ckpt_dir, out = Path(ckpt_dir), Path(out)
     lora = Path(lora) if lora is not None else None
     shard_size = parse_size(shard_size)
