@@ -19,7 +19,7 @@ def test_doctor_names_a_missing_file_and_how_to_get_it(tiny_ckpt, tmp_path):
     (ckpt / "models_t5_umt5-xxl-enc-bf16.pth").unlink()
     r = CliRunner().invoke(cli, ["doctor", "--ckpt-dir", str(ckpt)])
     lines = [l for l in r.output.splitlines() if l.startswith("problem:")]
-    assert any("models_t5_umt5-xxl-enc-bf16.pth" in l and "huggingface-cli download" in l for l in lines)
+    assert any("models_t5_umt5-xxl-enc-bf16.pth" in l and "hf download Wan-AI/Wan2.2-S2V-14B --local-dir" in l for l in lines)
 
 
 def test_doctor_spots_a_truncated_shard(tiny_ckpt, tmp_path):
