@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shlex
 import shutil
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -106,7 +107,7 @@ def clean_stale_staging(out: Path) -> list[str]:
             continue
         if pid_alive(pid):
             notes.append(f"note: {path} belongs to process {pid}, which is running; if it is not a lowvram "
-                         f"quantize, remove it with: rm -rf '{path}'")
+                         f"quantize, remove it with: rm -rf {shlex.quote(str(path))}")
         elif kind == "old" and not out.exists():
             path.rename(out)
             notes.append(f"note: restored {out} from {path}, which a killed run had moved aside")
