@@ -129,6 +129,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=qdtype, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
+        self.backend: str | None = None  # the matmul backend (set_gemm_backend); None: the module default
 
     @classmethod
     @torch.no_grad()
@@ -148,12 +149,24 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, in]
-        y = resolve(x2, self.qweight, backend).fn(x2, self.qweight, self.scale, self.bias)  # [M, out]
+        y = resolve(x2, self.qweight, backend or self.backend).fn(x2, self.qweight, self.scale, self.bias)  # [M, out]
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, scheme={self.scheme}")
+
+
+def set_gemm_backend(model: nn.Module, name: str) -> int:
+    """Set the matmul backend of every QuantLinear of `model` ("auto" or one of `available_backends()`);
+    returns how many modules it set. A one-line LowvramError for an unknown or unavailable backend."""
+    if name != "auto" and name not in available_backends():
+        raise LowvramError(f"unknown or unavailable quantized-matmul backend {name!r}; "
+                           f"choose one of auto, {', '.join(available_backends())}")
+    mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in mods:
+        m.backend = name
+    return len(mods)
 
 
 def apply_quant_layers(model: nn.Module, names: dict[str, str]) -> nn.Module:

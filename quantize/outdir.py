@@ -22,7 +22,7 @@ from lowvram.constants import T5_FILE, TOKENIZER_DIR, VAE_FILE, WAV2VEC_DIR
 from lowvram.errors import LowvramError
 from lowvram.io.paths import pid_alive, refuse_out_as_input
 
-# The non-DiT components of Wan2.2-S2V-14B (brief §2.1); linked so the output directory runs on its own.
+# The non-DiT components of Wan2.2-S2V-14B (docs/model.md §2.1); linked so the output directory runs on its own.
 COMPONENTS = (T5_FILE, TOKENIZER_DIR.split("/")[0], VAE_FILE, WAV2VEC_DIR)
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)

@@ -1,4 +1,4 @@
-"""Which DiT weights `lowvram quantize` turns into 8 bits (the Linear layers of DESIGN.md "Quantization").
+"""Which DiT weights `lowvram quantize` turns into 8 bits (docs/model.md §8.2: the reference's FP8 set).
 
 Quantized: blocks.N.{self_attn,cross_attn}.{q,k,v,o}, blocks.N.ffn.{0,2}, audio_injector.injector.N.{q,k,v,o}
 and the AdaLN linears audio_injector.injector_adain_layers.N.linear. Everything else stays as stored (bf16):

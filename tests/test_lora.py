@@ -28,7 +28,7 @@ def test_real_key_list_has_1260_keys_and_448_peft_targets():
     assert "blocks.39.ffn.2.weight" in targets and "audio_injector.injector.11.o.weight" in targets
     assert "blocks.0.self_attn.norm_q.weight" not in targets  # ends with "norm_q", not ".q"
     assert not any(k.startswith(("text_embedding", "audio_injector.injector_adain")) for k in targets)
-    # brief §2.3: rank 128 gives 676,331,520 LoRA parameters
+    # docs/model.md §2.3: rank 128 gives 676,331,520 LoRA parameters
     assert sum(128 * (shapes[k][0] + shapes[k][1]) for k in targets) == 676_331_520
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from lowvram.demo.inputs import synth_portrait, synth_voice
 from lowvram.errors import LowvramError
-from lowvram.io.media import gen_size, load_audio, load_image, parse_size
+from lowvram.io.media import gen_size, load_audio, load_image, parse_area
 from lowvram.io.partials import partial_path_for, partials_note
 from lowvram.io.video_writer import VideoWriter, check_output_path, to_uint8
 
@@ -26,14 +26,14 @@ FPS = 25
 @pytest.mark.parametrize("text,area", [("704*384", 704 * 384), ("720x400", 720 * 400),
                                        (" 1280 X 720 ", 1280 * 720), ("64*64", 4096)])
 def test_parse_size_accepts(text, area):
-    assert parse_size(text) == area
+    assert parse_area(text) == area
 
 
 @pytest.mark.parametrize("text", ["704", "704*", "*384", "0*384", "704*-384", "7.5*384", "abc",
                                   "63*64", "4097*4096", "704*384*2", ""])
 def test_parse_size_rejects(text):
     with pytest.raises(LowvramError, match=r"--size must look like 704\*384"):
-        parse_size(text)
+        parse_area(text)
 
 
 @pytest.mark.parametrize("area", [704 * 384, 720 * 400])

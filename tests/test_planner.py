@@ -5,7 +5,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from lowvram.cli.plan import plan_cmd, profiles_cmd
+from lowvram.cli.plan import plan_cmd, profiles_cmd, render_plan
 from lowvram.errors import LowvramError
 from lowvram.model.config import DiTConfig
 from lowvram.runtime.planner import make_plan, token_counts
@@ -19,7 +19,7 @@ SIZES = [(704, 384), (832, 480)]
 ALIGN_SLACK = 256  # the planner pads each tensor of a slab to 256 bytes
 
 
-# ---- bytes computed independently from the brief's parameter counts (§1.1, §2.2)
+# ---- bytes computed independently from the parameter counts of docs/model.md §1.1, §2.2
 def ref_block(quant):
     """(bytes, tensor count) of one block: Linear weights at the scheme's width + fp32 per-channel scales."""
     d, f, params = 5120, 13824, 351_394_304
@@ -87,7 +87,7 @@ def test_plan_decisions_against_independent_bytes(name, size):
     assert plan.host_pinned_bytes + plan.host_pageable_bytes == streamed + (4 * 40 * cap * kv if host else 0)
     assert plan.kv_caches == (prof.kv_placement,) * 4
     assert plan.host_pinned_bytes == plan.pinned_kv_caches * 40 * cap * kv + sum(plan.block_bytes[i] for i in plan.pinned_blocks)
-    assert name in plan.render() and "expected peak" in plan.render() and plan.headline()
+    assert name in render_plan(plan) and "expected peak" in render_plan(plan) and plan.headline()
 
 
 def test_targets_at_704x384():
@@ -95,7 +95,7 @@ def test_targets_at_704x384():
     assert p4090.peak_bytes <= 22.0 * GIB and len(p4090.resident) >= 24
     p4090 = make_plan(Profile.from_name("4090", vram_budget_gib=30.0), FULL, 704, 384)
     assert len(p4090.resident) == 40
-    # all-resident INT8 DiT = 15,938,355,200 Linear weights + 0.357 B bf16 params (brief §4.2: 16.65 GB)
+    # all-resident INT8 DiT = 15,938,355,200 Linear weights + 0.357 B bf16 params (docs/model.md §1.5: 16.65 GB)
     # + fp32 per-output-channel scales
     weights = sum(it.nbytes for it in p4090.items if it.what.startswith(("DiT blocks", "DiT non-block")))
     want = 15_938_355_200 + 2 * 357_400_409 + 4 * (40 * (9 * 5120 + 13824) + 12 * 6 * 5120)
@@ -134,8 +134,8 @@ def _quantized_names(cfg, scheme_bytes=1):
 
 def test_exact_bytes_from_headers():
     names = _quantized_names(FULL)
-    plan = make_plan(Profile.from_name("4090"), FULL, 704, 384, quantized_bytes=names)
-    assert plan.exact_bytes and "estimated" not in plan.render()
+    plan = make_plan(Profile.from_name("4090"), FULL, 704, 384, tensor_bytes=names)
+    assert plan.exact_bytes and "estimated" not in render_plan(plan)
     assert plan.block_bytes[1] == 3 * (1024 + 256) + 512  # 1001 -> 1024 aligned, scale 40 -> 256, modulation 300 -> 512
     assert plan.block_bytes[0] == plan.block_bytes[1] + 1024 + 768  # + injector 0 (777) and its adain (555)
     assert plan.items[1].nbytes == 12345  # everything else
@@ -152,7 +152,7 @@ def test_machine_errors_say_what_fits():
     tight = make_plan(p4090.with_overrides(pinned_budget_gib=10.0), FULL, 704, 384)
     assert tight.host_pinned_bytes == 2 * 40 * 12672 * ref_kv_token("int8")  # two of four caches pinned
     assert tight.pinned_kv_caches == 2 and tight.pinned_blocks == ()
-    assert "pageable" in tight.render()
+    assert "pageable" in render_plan(tight)
 
 
 def test_budget_errors_say_what_fits():
@@ -224,10 +224,10 @@ def test_plan_cli_reads_a_quantized_checkpoint(tmp_path):
     tensors["text_embedding.0.weight"] = torch.randn(64, 32, generator=g).bfloat16()
     save_file(tensors, tmp_path / "diffusion_pytorch_model.safetensors",
               metadata={"format": "lowvram", "version": "1", "scheme": "int8"})
-    r = _run("--profile", "4090", "--ckpt-dir", tmp_path, "--size", "64*48")
+    r = _run("--profile", "4090", "--ckpt-dir", tmp_path, "--size", "64*64")
     assert r.exit_code == 0, r.output
     assert "estimated" not in r.output and "blocks resident: 0-3" in r.output
-    r = _run("--profile", "h100-80", "--ckpt-dir", tmp_path, "--size", "64*48")
+    r = _run("--profile", "h100-80", "--ckpt-dir", tmp_path, "--size", "64*64")
     assert r.exit_code == 2 and "quantized as int8" in r.output
 
 

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from lowvram.cli.main import cli
 from lowvram.demo.inputs import synth_portrait, synth_voice
-from lowvram.pipeline.run import RunOptions, run
+from lowvram.pipeline.options import RunOptions
+from lowvram.pipeline.run import run
 
 
 @pytest.fixture(scope="module")
@@ -167,13 +168,13 @@ def test_online_decode_refreshes_the_sink_at_clip_1(first, tiny_ckpt, inputs, tm
 
 def test_quantized_t5_prints_its_cosine_against_bf16_once(tiny_ckpt, inputs, tmp_path):
     from lowvram.io.weights import discover
-    from lowvram.pipeline.run import encode_prompt
+    from lowvram.pipeline.encode import encode_prompt
 
     logs = []
     ckpt = discover(tiny_ckpt[0])
     import torch
     for prompt in ("first prompt for int8", "second prompt for int8"):
-        ctx = encode_prompt(ckpt, prompt, torch.device("cpu"), torch.float32, "int8", logs.append)
+        ctx = encode_prompt(ckpt, prompt, torch.device("cpu"), "int8", logs.append)
         assert ctx.ndim == 2 and torch.isfinite(ctx).all()
     lines = [m for m in logs if "cosine against bf16" in m]
     assert len(lines) == 1
@@ -183,18 +184,22 @@ def test_quantized_t5_prints_its_cosine_against_bf16_once(tiny_ckpt, inputs, tmp
 
 def test_profile_run_streams_blocks_and_sets_the_gemm_backend(tiny_ckpt, inputs, tmp_path):
     """--profile 4090 on the CPU: the plan places the quantized model (2 blocks resident, host INT8 KV)."""
-    from lowvram.quantize.backends import get_backend, set_backend
+    from lowvram.pipeline.session import Session
     from lowvram.quantize.convert import convert
+    from lowvram.quantize.linear import QuantLinear
 
     ckpt, lora = tiny_ckpt
     qdir = tmp_path / "q"
     convert(ckpt, qdir, "int8", lora=lora, progress=False)
+    session = Session(log=lambda *a: None)
     try:
-        res = run(_opts(tiny_ckpt, inputs, tmp_path / "p.mp4", ckpt_dir=qdir, lora=None, num_clip=1,
-                        profile="4090", overrides=("blocks_resident=2", "gemm=reference")), log=lambda *a: None)
-        assert get_backend() == "reference"
+        res = session.run(_opts(tiny_ckpt, inputs, tmp_path / "p.mp4", ckpt_dir=qdir, lora=None, num_clip=1,
+                                profile="4090", overrides=("blocks_resident=2", "gemm=reference")))
+        mods = [m for m in session._dit.model.modules() if isinstance(m, QuantLinear)]
+        assert mods and {m.backend for m in mods} == {"reference"}  # on the run's own modules, no global
+        assert len(session._dit.engine.plan.streamed) == session._dit.model.cfg.num_layers - 2
     finally:
-        set_backend("auto")
+        session.close()
     frames, fps, _ = _frames(res.out)
     assert frames.shape[0] == 45 and fps == 25
 

@@ -3,8 +3,8 @@
     python tools/bench.py --out $OUT                 # on the GPU: accuracy + every profile
     python tools/bench.py --quick --device cpu       # a scaled-down dry run of the same code
 
-Part 1 (issue 4): SQNR of whole DiT forwards at 704x384 (int8 and fp8 W8A8 against bf16, same
-random weights, same inputs). Part 2 (issue 5): for each profile under its allocator cap, at least
+Part 1, accuracy: SQNR of whole DiT forwards at 704x384 (int8 and fp8 W8A8 against bf16, same
+random weights, same inputs). Part 2, memory and speed: for each profile under its allocator cap, at least
 2 clips after a warm-up clip with the real schedule: peak VRAM (allocator reserved and NVML),
 seconds per clip, generated FPS, DiT and VAE time, PCIe bytes per forward, copy-stream busy time,
 the plan's expected peak, and a projection onto a 4090 (23 GB/s PCIe, compute scaled by peak
@@ -174,36 +174,34 @@ def accuracy(cfg, h, w, device, log):
 
 
 def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, vae=None, overrides=None):
-    """One profile: plan, place a random-weight model, warm up one clip, time `clips` clips."""
-    from lowvram.pipeline.run import Generator
-    from lowvram.runtime.engine import guarded, place
+    """One profile: plan, build the engine on a random-weight model, warm up one clip, time `clips` clips."""
+    from lowvram.pipeline.encode import block_audio, clip_source
+    from lowvram.runtime.engine import Engine
+    from lowvram.runtime.machine import Machine, apply_vram_cap
     from lowvram.runtime.planner import make_plan
     from lowvram.runtime.profile import Profile
     from lowvram.runtime.schedule import BlockIndex
 
-    prof = Profile.from_name(name, **(overrides or {}))
+    ov = dict(overrides or {})
     if scheme_override:
-        prof = Profile.from_name(name, **{**(overrides or {}), "quant": scheme_override})
-    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+        ov["quant"] = scheme_override
+    if device.type != "cuda":
+        ov["attention"] = "sdpa"  # the Triton kernels would run in the interpreter
+    prof = Profile.from_name(name, **ov)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total) if cap_gib else 1.0, device)
+        apply_vram_cap(device, cap_gib)  # the same allocator cap as `lowvram run --vram-cap-gib`
         torch.cuda.reset_peak_memory_stats(device)
-    free = min(cap_gib * GIB, torch.cuda.mem_get_info(device)[0]) if (cap_gib and device.type == "cuda") else None
+    free = Machine.detect(device, cap_gib).free_vram_bytes if cap_gib else None
     plan = make_plan(prof, cfg, w * 8, h * 8, free_vram_bytes=free)
     log(f"[{name}] {plan.headline()}")
     t0 = time.perf_counter()
     model = random_model(cfg, prof.quant, device, "cpu")
-    model.attention = prof.attention if device.type == "cuda" else "sdpa"
-    from lowvram.quantize.backends import set_backend
-
-    set_backend(prof.gemm)
-    tokens = (h // 2) * (w // 2)
-    placement = place(model, plan, device, tokens, dtype=torch.bfloat16)
+    engine = Engine.build(model, plan, device, vae=vae, log=log)
     build_s = time.perf_counter() - t0
     ctx, ref, motion, audio = synthetic_inputs(cfg, h, w, device)
-    gen = Generator(model, vae, ctx, audio, ref, motion, 4, 420, device, torch.bfloat16, kv_caches=placement.kv,
-                    guard=lambda f: guarded(f, placement, log), sink_dtype=plan.sink_dtype)
+    engine.start(ctx, ref, motion, 4, 420)
+    feats = clip_source(audio)
 
     def sync():
         if device.type == "cuda":
@@ -212,23 +210,24 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
     def clip(c):
         dit = dec = 0.0
         for b in range(4):
+            idx = BlockIndex(c, b)
             sync()
             t = time.perf_counter()
-            lat = gen.denoise_block(BlockIndex(c, b))
+            lat = engine.denoise_block(idx, block_audio(feats, idx))
             sync()
             dit += time.perf_counter() - t
             t = time.perf_counter()
-            gen.decode(lat)
+            engine.decode(lat)
             sync()
             dec += time.perf_counter() - t
         return dit, dec
 
     clip(0)  # warm-up (Triton autotuning, cuDNN plans, first pinned copies)
-    placement.reset_stats()
+    engine.reset_stats()
     with NvmlPeak() as nv:
         times = [clip(c) for c in range(1, clips + 1)]
     sync()
-    stats = placement.stats()
+    stats = engine.stats()
     dit = sum(t[0] for t in times) / clips
     dec = sum(t[1] for t in times) / clips
     per_clip = dit + dec
@@ -236,7 +235,7 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
     blk, kvs = stats.get("blocks", {}), stats.get("kv", {})
     h2d = blk.get("bytes_h2d", 0) + kvs.get("bytes_h2d", 0)
     busy = blk.get("copy_busy_s", 0.0) + kvs.get("copy_busy_s", 0.0)
-    res = dict(profile=name, cap_gib=cap_gib, scheme=prof.quant, gemm=prof.gemm, attention=model.attention,
+    res = dict(profile=name, cap_gib=cap_gib, scheme=plan.quant, gemm=plan.gemm, attention=str(plan.attention),
                sink=plan.sink_dtype,
                resident=len(plan.resident), streamed=len(plan.streamed), kv=f"{plan.kv_caches[0]}/{plan.kv_dtype}",
                build_s=round(build_s, 1), s_per_clip=round(per_clip, 3), dit_s_per_clip=round(dit, 3),
@@ -250,7 +249,8 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
     # projection onto a 4090 (labelled): compute scaled by peak INT8 (660 vs this GPU's measured class),
     # PCIe traffic at 23 GB/s; the clip takes the larger of the two when copies overlap compute
     res["projected_4090_pcie_s_per_forward"] = round(h2d / forwards / 23e9, 3)
-    del gen, placement, model
+    engine.release()
+    del engine, model
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import FULL, QUICK, random_model, synthetic_inputs  # noqa: E402
 
 from lowvram.model.config import DiTConfig  # noqa: E402
-from lowvram.runtime.kv_cache import GpuKVCache  # noqa: E402
 
 KINDS = [  # (kind, substrings of a kernel name, lowercase), first match wins
     ("attention", ("attn", "flash", "fmha", "cudnn", "sdpa", "softmax")),
@@ -61,19 +60,21 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from lowvram.quantize.backends import set_backend
+    from lowvram.runtime.engine import Engine
+    from lowvram.runtime.planner import make_plan
+    from lowvram.runtime.profile import Profile
 
-    set_backend(args.gemm)
     model = random_model(cfg, args.scheme, device, device)
-    model.attention = args.attention
+    # everything resident, the GPU step caches in bf16: the engine applies the backends to this model only
+    plan = make_plan(Profile.resident(args.scheme, 1024.0, gemm=args.gemm, attention=args.attention), cfg,
+                     w * 8, h * 8)
+    engine = Engine.build(model, plan, device)
     ctx, ref, motion, audio = synthetic_inputs(cfg, h, w, device)
-    tokens = (h // 2) * (w // 2)
     g = torch.Generator(device="cpu").manual_seed(5)
     x = torch.randn(1, 16, 3, h, w, generator=g).to(device, torch.bfloat16)
     with torch.no_grad():
-        c = model.embed_text([ctx.to(device)])
-        sink = model.prefill_sink(ref.to(device, torch.bfloat16), motion.to(device, torch.bfloat16), c)
-        kv = GpuKVCache(cfg.num_layers, 4 * 3 * tokens, 1, cfg.num_heads, cfg.head_dim, torch.bfloat16, device)
+        engine.start(ctx, ref, motion, 4, 420)
+        c, sink, kv = engine.context, engine.sink, engine.kv[0]
         t = torch.full((1, 3), 1000.0, device=device)
 
         def forward(block):

@@ -20,7 +20,7 @@ import torch
 from lowvram.constants import GIB
 from lowvram.errors import CheckpointError
 
-# sizes of the real files (brief §2.1), for a warning when a file is far off (truncated download)
+# sizes of the real files (docs/model.md §2.1), for a warning when a file is far off (truncated download)
 EXPECTED_BYTES = {"models_t5_umt5-xxl-enc-bf16.pth": 11.36e9, "Wan2.1_VAE.pth": 0.508e9}
 
 

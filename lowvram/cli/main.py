@@ -17,6 +17,7 @@ import click
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from lowvram.cli.clickutil import Group
+from lowvram.model.attention import BACKENDS
 
 DEFAULT_CKPT = "ckpt/Wan2.2-S2V-14B"
 DEFAULT_LORA = "ckpt/LiveAvatar/liveavatar.safetensors"
@@ -58,26 +59,32 @@ def _run(opts, quiet: bool):
 @click.option("--out", type=click.Path(path_type=Path), default="output.mp4", show_default=True, help="Output mp4.")
 @click.option("--device", default="auto", show_default=True, help="cuda, cuda:N, cpu or auto.")
 @click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32.")
-@click.option("--attention", type=click.Choice(["sdpa", "triton", "triton8"]), default="sdpa", show_default=True,
-              help="Self-attention backend.")
-@click.option("--t5", type=click.Choice(["bf16", "int8", "nf4"]), default="bf16", show_default=True,
-              help="Text-encoder precision (int8/nf4 through bitsandbytes, CUDA only).")
+@click.option("--attention", type=click.Choice(BACKENDS), default=None,
+              help="Self-attention backend (default: the profile's; sdpa without a profile).")
+@click.option("--t5", type=click.Choice(["bf16", "int8", "nf4", "cpu"]), default=None,
+              help="Text-encoder mode (default: the profile's; bf16 without a profile): int8/nf4 through "
+                   "bitsandbytes, cpu runs bf16 on the CPU.")
 @click.option("--online-decode", is_flag=True, help="Refresh the sink from clip 0's output at clip 1, as the reference.")
 @click.option("--no-verify", is_flag=True, help="Skip hashing the shards of a quantized directory.")
 @click.option("--profile", default=None,
               help="Hardware profile (4090, 3090, 16gb, 12gb, a100-80, h100-80, auto): plans residency, KV placement, "
                    "attention and T5 mode; see `lowvram profiles`. Default: everything resident.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a profile field (repeatable).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a field of the profile (or of the all-resident preset); repeatable.")
+@click.option("--vram-cap-gib", type=float, default=None,
+              help="Cap the CUDA allocator at this many GiB to imitate a smaller card (also LOWVRAM_VRAM_CAP_GIB).")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the result (plan, phases with time and peak VRAM, frames) as JSON here.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 def run(ckpt_dir, lora, lora_alpha, image, audio, prompt, size, num_clip, seed, steps, out, device, dtype,
-        attention, t5, online_decode, no_verify, profile, overrides, quiet):
+        attention, t5, online_decode, no_verify, profile, overrides, vram_cap_gib, report, quiet):
     """Portrait + voice + prompt -> a talking-avatar mp4, written block by block."""
-    from lowvram.pipeline.run import RunOptions
+    from lowvram.pipeline.options import RunOptions
 
     _run(RunOptions(ckpt_dir=ckpt_dir, image=image, audio=audio, prompt=prompt, lora=lora, lora_alpha=lora_alpha,
                     size=size, num_clip=num_clip, seed=seed, steps=steps, out=out, device=device, dtype=dtype,
                     online_decode=online_decode, attention=attention, t5=t5, verify=not no_verify,
-                    profile=profile, overrides=tuple(overrides)), quiet)
+                    profile=profile, overrides=tuple(overrides), vram_cap_gib=vram_cap_gib, report=report), quiet)
 
 
 @cli.command()
@@ -90,7 +97,7 @@ def demo(out, workdir, seconds, quiet):
     """The whole pipeline on the embedded tiny checkpoint (random weights) on the CPU: demo.mp4."""
     from lowvram.demo.inputs import synth_portrait, synth_voice
     from lowvram.demo.tiny import write_tiny_checkpoint
-    from lowvram.pipeline.run import RunOptions
+    from lowvram.pipeline.options import RunOptions
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lowvram-demo-") as tmp:

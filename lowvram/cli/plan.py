@@ -1,77 +1,124 @@
 """`lowvram plan` and `lowvram profiles`: the residency plan without loading any weights.
 
-`plan` reads config.json and, for a quantized directory, the shard headers (exact tensor bytes);
-the GPU's free memory and the host RAM are measured when this machine has a CUDA GPU, or given
-with --vram-gib / --host-ram-gib to plan for another machine (without either, nothing is checked).
+`plan` calls the same `plan_run` as `lowvram run` with the same options (profile or the resident preset,
+--set, --attention, --t5, --size with the portrait's aspect ratio, --device, --vram-cap-gib), so what it
+prints is what the run executes. The machine is measured as `lowvram run` measures it, or described with
+--vram-gib / --host-ram-gib to plan for another one; on a machine without a GPU, `--device auto` with a
+named profile plans for the card the profile names (CUDA, bf16) without checking anything.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
+import torch
 
 from lowvram.cli.clickutil import Command
-from lowvram.errors import LowvramError
-from lowvram.model.config import DiTConfig
-from lowvram.runtime.planner import Plan, make_plan
-from lowvram.runtime.profile import GIB, Profile, parse_set
+from lowvram.constants import GIB
+from lowvram.model.attention import BACKENDS
+from lowvram.runtime.plan import Plan
+from lowvram.runtime.profile import Profile
+
+PCIE_4090 = 23e9  # bytes/s, pinned host->GPU on PCIe 4.0 x16 (docs/model.md §9)
 
 
-def parse_size(size: str) -> tuple[int, int]:
-    """'704*384' -> (704, 384)."""
-    w, sep, h = size.replace("x", "*").partition("*")
-    if not sep or not w.strip().isdigit() or not h.strip().isdigit():
-        raise LowvramError(f"--size {size!r}: expected WIDTH*HEIGHT, e.g. 704*384")
-    return int(w), int(h)
+def render_plan(plan: Plan) -> str:
+    """The plan as a text table (rich, no colour) and its summary lines."""
+    from rich.console import Console
+    from rich.table import Table
+
+    tk = plan.tokens
+    title = (f"profile {plan.profile.name} at {plan.width}*{plan.height}: {tk['per_frame']} tokens/frame, "
+             f"{tk['query']} query, KV {tk['capacity']} + sink {tk['sink']}")
+    table = Table(title=title, title_justify="left")
+    for col, just in (("item", "left"), ("where", "left"), ("GiB", "right"), ("note", "left")):
+        table.add_column(col, justify=just)
+    for it in plan.items:
+        table.add_row(it.what, it.where, f"{it.nbytes / GIB:.2f}", it.note)
+    console = Console(width=130, record=True, color_system=None, file=_Null())
+    console.print(table)
+    h2d, d2h = plan.pcie_h2d_bytes, plan.pcie_d2h_bytes
+    lines = [
+        f"weights {plan.quant}, attention {plan.attention}, GEMM {plan.gemm}, T5 {plan.t5}, "
+        f"KV {plan.kv_caches[0]} {plan.kv_format}, sink {plan.sink_dtype}",
+        f"blocks resident: {_ranges(plan.resident) or 'none'}; streamed: {_ranges(plan.streamed) or 'none'} "
+        f"({plan.n_buffers} GPU buffers)",
+        f"PCIe per forward: {h2d / 1e9:.2f} GB in, {d2h / 1e9:.2f} GB out "
+        f"(~{1e3 * (h2d + d2h) / PCIE_4090:.0f} ms at {PCIE_4090 / 1e9:.0f} GB/s)",
+        f"host memory: {plan.host_pinned_bytes / GIB:.1f} GiB pinned, {plan.host_pageable_bytes / GIB:.1f} GiB "
+        f"pageable; the run needs {plan.host_bytes / GIB:.1f} GiB of host RAM",
+        f"expected peak: {plan.peak_bytes / GIB:.2f} GiB (encode {plan.encode_peak_bytes / GIB:.2f}, generate "
+        f"{plan.generate_peak_bytes / GIB:.2f}) of a {plan.profile.vram_budget_gib:.1f} GiB budget"
+        + ("" if plan.exact_bytes else "; weights estimated from config.json"),
+    ]
+    return console.export_text() + "\n".join(lines) + "\n"
 
 
-def checkpoint_bytes(ckpt_dir: Path, quant: str) -> dict[str, int] | None:
-    """Tensor name -> bytes from a quantized checkpoint's shard headers; None for a plain (bf16) checkpoint."""
-    from lowvram.quantize.format import detect_format
-    from lowvram.quantize.shards import tensor_bytes
+class _Null:
+    def write(self, s: str) -> int:
+        return len(s)
 
-    info = detect_format(ckpt_dir)
-    if info is None:
-        return None
-    if info.scheme != quant:
-        raise LowvramError(f"{ckpt_dir} is quantized as {info.scheme} but the profile uses {quant}; "
-                           f"use --set quant={info.scheme} or re-run `lowvram quantize --scheme {quant}`")
-    return tensor_bytes(Path(ckpt_dir) / shard for shard in info.shards)
+    def flush(self) -> None:
+        pass
 
 
-def plan_for_checkpoint(profile_name: str, ckpt_dir, size: str = "704*384", sets=(), vram_gib: float | None = None,
-                        host_ram_gib: float | None = None) -> Plan:
-    """The plan for a checkpoint directory, measuring this machine unless sizes are given."""
-    import psutil
-    import torch
-
-    profile = Profile.from_name(profile_name, **parse_set(list(sets)))
-    width, height = parse_size(size)
-    ckpt_dir = Path(ckpt_dir)
-    cfg = DiTConfig.from_json(ckpt_dir / "config.json")
-    free = None if vram_gib is None else int(vram_gib * GIB)
-    host = None if host_ram_gib is None else int(host_ram_gib * GIB)
-    if torch.cuda.is_available():  # planning for this machine: measure what is not given
-        free = torch.cuda.mem_get_info()[0] if free is None else free
-        host = psutil.virtual_memory().total if host is None else host
-    return make_plan(profile, cfg, width, height, free_vram_bytes=free, host_ram_bytes=host,
-                     quantized_bytes=checkpoint_bytes(ckpt_dir, profile.quant))
+def _ranges(ix: tuple[int, ...]) -> str:
+    out, start = [], None
+    for a, b in zip(ix, ix[1:] + (None,)):
+        start = a if start is None else start
+        if b != a + 1:
+            out.append(f"{start}" if start == a else f"{start}-{a}")
+            start = None
+    return ",".join(out)
 
 
 @click.command("plan", cls=Command)
-@click.option("--profile", "profile_name", default="auto", show_default=True,
-              help="hardware profile (`lowvram profiles` lists them) or auto")
+@click.option("--profile", "profile_name", default=None,
+              help="Hardware profile (`lowvram profiles` lists them) or auto. Default: everything resident, "
+                   "as `lowvram run` without --profile.")
 @click.option("--ckpt-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="checkpoint directory with config.json (a quantized one gives exact weight bytes)")
-@click.option("--size", default="704*384", show_default=True, help="video WIDTH*HEIGHT")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="override a profile field (repeatable)")
-@click.option("--vram-gib", type=float, default=None, help="plan for a GPU with this much free memory (GiB)")
-@click.option("--host-ram-gib", type=float, default=None, help="plan for a host with this much RAM (GiB)")
-def plan_cmd(profile_name, ckpt_dir, size, sets, vram_gib, host_ram_gib):
+              help="Checkpoint directory (a quantized one gives its scheme and exact weight bytes).")
+@click.option("--size", default="704*384", show_default=True,
+              help="Pixel-area budget W*H, as for `lowvram run`; the output keeps the portrait's aspect ratio "
+                   "(--image), else W:H.")
+@click.option("--image", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The portrait, for its aspect ratio.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a profile field (repeatable).")
+@click.option("--attention", type=click.Choice(BACKENDS), default=None, help="Self-attention backend.")
+@click.option("--t5", type=click.Choice(["bf16", "int8", "nf4", "cpu"]), default=None, help="Text-encoder mode.")
+@click.option("--device", default="auto", show_default=True, help="cuda, cuda:N, cpu or auto.")
+@click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")
+@click.option("--vram-cap-gib", type=float, default=None, help="Plan for the allocator cap `lowvram run` would use.")
+@click.option("--vram-gib", type=float, default=None, help="Plan for a GPU with this much free memory (GiB).")
+@click.option("--host-ram-gib", type=float, default=None, help="Plan for a host with this much available RAM (GiB).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan_cmd(profile_name, ckpt_dir, size, image, sets, attention, t5, device, dtype, vram_cap_gib, vram_gib,
+             host_ram_gib, as_json):
     """Print what lives where, the bytes over PCIe per forward and the expected peak VRAM."""
-    plan = plan_for_checkpoint(profile_name, ckpt_dir, size, sets, vram_gib, host_ram_gib)
-    click.echo(plan.render(), nl=False)
+    from lowvram.pipeline.options import RunOptions, resolve_device
+    from lowvram.runtime.machine import Machine
+    from lowvram.runtime.plan import plan_run
+
+    opts = RunOptions(ckpt_dir=ckpt_dir, image=image, audio=None, prompt="", size=size, device=device, dtype=dtype,
+                      attention=attention, t5=t5, profile=profile_name, overrides=tuple(sets),
+                      vram_cap_gib=vram_cap_gib)
+    if device == "auto" and not torch.cuda.is_available() and profile_name not in (None, "auto"):
+        # no GPU here: plan for the card the profile names, as it would run there (CUDA, bf16)
+        dev, dt = torch.device("cuda"), torch.bfloat16 if dtype == "auto" else resolve_device("cpu", dtype)[1]
+        machine = Machine.described(vram_gib, host_ram_gib)
+    else:
+        dev, dt = resolve_device(device, dtype)
+        if vram_gib is not None or host_ram_gib is not None:
+            machine = Machine.described(vram_gib, host_ram_gib, dev.type)
+        else:
+            machine = Machine.detect(dev, vram_cap_gib)
+    plan = plan_run(ckpt_dir, profile_name, opts.plan_overrides(), size, image, machine, dev, dt)
+    if as_json:
+        click.echo(json.dumps(plan.to_dict(), indent=1))
+    else:
+        click.echo(render_plan(plan), nl=False)
 
 
 @click.command("profiles", cls=Command)

@@ -1,4 +1,4 @@
-"""Synthetic bf16 DiT checkpoints with the real Wan2.2-S2V key names (brief §2.2), for tests and benchmarks.
+"""Synthetic bf16 DiT checkpoints with the real Wan2.2-S2V key names (docs/model.md §2.2), for tests and benchmarks.
 
 `dit_state_shapes(cfg)` lists every state-dict key with its shape (1260 keys for the 14B config);
 `write_checkpoint` writes config.json, the index json and N shards of seeded random weights.

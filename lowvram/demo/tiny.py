@@ -1,4 +1,4 @@
-"""The tiny checkpoint: every file of the real layout (brief §2.1) with tiny dimensions and seeded
+"""The tiny checkpoint: every file of the real layout (docs/model.md §2.1) with tiny dimensions and seeded
 random weights, written in seconds on a CPU. Tests, `lowvram demo` and tools/make_tiny_checkpoint.py
 use it.
 

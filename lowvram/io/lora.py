@@ -1,7 +1,7 @@
 """LoRA adapters in PEFT's safetensors layout: read memory-mapped, check against the base, merge per layer.
 
 LiveAvatar merges its DMD LoRA with PEFT (`W += (alpha / r) * B @ A`, adapters upcast to fp32) before any
-quantization (brief §2.3). `LoraSet` does the same one weight at a time, so the merge never holds more
+quantization (docs/model.md §2.3). `LoraSet` does the same one weight at a time, so the merge never holds more
 than one layer beyond what the caller already has.
 
 Accepted key spellings (`<module>` is the base model's module name, e.g. `blocks.0.self_attn.q`):

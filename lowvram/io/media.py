@@ -32,17 +32,23 @@ AUDIO_KINDS = "a wav, mp3, m4a, flac or ogg file"
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[*xX]\s*(\d+)\s*$")
 
 
-def parse_size(s: str) -> int:
-    """Parse --size "W*H" (or "WxH") into the pixel-area budget W*H."""
+def parse_dims(s: str) -> tuple[int, int]:
+    """Parse --size "W*H" (or "WxH") into (W, H); its product is the pixel-area budget of `gen_size`."""
     match = _SIZE_RE.match(str(s))
     if match is not None:
         w, h = int(match.group(1)), int(match.group(2))
         if w > 0 and h > 0 and MIN_AREA <= w * h <= MAX_AREA:
-            return w * h
+            return w, h
     raise LowvramError(
-        f"--size must look like 704*384 (width*height, positive integers, area between 64*64 "
+        f"--size must look like 704*384 (WIDTH*HEIGHT: positive integers, area between 64*64 "
         f"and 4096*4096); got {s!r}"
     )
+
+
+def parse_area(s: str) -> int:
+    """Parse --size "W*H" into the pixel-area budget W*H (the output keeps the portrait's aspect ratio)."""
+    w, h = parse_dims(s)
+    return w * h
 
 
 def gen_size(img_w: int, img_h: int, max_area: int) -> tuple[int, int]:

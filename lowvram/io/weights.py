@@ -1,4 +1,4 @@
-"""Checkpoint discovery and loading (brief §2.1): the DiT from sharded, memory-mapped safetensors,
+"""Checkpoint discovery and loading (docs/model.md §2.1): the DiT from sharded, memory-mapped safetensors,
 built on the meta device and assigned (no second copy), with the LiveAvatar LoRA merged per layer.
 """
 
@@ -35,12 +35,7 @@ class Checkpoint:
     wav2vec: Path
 
     def dit_config(self) -> DiTConfig:
-        cfg = DiTConfig.from_json(self.config)
-        # the wav2vec2 layer count the audio encoder weighs comes from its weight's shape
-        shape = self.shape_of("casual_audio_encoder.weights")
-        if shape is not None and len(shape) == 4 and shape[1] != cfg.num_audio_layers:
-            cfg = DiTConfig.from_dict({**cfg.to_dict(), "num_audio_layers": shape[1]})
-        return cfg
+        return dit_config_of(self.config, self.shards)
 
     def shape_of(self, key: str):
         return self.shapes().get(key)
@@ -61,6 +56,21 @@ class Checkpoint:
                         out[k] = tuple(f.get_slice(k).get_shape())
             object.__setattr__(self, "_shapes", out)
         return self._shapes
+
+
+def dit_config_of(config: Path, shards) -> DiTConfig:
+    """config.json, with the wav2vec2 layer count the audio encoder weighs read off its weight's shape."""
+    from lowvram.quantize.shards import read_header
+
+    cfg = DiTConfig.from_json(config)
+    for shard in shards:
+        entry = read_header(shard).get("casual_audio_encoder.weights")
+        if entry is not None:
+            shape = entry["shape"]
+            if len(shape) == 4 and shape[1] != cfg.num_audio_layers:
+                cfg = DiTConfig.from_dict({**cfg.to_dict(), "num_audio_layers": shape[1]})
+            break
+    return cfg
 
 
 def _open(path: Path):

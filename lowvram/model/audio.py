@@ -1,5 +1,5 @@
 """S2V audio path: the causal audio encoder (learned layer weighting + causal Conv1d stack) and the
-audio injectors (AdaLN + per-frame cross-attention), brief §1.4, §3.5 step 6, §10.7-10.8."""
+audio injectors (AdaLN + per-frame cross-attention), docs/model.md §6.2."""
 
 from __future__ import annotations
 

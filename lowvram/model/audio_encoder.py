@@ -1,4 +1,4 @@
-"""wav2vec2 audio features and their bucketing to video frames, as LiveAvatar does it (brief §1.4).
+"""wav2vec2 audio features and their bucketing to video frames, as LiveAvatar does it (docs/model.md §6.1).
 
 `AudioEncoder.hidden_states` runs transformers' `Wav2Vec2Model` on a 16 kHz mono wave and
 stacks all L+1 hidden states (embedding output + each layer; 25 for the real model) at 50

@@ -2,7 +2,7 @@
 
 LiveAvatar builds `CausalWanModel_S2V` through diffusers' `from_pretrained`, so the keys of
 config.json override the class defaults; keys the released file does not carry take the
-class defaults below (brief §1.1).
+class defaults below (docs/model.md §1.1, §8.1).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The LiveAvatar S2V DiT at inference (brief §1.1, §3.5-§3.7): a sink prefill and a streaming
+"""The LiveAvatar S2V DiT at inference (docs/model.md §1.1, §3.3-§3.7): a sink prefill and a streaming
 forward over one block of latent frames that writes and reads a per-step KV ring cache.
 
 Attribute names equal the checkpoint keys (`blocks.N.self_attn.q`, `casual_audio_encoder`, ...),

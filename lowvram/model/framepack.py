@@ -1,6 +1,6 @@
 """FramePack motion tokens (`frame_packer`): the last 19 motion latents split 16 | 2 | 1 (oldest
 first) and embedded at 4x, 2x and 1x spatio-temporal compression, with their fixed RoPE
-positions at negative frames (brief §3.7, §10.4)."""
+positions at negative frames (docs/model.md §3.5, §4.2)."""
 
 from __future__ import annotations
 

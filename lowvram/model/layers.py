@@ -1,4 +1,4 @@
-"""Building blocks of the S2V DiT with the checkpoint's attribute names (brief §2.2, §3.5, §5).
+"""Building blocks of the S2V DiT with the checkpoint's attribute names (docs/model.md §2.2, §4).
 
 Numerics follow LiveAvatar under bf16 autocast without using autocast: Linear layers run in
 the weights' dtype (bf16 on GPU, fp32 in CPU tests), norms compute in fp32 and round where the

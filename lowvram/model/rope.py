@@ -1,4 +1,4 @@
-"""3-D rotary position embedding of the S2V DiT (brief §3.7, §5.2, §10.2-10.4).
+"""3-D rotary position embedding of the S2V DiT (docs/model.md §4.2).
 
 The head dim D splits into (time, height, width) pairs of D/2 - 2*(D/2 // 3), D/2 // 3, D/2 // 3
 (22/21/21 pairs = 44/42/42 channels for D = 128). Pairs are interleaved (x[2i], x[2i+1]).
@@ -8,7 +8,7 @@ rotate bf16/fp16 inputs in float32: a bf16 value (8-bit mantissa) times an fp16 
 is exact in float32, and the one rounding of the sum then equals the reference's float64
 result rounded to float32, so the output is bit-identical (tests/test_rope.py checks it).
 float32 inputs rotate in float64, as the reference does.
-A negative time position p means the conjugate multiplier of |p| (motion frames, §3.7).
+A negative time position p means the conjugate multiplier of |p| (motion frames, docs/model.md §4.2).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """umT5-XXL text encoder (encoder only) on transformers' `UMT5EncoderModel`, fed Wan's .pth.
 
-Wan stores its own module names (brief §1.2); `t5_key_map` renames them to transformers'
+Wan stores its own module names (docs/model.md §1.2, §2.2); `t5_key_map` renames them to transformers'
 and the model is built on the meta device and given the memory-mapped tensors (no second
 copy). Wan's feed-forward is `fc2(fc1(x) * gelu_tanh(gate(x)))`; transformers' gated one is
 `wo(act(wi_0(x)) * wi_1(x))`, so gate -> wi_0, fc1 -> wi_1, fc2 -> wo. Both use per-layer

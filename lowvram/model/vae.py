@@ -1,4 +1,4 @@
-"""The Wan2.1 VAE (brief §1.3, §4.3): causal 3-D encoder/decoder with a time feature cache.
+"""The Wan2.1 VAE (docs/model.md §7): causal 3-D encoder/decoder with a time feature cache.
 
 - `WanVAE.encode(video)` runs frame 0 alone, then chunks of 4 frames, and returns the
   normalised mean latent; `WanVAE.decode(z)` runs one latent frame at a time.

@@ -1,5 +1,5 @@
 """Building blocks of the Wan2.1 VAE: causal 3-D convs with a time cache, RMS norm, resampling,
-residual and attention blocks (brief §1.3).
+residual and attention blocks (docs/model.md §7).
 
 Attribute names follow `Wan2.1_VAE.pth` (`residual.0.gamma`, `residual.2.weight`,
 `resample.1.weight`, `time_conv.bias`, `to_qkv`, `proj`, ...), so its state dict loads as is.

@@ -1,7 +1,7 @@
 """Per-clip audio features for any length of audio, with memory bounded by a window.
 
 Up to `WHOLE_FILE_SECONDS` the whole file goes through wav2vec2 at once and is bucketed exactly as
-LiveAvatar does (brief §1.4). Longer audio (a 10,000-second video is a supported case) would need
+LiveAvatar does (docs/model.md §6.1). Longer audio (a 10,000-second video is a supported case) would need
 tens of GB for the hidden states and an attention over hundreds of thousands of frames, so it runs in
 windows: `WINDOW_SECONDS` of audio plus `CONTEXT_SECONDS` on each side, normalised with the whole
 file's mean and variance (as the feature extractor normalises the whole file), and each window's

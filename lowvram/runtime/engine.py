@@ -1,24 +1,158 @@
-"""Placing the DiT on a device as a plan says: resident blocks on the GPU, the others streamed from
-host slabs (with the audio injector that runs after them), each step's KV cache on the GPU or in
-host memory, and the OOM fallback that moves one more block to streaming and retries."""
+"""`Engine.build(model, plan, device)`: the only code that applies a plan, and the denoising loop it drives.
+
+Applying a plan: the attention backend on the model instance, the GEMM backend on every QuantLinear,
+resident blocks on the device and the others streamed from host slabs (with the audio injector that
+runs after them), each step's KV cache on the device or in host memory in the plan's format, the sink
+in the plan's dtype, and the OOM guard that moves one more block to streaming and retries.
+
+Per video (`start`): the text embedding, the sink prefill, the sampler's sigmas, the seeded noise per
+clip; the rolling-sink shift of each (block, step) comes from the seed (schedule.ref_shift); per block (`denoise_block`): `steps` Euler steps, one DiT forward each,
+against that step's cache; `decode` runs the streaming VAE. The pipeline, the benchmarks and the tests
+all drive this object.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from lowvram.errors import LowvramError
-from lowvram.runtime.kv_cache import GpuKV8Cache, GpuKVCache, HostKVCache, KVWorkspace
+from lowvram.constants import FRAMES_PER_BLOCK, KV_FRAMES, LATENT_FRAMES
+from lowvram.runtime.kv_cache import GpuKV8Cache, GpuKVCache, HostKVCache, KVFormat, KVWorkspace
 from lowvram.runtime.offload import BlockStreamer, apply_block_streaming, retry_on_oom
-from lowvram.runtime.planner import Plan
+from lowvram.runtime.plan import Plan
+from lowvram.runtime.schedule import BlockIndex, euler_step, flow_sigmas, model_timesteps, ref_shift
 
 
-@dataclass
-class Placement:
-    plan: Plan | None
-    streamer: BlockStreamer | None
-    kv: list  # one cache per denoising step
+def injector_units(model) -> dict:
+    """block index -> the audio-injector modules that run right after it."""
+    inj = model.audio_injector
+    return {blk: [inj.injector[k], inj.injector_adain_layers[k]] for blk, k in inj.block_to_injector.items()}
+
+
+def place_model(model, plan: Plan, device: torch.device) -> BlockStreamer | None:
+    """Move the model (loaded on the CPU, or already on `device`) as the plan says; the streamer if any block streams."""
+    units = injector_units(model)
+    attached = {m for ms in units.values() for m in ms}
+    for name, child in model.named_children():
+        if name not in ("blocks", "audio_injector"):
+            child.to(device)
+    for m in model.audio_injector.modules():
+        if m not in attached and next(m.parameters(recurse=False), None) is not None:
+            m.to(device)
+    if plan.streamed:
+        return apply_block_streaming(model.blocks, plan, device, attached=units)
+    model.blocks.to(device)
+    for ms in units.values():
+        for m in ms:
+            m.to(device)
+    return None
+
+
+def make_kv_caches(model, plan: Plan, device: torch.device, tokens_per_frame: int) -> list:
+    """One ring cache per step, placed and stored as the plan says (host caches share one device workspace)."""
+    cfg = model.cfg
+    cap = KV_FRAMES * tokens_per_frame
+    shape = (cfg.num_layers, cap, 1, cfg.num_heads, cfg.head_dim)
+    caches, ws = [], None
+    for i, where in enumerate(plan.kv_caches):
+        if where == "gpu":
+            if plan.kv_format == KVFormat.KV8:
+                caches.append(GpuKV8Cache(*shape, device))
+            else:
+                caches.append(GpuKVCache(*shape, model.dtype, device))
+            continue
+        int8 = plan.kv_format == KVFormat.INT8
+        if ws is None:
+            ws = KVWorkspace(cap, 1, cfg.num_heads, cfg.head_dim, device, plan.kv_slots or 2, int8,
+                             max_new=FRAMES_PER_BLOCK * tokens_per_frame)
+        caches.append(HostKVCache(*shape, plan.kv_format, device, workspace=ws, pinned=i < plan.pinned_kv_caches))
+    return caches
+
+
+class Engine:
+    """A DiT placed by a plan, with its step caches, sink and streaming VAE decoder."""
+
+    def __init__(self, model, plan: Plan, device: torch.device, streamer, kv: list, vae=None, log=print):
+        self.model, self.plan, self.device, self.streamer, self.kv, self.vae = model, plan, device, streamer, kv, vae
+        self.log = log
+        self.sink = self.context = self.decoder = self.noise = None
+
+    @classmethod
+    def build(cls, model, plan: Plan, device, vae=None, log=print) -> "Engine":
+        """Apply `plan` to `model` on `device` (the model's GEMM and attention backends, placement, caches)."""
+        from lowvram.quantize.linear import set_gemm_backend
+
+        device = torch.device(device)
+        model.attention = plan.attention
+        set_gemm_backend(model, plan.gemm)
+        streamer = place_model(model, plan, device)
+        tokens = plan.tokens["per_frame"]
+        return cls(model, plan, device, streamer, make_kv_caches(model, plan, device, tokens), vae, log)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    # ------------------------------------------------------------------ per video
+    def start(self, context: torch.Tensor, ref: torch.Tensor, motion: torch.Tensor, steps: int, seed: int) -> None:
+        """A new video: empty caches, text embedding, sink prefill, sampler, seeds; the decoder warmed with the
+        first 7 motion latents (as the reference's VAE rank). context: [L, text_dim] umT5 output."""
+        for c in self.kv:
+            c.reset()
+        self.context = self.model.embed_text([context])
+        self.sigmas = flow_sigmas(steps)
+        self.t = model_timesteps(self.sigmas)
+        self.seed = seed
+        self.h, self.w = ref.shape[-2:]
+        self.noise = None
+        self.refresh_sink(ref, motion)
+        if self.vae is not None:
+            from lowvram.model.vae import StreamingDecoder
+
+            self.decoder = StreamingDecoder(self.vae)
+            self.decoder.decode(motion[:, :, :7].to(self.device, self.vae.dtype))
+
+    def refresh_sink(self, ref: torch.Tensor, motion: torch.Tensor) -> None:
+        """(Re)build the sink from ref [1,16,1,h,w] and motion [1,16,T,h,w]; the old one is freed first."""
+        self.sink = None
+        self.sink = self.model.prefill_sink(ref.to(self.device, self.dtype), motion.to(self.device, self.dtype),
+                                            self.context, int8=self.plan.sink_dtype == "int8")
+
+    def initial_latents(self, idx: BlockIndex) -> torch.Tensor:
+        """The block's noise [1, 16, 3, h, w]: a slice of its clip's noise, drawn from seed + clip (bf16 on the
+        device, as the reference)."""
+        if self.noise is None or self.noise[0] != idx.clip:
+            g = torch.Generator(device=self.device).manual_seed(self.seed + idx.clip)
+            self.noise = (idx.clip, torch.randn(16, LATENT_FRAMES, self.h, self.w, dtype=self.dtype,
+                                                device=self.device, generator=g))
+        f0 = idx.block * FRAMES_PER_BLOCK
+        return self.noise[1][None, :, f0:f0 + FRAMES_PER_BLOCK]
+
+    def step(self, idx: BlockIndex, i: int, x: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        """Denoising step i of block idx: one DiT forward against step cache i, then the Euler update."""
+        t = torch.full((1, FRAMES_PER_BLOCK), float(self.t[i]), dtype=torch.float32, device=self.device)
+        d = ref_shift(self.seed, idx, i)
+        v = self.guarded(lambda: self.model(x, t, self.context, audio, self.kv[i], self.sink, idx.start_frame, d))
+        return euler_step(x, v, self.sigmas[i], self.sigmas[i + 1])
+
+    def denoise_block(self, idx: BlockIndex, audio: torch.Tensor) -> torch.Tensor:
+        """`steps` Euler steps of one block; audio: its 12 feature frames [1, L+1, D, 12]. Returns the clean
+        latents [1, 16, 3, h, w]."""
+        x = self.initial_latents(idx)
+        audio = audio.to(self.device)
+        for i in range(len(self.t)):
+            x = self.step(idx, i, x, audio)
+        return x
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """[1, 16, 3, h, w] -> frames [3, 12, H, W] in [-1, 1]."""
+        return self.decoder.decode(latents.to(self.vae.dtype))[0]
+
+    # ------------------------------------------------------------------ the OOM guard, statistics, teardown
+    def guarded(self, forward):
+        """Run forward(); on CUDA OOM stream one more block and retry (a LowvramError when none is left)."""
+        if self.streamer is None:
+            return forward()
+        return retry_on_oom(forward, self.streamer, self.log)
 
     def stats(self) -> dict:
         out = {}
@@ -29,73 +163,15 @@ class Placement:
             out["kv"] = hosts[0].stats()
         return out
 
-    def reset_stats(self):
+    def reset_stats(self) -> None:
         if self.streamer is not None:
             self.streamer.reset_stats()
-        for c in self.kv:
-            if isinstance(c, HostKVCache):
-                c.engine.reset_stats()
-                c.ws.wb.reset_stats()
+        hosts = [c for c in self.kv if isinstance(c, HostKVCache)]
+        if hosts:
+            hosts[0].reset_stats()
 
-
-def injector_units(model) -> dict:
-    """block index -> the audio-injector modules that run right after it."""
-    inj = model.audio_injector
-    return {blk: [inj.injector[k], inj.injector_adain_layers[k]] for blk, k in inj.block_to_injector.items()}
-
-
-def place(model, plan: Plan | None, device, tokens_per_frame: int, kv_frames: int = 12, steps: int = 4,
-          dtype=torch.bfloat16) -> Placement:
-    """Move the model (loaded on the CPU) to `device` as the plan says and build the step KV caches
-    (in the 8-bit kernel's format when model.attention is "triton8").
-
-    Without a plan everything is resident and the caches live on the device."""
-    device = torch.device(device)
-    cfg = model.cfg
-    cap = kv_frames * tokens_per_frame
-    eight = getattr(model, "attention", "sdpa") == "triton8"
-
-    def gpu_cache():
-        if eight:
-            return GpuKV8Cache(cfg.num_layers, cap, 1, cfg.num_heads, cfg.head_dim, device)
-        return GpuKVCache(cfg.num_layers, cap, 1, cfg.num_heads, cfg.head_dim, dtype, device)
-
-    if plan is None:
-        model.to(device)
-        return Placement(None, None, [gpu_cache() for _ in range(steps)])
-    if eight and "host" in plan.kv_caches:
-        raise LowvramError("attention triton8 reads 8-bit caches on the GPU; the plan keeps them in host memory: "
-                           "use --set kv_placement=gpu kv_dtype=bf16 or --set attention=sdpa")
-    units = injector_units(model)
-    attached = {m for ms in units.values() for m in ms}
-    for name, child in model.named_children():
-        if name not in ("blocks", "audio_injector"):
-            child.to(device)
-    for m in model.audio_injector.modules():
-        if m not in attached and next(m.parameters(recurse=False), None) is not None:
-            m.to(device)
-    streamer = apply_block_streaming(model.blocks, plan, device, attached=units) if plan.streamed else None
-    if streamer is None:
-        model.blocks.to(device)
-        for ms in units.values():
-            for m in ms:
-                m.to(device)
-    kv, ws = [], None
-    for i, where in enumerate(plan.kv_caches[:steps]):
-        if where == "gpu":
-            kv.append(gpu_cache())
-            continue
-        int8 = plan.kv_dtype == "int8"
-        if ws is None:
-            ws = KVWorkspace(cap, 1, cfg.num_heads, cfg.head_dim, device, plan.kv_slots or 2, int8,
-                             max_new=3 * tokens_per_frame)
-        kv.append(HostKVCache(cfg.num_layers, cap, 1, cfg.num_heads, cfg.head_dim, plan.kv_dtype, device,
-                              workspace=ws, pinned=i < plan.pinned_kv_caches))
-    return Placement(plan, streamer, kv)
-
-
-def guarded(forward, placement: Placement, log=print):
-    """Run forward(); on CUDA OOM stream one more block and retry (a LowvramError when none is left)."""
-    if placement.streamer is None:
-        return forward()
-    return retry_on_oom(forward, placement.streamer, log)
+    def release(self) -> None:
+        """Free what the engine holds on the device (caches, sink, buffers); the model is not usable after."""
+        if self.streamer is not None:
+            self.streamer.remove()
+        self.kv, self.sink, self.context, self.decoder, self.noise, self.streamer = [], None, None, None, None, None

@@ -18,6 +18,8 @@ traffic; windows are dequantized to bf16 on the device after the copy.
 
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
 
 from lowvram.runtime.offload import ALIGN, CopyEngine, alloc_host
@@ -25,9 +27,20 @@ from lowvram.runtime.offload import ALIGN, CopyEngine, alloc_host
 SCALE_BYTES = 4  # fp32 per-token-per-head scale of the INT8 cache
 
 
-def kv_token_bytes(heads: int, head_dim: int, kv_dtype: str) -> int:
-    """K + V bytes of one token of one layer."""
-    if kv_dtype == "int8":
+class KVFormat(str, Enum):
+    """How a step cache (or the sink) stores K and V."""
+
+    BF16 = "bf16"  # the compute dtype (GPU caches, host caches of bf16 profiles)
+    INT8 = "int8"  # per-(token, head) absmax INT8 + fp32 scales (host caches; the INT8 sink)
+    KV8 = "kv8"  # the 8-bit attention kernel's format on the GPU: INT8 K smoothed by a fixed mean, INT8 V
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def kv_token_bytes(heads: int, head_dim: int, kv_format: str) -> int:
+    """K + V bytes of one token of one layer (kv8's per-cache K mean is negligible)."""
+    if KVFormat(kv_format) in (KVFormat.INT8, KVFormat.KV8):
         return 2 * (heads * head_dim + heads * SCALE_BYTES)
     return 2 * heads * head_dim * 2
 
@@ -37,7 +50,7 @@ def kv_workspace_bytes(capacity: int, max_new: int, heads: int, head_dim: int, k
     """Device bytes of a KVWorkspace: bf16 windows, and for INT8 the staging buffers and chunk temporaries."""
     hd = heads * head_dim
     total = n_slots * 2 * batch * capacity * hd * 2
-    if kv_dtype == "int8":
+    if KVFormat(kv_dtype) == KVFormat.INT8:
         total += batch * (capacity + max_new) * kv_token_bytes(heads, head_dim, "int8")
         total += 3 * batch * max_new * hd * 4  # fp32 temporaries of quantizing the new chunk
     return total
@@ -239,6 +252,12 @@ class GpuKV8Cache(_Ring):
 
         self.layers = [kv8_alloc(batch, capacity, heads, head_dim, device) for _ in range(num_layers)]
         super().__init__(num_layers, capacity)
+
+    def reset(self) -> None:
+        """Empty the cache; the next first write fixes a new smoothing mean."""
+        super().reset()
+        for layer in getattr(self, "layers", []):
+            layer.mean_ready = False
 
     def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
         from lowvram.kernels.attention8 import kv8_window, kv8_write

@@ -1,10 +1,11 @@
-"""The residency planner: from a profile, the DiT config and a resolution, decide what lives where.
+"""The residency planner: from a profile, the DiT's sizes and a resolution, decide what lives where.
 
 `make_plan` picks the DiT blocks that stay resident (the rest stream from host memory through
-`n_buffers` GPU slabs), places the four step KV caches, counts the bytes that cross PCIe per
-forward and adds up the expected peak VRAM. Everything is computed from `DiTConfig` (or, for a
-quantized checkpoint, from the exact tensor sizes of its shard headers); `lowvram.memory_model`
-constants below are estimates to calibrate against the benchmark's measured peak.
+`n_buffers` GPU slabs), places the step KV caches in their format, counts the bytes that cross PCIe
+per forward and adds up the expected peak VRAM. Tensor sizes come from the model built on the meta
+device (`dit_tensor_bytes`) or, when a checkpoint is given, from its files (`Sizes`, filled by
+`lowvram.runtime.plan`); the constants below are what cannot be read off a file: measured
+activation and allocator terms, to calibrate against the benchmark's measured peak.
 
 Peak = the larger of two phases:
 - encode: umT5 (per the profile's t5 mode) or wav2vec2, before the DiT is placed;
@@ -16,32 +17,33 @@ plus the CUDA context and allocator slack.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from dataclasses import dataclass
+from types import MappingProxyType
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
-from lowvram.constants import FRAMES_PER_BLOCK, KV_FRAMES, NUM_STEPS
+from lowvram.constants import ALIGN, FRAMES_PER_BLOCK, GIB, KV_FRAMES, NUM_STEPS
 from lowvram.errors import LowvramError
+from lowvram.model.attention import Attention
 from lowvram.model.config import DiTConfig, token_grid
-from lowvram.runtime.kv_cache import kv_token_bytes, kv_workspace_bytes
-from lowvram.runtime.offload import ALIGN, stream_order
-from lowvram.runtime.profile import GIB, Profile
+from lowvram.runtime.kv_cache import KVFormat, kv_token_bytes, kv_workspace_bytes
+from lowvram.runtime.offload import stream_order
+from lowvram.runtime.plan import Plan, PlanItem
+from lowvram.runtime.profile import Profile
 
 KV_SLOTS = 2  # GPU working windows of a host KV cache (layers in flight)
-# umT5-XXL encoder (brief §1.2): token embedding and the rest (24 blocks, all Linear but the norms)
-T5_EMBED_PARAMS = 256384 * 4096
-T5_OTHER_PARAMS = 5_680_910_336 - T5_EMBED_PARAMS
-T5_BYTES_PER_PARAM = {"bf16": 2.0, "int8": 1.0 + 4 / 4096, "nf4": 0.5 + 4 / 64, "cpu": 0.0}
-WAV2VEC2_PARAMS = 315_000_000
-# Wan2.1 VAE decoder (brief §1.3) in bf16. Time cache: 2 frames of the input of every causal conv:
-# 4240 channels at 1/8 resolution, 2496 at 1/4, 1152 at 1/2, 672 at full size (per pixel of one frame).
-VAE_DECODER_PARAMS = 73_295_331 + 272
+T5_BYTES_PER_PARAM = {"bf16": 2.0, "int8": 1.0 + 4 / 4096, "nf4": 0.5 + 4 / 64, "cpu": 0.0}  # blocks; embedding bf16
+# Wan2.1 VAE decoder (docs/model.md §7) time cache: 2 frames of the input of every causal conv: 4240 channels at
+# 1/8 resolution, 2496 at 1/4, 1152 at 1/2, 672 at full size (per output pixel, bf16), for the released width (96).
+VAE_REAL_DIM = 96
 VAE_CACHE_BYTES_PER_PIXEL = 2 * 2 * (4240 / 64 + 2496 / 16 + 1152 / 4 + 672)
 # One latent frame's decode (4 frames out), per output pixel: measured 1.17 GiB at 704x384 (H200, bf16,
-# lowvram.model.vae at 601ec55; the cache formula above matched to the byte). Tiled: an estimate (2x2 tiles).
-VAE_ACT_BYTES_PER_PIXEL = {"frame": 4640.0, "tiled": 4640.0 / 3}
+# lowvram.model.vae at 601ec55; the cache formula above matched to the byte). Both scale with the width.
+VAE_ACT_BYTES_PER_PIXEL = {"frame": 4640.0}
 CONTEXT_BYTES = int(0.6 * GIB)  # CUDA context, cuBLAS/cuDNN handles, loaded kernels (NVML sees them)
+ENCODER_ACT_BYTES = int(0.3 * GIB)  # activations of umT5 or wav2vec2 on one prompt / one file
 ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation, as a fraction of the allocated peak
 ACT_MARGIN = 1.1  # activations: headroom over the measured bf16 forward (W8A8 adds its int8 copies)
 # Measured, not modelled: tools/bench.py on the H200 at 704x384 (2026-11-21, two runs) found the NVML peaks of
@@ -50,59 +52,47 @@ ACT_MARGIN = 1.1  # activations: headroom over the measured bf16 forward (W8A8 a
 # allocator's fragmentation around them). Planned as this much per query token.
 W8A8_UNATTRIBUTED_BYTES_PER_QUERY = int(2.0 * GIB / 3168)
 HOST_RESERVE = 8 * GIB  # host RAM for the OS, Python, torch and the loader besides the plan's buffers
-PCIE_4090 = 23e9  # bytes/s, pinned host->GPU on PCIe 4.0 x16 (anchors.md §3)
 
 
 def align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-# ------------------------------------------------------------------------ parameter accounting
-def _linear(out_f: int, in_f: int, quant: str) -> list[int]:
-    """Tensor bytes of one Linear with bias: weight (+ fp32 per-channel scale when 8-bit), bf16 bias."""
-    if quant == "bf16":
-        return [out_f * in_f * 2, out_f * 2]
-    return [out_f * in_f, out_f * 4, out_f * 2]
+# ------------------------------------------------------------------------ sizes
+@dataclass(frozen=True)
+class Sizes:
+    """What the planner reads off the model and the checkpoint's files.
+
+    dit: DiT tensor name -> bytes on the device (`dit_tensor_bytes` or the shard headers); exact: the
+    latter. The encoder and VAE counts default to the released model's (used when no files are given)."""
+
+    dit: Mapping[str, int] = field(default_factory=dict)
+    exact: bool = False
+    t5_embed_params: int = 256384 * 4096
+    t5_other_params: int = 5_680_910_336 - 256384 * 4096
+    wav2vec2_params: int = 315_000_000
+    vae_decoder_params: int = 73_295_331 + 272
+    vae_dim: int = VAE_REAL_DIM
 
 
-def block_tensor_bytes(cfg: DiTConfig, quant: str) -> list[int]:
-    """Bytes of every tensor of one transformer block (self/cross attention, norm3, FFN, modulation)."""
-    d, f = cfg.dim, cfg.ffn_dim
-    t: list[int] = []
-    for _ in range(2):  # self_attn, cross_attn: q, k, v, o + norm_q, norm_k
-        for _ in range(4):
-            t += _linear(d, d, quant)
-        t += [d * 2, d * 2]
-    t += [d * 2, d * 2]  # norm3 weight, bias
-    t += _linear(f, d, quant) + _linear(d, f, quant)
-    t += [6 * d * 2]  # modulation [1, 6, dim]
-    return t
+@functools.lru_cache(maxsize=8)
+def dit_tensor_bytes(cfg: DiTConfig, quant: str, float_bytes: int = 2) -> Mapping[str, int]:
+    """Device bytes of every DiT tensor, read off the model built on the meta device: float tensors at
+    `float_bytes`, the 8-bit Linear layers (those `lowvram quantize` converts) as int8/fp8 weights with
+    fp32 per-channel scales and their bias in bf16."""
+    from lowvram.model.dit import build_model
+    from lowvram.quantize.linear import apply_quant_layers
+    from lowvram.quantize.select import quantized_module
 
-
-def injector_tensor_bytes(cfg: DiTConfig, quant: str) -> list[int]:
-    """Bytes of one audio injector (cross-attention q, k, v, o + norms) and its AdaLN linear."""
-    d = cfg.dim
-    t: list[int] = []
-    for _ in range(4):
-        t += _linear(d, d, quant)
-    t += [d * 2, d * 2] + _linear(2 * d, d, quant)
-    return t
-
-
-def other_params(cfg: DiTConfig) -> int:
-    """Parameters outside the blocks and injectors (embeddings, head, audio encoder, frame packer), kept bf16."""
-    d, p = cfg.dim, math.prod(cfg.patch_size)
-    a4, a2 = d // cfg.num_audio_token, d // 2
-    return (cfg.in_dim * d * p + d  # patch_embedding
-            + cfg.text_dim * d + d + d * d + d  # text_embedding
-            + cfg.freq_dim * d + d + d * d + d  # time_embedding
-            + d * 6 * d + 6 * d  # time_projection
-            + cfg.out_dim * p * d + cfg.out_dim * p + 2 * d  # head
-            + cfg.cond_dim * d * p + d  # cond_encoder
-            + cfg.num_audio_layers + cfg.audio_dim * d * 3 + d + cfg.audio_dim * a4 * 3 + a4  # audio encoder
-            + a4 * a2 * 3 + a2 + a2 * d * 3 + d + d * d + d + d
-            + 3 * d  # trainable_cond_mask
-            + sum(cfg.in_dim * d * k + d for k in (4, 32, 256)))  # frame_packer proj, proj_2x, proj_4x
+    model = build_model(cfg, "meta")
+    if quant != "bf16":
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        apply_quant_layers(model, {m: quant for k, s in shapes.items() if (m := quantized_module(k, s))})
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        keeps_dtype = name.rpartition(".")[2] in ("qweight", "scale") or not t.is_floating_point()
+        out[name] = t.numel() * (t.element_size() if keeps_dtype else float_bytes)
+    return MappingProxyType(out)
 
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -123,9 +113,9 @@ def group_tensor_bytes(cfg: DiTConfig, tensor_bytes: Mapping[str, int]) -> tuple
     return blocks, rest
 
 
-# ------------------------------------------------------------------------ token counts
+# ------------------------------------------------------------------------ token counts and activations
 def token_counts(cfg: DiTConfig, width: int, height: int) -> dict[str, int]:
-    """Tokens per latent frame, per forward (query), per ring cache and in the sink (brief §3.4)."""
+    """Tokens per latent frame, per forward (query), per ring cache and in the sink (docs/model.md §3.1)."""
     if width % 16 or height % 16 or width <= 0 or height <= 0:
         raise LowvramError(f"size {width}*{height}: width and height must be positive multiples of 16, e.g. 704*384")
     rows, cols = token_grid(height, width, cfg)
@@ -146,245 +136,225 @@ def forward_activation_bytes(cfg: DiTConfig, lq: int, lk: int, sink: int, attent
     copies of a Linear input (lq (d + f))."""
     d, f, t = cfg.dim, cfg.ffn_dim, cfg.text_len
     block = 41 * lq * d + 2 * t * d + lq * (d + f)
-    if attention == "sdpa":
+    if attention == Attention.SDPA:
         block = max(block, 20 * lq * d + 2 * 2 * lk * d + 2 * sink * d)
     return int(ACT_MARGIN * block)
 
 
-# ------------------------------------------------------------------------ the plan
-@dataclass(frozen=True)
-class PlanItem:
-    what: str
-    where: str  # "gpu" | "pinned" | "pageable" | "gpu (encode phase)"
-    nbytes: int
-    note: str = ""
+def kv_format_of(profile: Profile) -> KVFormat:
+    """How the step caches are stored: the 8-bit kernel's format on the GPU for triton8, else kv_dtype."""
+    if profile.attention == Attention.TRITON8:
+        if profile.kv_placement == "host":
+            raise LowvramError(f"profile {profile.name}: attention triton8 reads 8-bit step caches on the GPU but "
+                               "kv_placement is host; use --set kv_placement=gpu kv_dtype=bf16 or --set attention=sdpa")
+        return KVFormat.KV8
+    return KVFormat(profile.kv_dtype)
 
 
+# ------------------------------------------------------------------------ the plan's steps
 @dataclass(frozen=True)
-class Plan:
-    """What lives where for one profile, model and resolution; render() prints it."""
+class _Model:
+    """The quantities every step of make_plan reads."""
 
     profile: Profile
+    cfg: DiTConfig
     width: int
     height: int
     tokens: dict
-    resident: tuple[int, ...]
-    streamed: tuple[int, ...]
-    n_buffers: int
-    kv_caches: tuple[str, ...]  # placement of each step's cache: "gpu" | "host"
-    kv_dtype: str
-    kv_slots: int
-    block_bytes: tuple[int, ...]  # slab bytes of each block (with its attached injector)
-    demote_order: tuple[int, ...]  # order in which blocks leave the GPU (planner and OOM fallback agree)
-    items: tuple[PlanItem, ...]
-    encode_peak_bytes: int
-    generate_peak_bytes: int
-    pcie_h2d_bytes: int  # host->GPU bytes of one full-window forward
-    pcie_d2h_bytes: int  # GPU->host bytes (write-back of the new K/V chunk)
-    host_pinned_bytes: int
-    host_pageable_bytes: int
-    pinned_kv_caches: int  # how many of the host step caches get page-locked memory
-    pinned_blocks: tuple[int, ...]  # streamed blocks whose slabs are page-locked
-    exact_bytes: bool  # True when block sizes came from a quantized checkpoint's headers
-    sink_dtype: str = "bf16"  # how the sink K/V are kept on the GPU ("bf16" | "int8")
+    slab: list[int]  # device bytes of each block with its attached injector, every tensor aligned
+    rest: int  # everything outside the blocks and injectors
+    kv_format: KVFormat
+    sink_dtype: str
+    sizes: Sizes
 
     @property
-    def peak_bytes(self) -> int:
-        return max(self.encode_peak_bytes, self.generate_peak_bytes)
+    def host_kv(self) -> bool:
+        return self.profile.kv_placement == "host"
 
-    def headline(self) -> str:
-        """One line for the progress display."""
-        scheme = "bf16" if self.profile.quant == "bf16" else f"{self.profile.quant} W8A8"
-        return (f"{len(self.resident)}/{len(self.block_bytes)} blocks resident, KV {self.kv_caches[0]} "
-                f"{self.kv_dtype}, {scheme}, expected peak {self.peak_bytes / GIB:.1f} GiB")
-
-    def render(self) -> str:
-        """The plan as a text table (rich, no colour)."""
-        from rich.console import Console
-        from rich.table import Table
-
-        tk = self.tokens
-        title = (f"profile {self.profile.name} at {self.width}*{self.height}: {tk['per_frame']} tokens/frame, "
-                 f"{tk['query']} query, KV {tk['capacity']} + sink {tk['sink']}")
-        table = Table(title=title, title_justify="left")
-        for col, just in (("item", "left"), ("where", "left"), ("GiB", "right"), ("note", "left")):
-            table.add_column(col, justify=just)
-        for it in self.items:
-            table.add_row(it.what, it.where, f"{it.nbytes / GIB:.2f}", it.note)
-        console = Console(width=130, record=True, color_system=None, file=_Null())
-        console.print(table)
-        h2d, d2h = self.pcie_h2d_bytes, self.pcie_d2h_bytes
-        lines = [
-            f"blocks resident: {_ranges(self.resident) or 'none'}; streamed: {_ranges(self.streamed) or 'none'} "
-            f"({self.n_buffers} GPU buffers)",
-            f"PCIe per forward: {h2d / 1e9:.2f} GB in, {d2h / 1e9:.2f} GB out "
-            f"(~{1e3 * (h2d + d2h) / PCIE_4090:.0f} ms at {PCIE_4090 / 1e9:.0f} GB/s)",
-            f"host memory: {self.host_pinned_bytes / GIB:.1f} GiB pinned, {self.host_pageable_bytes / GIB:.1f} GiB pageable",
-            f"expected peak: {self.peak_bytes / GIB:.2f} GiB (encode {self.encode_peak_bytes / GIB:.2f}, generate "
-            f"{self.generate_peak_bytes / GIB:.2f}) of a {self.profile.vram_budget_gib:.1f} GiB budget"
-            + ("" if self.exact_bytes else "; weights estimated from config.json"),
-        ]
-        return console.export_text() + "\n".join(lines) + "\n"
+    @property
+    def tok_kv(self) -> int:
+        return kv_token_bytes(self.cfg.num_heads, self.cfg.head_dim, self.kv_format)
 
 
-class _Null:
-    def write(self, s: str) -> int:
-        return len(s)
-
-    def flush(self) -> None:
-        pass
+def _weights(profile: Profile, cfg: DiTConfig, sizes: Sizes) -> tuple[list[int], int]:
+    groups, rest = group_tensor_bytes(cfg, sizes.dit or dit_tensor_bytes(cfg, profile.quant))
+    return [sum(align(n) for n in g) for g in groups], rest
 
 
-def _ranges(ix: tuple[int, ...]) -> str:
-    out, start = [], None
-    for a, b in zip(ix, ix[1:] + (None,)):
-        start = a if start is None else start
-        if b != a + 1:
-            out.append(f"{start}" if start == a else f"{start}-{a}")
-            start = None
-    return ",".join(out)
+def _fixed_items(m: _Model) -> list[PlanItem]:
+    """What the generate phase holds whatever the residency: non-block params, sink, KV, VAE, W8A8 transients."""
+    cfg, tk, L = m.cfg, m.tokens, m.cfg.num_layers
+    H, D = cfg.num_heads, cfg.head_dim
+    cap, lq, sink = tk["capacity"], tk["query"], tk["sink"]
+    items = [PlanItem("DiT non-block params (embeddings, head, audio encoder, frame packer)", "gpu", m.rest, "bf16"),
+             PlanItem(f"sink K/V ({sink} tokens x {L} layers)", "gpu", L * sink * kv_token_bytes(H, D, m.sink_dtype),
+                      m.sink_dtype)]
+    if m.host_kv:
+        items.append(PlanItem(f"KV working windows ({KV_SLOTS} layers in flight)", "gpu",
+                              kv_workspace_bytes(cap, lq, H, D, m.kv_format, KV_SLOTS), "bf16 windows"
+                              + (" + int8 staging" if m.kv_format == KVFormat.INT8 else "")))
+    else:
+        items.append(PlanItem(f"KV ring caches ({NUM_STEPS} steps x {cap} tokens)", "gpu",
+                              NUM_STEPS * L * cap * m.tok_kv, m.kv_format.value))
+    scale = m.sizes.vae_dim / VAE_REAL_DIM
+    items.append(PlanItem("VAE decoder + time cache", "gpu", int(2 * m.sizes.vae_decoder_params
+                                                                + scale * VAE_CACHE_BYTES_PER_PIXEL * m.width * m.height),
+                          "bf16"))
+    if m.profile.quant != "bf16":
+        items.append(PlanItem("W8A8 transients + fragmentation (measured on H200)", "gpu",
+                              W8A8_UNATTRIBUTED_BYTES_PER_QUERY * lq, "tools/bench.py"))
+    return items
+
+
+def _activations(m: _Model) -> PlanItem:
+    tk = m.tokens
+    act_dit = forward_activation_bytes(m.cfg, tk["query"], tk["capacity"] + tk["sink"], tk["sink"],
+                                       m.profile.attention)
+    act_vae = int(VAE_ACT_BYTES_PER_PIXEL[m.profile.vae_decode] * m.sizes.vae_dim / VAE_REAL_DIM
+                  * m.width * m.height)
+    return PlanItem("activations: max(DiT forward, VAE decode of one latent frame)", "gpu", max(act_dit, act_vae),
+                    f"DiT {act_dit / GIB:.2f}, VAE {act_vae / GIB:.2f} ({m.profile.vae_decode})")
+
+
+def _generate_peak(m: _Model, fixed: list[PlanItem], act: PlanItem, streamed: set[int]) -> tuple[int, list[PlanItem]]:
+    L, prof = m.cfg.num_layers, m.profile
+    res = [i for i in range(L) if i not in streamed]
+    items = [PlanItem(f"DiT blocks resident ({len(res)})", "gpu", sum(m.slab[i] for i in res), prof.quant)]
+    if streamed:
+        nb = min(prof.prefetch_blocks + 1, len(streamed))
+        items.append(PlanItem(f"streamed-block buffers ({nb})", "gpu", nb * max(m.slab[i] for i in streamed),
+                              f"{len(streamed)} blocks stream"))
+    items += fixed + [act]
+    allocated = sum(it.nbytes for it in items)
+    slack = int(ALLOCATOR_SLACK * allocated)
+    items.append(PlanItem("CUDA context + allocator slack", "gpu", CONTEXT_BYTES + slack,
+                          f"{ALLOCATOR_SLACK:.0%} of allocated"))
+    return allocated + CONTEXT_BYTES + slack, items
+
+
+def _encode_phase(m: _Model, budget: int) -> tuple[int, PlanItem]:
+    """The umT5/wav2vec2 phase before the DiT is placed; raises if it alone breaks the budget."""
+    prof, s = m.profile, m.sizes
+    t5 = 0 if prof.t5 == "cpu" else int(2 * s.t5_embed_params + T5_BYTES_PER_PARAM[prof.t5] * s.t5_other_params)
+    alloc = max(t5, 2 * s.wav2vec2_params) + ENCODER_ACT_BYTES
+    peak = int(alloc * (1 + ALLOCATOR_SLACK)) + CONTEXT_BYTES
+    if peak > budget:
+        smaller = {"bf16": "t5=int8, t5=nf4 or t5=cpu", "int8": "t5=nf4 or t5=cpu", "nf4": "t5=cpu"}
+        fix = f"--set {smaller[prof.t5]}" if prof.t5 in smaller else "a larger vram_budget_gib"
+        raise LowvramError(f"profile {prof.name}: the encoders (umT5 {prof.t5}) need {peak / GIB:.1f} GiB, over "
+                           f"the {prof.vram_budget_gib:.1f} GiB budget; use {fix}")
+    return peak, PlanItem(f"umT5 encoder ({prof.t5})", "gpu (encode phase)", t5, "freed before the DiT loads")
+
+
+def _choose_streamed(m: _Model, order: list[int], peak_of, budget: int) -> set[int]:
+    """The blocks that stream: as few as the budget allows ("auto"), none ("all"), or L - count."""
+    L, prof = m.cfg.num_layers, m.profile
+    want = {"all": L}.get(prof.blocks_resident, prof.blocks_resident)
+    if want == "auto":
+        n_stream = next((k for k in range(L + 1) if peak_of(set(order[:k])) <= budget), None)
+        if n_stream is None:
+            need = math.ceil(peak_of(set(order)) / GIB * 10) / 10
+            hint = "" if m.host_kv else ", or --set kv_placement=host kv_dtype=int8"
+            raise LowvramError(f"profile {prof.name} at {m.width}*{m.height} does not fit {prof.vram_budget_gib:.1f} "
+                               f"GiB even with every block streamed; the smallest budget that fits is {need} GiB "
+                               f"(--set vram_budget_gib={need}{hint})")
+        return set(order[:n_stream])
+    if want > L:
+        raise LowvramError(f"blocks_resident={want} but the model has {L} blocks; use --set blocks_resident={L} or auto")
+    peak = peak_of(set(order[:L - want]))
+    if peak > budget:
+        most = max((L - k for k in range(L + 1) if peak_of(set(order[:k])) <= budget), default=None)
+        fix = f"--set blocks_resident={most} or auto" if most is not None else "a larger vram_budget_gib"
+        raise LowvramError(f"profile {prof.name}: {want} resident blocks need {peak / GIB:.1f} GiB, "
+                           f"over the {prof.vram_budget_gib:.1f} GiB budget; use {fix}")
+    return set(order[:L - want])
+
+
+@dataclass
+class _Host:
+    pinned: int = 0
+    pageable: int = 0
+    pinned_caches: int = 0
+    pinned_blocks: list = field(default_factory=list)
+    items: list = field(default_factory=list)
+
+
+def _host_memory(m: _Model, streamed: set[int], host_ram_bytes: int | None) -> _Host:
+    """KV caches first (their traffic recurs every forward), then streamed slabs, up to the pinned budget."""
+    L, prof, cap = m.cfg.num_layers, m.profile, m.tokens["capacity"]
+    pin_left = int(prof.pinned_budget_gib * GIB)
+    h = _Host()
+    if m.host_kv:
+        per_cache = L * cap * m.tok_kv
+        for _ in range(NUM_STEPS):
+            if per_cache <= pin_left:
+                h.pinned, pin_left, h.pinned_caches = h.pinned + per_cache, pin_left - per_cache, h.pinned_caches + 1
+            else:
+                h.pageable += per_cache
+        h.items.append(PlanItem(f"KV ring caches ({NUM_STEPS} steps x {cap} tokens)", "host", NUM_STEPS * per_cache,
+                                m.kv_format.value))
+    for i in sorted(streamed):
+        if m.slab[i] <= pin_left:
+            h.pinned, pin_left = h.pinned + m.slab[i], pin_left - m.slab[i]
+            h.pinned_blocks.append(i)
+        else:
+            h.pageable += m.slab[i]
+    if streamed:
+        h.items.append(PlanItem(f"streamed block slabs ({len(streamed)})", "host", sum(m.slab[i] for i in streamed),
+                                prof.quant))
+    if h.pageable:
+        h.items.append(PlanItem("  of which pageable (over pinned_budget_gib)", "host", h.pageable, "~5x slower copies"))
+    if host_ram_bytes is not None and h.pinned + h.pageable + HOST_RESERVE > host_ram_bytes:
+        need = math.ceil((h.pinned + h.pageable + HOST_RESERVE) / GIB)
+        hint = " or --set kv_dtype=int8" if m.host_kv and m.kv_format == KVFormat.BF16 else ""
+        raise LowvramError(f"profile {prof.name} keeps {(h.pinned + h.pageable) / GIB:.1f} GiB in host memory (+"
+                           f"{HOST_RESERVE // GIB} GiB for the process) but the host has {host_ram_bytes / GIB:.1f} GiB "
+                           f"RAM; it needs {need} GiB: use a larger vram budget (fewer streamed blocks){hint}")
+    return h
 
 
 # ------------------------------------------------------------------------ make_plan
 def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vram_bytes: int | None = None,
-              host_ram_bytes: int | None = None, quantized_bytes: Mapping[str, int] | None = None,
-              sink_dtype: str | None = None) -> Plan:
-    """Decide residency, KV placement and buffers for `profile` at width x height; raise LowvramError if nothing fits.
+              host_ram_bytes: int | None = None, tensor_bytes: Mapping[str, int] | None = None,
+              sink_dtype: str | None = None, sizes: Sizes | None = None) -> Plan:
+    """Decide residency, KV placement and format, and buffers for `profile` at width x height; raise
+    LowvramError if nothing fits.
 
     free_vram_bytes / host_ram_bytes: what the machine has (None: plan for the named card without checking);
-    quantized_bytes: tensor name -> bytes from a quantized checkpoint's shard headers (exact weights);
+    tensor_bytes: DiT tensor name -> bytes from a checkpoint's shard headers (exact weights; else the meta
+    model's); sizes: the encoders' and VAE's sizes read from the checkpoint (else the released model's);
     sink_dtype: how the model stores the sink K/V ("bf16" | "int8"; default: the profile's kv_dtype).
     """
-    tk = token_counts(cfg, width, height)
     name, budget = profile.name, int(profile.vram_budget_gib * GIB)
+    tk = token_counts(cfg, width, height)
     if free_vram_bytes is not None and budget > free_vram_bytes:
         fits = math.floor(free_vram_bytes / GIB * 10) / 10
         raise LowvramError(f"profile {name} budgets {profile.vram_budget_gib:.1f} GiB but the GPU has only "
                            f"{free_vram_bytes / GIB:.1f} GiB free; use --set vram_budget_gib={fits} or a smaller profile")
-    L, H, D = cfg.num_layers, cfg.num_heads, cfg.head_dim
-    if quantized_bytes:
-        groups, rest = group_tensor_bytes(cfg, quantized_bytes)
-    else:
-        blk, inj = block_tensor_bytes(cfg, profile.quant), injector_tensor_bytes(cfg, profile.quant)
-        groups = [blk + (inj if i in cfg.audio_inject_layers else []) for i in range(L)]
-        rest = 2 * other_params(cfg)
-    slab = [sum(align(n) for n in g) for g in groups]
-    order = stream_order(L, [i for i in cfg.audio_inject_layers if i < L])
-    lq, cap, sink = tk["query"], tk["capacity"], tk["sink"]
-    host_kv = profile.kv_placement == "host"
-    kv_dt = profile.kv_dtype
-    tok_kv = kv_token_bytes(H, D, kv_dt)
-    pixels = width * height
-
-    fixed = [PlanItem("DiT non-block params (embeddings, head, audio encoder, frame packer)", "gpu", rest, "bf16"),
-             PlanItem(f"sink K/V ({sink} tokens x {L} layers)", "gpu",
-                      L * sink * kv_token_bytes(H, D, sink_dtype or kv_dt), sink_dtype or kv_dt)]
-    if host_kv:
-        fixed.append(PlanItem(f"KV working windows ({KV_SLOTS} layers in flight)", "gpu",
-                              kv_workspace_bytes(cap, lq, H, D, kv_dt, KV_SLOTS), "bf16 windows"
-                              + (" + int8 staging" if kv_dt == "int8" else "")))
-    else:
-        fixed.append(PlanItem(f"KV ring caches ({NUM_STEPS} steps x {cap} tokens)", "gpu",
-                              NUM_STEPS * L * cap * kv_token_bytes(H, D, "bf16"), "bf16"))
-    fixed.append(PlanItem("VAE decoder + time cache", "gpu",
-                          int(2 * VAE_DECODER_PARAMS + VAE_CACHE_BYTES_PER_PIXEL * pixels), "bf16"))
-    act_dit = forward_activation_bytes(cfg, lq, cap + sink, sink, profile.attention)
-    act_vae = int(VAE_ACT_BYTES_PER_PIXEL[profile.vae_decode] * pixels)
-    act = PlanItem("activations: max(DiT forward, VAE decode of one latent frame)", "gpu", max(act_dit, act_vae),
-                   f"DiT {act_dit / GIB:.2f}, VAE {act_vae / GIB:.2f} ({profile.vae_decode})")
-    if profile.quant != "bf16":
-        fixed.append(PlanItem("W8A8 transients + fragmentation (measured on H200)", "gpu",
-                              W8A8_UNATTRIBUTED_BYTES_PER_QUERY * lq, "tools/bench.py"))
-    n_prefetch = profile.prefetch_blocks + 1
-
-    def generate_peak(streamed: set[int]) -> tuple[int, list[PlanItem]]:
-        res = [i for i in range(L) if i not in streamed]
-        items = [PlanItem(f"DiT blocks resident ({len(res)})", "gpu", sum(slab[i] for i in res), profile.quant)]
-        if streamed:
-            nb = min(n_prefetch, len(streamed))
-            items.append(PlanItem(f"streamed-block buffers ({nb})", "gpu", nb * max(slab[i] for i in streamed),
-                                  f"{len(streamed)} blocks stream"))
-        items += fixed + [act]
-        allocated = sum(it.nbytes for it in items)
-        slack = int(ALLOCATOR_SLACK * allocated)
-        items.append(PlanItem("CUDA context + allocator slack", "gpu", CONTEXT_BYTES + slack,
-                              f"{ALLOCATOR_SLACK:.0%} of allocated"))
-        return allocated + CONTEXT_BYTES + slack, items
-
-    # encode phase: umT5 or wav2vec2, before the DiT is placed
-    t5 = 0 if profile.t5 == "cpu" else int(2 * T5_EMBED_PARAMS + T5_BYTES_PER_PARAM[profile.t5] * T5_OTHER_PARAMS)
-    enc_alloc = max(t5, 2 * WAV2VEC2_PARAMS) + int(0.3 * GIB)  # + activations of either encoder
-    encode_peak = int(enc_alloc * (1 + ALLOCATOR_SLACK)) + CONTEXT_BYTES
-    if encode_peak > budget:
-        smaller = {"bf16": "t5=int8, t5=nf4 or t5=cpu", "int8": "t5=nf4 or t5=cpu", "nf4": "t5=cpu"}
-        fix = f"--set {smaller[profile.t5]}" if profile.t5 in smaller else "a larger vram_budget_gib"
-        raise LowvramError(f"profile {name}: the encoders (umT5 {profile.t5}) need {encode_peak / GIB:.1f} GiB, over "
-                           f"the {profile.vram_budget_gib:.1f} GiB budget; use {fix}")
-
-    if profile.blocks_resident == "auto":
-        n_stream = next((k for k in range(L + 1) if generate_peak(set(order[:k]))[0] <= budget), None)
-        if n_stream is None:
-            need = math.ceil(generate_peak(set(order))[0] / GIB * 10) / 10
-            hint = "" if host_kv else ", or --set kv_placement=host kv_dtype=int8"
-            raise LowvramError(f"profile {name} at {width}*{height} does not fit {profile.vram_budget_gib:.1f} GiB even "
-                               f"with every block streamed; the smallest budget that fits is {need} GiB "
-                               f"(--set vram_budget_gib={need}{hint})")
-    else:
-        if profile.blocks_resident > L:
-            raise LowvramError(f"blocks_resident={profile.blocks_resident} but the model has {L} blocks; "
-                               f"use --set blocks_resident={L} or auto")
-        n_stream = L - profile.blocks_resident
-        peak = generate_peak(set(order[:n_stream]))[0]
-        if peak > budget:
-            most = max((L - k for k in range(L + 1) if generate_peak(set(order[:k]))[0] <= budget), default=None)
-            fix = f"--set blocks_resident={most} or auto" if most is not None else "a larger vram_budget_gib"
-            raise LowvramError(f"profile {name}: {profile.blocks_resident} resident blocks need {peak / GIB:.1f} GiB, "
-                               f"over the {profile.vram_budget_gib:.1f} GiB budget; use {fix}")
-    streamed = set(order[:n_stream])
-    gen_peak, items = generate_peak(streamed)
-
-    # host memory: KV caches first (their traffic recurs every forward), then streamed slabs, up to the pinned budget
-    pin_left = int(profile.pinned_budget_gib * GIB)
-    pinned = pageable = pinned_caches = 0
-    pinned_blocks = []
-    host_items = []
-    if host_kv:
-        per_cache = L * cap * tok_kv
-        for _ in range(NUM_STEPS):
-            if per_cache <= pin_left:
-                pinned, pin_left, pinned_caches = pinned + per_cache, pin_left - per_cache, pinned_caches + 1
-            else:
-                pageable += per_cache
-        host_items.append(PlanItem(f"KV ring caches ({NUM_STEPS} steps x {cap} tokens)", "host", NUM_STEPS * per_cache,
-                                   kv_dt))
-    for i in sorted(streamed):
-        if slab[i] <= pin_left:
-            pinned, pin_left = pinned + slab[i], pin_left - slab[i]
-            pinned_blocks.append(i)
-        else:
-            pageable += slab[i]
-    if streamed:
-        host_items.append(PlanItem(f"streamed block slabs ({len(streamed)})", "host", sum(slab[i] for i in streamed),
-                                   profile.quant))
-    if pageable:
-        host_items.append(PlanItem("  of which pageable (over pinned_budget_gib)", "host", pageable,
-                                   "~5x slower copies"))
-    if host_ram_bytes is not None and pinned + pageable + HOST_RESERVE > host_ram_bytes:
-        need = math.ceil((pinned + pageable + HOST_RESERVE) / GIB)
-        hint = " or --set kv_dtype=int8" if host_kv and kv_dt == "bf16" else ""
-        raise LowvramError(f"profile {name} keeps {(pinned + pageable) / GIB:.1f} GiB in host memory (+{HOST_RESERVE // GIB} "
-                           f"GiB for the process) but the host has {host_ram_bytes / GIB:.1f} GiB RAM; it needs "
-                           f"{need} GiB: use a larger vram budget (fewer streamed blocks){hint}")
-
-    enc_items = [PlanItem(f"umT5 encoder ({profile.t5})", "gpu (encode phase)", t5, "freed before the DiT loads")]
-    per_forward_kv = L * (cap - lq) * tok_kv if host_kv else 0
+    sizes = sizes or Sizes()
+    if tensor_bytes:
+        sizes = replace(sizes, dit=dict(tensor_bytes), exact=True)
+    kv_format = kv_format_of(profile)
+    sink = sink_dtype or ("int8" if kv_format == KVFormat.INT8 else "bf16")
+    slab, rest = _weights(profile, cfg, sizes)
+    m = _Model(profile, cfg, width, height, tk, slab, rest, kv_format, sink, sizes)
+    fixed, act = _fixed_items(m), _activations(m)
+    encode_peak, t5_item = _encode_phase(m, budget)
+    order = stream_order(cfg.num_layers, [i for i in cfg.audio_inject_layers if i < cfg.num_layers])
+    streamed = _choose_streamed(m, order, lambda s: _generate_peak(m, fixed, act, s)[0], budget)
+    gen_peak, items = _generate_peak(m, fixed, act, streamed)
+    host = _host_memory(m, streamed, host_ram_bytes)
+    L, lq, cap = cfg.num_layers, tk["query"], tk["capacity"]
+    n_buffers = min(profile.prefetch_blocks + 1, len(streamed))
     return Plan(profile=profile, width=width, height=height, tokens=tk,
                 resident=tuple(i for i in range(L) if i not in streamed), streamed=tuple(sorted(streamed)),
-                n_buffers=min(n_prefetch, len(streamed)), kv_caches=(profile.kv_placement,) * NUM_STEPS,
-                kv_dtype=kv_dt, kv_slots=KV_SLOTS if host_kv else 0, block_bytes=tuple(slab),
-                demote_order=tuple(order), items=tuple(items + host_items + enc_items),
+                n_buffers=n_buffers, kv_caches=(profile.kv_placement,) * NUM_STEPS, kv_dtype=profile.kv_dtype,
+                kv_format=kv_format.value, kv_slots=KV_SLOTS if m.host_kv else 0, block_bytes=tuple(slab),
+                demote_order=tuple(order), items=tuple(items + host.items + [t5_item]),
                 encode_peak_bytes=encode_peak, generate_peak_bytes=gen_peak,
-                pcie_h2d_bytes=sum(slab[i] for i in streamed) + per_forward_kv,
-                pcie_d2h_bytes=L * lq * tok_kv if host_kv else 0,
-                host_pinned_bytes=pinned, host_pageable_bytes=pageable, pinned_kv_caches=pinned_caches,
-                pinned_blocks=tuple(pinned_blocks), exact_bytes=bool(quantized_bytes), sink_dtype=sink_dtype or kv_dt)
+                pcie_h2d_bytes=sum(slab[i] for i in streamed) + (L * (cap - lq) * m.tok_kv if m.host_kv else 0),
+                pcie_d2h_bytes=L * lq * m.tok_kv if m.host_kv else 0,
+                host_pinned_bytes=host.pinned, host_pageable_bytes=host.pageable, pinned_kv_caches=host.pinned_caches,
+                pinned_blocks=tuple(host.pinned_blocks), exact_bytes=sizes.exact, sink_dtype=sink,
+                quant=profile.quant, attention=profile.attention, gemm=profile.gemm, t5=profile.t5,
+                host_reserve_bytes=HOST_RESERVE)

@@ -9,6 +9,10 @@ CLI's `--set` strings into typed overrides.
 `auto` on a machine without a CUDA GPU is an error: the 14B model needs a GPU (the tiny demo
 checkpoint runs on the CPU without a profile), and `lowvram plan --profile NAME` plans for a
 named card from any machine.
+
+`Profile.resident(quant, vram_budget_gib)` is the preset of a run without `--profile`: every block
+and the four step caches on the device in the checkpoint's precision. Its fields take overrides like
+any profile's, so `--set`, `--attention` and `--t5` mean the same with or without a profile.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from importlib import resources
 
 from lowvram.constants import GIB
 from lowvram.errors import LowvramError
+from lowvram.model.attention import Attention
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,7 +33,7 @@ else:  # Python 3.10 ships no TOML reader; tomli is the same parser under its Py
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "quant": ("int8", "fp8", "bf16"),
-    "attention": ("sdpa", "triton", "triton8"),
+    "attention": tuple(a.value for a in Attention),
     "kv_placement": ("gpu", "host"),
     "kv_dtype": ("bf16", "int8"),
     "t5": ("bf16", "int8", "nf4", "cpu"),
@@ -37,6 +42,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 # Fields a file or `--set` may not change: the name is the file's stem.
 FIXED = ("name",)
+RESIDENT = "resident"  # the name of the preset a run without --profile uses
 
 
 @dataclass(frozen=True)
@@ -47,18 +53,20 @@ class Profile:
     description: str  # one line, shown by `lowvram profiles`
     vram_budget_gib: float  # the planner keeps the expected peak (NVML) under this
     quant: str  # DiT Linear weights: int8 | fp8 (W8A8) | bf16
-    attention: str  # sdpa (torch) | triton (bf16 kernel) | triton8 (8-bit QK/PV kernel)
+    attention: Attention  # sdpa (torch) | triton (bf16 kernel) | triton8 (8-bit QK/PV kernel)
     kv_placement: str  # the four step KV caches: gpu | host (pinned RAM, streamed per layer)
     kv_dtype: str  # bf16 | int8 (per-token-per-head absmax; host placement only; the sink K/V follow it)
     t5: str  # umT5 while encoding the prompt: bf16 | int8 | nf4 on the GPU, or cpu
     vae_decode: str  # frame: one latent frame at a time (the only mode the VAE implements)
-    blocks_resident: str | int  # "auto" (as many as the budget allows) or a count
+    blocks_resident: str | int  # "auto" (as many as the budget allows), "all", or a count
     pinned_budget_gib: float  # most page-locked host memory to take; the rest is pageable
     prefetch_blocks: int  # streamed blocks copied ahead of use (GPU buffers = this + 1)
     gemm: str  # QuantLinear's W8A8 matmul: auto (CUDA: triton, else int_mm / scaled_mm by scheme) | int_mm | scaled_mm | triton | reference
 
     def __post_init__(self) -> None:
         where = f"profile {self.name}"
+        if self.attention in CHOICES["attention"]:
+            object.__setattr__(self, "attention", Attention(self.attention))
         for key, allowed in CHOICES.items():
             value = getattr(self, key)
             if value not in allowed:
@@ -72,10 +80,10 @@ class Profile:
         if not 0 <= self.pinned_budget_gib <= 16384:
             raise LowvramError(f"{where}: pinned_budget_gib={self.pinned_budget_gib} must be >= 0; "
                                "use --set pinned_budget_gib=32")
-        if isinstance(self.blocks_resident, bool) or not (
-                self.blocks_resident == "auto" or (isinstance(self.blocks_resident, int) and self.blocks_resident >= 0)):
-            raise LowvramError(f"{where}: blocks_resident={self.blocks_resident!r} must be 'auto' or a count >= 0; "
-                               "use --set blocks_resident=auto")
+        if isinstance(self.blocks_resident, bool) or not (self.blocks_resident in ("auto", "all") or (
+                isinstance(self.blocks_resident, int) and self.blocks_resident >= 0)):
+            raise LowvramError(f"{where}: blocks_resident={self.blocks_resident!r} must be 'auto', 'all' or a count "
+                               ">= 0; use --set blocks_resident=auto")
         if isinstance(self.prefetch_blocks, bool) or not (isinstance(self.prefetch_blocks, int)
                                                           and 0 <= self.prefetch_blocks <= 8):
             raise LowvramError(f"{where}: prefetch_blocks={self.prefetch_blocks!r} must be an integer in 0..8; "
@@ -92,10 +100,11 @@ class Profile:
         return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
 
     @classmethod
-    def from_name(cls, name: str, **overrides) -> "Profile":
-        """Load `profiles/<name>.toml` (or detect with `auto`), then apply typed overrides."""
+    def from_name(cls, name: str, scheme: str | None = None, device=None, **overrides) -> "Profile":
+        """Load `profiles/<name>.toml` (or detect with `auto`, for the checkpoint's `scheme` on `device`), then
+        apply typed overrides."""
         if name == "auto":
-            return cls.from_name(detect_profile_name(), **overrides)
+            return cls.from_name(detect_profile_name(scheme, device), **overrides)
         names = cls.names()
         if name not in names:
             raise LowvramError(f"unknown profile {name!r}; choose one of {', '.join(names)}, auto "
@@ -111,6 +120,18 @@ class Profile:
         if missing:
             raise LowvramError(f"profiles/{name}.toml lacks {', '.join(missing)}; add them or reinstall lowvram")
         return cls(name=name, **{**raw, **overrides})
+
+    @classmethod
+    def resident(cls, quant: str, vram_budget_gib: float, **overrides) -> "Profile":
+        """Everything on the device in the checkpoint's precision (`quant`): the run without --profile.
+
+        vram_budget_gib: what the device has (the planner refuses a run whose expected peak is larger)."""
+        base = dict(description="everything resident on the device, in the checkpoint's precision",
+                    vram_budget_gib=float(vram_budget_gib), quant=quant, attention=Attention.SDPA, kv_placement="gpu",
+                    kv_dtype="bf16", t5="bf16", vae_decode="frame", blocks_resident="all", pinned_budget_gib=0.0,
+                    prefetch_blocks=1, gemm="auto")
+        _check_keys(overrides, "overrides")
+        return cls(name=RESIDENT, **{**base, **overrides})
 
     def with_overrides(self, **overrides) -> "Profile":
         """A copy with some fields replaced (validated like a file)."""
@@ -145,18 +166,18 @@ def parse_set(items: list[str] | tuple[str, ...]) -> dict:
             raise LowvramError(f"--set {item!r}: expected key=value, e.g. --set vram_budget_gib=20")
         if key not in known:
             raise LowvramError(f"--set {key}: unknown key; known keys: {', '.join(known)}")
-        kind = _field_type(key)
+        kind = _field_type(key).replace("Attention", "str")
         try:
             if kind == "float":
                 out[key] = float(value)
             elif kind == "int":
                 out[key] = int(value)
             elif kind == "str | int":
-                out[key] = value if value == "auto" else int(value)
+                out[key] = value if value in ("auto", "all") else int(value)
             else:
                 out[key] = value
         except ValueError:
-            want = {"float": "a number", "int": "an integer", "str | int": "'auto' or an integer"}[kind]
+            want = {"float": "a number", "int": "an integer", "str | int": "'auto' or an integer, or 'all'"}[kind]
             raise LowvramError(f"--set {key}={value!r}: expected {want}") from None
         if key in CHOICES and value not in CHOICES[key]:
             raise LowvramError(f"--set {key}={value!r}: expected one of {', '.join(CHOICES[key])}")
@@ -164,11 +185,13 @@ def parse_set(items: list[str] | tuple[str, ...]) -> dict:
 
 
 # ---------------------------------------------------------------------- auto-detection
-def pick_profile_name(gpu_name: str, total_gib: float, capability: tuple[int, int], host_ram_gib: float) -> str:
-    """The shipped profile for a GPU (pure function of what `detect_profile_name` measures)."""
+def pick_profile_name(gpu_name: str, total_gib: float, capability: tuple[int, int], host_ram_gib: float,
+                      scheme: str | None = None) -> str:
+    """The shipped profile for a GPU (pure function of what `detect_profile_name` measures); with `scheme`
+    (the checkpoint's weights), an 80 GB card picks the profile of that scheme."""
     fp8 = capability >= (8, 9)
     if total_gib >= 70:
-        return "h100-80" if fp8 else "a100-80"
+        return "h100-80" if fp8 and scheme != "int8" else "a100-80"
     if total_gib >= 22:
         return "4090" if fp8 else "3090"
     if total_gib >= 15:
@@ -179,14 +202,14 @@ def pick_profile_name(gpu_name: str, total_gib: float, capability: tuple[int, in
                        f"(host RAM {host_ram_gib:.0f} GiB)")
 
 
-def detect_profile_name() -> str:
-    """Read GPU 0 (torch.cuda) and the host RAM (psutil) and pick a profile."""
+def detect_profile_name(scheme: str | None = None, device=None) -> str:
+    """Read the GPU (torch.cuda; GPU 0 by default) and the host RAM (psutil) and pick a profile."""
     import psutil
     import torch
 
     if not torch.cuda.is_available():
         raise LowvramError("--profile auto found no CUDA GPU; pass a named profile "
                            "(lowvram profiles lists them) or run `lowvram demo` on the CPU")
-    props = torch.cuda.get_device_properties(0)
+    props = torch.cuda.get_device_properties(device if device is not None else 0)
     return pick_profile_name(props.name, props.total_memory / GIB, (props.major, props.minor),
-                             psutil.virtual_memory().total / GIB)
+                             psutil.virtual_memory().total / GIB, scheme)
