@@ -45,10 +45,15 @@ def _add(store, media, **kw):
 
 
 def test_store_survives_a_restart_and_marks_a_running_job_interrupted(media, tmp_path):
+    from lowvram.io.video_writer import VideoWriter
+
     s = JobStore(tmp_path / "jobs", log=lambda *a: None)
-    a, b, c = (_add(s, media, prompt=p) for p in "abc")
+    a, b, c, d = (_add(s, media, prompt=p) for p in "abcd")
     s.update(a.id, status="done", video="video.mp4")
-    s.update(b.id, status="running")
+    s.update(b.id, status="running", video="video.partial.mp4")           # died before its first block
+    s.update(d.id, status="running", video="video.partial.mp4")           # died after two blocks
+    with VideoWriter(str(s.folder(d.id) / "video.partial.mp4"), 64, 64) as w:
+        w.write(torch.zeros(3, 24, 64, 64))
     with pytest.raises(LowvramError, match="another lowvram ui"):
         JobStore(tmp_path / "jobs")                   # one server per jobs directory
     s.close()
@@ -56,9 +61,11 @@ def test_store_survives_a_restart_and_marks_a_running_job_interrupted(media, tmp
     (tmp_path / "jobs" / "junk" / "job.json").write_text("{not json")
     logs = []
     s2 = JobStore(tmp_path / "jobs", log=logs.append)
-    assert [j.id for j in s2.all()] == [a.id, b.id, c.id]
-    assert [j.status for j in s2.all()] == ["done", "interrupted", "queued"]
+    assert [j.id for j in s2.all()] == [a.id, b.id, c.id, d.id]
+    assert [j.status for j in s2.all()] == ["done", "interrupted", "queued", "interrupted"]
     assert "server stopped" in s2.get(b.id).error and s2.next_queued().id == c.id
+    assert s2.get(b.id).video is None and s2.get(d.id).thumb == "thumb.png"     # the gallery shows what d kept
+    assert [j.id for j in view.gallery_jobs(s2.all())] == [d.id] and b.id in [r[0] for r in view.queue_rows(s2.all())]
     assert (s2.folder(c.id) / "portrait.png").read_bytes() == (media / "face.png").read_bytes()
     assert any("unreadable" in m for m in logs)
     s2.close()
@@ -201,13 +208,15 @@ def test_page_handlers_submit_validate_and_rerun(media, tmp_path):
     assert "re-run" in msg and s.get(again).settings == s.get(jid).settings and s.get(again).rerun_of == jid
     assert "Plan:" in app.headline("none", "64*64", "", img) and "64x64" in app.headline("none", "64*64", "", img)
     assert "cannot plan" in app.headline("4090", "64*64", "", img)      # no config.json in "ck": one line, no trace
-    checked = app.check_uploads({"path": str(media / "not_an_image.png"), "orig_name": "cat.txt.png"}, voice, "64*64")
+    checked, image_value, voice_value = app.check_uploads(
+        {"path": str(media / "not_an_image.png"), "orig_name": "cat.txt.png"}, voice, "64*64")
     assert "cat.txt.png" in checked and "voice.wav is usable" in checked
+    assert image_value is None and voice_value is not None          # the bad upload is cleared, the good one kept
     s.close()
 
 
 def test_view_eta_queue_rows_and_gallery():
-    jobs = [Job("a", {"prompt": "x"}, status="done", video="video.mp4", result={"frames": 45, "seconds": 2.0}),
+    jobs = [Job("a", {"prompt": "x"}, status="done", video="video.mp4", thumb="thumb.png", result={"frames": 45, "seconds": 2.0}),
             Job("b", {"prompt": "y"}, status="failed", error="bad image"),
             Job("c", {"prompt": "z"}, status="running", progress={"blocks_done": 2, "blocks_total": 8, "seconds": 4.0,
                                                                    "frames": 21}),

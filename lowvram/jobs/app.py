@@ -59,10 +59,12 @@ class App:
 
     # ---- handlers (plain functions of plain values: the tests call them directly too)
 
-    def check_uploads(self, portrait, voice, size) -> str:
-        msgs = []
+    def check_uploads(self, portrait, voice, size):
+        """-> (message, portrait, voice): a line per upload; a bad upload is also cleared from its input."""
+        msgs, keep = [], []
         for payload, check in ((portrait, lambda p: check_portrait(p, size or self.size, self.upload_mb)),
                                (voice, lambda p: check_voice(p, self.upload_mb))):
+            keep.append(gr.skip())
             if payload is None:
                 continue
             try:
@@ -70,7 +72,8 @@ class App:
                 msgs.append(_ok(f"{got[1]} is usable" + (f" ({got[2]:.1f} s)" if len(got) > 2 else "")))
             except LowvramError as e:
                 msgs.append(_err(str(e)))
-        return "<br>".join(msgs)
+                keep[-1] = None
+        return "<br>".join(msgs), *keep
 
     def settings(self, prompt, profile, size, seed, length, clips, overrides, steps) -> dict:
         from lowvram.io.media import parse_size
@@ -131,9 +134,8 @@ class App:
             "preview": str(self.store.path(running.id, running.preview)) if running and running.preview else None,
             "latest": self._video(latest) if latest else None,
             "queue": view.queue_rows(jobs),
-            "gallery": [(str(self.store.path(j.id, j.thumb)) if j.thumb else None, view.caption(j)) for j in shown],
+            "gallery": [(str(self.store.path(j.id, j.thumb)), view.caption(j)) for j in shown],
         }
-        parts["gallery"] = [(p, c) for p, c in parts["gallery"] if p]
         seen = dict(seen or {})
         out = []
         for key, value in parts.items():
@@ -145,7 +147,7 @@ class App:
             else:
                 seen[key] = repr(value)
                 out.append(value)
-        ids = [j.id for j in shown if j.thumb]
+        ids = [j.id for j in shown]
         return (seen, *out, ids)
 
     def show(self, job_id):
@@ -229,7 +231,7 @@ class App:
                     latest = gr.Video(label="Latest video", interactive=False, autoplay=False, height=320, elem_id="latest")
             queue = gr.Dataframe(headers=view.QUEUE_HEADERS, value=[], label="Queue", interactive=False,
                                  wrap=True, elem_id="queue")
-            gallery = gr.Gallery(label="Gallery (click one for its video, inputs and settings)", columns=8,
+            gallery = gr.Gallery(label="Gallery (click one for its video, inputs and settings)", columns=5,
                                  height=240, allow_preview=False, fit_columns=False, object_fit="contain",
                                  elem_id="gallery")
             with gr.Accordion("Job", open=True):
@@ -251,7 +253,8 @@ class App:
             inputs = [portrait, voice, prompt, profile, size, seed, length, clips, overrides, steps]
             go.click(self.submit, inputs, [message, job_id], preprocess=False, api_name="submit")
             for ev in (portrait.upload, voice.upload, voice.stop_recording):
-                ev(self.check_uploads, [portrait, voice, size], message, preprocess=False, api_visibility="private")
+                ev(self.check_uploads, [portrait, voice, size], [message, portrait, voice], preprocess=False,
+                   api_visibility="private")
             for ev in (profile.change, size.change, overrides.blur, portrait.change, page.load):
                 ev(self.headline, [profile, size, overrides, portrait], plan, preprocess=False,
                    api_visibility="private")

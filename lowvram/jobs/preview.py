@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 MAX_SIDE = 384         # preview frames are scaled down to at most this many pixels on the long side
+MIN_SIDE = 256         # and small ones (the tiny checkpoint's) up to this many, so that a person can see them
 
 
 class FragmentReader:
@@ -70,12 +71,13 @@ def decode_frames(mp4: bytes) -> list[np.ndarray]:
 
 
 def write_animation(frames: list[np.ndarray], path, fps: int = 25) -> Path:
-    """Frames -> a looping animated WebP scaled to MAX_SIDE."""
+    """Frames -> a looping animated WebP whose long side is between MIN_SIDE and MAX_SIDE."""
     pics = [Image.fromarray(f) for f in frames]
     w, h = pics[0].size
-    scale = min(1.0, MAX_SIDE / max(w, h))
-    if scale < 1:
-        pics = [p.resize((max(2, round(w * scale)), max(2, round(h * scale))), Image.Resampling.BILINEAR) for p in pics]
+    scale = min(1.0, MAX_SIDE / max(w, h)) if max(w, h) >= MIN_SIDE else MIN_SIDE / max(w, h)
+    if scale != 1:
+        mode = Image.Resampling.BILINEAR if scale < 1 else Image.Resampling.NEAREST
+        pics = [p.resize((max(2, round(w * scale)), max(2, round(h * scale))), mode) for p in pics]
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     pics[0].save(tmp, format="WEBP", save_all=True, append_images=pics[1:], duration=round(1000 / fps), loop=0,

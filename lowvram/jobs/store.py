@@ -45,8 +45,17 @@ class JobStore:
                 continue
             self.jobs[job.id] = job
             if job.status == RUNNING:
-                self.update(job.id, status=INTERRUPTED, finished=job.finished or time.time(),
-                            error="the server stopped while this job ran; re-run it")
+                self._recover(job)
+
+    def _recover(self, job: Job) -> None:
+        """A job that was running when the server died: interrupted, with what its partial file holds."""
+        from lowvram.jobs.preview import first_frame
+
+        video = self.path(job.id, job.video)
+        thumb = first_frame(video, self.folder(job.id) / "thumb.png") if video is not None and video.is_file() else None
+        self.update(job.id, status=INTERRUPTED, finished=job.finished or time.time(),
+                    video=job.video if thumb is not None else None, thumb=thumb.name if thumb is not None else None,
+                    error="the server stopped while this job ran; re-run it")
 
     def folder(self, job_id: str) -> Path:
         return self.root / job_id

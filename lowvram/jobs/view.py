@@ -58,7 +58,9 @@ def status_html(job, queued: int, on_cuda: bool) -> str:
 def note(job) -> str:
     if job.status == RUNNING:
         p = job.progress or {}
-        return f"block {p.get('blocks_done', 0)}/{p.get('blocks_total', '?')}"
+        if not p.get("blocks_total"):
+            return "loading the models"
+        return f"block {p.get('blocks_done', 0)}/{p['blocks_total']}"
     if job.status in (FAILED, INTERRUPTED, CANCELLED):
         return job.error or ""
     if job.status == DONE and job.result:
@@ -73,19 +75,19 @@ def queue_rows(jobs) -> list[list[str]]:
     running = [j for j in jobs if j.status == RUNNING]
     queued = [j for j in jobs if j.status == QUEUED]
     rest = [j for j in reversed(jobs) if j.status in (FAILED, CANCELLED)
-            or (j.status == INTERRUPTED and not j.video)][:20]
+            or (j.status in GALLERY_STATUSES and not (j.video and j.thumb))][:20]
     return [[j.id, j.status, j.settings.get("prompt", "")[:60], _clock(j.created), note(j)]
             for j in running + queued + rest]
 
 
 def gallery_jobs(jobs) -> list:
-    """Finished jobs with a video, newest first."""
-    return [j for j in reversed(jobs) if j.status in GALLERY_STATUSES and j.video]
+    """Finished jobs with a video (and its picture), newest first."""
+    return [j for j in reversed(jobs) if j.status in GALLERY_STATUSES and j.video and j.thumb]
 
 
 def caption(job) -> str:
-    tag = "" if job.status == DONE else f" [{job.status}]"
-    return f"{job.id}{tag} · {job.settings.get('prompt', '')[:40]}"
+    tag = "" if job.status == DONE else f"[{job.status}] "
+    return f"{tag}{job.settings.get('prompt', '')[:32]} · {job.id}"
 
 
 def detail(job, store) -> dict:
