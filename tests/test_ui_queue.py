@@ -227,3 +227,17 @@ def test_view_eta_queue_rows_and_gallery():
     html = view.status_html(jobs[2], 1, on_cuda=False)
     assert "block 2/8" in html and "ETA 0:12" in html and "1 more waiting" in html and "CPU" in html
     assert "VRAM" in view.status_html(jobs[2], 0, on_cuda=True)
+
+
+def test_ui_command_checks_auth_and_host_before_serving():
+    from click.testing import CliRunner
+
+    from lowvram.cli.main import cli
+    from lowvram.cli.ui import _loopback
+
+    assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost")
+    assert not _loopback("0.0.0.0") and not _loopback("192.168.1.2") and not _loopback("example.org")
+    res = CliRunner().invoke(cli, ["ui", "--auth", "nopassword"])
+    assert res.exit_code == 2 and res.output.strip() == "error: --auth must be USER:PASSWORD (both non-empty)"
+    res = CliRunner().invoke(cli, ["ui", "--host", "0.0.0.0", "--size", "huge"])
+    assert res.exit_code == 2 and "warning: --host 0.0.0.0" in res.output and "--auth" in res.output

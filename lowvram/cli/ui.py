@@ -70,7 +70,7 @@ def ui_cmd(size, host, port, auth, jobs_dir, max_upload_mb, **kw):
     from lowvram.jobs.worker import Worker
 
     opts = given(**kw)
-    profile = opts.get("profile")  # the page's default; --set overrides are per job (the advanced fold)
+    profile = opts.get("profile")  # the page's defaults for the profile and its overrides (the advanced fold)
     model = {k: str(v) if isinstance(v, Path) else v for k, v in opts.items() if k in MODEL_FIELDS}
     if opts.get("no_verify"):
         model["verify"] = False
@@ -80,7 +80,8 @@ def ui_cmd(size, host, port, auth, jobs_dir, max_upload_mb, **kw):
     store = JobStore(jobs_dir, log=log)
     worker = Worker(store, make_runner(log=log), model, log=log).start()
     on_cuda = model.get("device", "auto") != "cpu" and torch.cuda.is_available()
-    app = App(store, worker, model, profile=profile, size=size, upload_mb=max_upload_mb, on_cuda=on_cuda)
+    app = App(store, worker, model, profile=profile, size=size, upload_mb=max_upload_mb, on_cuda=on_cuda,
+              overrides=opts.get("set", ()))
     page = app.build()
     gr.set_static_paths([str(jobs_dir.resolve())])
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops like Ctrl-C: the running job ends at a block

@@ -52,9 +52,10 @@ def _int(value, name: str, lo: int | None = None) -> int:
 
 class App:
     def __init__(self, store, worker, model_options: dict, profile: str | None = None, size: str = "704*384",
-                 upload_mb: float = MAX_UPLOAD_MB, on_cuda: bool = False):
+                 upload_mb: float = MAX_UPLOAD_MB, on_cuda: bool = False, overrides=()):
         self.store, self.worker, self.model = store, worker, model_options
         self.profile = profile or NO_PROFILE
+        self.overrides = "\n".join(overrides)
         self.size, self.upload_mb, self.on_cuda = size, upload_mb, on_cuda
 
     # ---- handlers (plain functions of plain values: the tests call them directly too)
@@ -216,7 +217,8 @@ class App:
                         length = gr.Radio([WHOLE, CLIPS], value=WHOLE, label="Length", elem_id="length")
                         clips = gr.Number(1, label="Clips (48 frames each)", precision=0, minimum=1, elem_id="clips")
                     with gr.Accordion("Advanced: profile overrides", open=False):
-                        overrides = gr.Textbox(label="Overrides, one KEY=VALUE per line (as --set)", lines=3,
+                        overrides = gr.Textbox(self.overrides, label="Overrides, one KEY=VALUE per line (as --set)",
+                                               lines=3,
                                                placeholder="kv_dtype=bf16\nblocks_resident=20", elem_id="overrides")
                         steps = gr.Number(4, label="Euler steps (the LoRA is distilled for 4)", precision=0,
                                           minimum=1, elem_id="steps")
