@@ -78,7 +78,8 @@ def ui_cmd(size, host, port, auth, jobs_dir, max_upload_mb, **kw):
         profile = "auto"
     log = lambda *a: click.echo(" ".join(map(str, a)), err=True)  # noqa: E731
     store = JobStore(jobs_dir, log=log)
-    worker = Worker(store, make_runner(log=log), model, log=log).start()
+    runner = make_runner(log=log)
+    worker = Worker(store, runner, model, log=log).start()
     on_cuda = model.get("device", "auto") != "cpu" and torch.cuda.is_available()
     app = App(store, worker, model, profile=profile, size=size, upload_mb=max_upload_mb, on_cuda=on_cuda,
               overrides=opts.get("set", ()))
@@ -97,6 +98,7 @@ def ui_cmd(size, host, port, auth, jobs_dir, max_upload_mb, **kw):
     except KeyboardInterrupt:
         click.echo("stopping: the running job ends after the block in flight", err=True)
     finally:
-        worker.shutdown(timeout=60)
+        if worker.shutdown(timeout=60):
+            runner.close()
         page.close()
         store.close()

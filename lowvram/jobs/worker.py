@@ -73,11 +73,13 @@ class Worker:
             return f"job {job.id}: stopping after the block in flight; the partial video is kept"
         return f"job {job.id} is {job.status}; nothing to cancel"
 
-    def shutdown(self, timeout: float = 60.0) -> None:
-        """Stop the running job at its next block boundary (marked interrupted) and the thread."""
+    def shutdown(self, timeout: float = 60.0) -> bool:
+        """Stop the running job at its next block boundary (marked interrupted) and the thread; False if
+        it is still running after `timeout` (a run still loading its models): the next start marks it."""
         self._quit.set()
         self._wake.set()
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def options(self, job):
         """RunOptions of a job: the server's model options + the job's settings, files in its folder."""
