@@ -81,14 +81,17 @@ def _summary(rows):
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="lowvram batch")
+    folders = {Path(r.opts.out).parent for r in rows}
+    short = len(folders) == 1  # one output folder: the title names it, the rows the files
+    t = Table(title="lowvram batch" + (f" ({next(iter(folders))})" if short else ""))
     for col in ("row", "out", "status", "frames", "s", "FPS", "note"):
         t.add_column(col, justify="right" if col in ("row", "frames", "s", "FPS") else "left")
     style = {"done": "green", "skipped": "cyan", "failed": "red", "interrupted": "yellow"}
     for r in rows:
         res = r.outcome.result if r.outcome is not None else None
         nums = (str(res.frames), f"{res.seconds:.1f}", f"{res.fps:.2f}") if res is not None else ("", "", "")
-        t.add_row(str(r.index), str(r.opts.out), f"[{style.get(r.status, 'dim')}]{r.status}[/]", *nums, r.note)
+        out = Path(r.opts.out).name if short else str(r.opts.out)
+        t.add_row(str(r.index), out, f"[{style.get(r.status, 'dim')}]{r.status}[/]", *nums, r.note)
     Console().print(t)
 
 
