@@ -70,6 +70,13 @@ def test_toml_csv_jsonl_give_the_same_jobs_with_defaults_and_relative_paths(tmp_
     assert b[7] == base / "b.mp4"
 
 
+def test_profile_none_in_a_row_overrides_the_command_line_profile(tmp_path):
+    (tmp_path / "j.jsonl").write_text('{"image": "a.png", "audio": "a.wav", "prompt": "x", "profile": "none"}\n'
+                                      '{"image": "a.png", "audio": "a.wav", "prompt": "x", "out": "b.mp4"}\n')
+    jobs = read_jobs(tmp_path / "j.jsonl", defaults={"ckpt_dir": Path("ck"), "profile": "4090"})
+    assert [j.profile for j in jobs] == [None, "4090"]
+
+
 BAD = [
     ("jobs.yaml", "image: a\n", "must end in .toml, .csv, .jsonl"),
     ("jobs.csv", "image,audio,prompt,sede\na.png,a.wav,x,1\n", "row 1: 'sede' is not a lowvram run option"),

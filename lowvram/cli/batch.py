@@ -50,6 +50,8 @@ def given(**kw) -> dict:
         if k == "overrides":
             if v:
                 out["set"] = tuple(v)
+        elif k == "profile" and v is not None and v.lower() == "none":
+            out[k] = None
         elif v is not None:
             out[k] = v
     return out

@@ -71,6 +71,8 @@ def parse_row(row: dict, where: str, base: Path | None = None) -> dict:
         if value is None or (isinstance(value, str) and not value.strip() and key not in FLAGS):
             continue
         value = _typed(key, value, where)
+        if key == "profile" and value.strip().lower() == "none":
+            value = None  # everything resident, as `lowvram run` without --profile
         if key in PATHS:
             p = Path(value).expanduser()
             value = p if p.is_absolute() or base is None else base / p
