@@ -70,7 +70,7 @@ def ui_cmd(size, host, port, auth, jobs_dir, max_upload_mb, **kw):
     from lowvram.jobs.worker import Worker
 
     opts = given(**kw)
-    profile = opts.get("profile")  # the page's defaults for the profile and its overrides (the advanced fold)
+    profile = kw.get("profile")  # the page's defaults for the profile and its overrides (the advanced fold)
     model = {k: str(v) if isinstance(v, Path) else v for k, v in opts.items() if k in MODEL_FIELDS}
     if opts.get("no_verify"):
         model["verify"] = False
