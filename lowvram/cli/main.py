@@ -134,12 +134,16 @@ def doctor(ckpt_dir):
 
 def _register():
     """Commands that live beside their library code."""
+    from lowvram.cli.batch import batch_cmd
     from lowvram.cli.plan import plan_cmd, profiles_cmd
+    from lowvram.cli.ui import ui_cmd
     from lowvram.quantize.cli import quantize_cmd
 
     cli.add_command(quantize_cmd, "quantize")
     cli.add_command(plan_cmd, "plan")
     cli.add_command(profiles_cmd, "profiles")
+    cli.add_command(batch_cmd, "batch")
+    cli.add_command(ui_cmd, "ui")
 
 
 _register()
