@@ -1,0 +1,142 @@
+"""The full-size checkpoint writer (lowvram.demo.full) at tiny widths: every file of the real layout loads
+through lowvram's own loaders, the keys and shapes are the meta model's, and host RAM stays bounded."""
+
+import json
+import math
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from lowvram.constants import INDEX_FILE, T5_FILE, VAE_FILE
+from lowvram.demo.full import (FullSpec, dit_entries, dit_shards, lora_entries, plan_files, shard_bytes_for,
+                               write_full)
+from lowvram.demo.stream import PthStream, pth_pickle
+
+PIECE = 1 << 18  # 256 Ki values per piece (1 MiB of fp32): the T5 embedding is 64 pieces
+THREADS = 2
+T5_DIM = 256  # a 131 MB umT5 embedding: a writer that held a whole tensor would show it in the peak RSS
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    spec = FullSpec.small(t5_dim=T5_DIM)
+    root = tmp_path_factory.mktemp("full")
+    return spec, write_full(root, spec, seed=3, piece_elems=PIECE, threads=THREADS, log=lambda *a: None)
+
+
+def test_layout_keys_shapes_and_index(full):
+    from lowvram.io.weights import discover
+
+    spec, rep = full
+    ckpt = discover(rep["ckpt_dir"])
+    want = {k: s for k, (s, _) in dit_entries(spec).items()}
+    assert len(want) == 1260
+    assert ckpt.shapes() == want
+    index = json.loads((ckpt.root / INDEX_FILE).read_text())
+    assert sorted(set(index["weight_map"].values())) == [f"diffusion_pytorch_model-0000{i}-of-00004.safetensors"
+                                                        for i in range(1, 5)]
+    assert index["metadata"]["total_size"] == sum(math.prod(s) * 2 for s in want.values())
+    assert index["metadata"]["total_size"] == sum(ckpt.tensor_bytes().values())
+    assert ckpt.dit_config() == spec.dit_config()  # the loader reads 25 wav2vec2 states off the weight's shape
+
+
+def test_real_config_on_meta_device():
+    """Without writing anything: 1260 keys, 16.30 B params, the released shard split, 448 LoRA targets."""
+    spec = FullSpec.real()
+    dit = dit_entries(spec)
+    assert len(dit) == 1260 and sum(math.prod(s) for s, _ in dit.values()) == 16_295_755_609
+    sizes = [sum(math.prod(dit[k][0]) * 2 for k in keys) / 1e9 for keys in dit_shards(dit, shard_bytes_for(spec, dit))]
+    assert [round(s, 2) for s in sizes] == [9.97, 9.89, 9.96, 2.77]
+    lora = lora_entries(spec, dit)
+    assert len(lora) == 2 * 448 and sum(math.prod(s) for s, _ in lora.values()) == 676_331_520
+    assert all(s[0] == 128 for k, (s, _) in lora.items() if ".lora_A." in k)
+    files = {f["file"].rsplit("/", 1)[-1]: f for f in plan_files(spec)}
+    t5 = files[T5_FILE]["entries"]
+    assert sum(math.prod(s) for s, _ in t5.values()) == 5_680_910_336
+    assert t5["token_embedding.weight"][0] == (256384, 4096)
+    assert sum(math.prod(s) for s, _ in files[VAE_FILE]["entries"].values()) == 126_892_531
+    assert sum(math.prod(s) for s, _ in files["model.safetensors"]["entries"].values()) == 315_472_545
+
+
+def test_text_encoder_loads_and_encodes(full):
+    from lowvram.model.text_encoder import load_text_encoder
+
+    spec, rep = full
+    enc = load_text_encoder(rep["ckpt_dir"], dtype=torch.float32, text_len=32)
+    assert enc.model.config.vocab_size == 256384 and len(enc.tokenizer) == 256384
+    prompt = "A woman with short dark hair talks to the camera, smiling; soft window light."
+    ids = enc.tokenizer([prompt]).input_ids[0]
+    assert max(ids) < 256384 and 2 not in ids  # no unknown pieces
+    assert max(ids) > 256384 // 2  # pieces sit anywhere in the vocabulary
+    out = enc.encode([prompt])[0]
+    assert out.shape == (len(ids), T5_DIM) and torch.isfinite(out).all() and out.std() > 0.1
+
+
+def test_pth_reads_back_exactly(full, tmp_path):
+    """The streamed zip is what torch.save writes: same data.pkl bytes, mmap- and plainly loadable."""
+    sd = {"a": torch.randn(3, 4).bfloat16(), "b.c": torch.randn(1000, 77), "e": torch.randn(33, 5).bfloat16()}
+    entries = {k: (tuple(v.shape), v.dtype) for k, v in sd.items()}
+    torch.save(sd, tmp_path / "ref.pth")
+    with zipfile.ZipFile(tmp_path / "ref.pth") as z:
+        assert z.read("ref/data.pkl") == pth_pickle(entries)
+    w = PthStream(tmp_path / "ours.pth", entries)
+    for k in w.order:
+        raw = sd[k].reshape(-1).view(torch.uint8).numpy()
+        w.write(k, [raw[:7], raw[7:]])  # bytes split at an odd offset
+    w.close()
+    for mmap in (True, False):
+        back = torch.load(tmp_path / "ours.pth", mmap=mmap, weights_only=True)
+        assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    reader = torch._C.PyTorchFileReader(str(tmp_path / "ours.pth"))
+    assert all(reader.get_record_offset(f"data/{i}") % 64 == 0 for i in range(3))
+
+    spec, rep = full  # the written T5 file: every tensor the mapped load gives has the planned shape and dtype
+    t5 = torch.load(f"{rep['ckpt_dir']}/{T5_FILE}", mmap=True, weights_only=True)
+    plan = {f["file"].rsplit("/", 1)[-1]: f for f in plan_files(spec)}[T5_FILE]["entries"]
+    assert {k: (tuple(v.shape), v.dtype) for k, v in t5.items()} == plan
+    emb = t5["token_embedding.weight"].float()
+    assert abs(emb.std().item() - 1.0) < 0.01 and abs(emb.mean().item()) < 0.01
+
+
+def test_audio_encoder_vae_and_lora(full):
+    from lowvram.io.lora import LoraSet
+    from lowvram.io.weights import discover
+    from lowvram.model.audio_encoder import load_audio_encoder
+    from lowvram.model.vae import load_vae
+
+    spec, rep = full
+    ckpt = discover(rep["ckpt_dir"])
+    enc = load_audio_encoder(ckpt.root)
+    assert enc.num_hidden_states == 25
+    h = enc.hidden_states(np.random.default_rng(0).standard_normal(8000).astype(np.float32) * 0.1)
+    assert h.shape == (25, 24, 32) and torch.isfinite(h).all()
+    vae = load_vae(ckpt.vae, dtype=torch.float32)
+    z = vae.encode(torch.rand(1, 3, 1, 32, 48) * 2 - 1)
+    assert z.shape == (1, 16, 1, 4, 6) and torch.isfinite(z).all()
+    lora = LoraSet.load(rep["lora"])
+    lora.check(ckpt.shapes())
+    assert lora.summary() == {"targets": 448, "rank": 4, "alpha": 2.0, "scale": 0.5, "alpha_source": "metadata"}
+
+
+def test_peak_rss_is_bounded(full):
+    """While a tensor file is written, RSS grows by at most the pieces in flight (threads + 1 being made, one
+    being written) plus 32 MiB of slack (zip/JSON bookkeeping, allocator), far below the 131 MB T5 file."""
+    spec, rep = full
+    assert rep["rss_reset"], "the kernel did not let the test reset VmHWM"
+    bound = (THREADS + 2) * PIECE * 4 + (32 << 20)
+    t5 = next(f for f in rep["files"] if f["file"].endswith(T5_FILE))
+    assert t5["tensor_bytes"] > 3 * bound
+    for f in rep["files"]:
+        if "rss_before_bytes" in f:
+            assert f["peak_rss_bytes"] - f["rss_before_bytes"] <= bound, f
+
+
+def test_resume_keeps_written_files(full):
+    spec, rep = full
+    again = write_full(rep["root"], spec, seed=3, piece_elems=PIECE, threads=THREADS, resume=True, log=lambda *a: None)
+    written = [f["file"] for f in rep["files"] if "rss_before_bytes" in f]
+    assert len(written) == 8 and [f["file"] for f in again["files"] if f.get("skipped")] == written
+    other = write_full(rep["root"], spec, seed=4, piece_elems=PIECE, resume=True, dry_run=True, log=lambda *a: None)
+    assert not any(f.get("skipped") for f in other["files"])  # another seed means other bytes: nothing is kept
