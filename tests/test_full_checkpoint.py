@@ -3,6 +3,7 @@ through lowvram's own loaders, the keys and shapes are the meta model's, and hos
 
 import json
 import math
+import shutil
 import zipfile
 
 import numpy as np
@@ -140,3 +141,37 @@ def test_resume_keeps_written_files(full):
     assert len(written) == 8 and [f["file"] for f in again["files"] if f.get("skipped")] == written
     other = write_full(rep["root"], spec, seed=4, piece_elems=PIECE, resume=True, dry_run=True, log=lambda *a: None)
     assert not any(f.get("skipped") for f in other["files"])  # another seed means other bytes: nothing is kept
+
+
+def test_photo_portrait_and_speech(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from lowvram.demo import inputs
+    from lowvram.io.media import load_audio
+
+    inputs.photo_portrait(str(tmp_path / "a.png"), width=288, height=512, seed=4)
+    inputs.photo_portrait(str(tmp_path / "b.png"), width=288, height=512, seed=4)
+    a = np.asarray(Image.open(tmp_path / "a.png"), np.float32)
+    assert a.shape == (512, 288, 3) and np.array_equal(a, np.asarray(Image.open(tmp_path / "b.png"), np.float32))
+    face = a[170:230, 110:180]  # cheeks and nose: shaded skin, red above blue, no flat patches
+    assert (face[..., 0] > face[..., 2] + 15).mean() > 0.9 and face.std(axis=(0, 1)).min() > 3
+    assert np.abs(np.diff(a, axis=1)).mean() < 6  # smooth shading, not noise
+
+    monkeypatch.setattr("shutil.which", lambda name: None)  # no espeak-ng: the synthetic voice, said so
+    said = []
+    info = inputs.speech_wav(str(tmp_path / "v.wav"), min_seconds=1.5, log=said.append)
+    assert info["source"] == "synth_voice" and said and "espeak-ng" in said[0]
+    assert load_audio(str(tmp_path / "v.wav")).shape[0] == 24000
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (apt-get install espeak-ng)")
+def test_espeak_speech_is_long_enough(tmp_path):
+    import av
+
+    from lowvram.demo.inputs import speech_wav
+
+    info = speech_wav(str(tmp_path / "s.wav"), text="Hello there.", min_seconds=3.0)
+    assert info["source"].startswith("espeak-ng") and info["seconds"] >= 3.0
+    with av.open(str(tmp_path / "s.wav")) as c:
+        s = c.streams.audio[0]
+        assert (s.rate, s.channels) == (16000, 1)
