@@ -175,3 +175,61 @@ def test_espeak_speech_is_long_enough(tmp_path):
     with av.open(str(tmp_path / "s.wav")) as c:
         s = c.streams.audio[0]
         assert (s.rate, s.channels) == (16000, 1)
+
+
+def test_staged_source_gives_the_pool_bytes():
+    """The GPU path's ring of staging buffers (run here on the CPU) yields exactly the thread pool's pieces."""
+    from lowvram.demo.stream import Init, RandomSource
+
+    pool, ring = RandomSource(7, piece_elems=1000, threads=2), RandomSource(7, piece_elems=1000, staged=True, ring=2)
+    for dtype, numel in ((torch.bfloat16, 4321), (torch.float32, 999), (torch.bfloat16, 1)):
+        a = [p.copy() for p in pool.pieces("t", numel, dtype, Init(0.5, 1.0))]
+        b = [p.copy() for p in ring.pieces("t", numel, dtype, Init(0.5, 1.0))]
+        assert [len(x) for x in a] == [len(x) for x in b] and all(np.array_equal(x, y) for x, y in zip(a, b))
+        assert sum(len(x) for x in a) == numel * dtype.itemsize
+    x = torch.from_numpy(np.concatenate(list(pool.pieces("u", 100_000, torch.bfloat16, Init(0.5, 1.0)))))
+    x = x.view(torch.bfloat16).float()
+    assert abs(x.mean().item() - 1.0) < 0.01 and abs(x.std().item() - 0.5) < 0.01
+    pool.close()
+
+
+def _user_path():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "user_path.py"
+    spec = importlib.util.spec_from_file_location("user_path", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_user_path_reads_reports_and_mp4s(tmp_path):
+    """The GPU driver's pieces that need no GPU: the --report summary (missing fields tolerated), the mp4
+    check, the page-cache eviction and the tables."""
+    from lowvram.io.video_writer import VideoWriter
+
+    up = _user_path()
+    rep = {"frames": 93, "clips": 2, "blocks": 8, "seconds": 12.0, "peak_vram": 20 * 2**30, "fps": 7.7,
+           "phases": [{"name": "t5", "seconds": 9.5, "peak_allocated": 11 * 2**30, "peak_reserved": 12 * 2**30},
+                      {"name": "first frame", "seconds": 31.0}, {"name": "clip 0", "seconds": 6.0},
+                      {"name": "clip 1", "seconds": 5.0}],
+           "plan": {"headline": "31/40 resident", "pinned_bytes": 7 << 30, "nested": {"x": 1}}}
+    s = up.summarize_report(rep)
+    assert s["ttff_s"] == 31.0 and s["steady_s_per_clip"] == 5.0 and s["pinned"] == {"pinned_bytes": 7 << 30}
+    assert "nested" not in s["plan"] and up.summarize_report({}) == {}
+    assert up.summarize_report({"clips": 2, "seconds": 10.0})["mean_s_per_clip"] == 5.0
+
+    mp4 = tmp_path / "v.mp4"
+    wave = np.sin(np.arange(16000 * 2) / 16000 * 2 * np.pi * 220).astype(np.float32) * 0.3
+    with VideoWriter(str(mp4), 64, 48, fps=25, audio=wave) as w:
+        w.write(np.zeros((30, 48, 64, 3), np.uint8))
+    m = up.check_mp4(mp4)
+    assert (m["frames"], m["fps"], m["video_s"]) == (30, 25.0, 1.2) and abs(m["av_diff_s"]) < 0.05
+    assert up.check_mp4(tmp_path / "none.mp4") == {"error": "no file"}
+    assert up.evict([mp4, tmp_path / "missing"]) == mp4.stat().st_size
+
+    runs = {"stage": "run", "runs": [{"name": "4090-cold", "rc": 0, "wall_s": 50.0, "report": s, "mp4": m,
+                                      "peak_rss_bytes": 30 << 30}, {"name": "12gb", "error": "no int8 dir"}]}
+    text = up.table(runs)
+    assert "| 4090-cold | 0 | 50.0 | 31.0 /" in text and "| t5 | 9.50 / 11.00 / 12.00 |" in text and "12gb" in text

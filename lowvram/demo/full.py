@@ -85,11 +85,13 @@ class FullSpec:
         return cls(dit=dict(REAL_DIT))
 
     @classmethod
-    def small(cls, t5_dim: int = 64) -> "FullSpec":
+    def small(cls, t5_dim: int = 64, num_layers: int = 40) -> "FullSpec":
         """Every key, layer and file of the real checkpoint (1260 DiT keys, 24 T5 and wav2vec2 layers, the real
-        vocabulary) at tiny widths: a CPU writes it in seconds. t5_dim sets the T5 embedding's size."""
+        vocabulary) at tiny widths: a CPU writes it in seconds. t5_dim sets the T5 embedding's size; fewer
+        DiT layers (audio injected at the first, middle and last) make a CPU run of it quick."""
+        inject = REAL_DIT["audio_inject_layers"] if num_layers == 40 else sorted({0, num_layers // 2, num_layers - 1})
         dit = {**REAL_DIT, "dim": 64, "ffn_dim": 128, "freq_dim": 32, "num_heads": 2, "audio_dim": 32,
-               "text_dim": t5_dim}
+               "text_dim": t5_dim, "num_layers": num_layers, "audio_inject_layers": inject}
         w2v = {**REAL_WAV2VEC, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64,
                "conv_dim": [16] * 7}
         return cls(dit=dit, t5_dim=t5_dim, t5_heads=2, t5_ffn=2 * t5_dim, vae_dim=8, w2v=w2v, lora_rank=4,

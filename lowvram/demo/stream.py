@@ -80,11 +80,13 @@ class RandomSource:
     """Seeded random tensor bytes, piece by piece, made on `device` (cpu or cuda)."""
 
     def __init__(self, seed: int = 0, device="cpu", piece_elems: int = PIECE_ELEMS, threads: int | None = None,
-                 ring: int = 3):
+                 ring: int = 3, staged: bool | None = None):
         self.seed, self.device, self.piece_elems = seed, torch.device(device), piece_elems
         self.threads = max(1, threads or torch.get_num_threads())
-        self._pool = ThreadPoolExecutor(self.threads) if self.device.type == "cpu" else None
-        self._ring = []  # pinned staging buffers (GPU source)
+        # staged: pieces go through the ring of staging buffers (always on a GPU; on the CPU only to test it)
+        self.staged = self.device.type != "cpu" if staged is None else staged
+        self._pool = None if self.staged else ThreadPoolExecutor(self.threads)
+        self._ring = []  # staging buffers, pinned for a GPU
         self._ring_size = ring
 
     def close(self) -> None:
@@ -99,10 +101,10 @@ class RandomSource:
     def pieces(self, tag: str, numel: int, dtype: torch.dtype, init: Init):
         """Yield the tensor's bytes in order as uint8 numpy arrays; each is valid until the next is asked for."""
         sizes = [min(self.piece_elems, numel - s) for s in range(0, numel, self.piece_elems)]
-        if self.device.type == "cpu":
-            yield from self._cpu_pieces(tag, sizes, dtype, init)
+        if self.staged:
+            yield from self._staged_pieces(tag, sizes, dtype, init)
         else:
-            yield from self._gpu_pieces(tag, sizes, dtype, init)
+            yield from self._cpu_pieces(tag, sizes, dtype, init)
 
     def _cpu_pieces(self, tag, sizes, dtype, init):
         ahead = collections.deque()
@@ -115,18 +117,19 @@ class RandomSource:
             yield t.view(torch.uint8).numpy()
             del t
 
-    def _gpu_pieces(self, tag, sizes, dtype, init):
-        nbytes = self.piece_elems * 4
+    def _staged_pieces(self, tag, sizes, dtype, init):
+        """The device makes piece j+1.. while the caller writes piece j from a host staging buffer."""
+        cuda = self.device.type == "cuda"
         while len(self._ring) < self._ring_size:
-            self._ring.append(torch.empty(nbytes, dtype=torch.uint8, pin_memory=True))
+            self._ring.append(torch.empty(self.piece_elems * 4, dtype=torch.uint8, pin_memory=cuda))
         free, pending, nxt = list(self._ring), collections.deque(), 0
 
         def launch():
             nonlocal nxt
             buf = free.pop()
             t = self._make(tag, nxt, sizes[nxt], dtype, init).view(torch.uint8)
-            buf[:t.numel()].copy_(t, non_blocking=True)
-            ev = torch.cuda.Event()
+            buf[:t.numel()].copy_(t, non_blocking=cuda)
+            ev = torch.cuda.Event() if cuda else _Landed()
             ev.record()
             pending.append((ev, buf, t.numel()))
             nxt += 1
@@ -140,6 +143,16 @@ class RandomSource:
             free.append(buf)  # the caller has written it
             while nxt < len(sizes) and free:
                 launch()
+
+
+class _Landed:
+    """The event of a copy that has already happened (a CPU source)."""
+
+    def record(self):
+        pass
+
+    def synchronize(self):
+        pass
 
 
 def _write_pieces(f, pieces, want: int, name: str) -> None:
