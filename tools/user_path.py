@@ -269,9 +269,16 @@ def stage_write(ctx: Ctx) -> dict:
         raise SystemExit(f"{ctx.shard_dir} has {where['shard_dir']['free_gb']} GB free, the DiT shards need "
                          f"{where['need_shard_dir_gb']} GB; pass --shard-dir elsewhere (or none: on disk)")
     rep = write_full(ctx.root, spec, device=device, shard_dir=ctx.shard_dir, resume=True)
+    from lowvram.io.lora import LoraSet
+    from lowvram.io.weights import discover
+
+    ckpt = discover(ctx.src)  # headers only: the layout and every shape, before anything reads the tensors
+    lora = LoraSet.load(ctx.lora)
+    lora.check(ckpt.shapes())
+    check = {"dit_keys": len(ckpt.shapes()), "lora": lora.summary()}
     files = [{k: f.get(k) for k in ("file", "bytes", "seconds", "peak_rss_bytes", "rss_before_bytes", "skipped")}
              for f in rep["files"]]
-    return {"stage": "write", "device": device, "plan": where, "seconds": rep["seconds"],
+    return {"stage": "write", "device": device, "plan": where, "check": check, "seconds": rep["seconds"],
             "written_gb": round(rep["written_bytes"] / GB, 2), "total_gb": round(rep["bytes"] / GB, 2),
             "gb_per_s": round(rep["written_bytes"] / GB / max(rep["seconds"], 1e-9), 2),
             "peak_rss_bytes": rep["peak_rss_bytes"], "start_rss_bytes": rep["start_rss_bytes"], "files": files}
@@ -486,7 +493,7 @@ def stage_run(ctx: Ctx) -> dict:
             cmd += ["--report", str(rep_path)]
         r = run_child(f"run-{name}", cmd, ctx.logs, env=env, timeout=ctx.args.timeout, watch_file=mp4)
         rep = json.loads(rep_path.read_text()) if rep_path.is_file() else {}
-        r.update(profile=extra[1], scheme=scheme, cap_gib=opt["cap"], report=summarize_report(rep),
+        r.update(name=name, profile=extra[1], scheme=scheme, cap_gib=opt["cap"], report=summarize_report(rep),
                  mp4=check_mp4(mp4))
         r["final_line"] = next((ln for ln in reversed(r["log_tail"]) if ln.startswith(("wrote ", "interrupted"))), None)
         res["runs"].append(r)
@@ -507,7 +514,8 @@ def stage_bench(ctx: Ctx) -> dict:
              peak_nvml_gib=prof.get("peak_nvml_gib"), peak_reserved_gib=prof.get("peak_reserved_gib"),
              error=prof.get("error"))
     ours = [run["report"].get("steady_s_per_clip") for st in _load(ctx).get("stages", []) if st.get("stage") == "run"
-            for run in st.get("runs", []) if run.get("name", "").startswith("4090") and run.get("report")]
+            for run in st.get("runs", []) if run.get("name", "").removeprefix("run-").startswith("4090")
+            and run.get("report")]
     ours = [s for s in ours if s]
     if ours and r["s_per_clip"]:
         r["user_path_steady_s_per_clip"] = min(ours)

@@ -2,8 +2,9 @@
 
 - `RandomSource` makes each tensor as pieces of at most `piece_elems` values of N(mean, std²), piece j of
   tensor `tag` seeded by (seed, tag, j): the bytes depend on the seed and the device type, not on the thread
-  count or the order of writing. On the CPU a thread pool works ahead of the writer; on a GPU the pieces are
-  made there and copied through a ring of pinned buffers while the previous piece is written.
+  count or the order of writing. On the CPU a thread pool fills threads + 2 reused buffers ahead of the
+  writer; on a GPU the pieces are made there and copied through a ring of 3 pinned buffers while the
+  previous piece is written. Either way the host holds a fixed few pieces of 16 MiB at most.
 - `SafetensorsStream` plans a safetensors header from (name, shape, dtype) entries and then takes each
   tensor's bytes in layout order (as safetensors lays them out: larger items first, then by name).
 - `PthStream` writes the zip archive of `torch.save` (`<stem>/data.pkl` whose tensors name their storages by
@@ -88,6 +89,7 @@ class RandomSource:
         self._pool = None if self.staged else ThreadPoolExecutor(self.threads)
         self._ring = []  # staging buffers, pinned for a GPU
         self._ring_size = ring
+        self._bufs = []  # the thread pool's piece buffers: reused, so RSS never depends on malloc's caching
 
     def close(self) -> None:
         if self._pool is not None:
@@ -106,16 +108,24 @@ class RandomSource:
         else:
             yield from self._cpu_pieces(tag, sizes, dtype, init)
 
+    def _fill(self, buf: torch.Tensor, tag: str, j: int, n: int, dtype: torch.dtype, init: Init) -> int:
+        g = torch.Generator(device=self.device).manual_seed(_piece_seed(self.seed, tag, j))
+        torch.normal(init.mean, init.std, (n,), generator=g, out=buf[:n * dtype.itemsize].view(dtype))  # [n]
+        return n * dtype.itemsize
+
     def _cpu_pieces(self, tag, sizes, dtype, init):
-        ahead = collections.deque()
-        nxt = 0
+        """threads + 2 buffers: the pool fills up to all of them while the caller writes none, else one fewer."""
+        while len(self._bufs) < self.threads + 2:
+            self._bufs.append(torch.empty(self.piece_elems * 4, dtype=torch.uint8))
+        free, ahead, nxt = list(self._bufs), collections.deque(), 0
         while nxt < len(sizes) or ahead:
-            while nxt < len(sizes) and len(ahead) <= self.threads:  # at most threads + 1 pieces exist at once
-                ahead.append(self._pool.submit(self._make, tag, nxt, sizes[nxt], dtype, init))
+            while nxt < len(sizes) and free:
+                buf = free.pop()
+                ahead.append((buf, self._pool.submit(self._fill, buf, tag, nxt, sizes[nxt], dtype, init)))
                 nxt += 1
-            t = ahead.popleft().result()
-            yield t.view(torch.uint8).numpy()
-            del t
+            buf, fut = ahead.popleft()
+            yield buf[:fut.result()].numpy()
+            free.append(buf)  # the caller has written it
 
     def _staged_pieces(self, tag, sizes, dtype, init):
         """The device makes piece j+1.. while the caller writes piece j from a host staging buffer."""
