@@ -1,7 +1,8 @@
 """The user's path at full size on one GPU (issue 13), in stages that each fit one device call of <= 9 min.
 
     python tools/user_path.py --stage write                  # the 47 GB synthetic checkpoint       ~1-3 min
-    python tools/user_path.py --stage quantize               # lowvram quantize int8, then fp8       ~3-6 min
+    python tools/user_path.py --stage quantize --schemes int8  # lowvram quantize int8               ~2-4 min
+    python tools/user_path.py --stage quantize --schemes fp8   # and fp8 (both in one call: ~4-7 min)  ~2-4 min
     python tools/user_path.py --stage run --only 4090-cold,4090-warm,4090-5clip                    ~4-6 min
     python tools/user_path.py --stage run --only 12gb,h100-80                                       ~3-4 min
     python tools/user_path.py --stage bench                  # tools/bench.py, the 4090 profile      ~2-3 min
@@ -21,6 +22,10 @@ Disk and RAM plan for the GPU machine (64 GiB disk, 128 GiB RAM, /dev/shm is RAM
   process (the 4090 run's target is <= 40 GB RSS), so 128 GiB holds it with the page cache to spare.
 - Page cache: a "cold" run first evicts every file it reads (posix_fadvise DONTNEED after fdatasync; tmpfs
   pages cannot be evicted and the runs do not read them) and empties the prompt cache.
+
+Python packages: the GPU image lacks PyAV and ftfy, which `lowvram run` needs (carry the wheels av, ftfy and
+wcwidth), and bitsandbytes, which the 12gb profile's int8 T5 needs; without it that run gets --set t5=cpu and
+its record says so.
 
 Stages:
 - write: lowvram.demo.full.write_full with the random numbers made on the GPU; per-file time and peak RSS.
@@ -446,6 +451,7 @@ def _run_args(ctx: Ctx, name: str) -> tuple[str, list[str], dict]:
 
         if importlib.util.find_spec("bitsandbytes") is None:  # the profile's int8 T5 needs it
             args += ["--set", "t5=cpu"]
+            env["note"] = "bitsandbytes missing: --set t5=cpu instead of the profile's int8 T5"
     return scheme, args, {"cap": cap, **env}
 
 
@@ -493,6 +499,8 @@ def stage_run(ctx: Ctx) -> dict:
             cmd += ["--report", str(rep_path)]
         r = run_child(f"run-{name}", cmd, ctx.logs, env=env, timeout=ctx.args.timeout, watch_file=mp4)
         rep = json.loads(rep_path.read_text()) if rep_path.is_file() else {}
+        if opt.get("note"):
+            r["note"] = opt["note"]
         r.update(name=name, profile=extra[1], scheme=scheme, cap_gib=opt["cap"], report=summarize_report(rep),
                  mp4=check_mp4(mp4))
         r["final_line"] = next((ln for ln in reversed(r["log_tail"]) if ln.startswith(("wrote ", "interrupted"))), None)
