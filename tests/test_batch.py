@@ -22,7 +22,7 @@ from lowvram.jobs import sidecar
 from lowvram.jobs.batch import exit_code, order_for_reuse, run_batch
 from lowvram.jobs.execute import execute
 from lowvram.jobs.jobfile import read_jobs
-from lowvram.pipeline.run import RunOptions, RunResult
+from lowvram.pipeline.options import RunOptions, RunResult
 
 
 @pytest.fixture(scope="module")

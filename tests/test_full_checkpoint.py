@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from lowvram.constants import INDEX_FILE, T5_FILE, VAE_FILE
-from lowvram.demo.full import (FullSpec, dit_entries, dit_shards, lora_entries, plan_files, shard_bytes_for,
-                               write_full)
+from lowvram.demo.full import FullSpec, dit_entries, dit_shards, lora_entries, plan_files, shard_bytes_for, write_full
 from lowvram.demo.stream import PthStream, pth_pickle
 
 PIECE = 1 << 18  # 256 Ki values per piece (1 MiB of fp32): the T5 embedding is 64 pieces

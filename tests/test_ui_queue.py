@@ -18,7 +18,7 @@ from lowvram.jobs.model import Job
 from lowvram.jobs.preview import FragmentReader, decode_frames
 from lowvram.jobs.store import JobStore
 from lowvram.jobs.worker import Worker
-from lowvram.pipeline.run import RunResult
+from lowvram.pipeline.options import RunResult
 
 pytest.importorskip("gradio")
 

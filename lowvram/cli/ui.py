@@ -58,9 +58,9 @@ def ui_cmd(size, host, port, auth, jobs_dir, max_upload_mb, **kw):
     if not _loopback(host):
         click.echo(f"warning: --host {host} serves the page to other machines: anyone who reaches it can run jobs "
                    f"and read every upload and video{'' if login else '; add --auth USER:PASSWORD'}", err=True)
-    from lowvram.io.media import parse_size
+    from lowvram.io.media import parse_area
 
-    parse_size(size)
+    parse_area(size)
     import gradio as gr
     import torch
 

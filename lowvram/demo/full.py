@@ -34,8 +34,17 @@ from pathlib import Path
 import torch
 
 from lowvram.constants import INDEX_FILE, T5_FILE, TOKENIZER_DIR, VAE_FILE, WAV2VEC_DIR
-from lowvram.demo.stream import (PIECE_ELEMS, Init, PthStream, RandomSource, SafetensorsStream, replace_when_done,
-                                 rss_now, rss_peak, rss_reset)
+from lowvram.demo.stream import (
+    PIECE_ELEMS,
+    Init,
+    PthStream,
+    RandomSource,
+    SafetensorsStream,
+    replace_when_done,
+    rss_now,
+    rss_peak,
+    rss_reset,
+)
 from lowvram.model.config import DiTConfig
 
 CKPT_NAME, LORA_NAME = "Wan2.2-S2V-14B", "LiveAvatar/liveavatar.safetensors"

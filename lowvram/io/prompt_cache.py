@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as _parse, save as _serialize
+from safetensors.torch import load as _parse
+from safetensors.torch import save as _serialize
 
 ENV = "LOWVRAM_CACHE"
 _warned: set[str] = set()  # one warning per cache folder and process

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lowvram.jobs.execute import Outcome, execute
 from lowvram.jobs.sidecar import is_complete
-from lowvram.pipeline.run import RunOptions
+from lowvram.pipeline.options import RunOptions
 
 
 @dataclass
@@ -37,14 +37,11 @@ def plan_key(opts: RunOptions) -> tuple:
 
 def _generated_size(opts: RunOptions) -> str:
     """W x H the run will generate (the image's aspect ratio under the --size budget), or --size as given."""
-    from PIL import Image
-
     from lowvram.errors import LowvramError
-    from lowvram.io.media import gen_size, parse_size
+    from lowvram.runtime.plan import resolve_size
 
     try:
-        with Image.open(opts.image) as im:  # reads the header only
-            w, h = gen_size(im.width, im.height, parse_size(opts.size))
+        w, h = resolve_size(opts.size, opts.image)  # reads the image's header only
         return f"{w}x{h}"
     except (OSError, ValueError, LowvramError):
         return str(opts.size)  # the job will fail with its own message when it runs

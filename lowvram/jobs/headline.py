@@ -1,9 +1,5 @@
-"""The plan's headline for the page, before anything loads: resident blocks, KV placement, expected peak.
-
-Hook: issue 10's `lowvram.pipeline.session.plan_for(opts) -> Plan` plans a RunOptions without loading
-weights; once it lands, `plan_headline` is `plan_for(opts).headline()` (with the same error handling).
-Until then it plans with `lowvram plan`'s own function for the size the portrait will generate.
-"""
+"""The plan's headline for the page, before anything loads: resident blocks, KV placement, expected peak
+(`plan_run`, the same plan `lowvram plan` prints and the job executes)."""
 
 from __future__ import annotations
 
@@ -15,31 +11,21 @@ NO_PROFILE = "none"   # the page's name for "no profile: everything resident, ch
 
 
 def generated_size(image_path, size: str) -> str:
-    """"W*H" the run will generate for this portrait under the --size budget (size as given without one)."""
-    from PIL import Image
+    """"W*H" the run will generate for this portrait under the --size budget (W:H's aspect without one)."""
+    from lowvram.runtime.plan import resolve_size
 
-    from lowvram.io.media import gen_size, parse_size
-
-    area = parse_size(size)
-    if not image_path:
-        return size
-    try:
-        with Image.open(image_path) as im:
-            w, h = gen_size(im.width, im.height, area)
-    except (OSError, ValueError):
-        return size
+    w, h = resolve_size(size, image_path or None)
     return f"{w}*{h}"
 
 
 def plan_headline(ckpt_dir, profile: str | None, size: str, overrides=(), image_path=None) -> str:
     """One line; a LowvramError's message when the plan cannot be made (shown instead of a headline)."""
     try:
-        wh = generated_size(image_path, size)
-        if not profile or profile == NO_PROFILE:
-            return f"{wh.replace('*', 'x')}: no profile, everything resident in the checkpoint's precision"
-        from lowvram.cli.plan import plan_for_checkpoint
+        from lowvram.runtime.plan import plan_run
 
-        plan = plan_for_checkpoint(profile, ckpt_dir, wh, tuple(overrides))
+        wh = generated_size(image_path, size)
+        name = None if not profile or profile == NO_PROFILE else profile
+        plan = plan_run(ckpt_dir, name, tuple(overrides), size, image_path or None)
         return f"{wh.replace('*', 'x')}: {plan.headline()}"
     except LowvramError as e:
         return f"cannot plan: {' '.join(str(e).split())}"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lowvram.errors import LowvramError
 from lowvram.jobs.options import parse_row, to_run_options
-from lowvram.pipeline.run import RunOptions
+from lowvram.pipeline.options import RunOptions
 
 if sys.version_info >= (3, 11):
     import tomllib

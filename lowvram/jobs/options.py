@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 
 from lowvram.errors import LowvramError
-from lowvram.pipeline.run import RunOptions
+from lowvram.pipeline.options import RunOptions
 
 PATHS = ("ckpt_dir", "lora", "image", "audio", "out")
 INTS = ("num_clip", "seed", "steps")
