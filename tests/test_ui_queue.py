@@ -140,13 +140,16 @@ def test_worker_runs_in_order_cancels_queued_and_running_jobs_and_survives_a_fai
 def test_fragment_reader_returns_each_block_once_while_the_file_grows(tmp_path):
     from lowvram.io.video_writer import VideoWriter
 
-    path, reader, seen = tmp_path / "g.mp4", FragmentReader(tmp_path / "g.mp4"), []
-    assert reader.read_new() is None                      # no file yet
+    path, seen = tmp_path / "g.mp4", []
     with VideoWriter(str(path), 64, 64, audio=np.random.default_rng(1).standard_normal(48000).astype(np.float32)) as w:
+        reader = FragmentReader(w.partial_path)           # the writer fills the partial file, renamed at close
+        assert reader.read_new() is None                  # nothing complete yet
         for b in range(4):
             w.write(torch.full((3, 12, 64, 64), -0.9 + 0.5 * b))
             data = reader.read_new()
             seen.append(decode_frames(data) if data else [])
+    assert path.exists() and not w.partial_path.exists()
+    reader.path = path                                    # same bytes under the final name: keep the offset
     tail = reader.read_new()
     seen.append(decode_frames(tail) if tail else [])
     counts = [len(f) for f in seen]
@@ -178,7 +181,7 @@ def test_upload_size_limit(media):
         check_portrait({"path": str(media / "face.png"), "orig_name": "face.png"}, limit_mb=0.001)
 
 
-def test_page_handlers_submit_validate_and_rerun(media, tmp_path):
+def test_page_handlers_submit_validate_and_rerun(media, tiny_ckpt, tmp_path):
     from lowvram.jobs.app import CLIPS, WHOLE, App
 
     s = JobStore(tmp_path / "jobs", log=lambda *a: None)
@@ -189,7 +192,7 @@ def test_page_handlers_submit_validate_and_rerun(media, tmp_path):
         def wake(self):
             pass
 
-    app = App(s, NoWorker(), {"ckpt_dir": "ck"}, size="64*64")
+    app = App(s, NoWorker(), {"ckpt_dir": str(tiny_ckpt[0])}, size="64*64")  # the headline plans on it
     img, voice = {"path": str(media / "face.png"), "orig_name": "me.png"}, {"path": str(media / "voice.wav")}
     msg, jid = app.submit(img, voice, "a person", "none", "64*64", 7, CLIPS, 2, "", 4)
     assert "queued" in msg and s.get(jid).settings == {**SETTINGS, "prompt": "a person", "seed": 7, "num_clip": 2,

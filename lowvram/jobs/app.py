@@ -77,13 +77,13 @@ class App:
         return "<br>".join(msgs), *keep
 
     def settings(self, prompt, profile, size, seed, length, clips, overrides, steps) -> dict:
-        from lowvram.io.media import parse_size
+        from lowvram.io.media import parse_area
         from lowvram.runtime.profile import Profile, parse_set
 
         if not (prompt or "").strip():
             raise LowvramError("no prompt: describe the scene, e.g. 'A woman talking to the camera'")
         size = (size or self.size).strip()
-        parse_size(size)
+        parse_area(size)
         sets = [line.strip() for line in (overrides or "").replace(";", "\n").splitlines() if line.strip()]
         profile = None if not profile or profile == NO_PROFILE else profile
         if sets and profile is None:

@@ -71,7 +71,7 @@ def execute(runner, opts, progress=None, on_block=None, should_stop=None, on_sta
         on_start(part)
     track = _Headline(progress)
     try:
-        res = runner.run(replace(opts, out=part), progress=track, on_block=on_block, should_stop=should_stop)
+        res = runner.run(replace(opts, out=part, partial_out=True), progress=track, on_block=on_block, should_stop=should_stop)
     except Exception as e:  # the job fails, the batch or the server goes on
         side.update(status="failed", error=one_line(e), headline=track.headline, finished=sidecar.now(),
                     file=part.name if part.exists() else None)

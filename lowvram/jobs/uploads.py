@@ -41,7 +41,7 @@ def _size_ok(path: str, name: str, what: str, limit_mb: float) -> None:
 
 def check_portrait(payload, size: str = "704*384", limit_mb: float = MAX_UPLOAD_MB) -> tuple[str, str]:
     """(path, name) of a readable portrait; the generated size comes from it and `size`."""
-    from lowvram.io.media import load_image, parse_size
+    from lowvram.io.media import load_image, parse_area
 
     got = upload_path(payload)
     if got is None:
@@ -49,7 +49,7 @@ def check_portrait(payload, size: str = "704*384", limit_mb: float = MAX_UPLOAD_
     path, name = got
     _size_ok(path, name, "portrait", limit_mb)
     try:
-        load_image(path, parse_size(size))
+        load_image(path, parse_area(size))
     except LowvramError as e:
         raise _named(e, path, name) from None
     return path, name
