@@ -11,10 +11,10 @@ the same bits as they (tests/test_kernels_rowquant.py: under the interpreter on 
 GPU; tools/check_rowquant_gpu.py shows every step on a GPU). Inputs with NaN or inf are outside the rule.
 
 The torch side divides by a tensor on x's device, never by a Python number: torch's CUDA division by a
-CPU scalar is `a * fl(1 / b)` (BinaryDivTrueKernel.cu, "may lose one bit"), which for about half of all
-rows gives a scale one ulp off amax / 448 and so flips the codes of the values that sit near a rounding
-tie: 0.1 % of FP8 codes and some INT8 codes of bf16 activations (whose few mantissa bits make near-ties
-common) on an H200, where the compiled Triton kernels divide exactly (div.rn.f32).
+CPU scalar is `a * fl(1 / b)` (BinaryDivTrueKernel.cu, "may lose one bit"), which gives a scale one ulp
+off for some rows (5 % of them for /127, half for /448) and so flips the codes of values near a rounding
+tie: 0.1 % of the FP8 codes of bf16 activations (whose few mantissa bits make near-ties common) on an
+H200, where the compiled Triton kernels divide exactly (div.rn.f32).
 
 Why ties to even: it is what torch.round and every FP8 cast do (torch, cuBLAS, the tensor cores), so INT8
 and FP8 share it and the torch side is one exact call each; in Triton INT8 costs two fp32 additions
@@ -23,9 +23,9 @@ interpreter cannot run. Round half away from zero (the Triton kernels' old rule)
 besides the additions, and its trunc(y + 0.5) spelling is not even exact (0.49999997 + 0.5 rounds to 1).
 Triton details: its `/` is an approximate division on the GPU, so the two divisions per row use
 tl.math.div_rn; the clamp sits between the multiply and the additions, so they cannot fuse into an FMA
-(the sm_90 SASS of Triton 3.6 and 3.9 has FFMA only inside the two divisions, and no FTZ arithmetic).
+(the sm_90 SASS of Triton 3.6 and 3.9 has FFMA and FTZ only inside the two divisions' sequences).
 FP8 on a GPU is the hardware conversion (cvt.rn.satfinite.e4m3x2.f32), ties to even as torch's cast; what
-either does beyond 448 (saturate, or NaN in older torch) never matters after the clamp.
+either does beyond 448 never matters after the clamp.
 Under the interpreter, whose own fp32 -> e4m3 cast rounds wrongly, FP8 values are first rounded onto the
 e4m3 grid by the same additions with the constant moved to y's binade (its ulp is e4m3's step there),
 after which that cast is exact.
