@@ -32,6 +32,21 @@ def test_round_trip_and_notes(cache):
     assert prompt_cache.load("bad") is None  # a damaged entry is a miss
 
 
+def test_key_follows_the_t5_file_not_its_name(tmp_path):
+    t5 = tmp_path / "a" / "t5.pth"
+    t5.parent.mkdir()
+    t5.write_bytes(os.urandom(64))
+    (tmp_path / "b").mkdir()
+    os.link(t5, tmp_path / "b" / "t5.pth")               # quantize's int8/ and fp8/ hold hard links
+    key = prompt_cache.prompt_key("a person", t5, "bf16")
+    assert prompt_cache.prompt_key("a person", tmp_path / "b" / "t5.pth", "bf16") == key
+    assert prompt_cache.prompt_key("a person", t5, "int8") != key
+    assert prompt_cache.prompt_key("a person.", t5, "bf16") != key
+    other = tmp_path / "c.pth"
+    other.write_bytes(t5.read_bytes())                   # the same bytes in another file: another identity
+    assert prompt_cache.prompt_key("a person", other, "bf16") != key
+
+
 def test_read_only_cache_warns_once_and_runs(cache, request, monkeypatch):
     folder, lines = cache
     if os.geteuid() == 0:  # root writes into any folder: a read-only file system it is
