@@ -33,7 +33,7 @@ def media(tmp_path_factory):
 
 CASES = [  # (checkpoint, profile, --set, --size)
     ("bf16", None, (), "128*128"),
-    ("bf16", None, ("kv_placement=host", "kv_dtype=int8", "blocks_resident=1"), "192*128"),
+    ("bf16", None, ("kv_placement=host", "kv_dtype=int8", "blocks_resident=1", "vram_budget_gib=40"), "192*128"),
     ("int8", "4090", ("blocks_resident=2",), "128*128"),
     ("int8", "12gb", ("prefetch_blocks=2",), "192*128"),
     ("int8", "16gb", ("attention=sdpa", "t5=bf16"), "256*192"),

@@ -157,7 +157,7 @@ def check_inputs(opts: RunOptions, log=print) -> Inputs:
     if opts.profile not in (None, "auto"):
         Profile.from_name(opts.profile, **sets)
     else:
-        Profile.resident("bf16", 1.0, **sets)
+        Profile.resident(sets.pop("quant", "bf16"), sets.pop("vram_budget_gib", 1.0), **sets)
     check_alpha(opts.lora_alpha)
     inputs = {"--image": opts.image, "--audio": opts.audio, "--ckpt-dir": opts.ckpt_dir, "--lora": opts.lora}
     refuse_out_as_input(opts.out, inputs)

@@ -256,7 +256,7 @@ def plan_run(ckpt, profile: str | None = None, overrides: Mapping | Sequence[str
     ov = parse_overrides(overrides)
     if profile is None:  # on a GPU the resident preset decodes with the fast VAE path (on the CPU the exact one)
         ov = {"vae_decode": "fast", **ov} if device.type == "cuda" else ov
-        prof = Profile.resident(ov.pop("quant", scheme), machine.resident_budget_gib(), **ov)
+        prof = Profile.resident(ov.pop("quant", scheme), ov.pop("vram_budget_gib", machine.resident_budget_gib()), **ov)
     else:
         prof = Profile.from_name(profile, scheme=scheme, device=device if device.type == "cuda" else None, **ov)
     if prof.quant != scheme and src.shards:  # config.json alone: planned for the profile's scheme, estimated
