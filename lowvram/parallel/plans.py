@@ -82,7 +82,7 @@ def _plan(opts, role: Role, machine, device, dtype, extra=()) -> Plan:
 
     image = Path(opts.image) if opts.image is not None else None
     return plan_run(opts.ckpt_dir, opts.profile, opts.plan_overrides() + tuple(extra), opts.size, image, machine,
-                    device, dtype, steps=role.steps, decode=role.writes, encode=role.encodes)
+                    device, dtype, steps=opts.steps, held=role.steps, decode=role.writes, encode=role.encodes)
 
 
 def pcie_bytes(plan: Plan) -> int:

@@ -43,11 +43,12 @@ def plan_for(opts: RunOptions, machine=None):
     device, dtype = resolve_device(opts.device, opts.dtype)
     machine = machine or Machine.detect(device, opts.vram_cap_gib)
     return plan_run(opts.ckpt_dir, opts.profile, opts.plan_overrides(), opts.size, Path(opts.image), machine,
-                    device, dtype)
+                    device, dtype, opts.steps)
 
 
 def load_dit(ckpt, opts: RunOptions, device, dtype, log=print):
     """The DiT from a bf16 checkpoint (+ LoRA merged at load) or a lowvram-quantized directory."""
+    from lowvram.io.weights import DOWNLOAD_LORA
     from lowvram.io.weights import load_dit as load
     from lowvram.quantize.format import detect_format, quantized_module_names, verify_manifest
 
@@ -55,23 +56,31 @@ def load_dit(ckpt, opts: RunOptions, device, dtype, log=print):
     if info is None:
         lora = opts.lora if opts.lora is not None and Path(opts.lora).exists() else None
         if opts.lora is not None and lora is None:
-            raise LowvramError(f"LoRA file {opts.lora} does not exist; download it with: huggingface-cli download "
-                               "Quark-Vision/Live-Avatar --local-dir ckpt/LiveAvatar, or pass --lora")
+            raise LowvramError(f"LoRA file {opts.lora} does not exist; download it with: {DOWNLOAD_LORA}, or pass --lora")
         return load(ckpt, lora=lora, lora_alpha=opts.lora_alpha, device=device, dtype=dtype)
     verify_manifest(ckpt.root, verify_hashes=opts.verify)
     log(f"quantized checkpoint: {info.scheme} (LoRA already merged)")
     return load(ckpt, device=device, dtype=dtype, quantized=quantized_module_names(ckpt.root))
 
 
-class Phases:
-    """Wall time and the device's peak memory of each phase of a run."""
+PHASE_LABELS = {"plan": "planning", "t5": "prompt embedding (umT5)", "wav2vec2": "voice features (wav2vec2)",
+                "vae_encode": "portrait latents (VAE encode)", "dit_load": "loading the DiT", "place": "placing the DiT",
+                "sink": "sink prefill"}
 
-    def __init__(self, device: torch.device):
-        self.device, self.rows = device, []
+
+class Phases:
+    """Wall time and the device's peak memory of each phase of a run; each phase is logged as it starts and
+    with its time when it ends, so a person sees what runs from the first second."""
+
+    def __init__(self, device: torch.device, log=print):
+        self.device, self.rows, self.log = device, [], log
 
     @contextmanager
     def __call__(self, name: str):
         cuda = self.device.type == "cuda"
+        label = PHASE_LABELS.get(name)
+        if label:
+            self.log(f"{label} ...")
         if cuda:
             torch.cuda.synchronize(self.device)  # orders: the previous phase's kernels before its end time
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -79,6 +88,8 @@ class Phases:
         yield
         if cuda:
             torch.cuda.synchronize(self.device)  # orders: this phase's kernels before its end time
+        if label:
+            self.log(f"{label}: {time.perf_counter() - t0:.1f} s")
         self.rows.append({"name": name, "seconds": round(time.perf_counter() - t0, 4),
                           "peak_allocated": torch.cuda.max_memory_allocated(self.device) if cuda else 0,
                           "peak_reserved": torch.cuda.max_memory_reserved(self.device) if cuda else 0})
@@ -152,11 +163,20 @@ class Session:
     def run(self, opts: RunOptions, progress=None, on_block: Callable[[BlockEvent], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> RunResult:
         """Generate the video described by opts (see the module docstring for the order of work)."""
+        from lowvram.io.locks import lock_output
+
         t_start = time.perf_counter()
+        with lock_output(opts.out):  # a second run writing this --out refuses now, before any work
+            return self._run_locked(opts, progress, on_block, should_stop, t_start)
+
+    def _run_locked(self, opts, progress, on_block, should_stop, t_start) -> RunResult:
         job = self._condition(opts)
         engine = self._engine_for(job.ckpt, opts, job.plan, job.device, job.dtype, job.phases)
         with job.phases("sink"):
-            engine.start(job.context, job.ref, job.motion, opts.steps, opts.seed)
+            from lowvram.runtime.decode import make_decoder
+
+            decoder = make_decoder(job.plan.profile.vae_decode, job.vae, job.device, job.ckpt.root, opts.vae_path)
+            engine.start(job.context, job.ref, job.motion, opts.steps, opts.seed, decoder)
         setup_s = time.perf_counter() - t_start
         if progress is not None:
             progress.start(total_blocks=job.clips * BLOCKS_PER_CLIP, clips=job.clips,
@@ -180,14 +200,18 @@ class Session:
 
     def _condition(self, opts: RunOptions) -> "_Job":
         """Inputs checked, the plan, and the conditioning: prompt embedding, audio features, ref/motion latents."""
+        from lowvram.io.partials import partials_note
         from lowvram.io.weights import discover
         from lowvram.runtime.machine import Machine, apply_vram_cap
 
-        inputs = check_inputs(opts)
+        inputs = check_inputs(opts, log=self.log)
+        note = partials_note(opts.out)
+        if note:
+            self.log(note)
         ckpt = discover(opts.ckpt_dir)
         device, dtype = resolve_device(opts.device, opts.dtype)
         apply_vram_cap(device, opts.vram_cap_gib)
-        phases = Phases(device)
+        phases = Phases(device, self.log)
         with phases("plan"):
             plan = plan_for(opts, Machine.detect(device, opts.vram_cap_gib))
         with phases("t5"):
@@ -207,7 +231,7 @@ class Session:
         """The streaming loop: per clip and block, denoise, decode, write; the sink refreshed at clip 1 with
         online decode (as the reference: the first generated latent becomes the ref, and the motion latents
         are re-encoded from the motion window with clip 0's frames rolled in)."""
-        from lowvram.io.video_writer import VideoWriter
+        from lowvram.io.video_writer import VideoWriteError, VideoWriter
 
         opts, device, total = job.opts, job.device, job.clips * BLOCKS_PER_CLIP
         g = _Generated()
@@ -215,44 +239,52 @@ class Session:
         clip0_frames, clip_s = [], []
         t_gen = time.perf_counter()
         with VideoWriter(str(opts.out), job.inputs.width, job.inputs.height, fps=FPS,
-                         audio=muxed_audio(job.inputs.wave, job.clips), audio_rate=AUDIO_RATE) as writer:
-            for clip in range(job.clips):
-                t_clip, clip_latents = time.perf_counter(), []
-                for b in range(BLOCKS_PER_CLIP):
-                    idx = BlockIndex(clip, b)
-                    t0 = time.perf_counter()
-                    lat = engine.denoise_block(idx, block_audio(job.features, idx))
-                    _sync(device)
-                    t1 = time.perf_counter()
-                    video = engine.decode(lat)                                         # [3, 12, H, W]
-                    if clip == 0 and b == 0:
-                        video = video[:, DROPPED_FRAMES:]
-                    _sync(device)
-                    t2 = time.perf_counter()
-                    g.frames += writer.write(video)
-                    t3 = time.perf_counter()
-                    dit_s, vae_s, write_s = dit_s + t1 - t0, vae_s + t2 - t1, write_s + t3 - t2
-                    g.timings.setdefault("first_frame_s", t3 - t_start)
-                    g.blocks += 1
-                    clip_latents.append(lat)
-                    if opts.online_decode and clip == 0:
-                        clip0_frames.append(video.float().cpu())
-                    peak, now = _peak(device), time.perf_counter() - t_gen
-                    if progress is not None:
-                        progress.block_done(clip, b, g.frames, now, peak)
-                    if on_block is not None:
-                        on_block(BlockEvent(clip, b, g.blocks, total, g.frames, now, peak, str(opts.out)))
-                    if should_stop is not None and should_stop():
-                        g.interrupted = True
+                         audio=muxed_audio(job.inputs.wave, job.clips), audio_rate=AUDIO_RATE,
+                         final=not opts.partial_out) as writer:
+            try:
+                for clip in range(job.clips):
+                    t_clip, clip_latents = time.perf_counter(), []
+                    for b in range(BLOCKS_PER_CLIP):
+                        idx = BlockIndex(clip, b)
+                        t0 = time.perf_counter()
+                        lat = engine.denoise_block(idx, block_audio(job.features, idx))
+                        _sync(device)
+                        t1 = time.perf_counter()
+                        video = engine.decode(lat)                                         # [3, 12, H, W]
+                        if clip == 0 and b == 0:
+                            video = video[:, DROPPED_FRAMES:]
+                        _sync(device)
+                        t2 = time.perf_counter()
+                        g.frames += writer.write(video)
+                        t3 = time.perf_counter()
+                        dit_s, vae_s, write_s = dit_s + t1 - t0, vae_s + t2 - t1, write_s + t3 - t2
+                        g.timings.setdefault("first_frame_s", t3 - t_start)
+                        g.blocks += 1
+                        clip_latents.append(lat)
+                        if opts.online_decode and clip == 0:
+                            clip0_frames.append(video.float().cpu())
+                        peak, now = _peak(device), time.perf_counter() - t_gen
+                        if progress is not None:
+                            progress.block_done(clip, b, g.frames, now, peak)
+                        if on_block is not None:
+                            on_block(BlockEvent(clip, b, g.blocks, total, g.frames, now, peak,
+                                                    str(writer.partial_path or opts.out)))
+                        if should_stop is not None and should_stop():
+                            g.interrupted = True
+                            break
+                    clip_s.append(time.perf_counter() - t_clip)
+                    if g.interrupted:
                         break
-                clip_s.append(time.perf_counter() - t_clip)
-                if g.interrupted:
-                    break
-                if opts.online_decode and clip == 0 and job.clips > 1:
-                    ref = torch.cat(clip_latents, dim=2)[:, :, :1]
-                    motion = reencode_motion(job.vae, job.inputs.image.to(device),
-                                             torch.cat(clip0_frames, dim=1).to(device))
-                    engine.refresh_sink(ref, motion)
+                    if opts.online_decode and clip == 0 and job.clips > 1:
+                        ref = torch.cat(clip_latents, dim=2)[:, :, :1]
+                        motion = reencode_motion(job.vae, job.inputs.image.to(device),
+                                                 torch.cat(clip0_frames, dim=1).to(device))
+                        engine.refresh_sink(ref, motion)
+            except LowvramError as e:  # the writer keeps the finished blocks in its partial file
+                if isinstance(e, VideoWriteError) or not writer.frames_written:
+                    raise
+                raise LowvramError(f"{e} (the {writer.frames_written} frames written so far are in "
+                                   f"{writer.partial_path})") from e
         g.seconds = time.perf_counter() - t_gen
         g.timings.update(dit_s=dit_s, vae_s=vae_s, write_s=write_s, clip_s=clip_s)
         return g

@@ -41,7 +41,9 @@ VAE_REAL_DIM = 96
 VAE_CACHE_BYTES_PER_PIXEL = 2 * 2 * (4240 / 64 + 2496 / 16 + 1152 / 4 + 672)
 # One latent frame's decode (4 frames out), per output pixel: measured 1.17 GiB at 704x384 (H200, bf16,
 # lowvram.model.vae at 601ec55; the cache formula above matched to the byte). Both scale with the width.
-VAE_ACT_BYTES_PER_PIXEL = {"frame": 4640.0}
+# fast: tools/bench_vae.py on the H200 (2026-12-01) reserved 0.97 GiB beyond the time cache against 2.10 GiB
+# for the exact path (x 0.46); tiny (TAEHV, its own 45 MB state): 0.22 GiB at 704x384.
+VAE_ACT_BYTES_PER_PIXEL = {"frame": 4640.0, "fast": 4640.0 * 0.46, "tiny": 0.22 * GIB / (704 * 384)}
 CONTEXT_BYTES = int(0.6 * GIB)  # CUDA context, cuBLAS/cuDNN handles, loaded kernels (NVML sees them)
 ENCODER_ACT_BYTES = int(0.3 * GIB)  # activations of umT5 or wav2vec2 on one prompt / one file
 ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation, as a fraction of the allocated peak
@@ -218,7 +220,8 @@ def vae_decoder_item(sizes: Sizes, width: int, height: int) -> PlanItem:
 
 def vae_activation_bytes(sizes: Sizes, vae_decode: str, width: int, height: int) -> int:
     """Activations of one latent frame's decode (4 frames out)."""
-    return int(VAE_ACT_BYTES_PER_PIXEL[vae_decode] * sizes.vae_dim / VAE_REAL_DIM * width * height)
+    width_ratio = 1.0 if vae_decode == "tiny" else sizes.vae_dim / VAE_REAL_DIM  # TAEHV's own width
+    return int(VAE_ACT_BYTES_PER_PIXEL[vae_decode] * width_ratio * width * height)
 
 
 def _activations(m: _Model) -> PlanItem:
