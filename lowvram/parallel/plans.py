@@ -33,6 +33,7 @@ class DecodePlan:
     """The VAE rank: the decoder and its time cache, one latent frame's activations, the CUDA context."""
 
     profile: str
+    vae_decode: str  # frame | fast | tiny (lowvram.runtime.decode.make_decoder)
     width: int
     height: int
     items: tuple[PlanItem, ...]
@@ -43,7 +44,7 @@ class DecodePlan:
         return sum(it.nbytes for it in self.items)
 
     def headline(self) -> str:
-        return f"VAE decode + mp4 writer, expected peak {self.peak_bytes / GIB:.1f} GiB"
+        return f"VAE decode ({self.vae_decode}) + mp4 writer, expected peak {self.peak_bytes / GIB:.1f} GiB"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "peak_bytes": self.peak_bytes, "kind": "decode"}
@@ -70,7 +71,7 @@ def plan_rank(opts, role: Role, machine, device: torch.device, dtype: torch.dtyp
     where = f"cuda:{role.rank}" if device.type == "cuda" else "cpu"
     try:
         if not role.steps:
-            return RankPlan(role, where, decode_plan(opts, machine, dtype))
+            return RankPlan(role, where, decode_plan(opts, machine, device, dtype))
         plan, note = _dit_plan(opts, role, machine, device, dtype)
         return RankPlan(role, where, plan, note)
     except LowvramError as e:
@@ -106,7 +107,7 @@ def _dit_plan(opts, role: Role, machine, device, dtype) -> tuple[Plan, str]:
                   f"streamed, {pcie_bytes(gpu) / 1e9:.2f} GB/forward")
 
 
-def decode_plan(opts, machine, dtype: torch.dtype) -> DecodePlan:
+def decode_plan(opts, machine, device: torch.device, dtype: torch.dtype) -> DecodePlan:
     """The VAE rank's plan; raises if it does not fit the profile's budget (or the card)."""
     from lowvram.runtime.plan import PlanSource, component_sizes, resolve_size
     from lowvram.runtime.planner import ALLOCATOR_SLACK, CONTEXT_BYTES, vae_activation_bytes, vae_decoder_item
@@ -114,10 +115,11 @@ def decode_plan(opts, machine, dtype: torch.dtype) -> DecodePlan:
 
     ov = parse_set(list(opts.plan_overrides()))
     ov.pop("quant", None)
-    if opts.profile is None:
+    if opts.profile is None:  # as plan_run: the resident preset decodes with the fast path on a GPU
+        ov = {"vae_decode": "fast", **ov} if device.type == "cuda" else ov
         prof = Profile.resident("bf16", machine.resident_budget_gib(), **ov)
     else:
-        prof = Profile.from_name(opts.profile, **ov)
+        prof = Profile.from_name(opts.profile, device=device if device.type == "cuda" else None, **ov)
     budget = int(prof.vram_budget_gib * GIB)
     if machine.free_vram_bytes is not None and budget > machine.free_vram_bytes:
         raise LowvramError(f"profile {prof.name} budgets {prof.vram_budget_gib:.1f} GiB but the GPU has only "
@@ -131,7 +133,7 @@ def decode_plan(opts, machine, dtype: torch.dtype) -> DecodePlan:
     slack = int(ALLOCATOR_SLACK * (dec.nbytes + act))
     items.append(PlanItem("CUDA context + allocator slack", "gpu", CONTEXT_BYTES + slack,
                           f"{ALLOCATOR_SLACK:.0%} of allocated"))
-    plan = DecodePlan(prof.name, w, h, tuple(items), budget)
+    plan = DecodePlan(prof.name, prof.vae_decode, w, h, tuple(items), budget)
     if plan.peak_bytes > budget:
         raise LowvramError(f"the VAE decode needs {plan.peak_bytes / GIB:.1f} GiB at {w}*{h}, over the "
                            f"{prof.vram_budget_gib:.1f} GiB budget; use a smaller --size")

@@ -21,6 +21,7 @@ import torch
 from lowvram.constants import GIB
 from lowvram.errors import LowvramError
 from lowvram.parallel.comm import Links
+from lowvram.parallel.plans import DecodePlan
 from lowvram.parallel.loops import Timer, dit_loop, writer_loop
 from lowvram.parallel.roles import Pipeline
 from lowvram.parallel.world import StopRequested, Watch, World
@@ -78,9 +79,13 @@ class Rank:
                 self.interrupted = True
                 self.watch.stopping = True
             return self._finish(cond)
+        except BaseException:
+            if self.writer is not None:
+                self.writer.close(failed=True)  # the partial mp4 keeps every block written
+            raise
         finally:
             if self.writer is not None:
-                self.writer.close()  # the mp4 keeps every block written, whatever happened
+                self.writer.close()
 
     def _plan(self):
         """Inputs (rank 0 and the writer) and this rank's plan; every rank's verdict before any weights load."""
@@ -110,7 +115,8 @@ class Rank:
 
     def _setup(self, inputs):
         from lowvram.io.weights import discover
-        from lowvram.model.vae import StreamingDecoder, load_vae
+        from lowvram.model.vae import load_vae
+        from lowvram.runtime.decode import make_decoder
 
         from lowvram.parallel.writer import BlockWriter
 
@@ -128,12 +134,13 @@ class Rank:
         for w in works:
             self.watch.wait(w, "the conditioning broadcast")
         with self.phases("sink"):
-            decode = None
+            decode = dec = None
+            if self.role.writes:
+                dec = make_decoder(self._vae_decode(), vae, self.device, ckpt.root, self.opts.vae_path)
             if engine is not None:
-                engine.start(cond.context, cond.ref, cond.motion, self.opts.steps, self.opts.seed)
-                decode = engine.decode
-            elif vae is not None:
-                dec = StreamingDecoder(vae)
+                engine.start(cond.context, cond.ref, cond.motion, self.opts.steps, self.opts.seed, dec)
+                decode = engine.decode if dec is not None else None
+            elif dec is not None:
                 dec.decode(cond.motion[:, :, :7].to(self.device, vae.dtype))  # warm-up, as Engine.start
                 decode = lambda lat: dec.decode(lat.to(self.device, vae.dtype))[0]  # noqa: E731
         if self.role.writes:
@@ -143,6 +150,10 @@ class Rank:
             self.writer = BlockWriter(self.opts, inputs, cond.clips, decode, vae, self.world.store, self.device,
                                       self.t0, self.progress, headline)
         return cond, engine
+
+    def _vae_decode(self) -> str:
+        plan = self.rank_plan.plan
+        return plan.vae_decode if isinstance(plan, DecodePlan) else plan.profile.vae_decode
 
     def _encode(self, ckpt, inputs):
         """Rank 0: the conditioning, and the broadcasts of it posted (waited after the DiT is placed)."""

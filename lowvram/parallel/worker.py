@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 OPTS_ENV = "LOWVRAM_TPP_OPTS"
-PATH_FIELDS = ("ckpt_dir", "image", "audio", "lora", "out", "report")
+PATH_FIELDS = ("ckpt_dir", "image", "audio", "lora", "out", "report", "vae_path")
 
 
 def options_to_json(opts) -> str:

@@ -33,7 +33,8 @@ class BlockWriter:
         self.t_start = time.time()
         self._clip0: list[tuple[torch.Tensor, torch.Tensor]] = []  # (latents, frames) of clip 0 (online decode)
         self.video = VideoWriter(str(opts.out), inputs.width, inputs.height, fps=FPS,
-                                 audio=muxed_audio(inputs.wave, clips), audio_rate=AUDIO_RATE)
+                                 audio=muxed_audio(inputs.wave, clips), audio_rate=AUDIO_RATE,
+                                 final=not opts.partial_out)
         start = {"total_blocks": self.total, "clips": clips, "headline": headline}
         store.set("start", json.dumps(start))
         if progress is not None:
@@ -61,7 +62,7 @@ class BlockWriter:
         seconds = time.time() - self.t_start
         event = {"clip": idx.clip, "block": idx.block, "blocks_done": self.blocks, "blocks_total": self.total,
                  "frames": self.frames, "seconds": round(seconds, 4), "peak_vram_bytes": peak,
-                 "path": str(self.opts.out)}
+                 "path": str(self.video.partial_path or self.opts.out)}
         self.store.set("event", json.dumps(event))
         self.store.add("written", 1)
         if self.progress is not None:
@@ -76,8 +77,10 @@ class BlockWriter:
         self._clip0 = []
         return ref.cpu().contiguous(), motion.cpu().contiguous()
 
-    def close(self) -> None:
-        self.video.close()
+    def close(self, failed: bool = False) -> None:
+        """Finish the mp4: renamed into place after a whole or stopped run (as the single-GPU path), left under
+        its partial name when the run failed (it still holds every finished block, playable)."""
+        self.kept = self.video.abandon() if failed else self.video.close()
         if self.progress is not None:
             self.progress.finish()
             self.progress = None
