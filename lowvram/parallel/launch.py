@@ -66,6 +66,10 @@ def check_launch(opts, gpus: int) -> Pipeline:
     else:
         resolve_device(dev, opts.dtype)
     check_inputs(opts)
+    from lowvram.io.locks import lock_output
+
+    with lock_output(opts.out):  # another run writing this --out: refused before any process starts
+        pass
     return pipe
 
 
@@ -75,6 +79,7 @@ class Launcher:
         self.on_block, self.should_stop = on_block, should_stop
         self.procs: list[subprocess.Popen] = []
         self.signals = 0
+        self.first_signal: int | None = None
 
     @property
     def pids(self) -> list[int]:
@@ -96,6 +101,7 @@ class Launcher:
                 self.procs = [self._spawn(r, store.port, t0) for r in range(self.gpus)]
                 res = self._watch()
             keep = False
+            res.stop_signal = self.first_signal if res.interrupted else None
             return res
         finally:
             self._teardown()
@@ -141,6 +147,7 @@ class Launcher:
 
         def _handle(self, signum, frame):
             self.launcher.signals += 1
+            self.launcher.first_signal = self.launcher.first_signal or signum
             if self.launcher.signals > 1:  # a second signal: no more waiting
                 for p in self.launcher.procs:
                     if p.poll() is None:
@@ -202,7 +209,7 @@ class Launcher:
         kept = self._kept()
         if code == 2 and not kept:
             return LowvramError(msg)  # found by a rank before any frame (its plan, its card): exit code 2
-        frames = f"; {self.opts.out} keeps the {kept}" if kept else ""
+        frames = f"; {kept}" if kept else ""
         logs = f" (rank logs in {self.rundir})" if code == 1 else ""
         return RankFailure(f"{msg}{frames}; the other ranks stopped{logs}")
 
@@ -222,7 +229,7 @@ class Launcher:
         if not self.ctl.check(["event"]):
             return ""
         ev = json.loads(self.ctl.get("event"))
-        return f"{ev['frames']} frames of {ev['blocks_done']} finished block(s)"
+        return f"{ev['path']} keeps the {ev['frames']} frames of {ev['blocks_done']} finished block(s)"
 
 
 def launch(opts, gpus: int, log=print, progress=None, on_block=None, should_stop=None):

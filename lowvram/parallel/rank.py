@@ -98,6 +98,10 @@ class Rank:
         try:
             if self.role.encodes or self.role.writes:
                 inputs = check_inputs(self.opts)
+            if self.role.writes:  # held until this process exits: a second run writing this --out refuses now
+                from lowvram.io.locks import lock_output
+
+                self._lock = lock_output(self.opts.out)
             machine = Machine.detect(self.device, self.opts.vram_cap_gib)
             self.rank_plan = plan_rank(self.opts, self.role, machine, self.device, self.dtype, self.world.size)
         except LowvramError as e:
