@@ -153,3 +153,15 @@ def test_too_many_gpus_is_one_line_exit_2_before_any_process(tiny_ckpt, inputs, 
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.output
     assert not list(Path(tmp_path).glob("*.mp4*"))
+
+
+def test_sigterm_stops_every_rank_at_a_block_boundary_and_the_file_plays(tiny_ckpt, inputs, tmp_path):
+    out = tmp_path / "s.mp4"
+
+    def on_block(ev):
+        if ev.blocks_done == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the launcher's handler: every rank stops at its next block
+
+    res = launch(_opts(tiny_ckpt, inputs, out), 4, log=lambda *a: None, on_block=on_block)
+    assert res.interrupted and res.stop_signal == signal.SIGTERM and 1 <= res.blocks < 4
+    assert _frames(out).shape[0] == res.frames == 12 * res.blocks - 3

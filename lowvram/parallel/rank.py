@@ -63,7 +63,7 @@ class Rank:
         from lowvram.parallel.result import DevicePeak
 
         apply_vram_cap(self.device, self.opts.vram_cap_gib)
-        self.phases, self.peak = Phases(self.device), DevicePeak(self.device).start()
+        self.phases, self.peak = Phases(self.device, self.log), DevicePeak(self.device).start()
         try:
             with self.phases("plan"):
                 inputs = self._plan()
