@@ -247,7 +247,7 @@ class Rank:
             out=self.opts.out, frames=w.frames, clips=cond.clips, blocks=w.blocks, seconds=t_end - start,
             interrupted=self.interrupted or w.blocks < w.total, peak_vram=max(r["peak_reserved"] for r in ranks),
             phases=phases, plan={"gpus": self.world.size, "ranks": [r["plan"] for r in ranks]},
-            timings={"first_frame_s": w.first_frame_s, "vae_s": w.vae_s, "write_s": w.write_s,
+            timings={"first_frame_s": w.first_frame_s, "vae_s": w.vae_s, "write_s": w.write_s, "block_s": w.block_s,
                      "setup_s": start - self.t0, "total_s": t_end - self.t0},
             host={"peak_rss_bytes": max(r["peak_rss_bytes"] for r in ranks)},
             gpus=self.world.size, ranks=[{k: v for k, v in r.items() if k != "plan"} for r in ranks])

@@ -30,6 +30,7 @@ class BlockWriter:
         self.frames = self.blocks = 0
         self.vae_s = self.write_s = 0.0
         self.first_frame_s = None
+        self.block_s: list[float] = []  # seconds since generation began when each block was written
         self.t_start = time.time()
         self._clip0: list[tuple[torch.Tensor, torch.Tensor]] = []  # (latents, frames) of clip 0 (online decode)
         self.video = VideoWriter(str(opts.out), inputs.width, inputs.height, fps=FPS,
@@ -60,6 +61,7 @@ class BlockWriter:
             self._clip0.append((latents, video.float().cpu()))
         peak = torch.cuda.max_memory_reserved(self.device) if self.device.type == "cuda" else 0
         seconds = time.time() - self.t_start
+        self.block_s.append(round(seconds, 4))
         event = {"clip": idx.clip, "block": idx.block, "blocks_done": self.blocks, "blocks_total": self.total,
                  "frames": self.frames, "seconds": round(seconds, 4), "peak_vram_bytes": peak,
                  "path": str(self.video.partial_path or self.opts.out)}
