@@ -165,3 +165,30 @@ def test_sigterm_stops_every_rank_at_a_block_boundary_and_the_file_plays(tiny_ck
     res = launch(_opts(tiny_ckpt, inputs, out), 4, log=lambda *a: None, on_block=on_block)
     assert res.interrupted and res.stop_signal == signal.SIGTERM and 1 <= res.blocks < 4
     assert _frames(out).shape[0] == res.frames == 12 * res.blocks - 3
+
+
+def test_online_decode_on_three_ranks_refreshes_the_sink_as_the_sequential_run(tiny_ckpt, inputs, tmp_path):
+    synth_voice(str(tmp_path / "long.wav"), seconds=3.5, seed=4)
+    opts = dict(audio=tmp_path / "long.wav", num_clip=2, online_decode=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seq = run(_opts(tiny_ckpt, inputs, tmp_path / "seq.mp4", **opts), log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
+    res = launch(_opts(tiny_ckpt, inputs, tmp_path / "p3.mp4", **opts), 3, log=lambda *a: None)
+    assert res.frames == seq.frames == 93 and res.clips == 2
+    assert [r["steps"] for r in res.ranks] == [[0, 1], [2], [3]]
+    assert np.array_equal(_frames(tmp_path / "p3.mp4"), _frames(seq.out))
+
+
+def test_a_rank_whose_card_is_too_small_is_one_line_exit_2_before_weights_load(tiny_ckpt, inputs, tmp_path):
+    ckpt, lora = tiny_ckpt
+    r = CliRunner().invoke(cli, ["run", "--ckpt-dir", str(ckpt), "--lora", str(lora), "--image",
+                                 str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--prompt", "x",
+                                 "--size", "64*64", "--out", str(tmp_path / "t.mp4"), "--device", "cpu", "--gpus", "2",
+                                 "--profile", "12gb", "--set", "quant=bf16", "--set", "vram_budget_gib=0.05", "--quiet"])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: rank 0") and "budget" in lines[0], r.output
+    assert not list(tmp_path.glob("*.mp4*"))

@@ -86,6 +86,8 @@ class Rank:
         finally:
             if self.writer is not None:
                 self.writer.close()
+            if getattr(self, "_lock", None) is not None:
+                self._lock.release()  # the file is closed: a later run may write this --out
 
     def _plan(self):
         """Inputs (rank 0 and the writer) and this rank's plan; every rank's verdict before any weights load."""

@@ -82,6 +82,9 @@ class BlockWriter:
     def close(self, failed: bool = False) -> None:
         """Finish the mp4: renamed into place after a whole or stopped run (as the single-GPU path), left under
         its partial name when the run failed (it still holds every finished block, playable)."""
+        if getattr(self, "closed", False):
+            return
+        self.closed = True
         self.kept = self.video.abandon() if failed else self.video.close()
         if self.progress is not None:
             self.progress.finish()
