@@ -192,3 +192,17 @@ def test_a_rank_whose_card_is_too_small_is_one_line_exit_2_before_weights_load(t
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: rank 0") and "budget" in lines[0], r.output
     assert not list(tmp_path.glob("*.mp4*"))
+
+
+def test_plan_gpus_says_which_rank_does_what(tiny_ckpt):
+    ckpt, _ = tiny_ckpt
+    r = CliRunner().invoke(cli, ["plan", "--ckpt-dir", str(ckpt), "--size", "64*64", "--device", "cpu", "--gpus", "5"])
+    assert r.exit_code == 0, r.output
+    ranks = [ln for ln in r.output.splitlines() if ln.startswith("rank ")]
+    assert len(ranks) == 5 and "step 0" in ranks[0] and "encoders" in ranks[0] and "step 3" in ranks[3]
+    assert "VAE decode + mp4 writer" in ranks[4] and "expected peak" in r.output
+    r = CliRunner().invoke(cli, ["plan", "--ckpt-dir", str(ckpt), "--size", "64*64", "--device", "cpu", "--gpus", "2",
+                                 "--json"])
+    d = __import__("json").loads(r.output)
+    assert [x["steps"] for x in d["ranks"]] == [[0, 1], [2, 3]] and d["ranks"][1]["writes"]
+    assert d["ranks"][0]["plan"]["steps"] == [0, 1]  # each rank's plan holds only its own step caches

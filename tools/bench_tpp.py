@@ -72,6 +72,9 @@ def quick_inputs(root: Path) -> dict:
 
 def full_inputs(args, root: Path) -> dict:
     image, audio = args.image, args.audio
+    media = Path(".media")  # tools/make_user_inputs.py's portrait and speech, when carried
+    if (image is None or audio is None) and (media / "portrait.png").is_file() and (media / "speech.wav").is_file():
+        image, audio = str(media / "portrait.png"), str(media / "speech.wav")
     if image is None or audio is None:
         from lowvram.demo.inputs import photo_portrait, speech_wav
 
