@@ -41,7 +41,7 @@ from lowvram.quantize.outdir import (
     clean_stale_staging,
     disk_error,
     link_components,
-    parse_size,
+    parse_bytes,
     staged_dir,
 )
 from lowvram.quantize.select import natural_key, quantized_module
@@ -246,7 +246,7 @@ def convert(ckpt_dir, out, scheme: str, lora=None, keep_bf16=(), lora_alpha: flo
     lora_alpha = check_alpha(lora_alpha)
     ckpt_dir, out = Path(ckpt_dir), Path(out)
     lora = Path(lora) if lora is not None else None
-    shard_size = parse_size(shard_size)
+    shard_size = parse_bytes(shard_size)
     keep = tuple(keep_bf16)
     console = console or Console(stderr=True)
     if not ckpt_dir.is_dir():

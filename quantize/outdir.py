@@ -30,7 +30,7 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
 
-def parse_size(text) -> int:
+def parse_bytes(text) -> int:
     """"3GB" -> 3_000_000_000, "512MiB" -> 536_870_912, 1000 -> 1000."""
     if isinstance(text, int):
         size = text

@@ -25,13 +25,13 @@ FPS = 25
 
 @pytest.mark.parametrize("text,area", [("704*384", 704 * 384), ("720x400", 720 * 400),
                                        (" 1280 X 720 ", 1280 * 720), ("64*64", 4096)])
-def test_parse_size_accepts(text, area):
+def test_parse_area_accepts(text, area):
     assert parse_area(text) == area
 
 
 @pytest.mark.parametrize("text", ["704", "704*", "*384", "0*384", "704*-384", "7.5*384", "abc",
                                   "63*64", "4097*4096", "704*384*2", ""])
-def test_parse_size_rejects(text):
+def test_parse_area_rejects(text):
     with pytest.raises(LowvramError, match=r"--size must look like 704\*384"):
         parse_area(text)
 

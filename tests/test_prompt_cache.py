@@ -32,6 +32,21 @@ def test_round_trip_and_notes(cache):
     assert prompt_cache.load("bad") is None  # a damaged entry is a miss
 
 
+def test_key_follows_the_t5_file_not_its_name(tmp_path):
+    t5 = tmp_path / "a" / "t5.pth"
+    t5.parent.mkdir()
+    t5.write_bytes(os.urandom(64))
+    (tmp_path / "b").mkdir()
+    os.link(t5, tmp_path / "b" / "t5.pth")               # quantize's int8/ and fp8/ hold hard links
+    key = prompt_cache.prompt_key("a person", t5, "bf16")
+    assert prompt_cache.prompt_key("a person", tmp_path / "b" / "t5.pth", "bf16") == key
+    assert prompt_cache.prompt_key("a person", t5, "int8") != key
+    assert prompt_cache.prompt_key("a person.", t5, "bf16") != key
+    other = tmp_path / "c.pth"
+    other.write_bytes(t5.read_bytes())                   # the same bytes in another file: another identity
+    assert prompt_cache.prompt_key("a person", other, "bf16") != key
+
+
 def test_read_only_cache_warns_once_and_runs(cache, request, monkeypatch):
     folder, lines = cache
     if os.geteuid() == 0:  # root writes into any folder: a read-only file system it is
@@ -90,3 +105,28 @@ def test_a_real_full_disk(small_tmpfs, monkeypatch):
     assert sorted(p.name for p in (disk / "prompts").iterdir()) == ["small.safetensors"]
     assert len(lines) == 1 and "is full" in lines[0]
     assert torch.equal(prompt_cache.load("small"), _ctx())
+
+
+def test_a_cache_hit_imports_nothing_of_umt5(tiny_ckpt, tmp_path):
+    """A second run's prompt phase took 9-10 s at full size with the prompt cached: the import of umT5's
+    transformers modules, which a hit does not need."""
+    import subprocess
+    import sys
+
+    from lowvram.io.weights import discover
+
+    ckpt = discover(tiny_ckpt[0])
+    env = {**os.environ, "LOWVRAM_CACHE": str(tmp_path / "cache")}
+    prompt = f"a cached prompt {os.urandom(4).hex()}"
+    ctx = torch.randn(9, 16)
+    code = ("import sys, torch; from lowvram.io import prompt_cache; from lowvram.io.weights import discover; "
+            "from lowvram.pipeline.encode import encode_prompt; ckpt = discover(sys.argv[1]); "
+            "assert prompt_cache.store(prompt_cache.prompt_key(sys.argv[2], ckpt.t5, 'bf16'), torch.load(sys.argv[3])); "
+            "out = encode_prompt(ckpt, sys.argv[2], 'cpu', 'bf16', log=print); "
+            "assert torch.equal(out, torch.load(sys.argv[3])); "
+            "print('loaded:', sorted(m for m in sys.modules if 'umt5' in m or m == 'lowvram.model.text_encoder'))")
+    torch.save(ctx, tmp_path / "ctx.pt")
+    r = subprocess.run([sys.executable, "-c", code, str(ckpt.root), prompt, str(tmp_path / "ctx.pt")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "from cache" in r.stdout and "loaded: []" in r.stdout, r.stdout

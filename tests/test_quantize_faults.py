@@ -86,7 +86,7 @@ def _plan(src, shard_size):
     """The groups and metadata convert plans for int8 (to check the size it reports)."""
     wm, headers = convert_mod._read_sources(src / "ckpt")
     items = convert_mod._plan(wm, headers, "int8", ())
-    groups = convert_mod._split(items, outdir.parse_size(shard_size))
+    groups = convert_mod._split(items, outdir.parse_bytes(shard_size))
     return groups, {"format": convert_mod.FORMAT_NAME, "version": convert_mod.FORMAT_VERSION, "scheme": "int8"}
 
 

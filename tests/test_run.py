@@ -166,10 +166,13 @@ def test_online_decode_refreshes_the_sink_at_clip_1(first, tiny_ckpt, inputs, tm
     assert not np.array_equal(a[45:], b[45:])      # clip 1 sees the new ref + motion sink
 
 
-def test_quantized_t5_prints_its_cosine_against_bf16_once(tiny_ckpt, inputs, tmp_path):
+def test_quantized_t5_prints_its_cosine_against_bf16_once(tiny_ckpt, inputs, tmp_path, monkeypatch):
     from lowvram.io.weights import discover
     from lowvram.pipeline.encode import encode_prompt
 
+    # an own cache: the note is per T5 file (its inode), which the quantized copies of the tiny checkpoint
+    # that other tests make share through hard links
+    monkeypatch.setenv("LOWVRAM_CACHE", str(tmp_path / "cache"))
     logs = []
     ckpt = discover(tiny_ckpt[0])
     import torch

@@ -30,8 +30,10 @@ def cache_dir() -> Path:
 
 
 def prompt_key(prompt: str, t5_path: Path, t5_mode: str) -> str:
+    """The file's identity is its inode (device, inode, size, mtime), not its name: the int8 and fp8
+    directories that `lowvram quantize` writes hold hard links to one umT5 file, and share its entries."""
     st = Path(t5_path).stat()
-    ident = f"{Path(t5_path).resolve()}|{st.st_size}|{st.st_mtime_ns}|{t5_mode}|{prompt}"
+    ident = f"{st.st_dev}:{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{t5_mode}|{prompt}"
     return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
 

@@ -132,7 +132,20 @@ def _write(fd: int, view: memoryview) -> int:
     return os.write(fd, view)  # the one place bytes reach the disk (tests inject ENOSPC here)
 
 
-class VideoWriter:
+class ClosesOrAbandons:
+    """As a context manager: close() on a normal exit, abandon() when the block raises."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()
+
+
+class VideoWriter(ClosesOrAbandons):
     """Encode frames to an MP4 as they are produced, with optional audio.
 
     VideoWriter(path, width, height, fps=25, audio=None, audio_rate=16000, crf=10, final=True)
@@ -199,15 +212,6 @@ class VideoWriter:
             # the native AAC encoder allows at most 6 bits per sample per channel
             self._astream.bit_rate = min(AUDIO_BITRATE, 6 * self._audio_rate)
 
-    def __enter__(self) -> "VideoWriter":
-        return self
-
-    def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abandon()
-
     def _as_uint8(self, frames) -> np.ndarray:
         if isinstance(frames, torch.Tensor):
             frames = to_uint8(frames) if frames.is_floating_point() else frames
@@ -219,15 +223,21 @@ class VideoWriter:
                 f"got {frames.dtype} {list(frames.shape)}")
         return frames
 
+    def kept(self, n: int, written: int | None = None) -> int:
+        """How many of n new frames are kept after `written` (default: frames_written): like ffmpeg's
+        -shortest, frame i is kept only if it starts before the audio ends."""
+        written = self.frames_written if written is None else written
+        if self._audio is None:
+            return n
+        limit = -(-self._audio.size * self.fps // self._audio_rate)
+        return max(0, min(n, limit - written))
+
     def write(self, frames) -> int:
         """Encode and mux `frames` now; they start a new fragment. Returns frames kept."""
         if self._closed:
             raise ValueError("write() on a closed VideoWriter")
         frames = self._as_uint8(frames)  # frames: [T, H, W, 3] uint8
-        if self._audio is not None:
-            # -shortest: keep frame i only if it starts before the audio ends
-            limit = -(-self._audio.size * self.fps // self._audio_rate)
-            frames = frames[: max(0, limit - self.frames_written)]
+        frames = frames[: self.kept(len(frames))]
         try:
             for i, rgb in enumerate(frames):
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")

@@ -232,15 +232,16 @@ class Session:
         online decode (as the reference: the first generated latent becomes the ref, and the motion latents
         are re-encoded from the motion window with clip 0's frames rolled in)."""
         from lowvram.io.video_writer import VideoWriteError, VideoWriter
+        from lowvram.io.writer_thread import BackgroundWriter
 
         opts, device, total = job.opts, job.device, job.clips * BLOCKS_PER_CLIP
         g = _Generated()
         dit_s = vae_s = write_s = 0.0
         clip0_frames, clip_s = [], []
         t_gen = time.perf_counter()
-        with VideoWriter(str(opts.out), job.inputs.width, job.inputs.height, fps=FPS,
-                         audio=muxed_audio(job.inputs.wave, job.clips), audio_rate=AUDIO_RATE,
-                         final=not opts.partial_out) as writer:
+        with BackgroundWriter(VideoWriter(str(opts.out), job.inputs.width, job.inputs.height, fps=FPS,
+                                          audio=muxed_audio(job.inputs.wave, job.clips), audio_rate=AUDIO_RATE,
+                                          final=not opts.partial_out)) as writer:  # encodes beside the DiT
             try:
                 for clip in range(job.clips):
                     t_clip, clip_latents = time.perf_counter(), []
