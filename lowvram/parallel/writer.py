@@ -1,8 +1,8 @@
 """The writer rank's half of a block: decode the clean latents, stream the frames into the mp4.
 
 Exactly the single-GPU rule (lowvram.pipeline.session): the same VideoWriter (fragmented mp4, one
-fragment per block), the first DROPPED_FRAMES generated frames dropped, the audio track from
-`muxed_audio`. With online decode it keeps clip 0's latents and frames and makes the refreshed sink's
+fragment per block, partial name renamed on close) behind the same BackgroundWriter (the encoder on its
+own thread), the first DROPPED_FRAMES generated frames dropped, the audio track from `muxed_audio`. With online decode it keeps clip 0's latents and frames and makes the refreshed sink's
 ref + motion latents (`refresh_latents`). After each block the launcher is told through the store
 (`written`, `event`), which drives its progress display and on_block.
 """
@@ -23,6 +23,7 @@ class BlockWriter:
     def __init__(self, opts, inputs, clips: int, decode, vae, store, device: torch.device, t0: float,
                  progress=None, headline: str = ""):
         from lowvram.io.video_writer import VideoWriter
+        from lowvram.io.writer_thread import BackgroundWriter
 
         self.opts, self.inputs, self.clips, self.decode, self.vae = opts, inputs, clips, decode, vae
         self.store, self.device, self.t0, self.progress = store, device, t0, progress
@@ -33,9 +34,9 @@ class BlockWriter:
         self.block_s: list[float] = []  # seconds since generation began when each block was written
         self.t_start = time.time()
         self._clip0: list[tuple[torch.Tensor, torch.Tensor]] = []  # (latents, frames) of clip 0 (online decode)
-        self.video = VideoWriter(str(opts.out), inputs.width, inputs.height, fps=FPS,
-                                 audio=muxed_audio(inputs.wave, clips), audio_rate=AUDIO_RATE,
-                                 final=not opts.partial_out)
+        self.video = BackgroundWriter(VideoWriter(str(opts.out), inputs.width, inputs.height, fps=FPS,
+                                                  audio=muxed_audio(inputs.wave, clips), audio_rate=AUDIO_RATE,
+                                                  final=not opts.partial_out))  # encodes beside the decode
         start = {"total_blocks": self.total, "clips": clips, "headline": headline}
         store.set("start", json.dumps(start))
         if progress is not None:
