@@ -34,14 +34,21 @@ def cli():
 INTERRUPTED_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shells' 128 + signal number
 
 
-def _run(opts, quiet: bool):
-    """Run one video; a run stopped by Ctrl-C or SIGTERM exits 130 / 143 after its last line says what is kept."""
+def _run(opts, quiet: bool, gpus: int | None = None):
+    """Run one video; a run stopped by Ctrl-C or SIGTERM exits 130 / 143 after its last line says what is kept.
+    gpus > 1 (or a rank started by torchrun): the timestep-forcing pipeline (lowvram.parallel)."""
     from lowvram.cli.progress import make_progress
     from lowvram.constants import FPS
+    from lowvram.parallel import in_world, run_parallel
     from lowvram.pipeline.run import run
 
     log = (lambda *a: None) if quiet else (lambda *a: click.echo(" ".join(map(str, a)), err=True))
-    res = run(opts, progress=None if quiet else make_progress(), log=log)
+    if (gpus is not None and gpus > 1) or in_world():
+        res = run_parallel(opts, gpus, progress=None if quiet else make_progress(), log=log)
+        if res is None:  # a rank of a torchrun group that does not write: the writer rank reports
+            return None
+    else:
+        res = run(opts, progress=None if quiet else make_progress(), log=log)
     peak = f", peak VRAM {res.peak_vram / 2**30:.1f} GiB" if res.peak_vram else ""
     if res.interrupted:
         click.echo(f"interrupted: {res.out} holds the first {res.frames} frames ({res.frames / FPS:.1f} s, "
@@ -94,10 +101,14 @@ def _run(opts, quiet: bool):
               help="Cap the CUDA allocator at this many GiB to imitate a smaller card (also LOWVRAM_VRAM_CAP_GIB).")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the result (plan, phases with time and peak VRAM, frames) as JSON here.")
+@click.option("--gpus", type=click.IntRange(1), default=None,
+              help="Timestep-forcing pipeline over N GPUs (2-5; 4+: one denoising step per GPU, a 5th decodes and "
+                   "writes). Starts its own processes (also runs under torchrun); with --device cpu the ranks are "
+                   "CPU processes. See `lowvram plan --gpus N`.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 def run(ckpt_dir, lora, lora_alpha, image, audio, prompt, size, num_clip, seed, steps, out, device, dtype,
         attention, t5, online_decode, no_verify, profile, overrides, vae_decode, vae_path, vram_cap_gib, report,
-        quiet):
+        gpus, quiet):
     """Portrait + voice + prompt -> a talking-avatar mp4, written block by block."""
     from lowvram.pipeline.options import RunOptions
 
@@ -105,7 +116,7 @@ def run(ckpt_dir, lora, lora_alpha, image, audio, prompt, size, num_clip, seed, 
                     size=size, num_clip=num_clip, seed=seed, steps=steps, out=out, device=device, dtype=dtype,
                     online_decode=online_decode, attention=attention, t5=t5, verify=not no_verify,
                     profile=profile, overrides=tuple(overrides) + ((f"vae_decode={vae_decode}",) if vae_decode else ()),
-                    vram_cap_gib=vram_cap_gib, report=report, vae_path=vae_path), quiet)
+                    vram_cap_gib=vram_cap_gib, report=report, vae_path=vae_path), quiet, gpus)
 
 
 @cli.command()

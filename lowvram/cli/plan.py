@@ -98,9 +98,11 @@ def _ranges(ix: tuple[int, ...]) -> str:
 @click.option("--host-ram-gib", type=float, default=None, help="Plan for a host with this much available RAM (GiB).")
 @click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=4, show_default=True,
               help="Euler steps per block, as for `lowvram run` (one KV cache each).")
+@click.option("--gpus", type=click.IntRange(1), default=None,
+              help="Plan `lowvram run --gpus N`: which rank does what, each rank planned against its own card.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan_cmd(profile_name, ckpt_dir, size, image, sets, attention, t5, device, dtype, vram_cap_gib, vram_gib,
-             host_ram_gib, steps, as_json):
+             host_ram_gib, steps, gpus, as_json):
     """Print what lives where, the bytes over PCIe per forward and the expected peak VRAM."""
     from lowvram.pipeline.options import RunOptions, resolve_device
     from lowvram.runtime.machine import Machine
@@ -119,11 +121,42 @@ def plan_cmd(profile_name, ckpt_dir, size, image, sets, attention, t5, device, d
             machine = Machine.described(vram_gib, host_ram_gib, dev.type)
         else:
             machine = Machine.detect(dev, vram_cap_gib)
+    if gpus is not None and gpus > 1:
+        return _plan_gpus(opts, gpus, machine, dev, dt, vram_gib is not None or host_ram_gib is not None, as_json)
     plan = plan_run(ckpt_dir, profile_name, opts.plan_overrides(), size, image, machine, dev, dt, steps)
     if as_json:
         click.echo(json.dumps(plan.to_dict(), indent=1))
     else:
         click.echo(render_plan(plan), nl=False)
+
+
+def _plan_gpus(opts, gpus: int, machine, dev, dt, described: bool, as_json: bool) -> None:
+    """`lowvram plan --gpus N`: the role table, then every rank's plan against its own card."""
+    from lowvram.errors import LowvramError
+    from lowvram.parallel.plans import plan_ranks
+    from lowvram.parallel.roles import Pipeline
+    from lowvram.runtime.machine import Machine
+
+    pipe = Pipeline.of(gpus, opts.steps)
+    measured = dev.type == "cuda" and torch.cuda.is_available() and not described
+    if measured and torch.cuda.device_count() < gpus:
+        raise LowvramError(f"--gpus {gpus} asks for {gpus} GPUs but this machine has {torch.cuda.device_count()} "
+                           f"visible; use --gpus {torch.cuda.device_count()} or fewer, or --vram-gib to plan for "
+                           "another machine")
+
+    def machine_for(rank: int):
+        return Machine.detect(torch.device("cuda", rank), opts.vram_cap_gib) if measured else machine
+
+    plans = plan_ranks(opts, pipe, machine_for, dev, dt)
+    if as_json:
+        click.echo(json.dumps({"gpus": gpus, "ranks": [rp.to_dict() for rp in plans]}, indent=1, default=str))
+        return
+    click.echo(f"{gpus} ranks, {opts.steps} denoising steps (timestep-forcing pipeline):")
+    for rp in plans:
+        click.echo(f"rank {rp.role.rank} ({rp.device}): {rp.role.describe()}")
+        click.echo(f"  {rp.plan.headline()}")
+        if rp.kv_note:
+            click.echo(f"  {rp.kv_note}")
 
 
 @click.command("profiles", cls=Command)

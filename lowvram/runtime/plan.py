@@ -236,13 +236,15 @@ def parse_overrides(overrides) -> dict:
 
 def plan_run(ckpt, profile: str | None = None, overrides: Mapping | Sequence[str] = (), size: str = "704*384",
              image: Path | None = None, machine=None, device: torch.device | None = None,
-             dtype: torch.dtype | None = None, steps: int = NUM_STEPS) -> Plan:
+             dtype: torch.dtype | None = None, steps: int = NUM_STEPS, held: Sequence[int] | None = None,
+             decode: bool = True, encode: bool = True) -> Plan:
     """The plan of a run: profile (or the resident preset) + overrides + checkpoint + size/portrait + machine.
     steps: the Euler steps per block (one KV ring cache each).
 
     ckpt: a Checkpoint or a directory (config.json alone is enough: sizes are then estimated); device/dtype:
     where and in which precision the run computes (default: CUDA if visible, bf16 there and fp32 on the
-    CPU); machine: `Machine.detect(device)` unless given."""
+    CPU); machine: `Machine.detect(device)` unless given; steps, decode, encode: what one rank of the
+    timestep-forcing pipeline holds and runs (lowvram.runtime.planner.make_plan; default: everything)."""
     from lowvram.quantize.format import detect_format
     from lowvram.runtime.machine import Machine
     from lowvram.runtime.planner import make_plan
@@ -268,4 +270,5 @@ def plan_run(ckpt, profile: str | None = None, overrides: Mapping | Sequence[str
                            f"use --set quant={scheme} or re-run `lowvram quantize --scheme {prof.quant}`")
     width, height = resolve_size(size, image)
     return make_plan(prof, src.dit_config(), width, height, free_vram_bytes=machine.free_vram_bytes,
-                     host_ram_bytes=machine.host_ram_bytes, sizes=component_sizes(src, dtype), steps=range(steps))
+                     host_ram_bytes=machine.host_ram_bytes, sizes=component_sizes(src, dtype),
+                     steps=range(steps) if held is None else held, decode=decode, encode=encode)

@@ -171,6 +171,7 @@ class _Model:
     sizes: Sizes
     steps: tuple[int, ...]  # the denoising steps whose caches this plan holds
     batch: int  # forwards per DiT call: 1 (sequential) or one per held step (batched ticks)
+    decode: bool = True  # this process holds the VAE decoder (a pipeline rank that only denoises does not)
 
     @property
     def host_kv(self) -> bool:
@@ -202,22 +203,34 @@ def _fixed_items(m: _Model) -> list[PlanItem]:
     else:
         items.append(PlanItem(f"KV ring caches ({S} steps x {cap} tokens)", "gpu", S * L * cap * m.tok_kv,
                               m.kv_format.value))
-    scale = m.sizes.vae_dim / VAE_REAL_DIM
-    items.append(PlanItem("VAE decoder + time cache", "gpu", int(2 * m.sizes.vae_decoder_params
-                                                                + scale * VAE_CACHE_BYTES_PER_PIXEL * m.width * m.height),
-                          "bf16"))
+    if m.decode:
+        items.append(vae_decoder_item(m.sizes, m.width, m.height))
     if m.profile.quant != "bf16":
         items.append(PlanItem("W8A8 transients + fragmentation (measured on H200)", "gpu",
                               W8A8_UNATTRIBUTED_BYTES_PER_QUERY * lq * B, "tools/bench.py"))
     return items
 
 
+def vae_decoder_item(sizes: Sizes, width: int, height: int) -> PlanItem:
+    """The streaming VAE decoder's parameters and its time cache at width x height."""
+    scale = sizes.vae_dim / VAE_REAL_DIM
+    return PlanItem("VAE decoder + time cache", "gpu",
+                    int(2 * sizes.vae_decoder_params + scale * VAE_CACHE_BYTES_PER_PIXEL * width * height), "bf16")
+
+
+def vae_activation_bytes(sizes: Sizes, vae_decode: str, width: int, height: int) -> int:
+    """Activations of one latent frame's decode (4 frames out)."""
+    width_ratio = 1.0 if vae_decode == "tiny" else sizes.vae_dim / VAE_REAL_DIM  # TAEHV's own width
+    return int(VAE_ACT_BYTES_PER_PIXEL[vae_decode] * width_ratio * width * height)
+
+
 def _activations(m: _Model) -> PlanItem:
     tk = m.tokens
     act_dit = forward_activation_bytes(m.cfg, tk["query"], tk["capacity"] + tk["sink"], tk["sink"],
                                        m.profile.attention, m.batch)
-    width = 1.0 if m.profile.vae_decode == "tiny" else m.sizes.vae_dim / VAE_REAL_DIM  # TAEHV's own width
-    act_vae = int(VAE_ACT_BYTES_PER_PIXEL[m.profile.vae_decode] * width * m.width * m.height)
+    act_vae = vae_activation_bytes(m.sizes, m.profile.vae_decode, m.width, m.height) if m.decode else 0
+    if not m.decode:
+        return PlanItem("activations: one DiT forward", "gpu", act_dit, f"DiT {act_dit / GIB:.2f} (no VAE here)")
     return PlanItem("activations: max(DiT forward, VAE decode of one latent frame)", "gpu", max(act_dit, act_vae),
                     f"DiT {act_dit / GIB:.2f}, VAE {act_vae / GIB:.2f} ({m.profile.vae_decode})")
 
@@ -322,13 +335,16 @@ def _host_memory(m: _Model, streamed: set[int], host_ram_bytes: int | None) -> _
 # ------------------------------------------------------------------------ make_plan
 def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vram_bytes: int | None = None,
               host_ram_bytes: int | None = None, tensor_bytes: Mapping[str, int] | None = None,
-              sink_dtype: str | None = None, sizes: Sizes | None = None, steps: Sequence[int] | None = None) -> Plan:
+              sink_dtype: str | None = None, sizes: Sizes | None = None, steps: Sequence[int] | None = None,
+              decode: bool = True, encode: bool = True) -> Plan:
     """Decide residency, KV placement and format, and buffers for `profile` at width x height; raise
     LowvramError if nothing fits.
 
     steps: the denoising steps whose caches this plan holds (default all NUM_STEPS; a rank of the
     timestep-forcing pipeline holds its own); with the profile's schedule "batched", one DiT call runs
     one forward per held step (a tick) and streamed blocks cross PCIe once per call.
+    decode / encode: whether this process holds the VAE decoder / runs the encoders (umT5, wav2vec2)
+    before the DiT is placed; a rank of the pipeline that only denoises plans neither.
 
     free_vram_bytes / host_ram_bytes: what the machine has (None: plan for the named card without checking);
     tensor_bytes: DiT tensor name -> bytes from a checkpoint's shard headers (exact weights; else the meta
@@ -349,9 +365,9 @@ def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vr
     slab, rest = _weights(profile, cfg, sizes)
     steps = tuple(range(NUM_STEPS)) if steps is None else tuple(steps)
     batch = len(steps) if profile.schedule == "batched" else 1
-    m = _Model(profile, cfg, width, height, tk, slab, rest, kv_format, sink, sizes, steps, batch)
+    m = _Model(profile, cfg, width, height, tk, slab, rest, kv_format, sink, sizes, steps, batch, decode)
     fixed, act = _fixed_items(m), _activations(m)
-    encode_peak, t5_item = _encode_phase(m, budget)
+    encode_peak, t5_item = _encode_phase(m, budget) if encode else (0, None)
     order = stream_order(cfg.num_layers, [i for i in cfg.audio_inject_layers if i < cfg.num_layers])
     streamed = _choose_streamed(m, order, lambda s: _generate_peak(m, fixed, act, s)[0], budget)
     gen_peak, items = _generate_peak(m, fixed, act, streamed)
@@ -363,7 +379,7 @@ def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vr
                 resident=tuple(i for i in range(L) if i not in streamed), streamed=tuple(sorted(streamed)),
                 n_buffers=n_buffers, kv_caches=(profile.kv_placement,) * len(steps), kv_dtype=profile.kv_dtype,
                 kv_format=kv_format.value, kv_slots=KV_SLOTS if m.host_kv else 0, block_bytes=tuple(slab),
-                demote_order=tuple(order), items=tuple(items + host.items + [t5_item]),
+                demote_order=tuple(order), items=tuple(items + host.items + ([t5_item] if t5_item else [])),
                 encode_peak_bytes=encode_peak, generate_peak_bytes=gen_peak,
                 pcie_h2d_bytes=sum(slab[i] for i in streamed) // batch + kv_window, steps=steps, batch=batch,
                 streamed_bytes_per_call=sum(slab[i] for i in streamed),
