@@ -40,6 +40,7 @@ def render_plan(plan: Plan) -> str:
     console = Console(width=130, record=True, color_system=None, file=_Null())
     console.print(table)
     h2d, d2h = plan.pcie_h2d_bytes, plan.pcie_d2h_bytes
+    other = plan.batch if plan.batch > 1 else len(plan.steps)  # the batch this residency is compared at
     lines = [
         f"weights {plan.quant}, attention {plan.attention}, GEMM {plan.gemm}, T5 {plan.t5}, "
         f"KV {plan.kv_caches[0]} {plan.kv_format}, sink {plan.sink_dtype}",
@@ -47,8 +48,9 @@ def render_plan(plan: Plan) -> str:
         f"({plan.n_buffers} GPU buffers)",
         f"schedule {plan.schedule}: {plan.batch} forward(s) per DiT call, step caches {list(plan.steps)}",
         f"PCIe per forward: {h2d / 1e9:.2f} GB in, {d2h / 1e9:.2f} GB out "
-        f"(~{1e3 * (h2d + d2h) / PCIE_4090:.0f} ms at {PCIE_4090 / 1e9:.0f} GB/s); sequential "
-        f"{plan.pcie_h2d_bytes_at(1) / 1e9:.2f} GB in, batched {plan.pcie_h2d_bytes_at(len(plan.steps)) / 1e9:.2f} GB in",
+        f"(~{1e3 * (h2d + d2h) / PCIE_4090:.0f} ms at {PCIE_4090 / 1e9:.0f} GB/s); with these blocks resident, "
+        f"sequential {plan.pcie_h2d_bytes_at(1) / 1e9:.2f} GB in, batched ({other} per call) "
+        f"{plan.pcie_h2d_bytes_at(other) / 1e9:.2f} GB in",
         f"host memory: {plan.host_pinned_bytes / GIB:.1f} GiB pinned, {plan.host_pageable_bytes / GIB:.1f} GiB "
         f"pageable; the run needs {plan.host_bytes / GIB:.1f} GiB of host RAM",
         f"expected peak: {plan.peak_bytes / GIB:.2f} GiB (encode {plan.encode_peak_bytes / GIB:.2f}, generate "
