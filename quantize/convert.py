@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from lowvram import __version__
 from lowvram.errors import CheckpointError, LowvramError
-from lowvram.io.lora import LoraSet
+from lowvram.io.lora import LoraSet, check_alpha
 from lowvram.model.config import DiTConfig
 from lowvram.quantize.format import (
     FORMAT_NAME,
@@ -33,9 +33,19 @@ from lowvram.quantize.format import (
     sha256_file,
 )
 from lowvram.quantize.linear import SCHEMES, check_scheme, quantize_weight_sqnr
-from lowvram.quantize.outdir import check_out_dir, link_components, parse_size, staged_dir
+from lowvram.io.locks import lock_output
+from lowvram.quantize.outdir import (
+    DISK_ERRNOS,
+    check_free_space,
+    check_out_dir,
+    clean_stale_staging,
+    disk_error,
+    link_components,
+    parse_bytes,
+    staged_dir,
+)
 from lowvram.quantize.select import natural_key, quantized_module
-from lowvram.quantize.shards import NAME_DTYPES, ShardWriter, nbytes, read_header
+from lowvram.quantize.shards import NAME_DTYPES, ShardWriter, nbytes, read_header, shard_file_size
 
 DEFAULT_SHARD_SIZE = "3GB"
 
@@ -129,9 +139,10 @@ def _split(items: list[_Item], shard_size: int) -> list[list[_Item]]:
 
 
 def _progress(console: Console | None, enabled: bool) -> Progress:
+    """The bar on a terminal; nothing when the output is piped or logged (the summary line says it all)."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
                     DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=console,
-                    disable=not enabled)
+                    disable=not (enabled and console is not None and console.is_terminal))
 
 
 def _convert_tensor(item: _Item, t: torch.Tensor, lora: LoraSet | None, scheme: str, layers: dict) -> dict:
@@ -163,8 +174,61 @@ def _write_shard(path: Path, group: list[_Item], metadata: dict, ckpt_dir: Path,
     writer.close()
 
 
+def planned_bytes(groups: list[list[_Item]], metadata: dict) -> int:
+    """Bytes the output directory will take: the shards exactly, plus a bound for index/manifest/config."""
+    shards = sum(shard_file_size({k: v for i in g for k, v in i.outputs.items()}, metadata) for g in groups)
+    keys = sum(len(i.outputs) for g in groups for i in g)
+    return shards + 65_536 + 400 * keys  # JSON files: ~100 B per index entry, ~250 B per manifest layer
+
+
 def _file_record(path: Path, name: str) -> dict:
     return {"file": name, "size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def _write_output(tmp: Path, bar: Progress, ckpt_dir: Path, lora: Path | None, lora_set: LoraSet | None,
+                  items: list[_Item], groups: list[list[_Item]], headers: dict, metadata: dict, keep: tuple,
+                  shard_size: int) -> dict:
+    """Write the shards, index, config, component links and manifest into the staging directory `tmp`."""
+    scheme = metadata["scheme"]
+    n = len(groups)
+    names = [f"diffusion_pytorch_model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    layers: dict[str, dict] = {}
+    out_map: dict[str, str] = {}
+    total_in = sum(nbytes(i.shape, i.dtype) for i in items)
+    task = bar.add_task("quantizing", total=total_in, count=f"0/{len(items)} tensors")
+    done = []
+
+    def on_done(item: _Item) -> None:
+        done.append(item.key)
+        bar.update(task, advance=nbytes(item.shape, item.dtype), count=f"{len(done)}/{len(items)} tensors")
+
+    for name, group in zip(names, groups):
+        _write_shard(tmp / name, group, metadata, ckpt_dir, lora_set, scheme, layers, on_done)
+        out_map.update({k: name for i in group for k in i.outputs})
+    source_names = [f for f in ["config.json", INDEX_FILE, *sorted(headers)] if (ckpt_dir / f).is_file()]
+    to_hash = ([(tmp / f, f) for f in names] + [(ckpt_dir / f, f) for f in source_names]
+               + ([(lora, lora.name)] if lora is not None else []))
+    task = bar.add_task("hashing", total=sum(p.stat().st_size for p, _ in to_hash), count=f"0/{len(to_hash)} files")
+    records = []
+    for k, (path, name) in enumerate(to_hash):
+        records.append(_file_record(path, name))
+        bar.update(task, advance=records[-1]["size"], count=f"{k + 1}/{len(to_hash)} files")
+    shards, sources = records[:n], records[n:n + len(source_names)]
+    index = {"metadata": {"total_size": sum(s["size"] for s in shards), **metadata},
+             "weight_map": dict(sorted(out_map.items()))}
+    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    shutil.copyfile(ckpt_dir / "config.json", tmp / "config.json")
+    components = link_components(ckpt_dir, tmp)
+    lora_rec = {**records[-1], **lora_set.summary()} if lora_set is not None else None
+    manifest = {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "scheme": scheme,
+        "tool": {"name": "lowvram", "version": __version__, "torch": torch.__version__},
+        "sources": sources, "lora": lora_rec, "components": components, "keep_bf16": list(keep),
+        "shard_size": shard_size, "peak_rss_bytes": peak_rss_bytes(), "shards": shards,
+        "layers": dict(sorted(layers.items(), key=lambda kv: natural_key(kv[0]))),
+    }
+    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 def convert(ckpt_dir, out, scheme: str, lora=None, keep_bf16=(), lora_alpha: float | None = None,
@@ -174,17 +238,20 @@ def convert(ckpt_dir, out, scheme: str, lora=None, keep_bf16=(), lora_alpha: flo
 
     scheme: "int8" or "fp8". keep_bf16: extra fnmatch patterns of module names left unquantized.
     shard_size: output shard budget ("3GB", "500MB" or bytes). User errors raise LowvramError/CheckpointError
-    before or during the run, and leave nothing at `out`.
+    before or during the run, and leave nothing at `out`: --out is checked against the inputs and the free
+    space against the planned size before anything is written; it is locked against a second run; a disk
+    that fills up anyway removes the staging directory and raises one line with the size the output needs.
     """
     check_scheme(scheme)
+    lora_alpha = check_alpha(lora_alpha)
     ckpt_dir, out = Path(ckpt_dir), Path(out)
     lora = Path(lora) if lora is not None else None
-    shard_size = parse_size(shard_size)
+    shard_size = parse_bytes(shard_size)
     keep = tuple(keep_bf16)
     console = console or Console(stderr=True)
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"--ckpt-dir {ckpt_dir} is not a directory; pass the Wan2.2-S2V-14B checkpoint folder")
-    check_out_dir(out, [ckpt_dir] + ([lora] if lora else []), force)
+    check_out_dir(out, {"--ckpt-dir": ckpt_dir, "--lora": lora}, force)
     info = detect_format(ckpt_dir)
     if info is not None:
         raise LowvramError(f"{ckpt_dir} is already a lowvram {info.scheme} checkpoint; point --ckpt-dir at the "
@@ -196,55 +263,30 @@ def convert(ckpt_dir, out, scheme: str, lora=None, keep_bf16=(), lora_alpha: flo
         lora_set.check({k: tuple(headers[s][k]["shape"]) for k, s in weight_map.items()})
     items = _plan(weight_map, headers, scheme, keep)
     groups = _split(items, shard_size)
-    n = len(groups)
-    names = [f"diffusion_pytorch_model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     metadata = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "scheme": scheme}
 
-    layers: dict[str, dict] = {}
-    out_map: dict[str, str] = {}
-    with staged_dir(out) as tmp, _progress(console, progress) as bar:
-        total_in = sum(nbytes(i.shape, i.dtype) for i in items)
-        task = bar.add_task("quantizing", total=total_in, count=f"0/{len(items)} tensors")
-        done = []
-
-        def on_done(item: _Item) -> None:
-            done.append(item.key)
-            bar.update(task, advance=nbytes(item.shape, item.dtype), count=f"{len(done)}/{len(items)} tensors")
-
-        for name, group in zip(names, groups):
-            _write_shard(tmp / name, group, metadata, ckpt_dir, lora_set, scheme, layers, on_done)
-            out_map.update({k: name for i in group for k in i.outputs})
-        source_names = [f for f in ["config.json", INDEX_FILE, *sorted(headers)] if (ckpt_dir / f).is_file()]
-        to_hash = ([(tmp / f, f) for f in names] + [(ckpt_dir / f, f) for f in source_names]
-                   + ([(lora, lora.name)] if lora is not None else []))
-        task = bar.add_task("hashing", total=sum(p.stat().st_size for p, _ in to_hash), count=f"0/{len(to_hash)} files")
-        records = []
-        for k, (path, name) in enumerate(to_hash):
-            records.append(_file_record(path, name))
-            bar.update(task, advance=records[-1]["size"], count=f"{k + 1}/{len(to_hash)} files")
-        shards, sources = records[:n], records[n:n + len(source_names)]
-        index = {"metadata": {"total_size": sum(s["size"] for s in shards), **metadata},
-                 "weight_map": dict(sorted(out_map.items()))}
-        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        shutil.copyfile(ckpt_dir / "config.json", tmp / "config.json")
-        components = link_components(ckpt_dir, tmp)
-        lora_rec = None
-        if lora_set is not None:
-            lora_rec = {**records[-1], **lora_set.summary()}
-        peak = peak_rss_bytes()
-        manifest = {
-            "format": FORMAT_NAME, "version": FORMAT_VERSION, "scheme": scheme,
-            "tool": {"name": "lowvram", "version": __version__, "torch": torch.__version__},
-            "sources": sources, "lora": lora_rec, "components": components, "keep_bf16": list(keep),
-            "shard_size": shard_size, "peak_rss_bytes": peak, "shards": shards,
-            "layers": dict(sorted(layers.items(), key=lambda kv: natural_key(kv[0]))),
-        }
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    need = planned_bytes(groups, metadata)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)  # the lock file lives there
+    with lock_output(out):
+        for note in clean_stale_staging(out):
+            console.print(note, soft_wrap=True, markup=False, highlight=False)
+        check_free_space(out, need)
+        try:
+            with staged_dir(out) as tmp, _progress(console, progress) as bar:
+                manifest = _write_output(tmp, bar, ckpt_dir, lora, lora_set, items, groups, headers, metadata, keep,
+                                         shard_size)
+        except OSError as e:
+            if e.errno in DISK_ERRNOS:  # staged_dir has removed the staging directory
+                raise disk_error(e, out, need, ckpt_dir) from None
+            raise
+    components, layers, shards = manifest["components"], manifest["layers"], manifest["shards"]
     missing = [k for k, how in components.items() if how == "missing"]
     if missing:
-        console.print(f"note: {', '.join(missing)} not found in {ckpt_dir}; the output lacks them as well")
+        console.print(f"note: {', '.join(missing)} not found in {ckpt_dir}; the output lacks them as well",
+                      soft_wrap=True, markup=False, highlight=False)
     worst = min((v["sqnr_db"] for v in layers.values()), default=float("nan"))
     console.print(f"wrote {out}: {len(layers)} {scheme} layers (lowest weight SQNR {worst:.1f} dB), "
-                  f"{len(names)} shard(s), {sum(s['size'] for s in shards) / 1e9:.2f} GB; "
-                  f"peak host RAM {peak / 2**30:.2f} GiB")
+                  f"{len(shards)} shard(s), {sum(s['size'] for s in shards) / 1e9:.2f} GB; "
+                  f"peak host RAM {manifest['peak_rss_bytes'] / 2**30:.2f} GiB", soft_wrap=True, markup=False,
+                  highlight=False)
     return manifest

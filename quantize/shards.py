@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -40,17 +41,17 @@ def read_header_at(path: Path) -> tuple[dict, int]:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{path} is truncated (no safetensors header); re-create it")
+                raise CheckpointError(f"{path} is truncated (no safetensors header); re-download or re-create it")
             (n,) = struct.unpack("<Q", head)
             if n > min(MAX_HEADER, size - 8):
-                raise CheckpointError(f"{path} is truncated or not a safetensors file; re-create it")
+                raise CheckpointError(f"{path} is truncated or not a safetensors file; re-download or re-create it")
             header = json.loads(f.read(n))
     except OSError as e:
         raise CheckpointError(f"{path} cannot be read ({e.strerror or e}); check the file") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path} has a corrupt safetensors header; re-create it") from None
+        raise CheckpointError(f"{path} has a corrupt safetensors header; re-download or re-create it") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path} has a corrupt safetensors header; re-create it")
+        raise CheckpointError(f"{path} has a corrupt safetensors header; re-download or re-create it")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise CheckpointError(f"{path} is truncated: {size} bytes, its header needs {8 + n + end}; "
@@ -83,24 +84,17 @@ class ShardWriter:
 
     def __init__(self, path: Path, entries: dict[str, tuple[tuple, torch.dtype]], metadata: dict[str, str]):
         self.path = Path(path)
-        order = sorted(entries, key=lambda k: (-entries[k][1].itemsize, k))
-        header: dict = {"__metadata__": dict(sorted(metadata.items()))}
-        self._slots: dict[str, tuple[int, int, tuple, torch.dtype]] = {}
-        off = 0
-        for name in order:
-            shape, dtype = entries[name]
-            end = off + nbytes(shape, dtype)
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [off, end]}
-            self._slots[name] = (off, end, tuple(shape), dtype)
-            off = end
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
+        raw, self._slots, data_bytes = _layout(entries, metadata)
         self._data_start = 8 + len(raw)
-        self.size = self._data_start + off
-        self._pending = set(order)
-        self._f = open(self.path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)) + raw)
-        self._f.truncate(self.size)
+        self.size = self._data_start + data_bytes
+        self._pending = set(self._slots)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            _write_all(self._fd, struct.pack("<Q", len(raw)) + raw, 0)
+            os.ftruncate(self._fd, self.size)
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, name: str, t: torch.Tensor) -> None:
         off, end, shape, dtype = self._slots[name]
@@ -109,16 +103,48 @@ class ShardWriter:
         if name not in self._pending:
             raise ValueError(f"{name} written twice")
         data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._f.seek(self._data_start + off)
-        self._f.write(memoryview(data))
+        _write_all(self._fd, memoryview(data), self._data_start + off)
         self._pending.discard(name)
 
     def close(self) -> None:
+        os.close(self._fd)
         if self._pending:
-            self._f.close()
             raise RuntimeError(f"{self.path}: {len(self._pending)} planned tensors never written, "
                                f"e.g. {sorted(self._pending)[0]}")
-        self._f.close()
 
     def abort(self) -> None:
-        self._f.close()
+        os.close(self._fd)
+
+
+def _layout(entries: dict[str, tuple[tuple, torch.dtype]], metadata: dict[str, str]):
+    """(padded JSON header, name -> (begin, end, shape, dtype), data bytes): decreasing item size, then name."""
+    order = sorted(entries, key=lambda k: (-entries[k][1].itemsize, k))
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    slots: dict[str, tuple[int, int, tuple, torch.dtype]] = {}
+    off = 0
+    for name in order:
+        shape, dtype = entries[name]
+        end = off + nbytes(shape, dtype)
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [off, end]}
+        slots[name] = (off, end, tuple(shape), dtype)
+        off = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return raw, slots, off
+
+
+def shard_file_size(entries: dict[str, tuple[tuple, torch.dtype]], metadata: dict[str, str]) -> int:
+    """Bytes of the shard `ShardWriter(path, entries, metadata)` writes."""
+    raw, _, data_bytes = _layout(entries, metadata)
+    return 8 + len(raw) + data_bytes
+
+
+def _write_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):  # a nearly full disk may take part of a write; the next part then fails
+        done += _pwrite(fd, view[done:], offset + done)
+
+
+def _pwrite(fd: int, view: memoryview, offset: int) -> int:
+    return os.pwrite(fd, view, offset)  # the one place shard bytes reach the disk (tests inject ENOSPC here)

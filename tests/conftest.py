@@ -35,3 +35,53 @@ def tiny_ckpt(tmp_path_factory):
     from lowvram.demo.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """mount(size, readonly=False) -> a fresh tmpfs of `size` ("2m") under tmp_path: a real full (or
+    read-only) disk. Needs root and mount; the test is skipped (with the reason) where they are not available."""
+    import shutil
+    import subprocess
+
+    mounted = []
+
+    def mount(size: str = "2m", readonly: bool = False):
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("a real full disk needs root and mount(8) to mount a small tmpfs")
+        d = tmp_path / f"tmpfs{len(mounted)}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}" + (",ro" if readonly else ""), "tmpfs", str(d)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode})")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+@pytest.fixture
+def enospc(monkeypatch):
+    """inject(module, name, budget): make `module.name(fd, data, *rest)` (an os.write/os.pwrite-like
+    function) fail with ENOSPC once `budget` bytes went through, after writing what still fits, as a real
+    disk does."""
+    import errno
+
+    def inject(module, name: str, budget: int):
+        real = getattr(module, name)
+        left = [budget]
+
+        def write(fd, data, *rest):
+            data = memoryview(data).cast("B")
+            if left[0] <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            n = real(fd, data[: left[0]], *rest)
+            left[0] -= n
+            return n
+
+        monkeypatch.setattr(module, name, write)
+
+    return inject

@@ -130,7 +130,8 @@ def test_gpu_int8_and_fp8(M, K, N):
         assert (q.int() - qr.int()).abs().max() <= 1 and torch.allclose(s, sr)
     q, s = gemm.quantize_rows(x, fp8=True)
     qr, sr = RQ.quantize_rows_fp8(x)
-    assert (q.float() == qr.float()).float().mean() > 0.999 and torch.allclose(s, sr)
+    # bit-identical since the torch side divides by a device tensor (kernels/rowquant.py says why)
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr)
     if torch.cuda.get_device_capability() >= (8, 9):
         wq, ws = RQ.quantize_rows_fp8(w)
         ref = R.fp8_linear_reference(x, wq, ws, b)

@@ -2,7 +2,10 @@
 
 The Triton paths: kernels/gemm.py's quantization kernel (INT8 and FP8, rows read once or in two passes) and
 rowquant.quantize_tile, which the 8-bit attention kernel runs on its Q tiles. CPU: Triton's interpreter
-(TRITON_INTERPRET=1, set before triton is imported). GPU: `-m cuda` compares the compiled kernels.
+(TRITON_INTERPRET=1, set before triton is imported). GPU: `-m cuda` compares the compiled kernels, and the
+torch functions on the GPU with the same functions on the CPU (torch's CUDA division by a Python number is
+a multiply by its reciprocal, which once made the CUDA scales differ; tools/check_rowquant_gpu.py shows each
+step when anything differs).
 """
 
 import os
@@ -55,6 +58,14 @@ def tricky_rows(seed, M, K, fp8, device="cpu"):
     return x.bfloat16().to(device)
 
 
+def activations(seed, M, K, device="cpu"):
+    """bf16 [M, K] like a linear layer's input: N(0, 1) with 3 outlier channels x20 (tests/test_kernels_gemm.py)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g)
+    x[:, torch.randperm(K, generator=g)[:3]] *= 20.0
+    return x.bfloat16().to(device)
+
+
 def assert_bit_equal(a, b):
     assert a.dtype == b.dtype and a.shape == b.shape
     assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.element_size() == 1 else torch.equal(a, b)
@@ -68,6 +79,21 @@ def test_the_rule_ties_to_even_and_the_floor():
     q, s = RQ.quantize_rows_fp8(x)
     assert q.float()[0].tolist() == [448.0, 1.0, 1.25, 256.0, 0.0, 2.0 ** -8] and s[0] == 1.0
     assert q.view(torch.uint8)[0, 4] == 0x80  # -0.0 keeps its sign, as torch's cast does
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_scale_is_the_correctly_rounded_division(fp8):
+    # amax / QMAX and 1 / scale each rounded once from the exact quotient (float64 division rounded to fp32
+    # is correctly rounded), x * (1 / scale) one fp32 product: not amax * fl(1 / QMAX), which torch computes
+    # on CUDA for a Python-number divisor and which differs for 5 % (/127) or half (/448) of all rows
+    x = torch.randn(4000, 33, generator=torch.Generator().manual_seed(5)) * torch.logspace(-8, 8, 4000)[:, None]
+    qmax = RQ.FP8_MAX if fp8 else RQ.INT8_MAX
+    y, s = RQ._scaled(x, qmax)
+    amax = x.abs().amax(-1)
+    assert torch.equal(s, (amax.double() / qmax).float())
+    assert (s != amax * torch.tensor(1 / qmax)).float().mean() > 0.02  # the two roundings do differ
+    inv = (1 / s.double()).float()
+    assert torch.equal(y, (x.double() * inv.double()[:, None]).float().clamp(-qmax, qmax))
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -131,14 +157,19 @@ def test_attention_q_tile_quantization_is_bit_identical(fp8):
 @pytest.mark.cuda
 @needs_cuda
 def test_gpu_paths_are_bit_identical():
+    """On the GPU: the torch functions give the CPU's bits, and every Triton path gives theirs."""
     for fp8 in (False, True) if torch.cuda.get_device_capability() >= (8, 9) else (False,):
-        x = tricky_rows(3, 333, 5120, fp8, device="cuda")
-        qr, sr = (RQ.quantize_rows_fp8 if fp8 else RQ.quantize_rows_int8)(x)
-        for single in (True, False):
-            q, s = gemm.quantize_rows(x, fp8=fp8, single=single)
+        quantize = RQ.quantize_rows_fp8 if fp8 else RQ.quantize_rows_int8
+        for x in (tricky_rows(3, 333, 5120, fp8, device="cuda"), activations(4, 3168, 5120, device="cuda")):
+            qr, sr = quantize(x)
+            qc, sc = quantize(x.cpu())
+            assert torch.equal(sr.cpu(), sc)
+            assert_bit_equal(qr.cpu(), qc)
+            for single in (True, False):
+                q, s = gemm.quantize_rows(x, fp8=fp8, single=single)
+                assert_bit_equal(q, qr)
+                assert torch.equal(s, sr)
+            q, s = tile_quantize(x[:, :256].contiguous(), fp8)
+            qr, sr = quantize(x[:, :256])
             assert_bit_equal(q, qr)
             assert torch.equal(s, sr)
-        q, s = tile_quantize(x[:, :256].contiguous(), fp8)
-        qr, sr = (RQ.quantize_rows_fp8 if fp8 else RQ.quantize_rows_int8)(x[:, :256])
-        assert_bit_equal(q, qr)
-        assert torch.equal(s, sr)

@@ -6,8 +6,8 @@ from safetensors.torch import save_file
 
 from lowvram.demo.components import write_tiny_lora
 from lowvram.demo.synthetic import dit_state_shapes
-from lowvram.errors import CheckpointError
-from lowvram.io.lora import LoraSet, lora_target_keys
+from lowvram.errors import CheckpointError, LowvramError
+from lowvram.io.lora import LoraSet, check_alpha, lora_target_keys
 from lowvram.model.config import DiTConfig
 
 REAL = DiTConfig(dim=5120, ffn_dim=13824, freq_dim=256, num_heads=40, num_layers=40)
@@ -125,3 +125,43 @@ def test_bad_files(tmp_path):
     _pair_file(p, {"m": (6, 5)}, metadata={"lora_alpha": "abc"})
     with pytest.raises(CheckpointError, match="not a number"):
         LoraSet.load(p)
+
+
+@pytest.mark.parametrize("alpha", [-1.0, 0.0, -0.0, float("nan"), float("inf"), "abc"])
+def test_bad_alpha_argument_is_refused_wherever_it_is_applied(tmp_path, alpha):
+    p = tmp_path / "a.safetensors"
+    _pair_file(p, {"blocks.0.self_attn.q": (6, 5)}, r=4, metadata={"lora_alpha": "64"})
+    with pytest.raises(LowvramError, match=r"--lora-alpha must be a positive number \(got ") as e:
+        LoraSet.load(p, alpha=alpha)  # refused even when the file's metadata would win
+    assert "\n" not in str(e.value)
+    with pytest.raises(LowvramError, match="--lora-alpha must be a positive number"):
+        check_alpha(alpha)  # the same check, for the commands to run before any work
+    assert check_alpha(None) is None and check_alpha(16) == 16.0
+
+
+@pytest.mark.parametrize("where", ["metadata", "tensor"])
+@pytest.mark.parametrize("bad", ["-2", "0", "nan", "inf"])
+def test_bad_alpha_in_the_file_is_refused(tmp_path, where, bad):
+    p = tmp_path / "a.safetensors"
+    if where == "metadata":
+        _pair_file(p, {"m": (6, 5)}, metadata={"alpha": bad})
+    else:
+        _pair_file(p, {"m": (6, 5)}, extra={"diffusion_model.m.alpha": torch.tensor(float(bad))})
+    with pytest.raises(CheckpointError, match="positive number"):
+        LoraSet.load(p)
+
+
+def test_cli_refuses_a_bad_alpha_before_any_work(tmp_path):
+    from click.testing import CliRunner
+
+    from lowvram.quantize.cli import quantize_cmd
+
+    p = tmp_path / "a.safetensors"
+    _pair_file(p, {"blocks.0.self_attn.q": (6, 5)})
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text('{"dim": 8, "ffn_dim": 8, "freq_dim": 8, "num_heads": 2, '
+                                                   '"num_layers": 1, "audio_inject_layers": [0]}')
+    res = CliRunner().invoke(quantize_cmd, ["--ckpt-dir", str(tmp_path / "ckpt"), "--lora", str(p), "--scheme",
+                                            "int8", "--out", str(tmp_path / "out"), "--lora-alpha", "nan"])
+    assert res.exit_code == 2 and "--lora-alpha must be a positive number (got nan)" in res.output
+    assert not (tmp_path / "out").exists()

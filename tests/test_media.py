@@ -15,6 +15,7 @@ from PIL import Image
 from lowvram.demo.inputs import synth_portrait, synth_voice
 from lowvram.errors import LowvramError
 from lowvram.io.media import gen_size, load_audio, load_image, parse_area
+from lowvram.io.partials import partial_path_for, partials_note
 from lowvram.io.video_writer import VideoWriter, check_output_path, to_uint8
 
 FPS = 25
@@ -24,13 +25,13 @@ FPS = 25
 
 @pytest.mark.parametrize("text,area", [("704*384", 704 * 384), ("720x400", 720 * 400),
                                        (" 1280 X 720 ", 1280 * 720), ("64*64", 4096)])
-def test_parse_size_accepts(text, area):
+def test_parse_area_accepts(text, area):
     assert parse_area(text) == area
 
 
 @pytest.mark.parametrize("text", ["704", "704*", "*384", "0*384", "704*-384", "7.5*384", "abc",
                                   "63*64", "4097*4096", "704*384*2", ""])
-def test_parse_size_rejects(text):
+def test_parse_area_rejects(text):
     with pytest.raises(LowvramError, match=r"--size must look like 704\*384"):
         parse_area(text)
 
@@ -120,6 +121,42 @@ def test_load_image_grayscale_and_range(tmp_path):
     x, (w, h) = load_image(str(p), 704 * 384)
     assert (w, h) == gen_size(90, 70, 704 * 384)
     assert x.shape == (3, h, w) and x.max().item() == 1.0 and x.min().item() >= -1.0
+
+
+@pytest.mark.parametrize("w,h,match", [
+    (1, 1, "1x1 pixels, too small"), (31, 400, "31x400 pixels, too small"), (24, 24, "too small"),
+    (2000, 20, "too small"), (401, 100, r"401x100 \(4.0:1\); the avatar needs a portrait between 1:4 and 4:1"),
+    (100, 4000, r"\(40.0:1\)"), (64, 300, r"\(4.7:1\)"),
+])
+def test_load_image_refuses_tiny_and_extreme_shapes(tmp_path, w, h, match):
+    p = tmp_path / "odd.png"
+    _random_image(p, w, h, 5)
+    for area in (704 * 384, 64 * 64):
+        with pytest.raises(LowvramError, match=match) as e:
+            load_image(str(p), area)
+        assert "\n" not in str(e.value) and ("give a portrait" in str(e.value) or "crop it" in str(e.value))
+
+
+@pytest.mark.parametrize("w,h,area,says", [
+    (400, 100, 704 * 384, "the video is 448x128, smaller than --size allows"),
+    (1600, 400, 704 * 384, None),                                # 4:1 within its budget: nothing to say
+    (400, 100, 64 * 64, "cropped to the middle 25% of its width to fit 64x64"),
+    (40, 40, 704 * 384, "the video is 64x64, smaller than --size allows, because the image is only 40x40"),
+    (32, 128, 256 * 320, "only 32x128 (images are not scaled up); give a larger portrait for a larger video; "
+                         "cropped to the middle 50% of its height to fit 64x128"),
+    (1280, 720, 704 * 384, None),                                # the reference's own example (3% padding)
+    (100, 60, 128 * 64, "padded with black to 128x64"),
+])
+def test_load_image_says_what_it_did(tmp_path, w, h, area, says):
+    p = tmp_path / "img.png"
+    _random_image(p, w, h, 6)
+    lines = []
+    x, (gw, gh) = load_image(str(p), area, log=lines.append)
+    assert x.shape == (3, gh, gw) and gw >= 64 and gh >= 64 and gw % 64 == 0 and gh % 64 == 0
+    if says is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and lines[0].startswith(f"note: {p}: ") and says in lines[0], lines
 
 
 def test_load_image_errors(tmp_path):
@@ -370,8 +407,19 @@ def test_writer_survives_sigkill(tmp_path, killed_after):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    frames, rate, samples, _ = _decode(path)
+    # nothing under the final name; the frames are in the hidden partial file beside it
+    assert not path.exists()
+    partial = partial_path_for(path, proc.pid)
+    assert partial.is_file()
+    frames, rate, samples, _ = _decode(partial)
     # every block but the last one written is in a finished fragment
     assert len(frames) == 12 * (killed_after - 1)
     if frames:
         assert rate == FPS and samples > 0
+    # the next run is told where it is and how much it holds
+    note = partials_note(path)
+    assert str(partial) in note and f"{len(frames)} frames" in note
+    # the dead writer's lock does not block the next writer
+    with VideoWriter(str(path), 96, 64) as w:
+        w.write(np.zeros((2, 64, 96, 3), np.uint8))
+    assert len(_decode(path)[0]) == 2 and partial.is_file()

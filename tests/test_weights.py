@@ -48,7 +48,7 @@ def test_missing_files_are_listed_in_one_error(tiny_ckpt, tmp_path):
     with pytest.raises(CheckpointError) as e:
         discover(ckpt)
     msg = str(e.value)
-    assert "Wan2.1_VAE.pth" in msg and shard.name in msg and "huggingface-cli download" in msg
+    assert "Wan2.1_VAE.pth" in msg and shard.name in msg and "hf download Wan-AI/Wan2.2-S2V-14B --local-dir" in msg
     assert "\n" not in msg
     with pytest.raises(CheckpointError, match="does not exist"):
         discover(tmp_path / "nowhere")

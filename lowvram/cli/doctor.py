@@ -1,10 +1,17 @@
 """`lowvram doctor`: what this machine has (versions, GPUs, RAM, pinned-memory limit) and, for a
-checkpoint directory, which files are present, readable and of the expected size."""
+checkpoint directory, which files are present, readable and of the expected size.
+
+`doctor_report(ckpt_dir)` sorts what it finds in two: problems, which make `lowvram run` fail or
+produce a wrong video (a missing, unreadable, truncated or mismatched checkpoint file), and warnings,
+which only make it slower or smaller (no GPU, no Triton, a low pinned-memory limit, little host RAM).
+The command exits with `DoctorReport.exit_code`: 1 when there is a problem, else 0.
+"""
 
 from __future__ import annotations
 
 import platform
 import resource
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -36,6 +43,7 @@ def kernel_status(cuda: bool, triton_version: str) -> tuple[tuple[str, str], str
 
 
 def machine_report() -> tuple[list[tuple[str, str]], list[str]]:
+    """(facts, warnings) about this machine; none of them stops `lowvram run`."""
     rows = [("python", platform.python_version()), ("torch", torch.__version__),
             ("triton", _version("triton")), ("transformers", _version("transformers")),
             ("CUDA (torch build)", str(torch.version.cuda))]
@@ -62,6 +70,64 @@ def machine_report() -> tuple[list[tuple[str, str]], list[str]]:
         problems.append(f"{vm.total / GIB:.0f} GiB of host RAM: the 24 GB profiles keep ~21 GB of KV cache in host "
                         "memory; 64 GiB is comfortable")
     return rows, problems
+
+
+@dataclass
+class DoctorReport:
+    rows: list[tuple[str, str]] = field(default_factory=list)  # (what, value) facts
+    problems: list[str] = field(default_factory=list)  # `lowvram run` would fail or be wrong
+    warnings: list[str] = field(default_factory=list)  # it runs, slower or smaller
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.problems else 0
+
+    def lines(self) -> list[str]:
+        """What the command prints: the facts aligned, then each problem and warning, then a verdict."""
+        width = max((len(k) for k, _ in self.rows), default=0)
+        out = [f"{k:<{width}}  {v}" for k, v in self.rows]
+        out += [f"problem: {p}" for p in self.problems]
+        out += [f"warning: {w}" for w in self.warnings]
+        if self.problems:
+            out.append(f"{len(self.problems)} problem(s): `lowvram run` would fail or be wrong until they are fixed")
+        else:
+            out.append("no problems found" + (f" ({len(self.warnings)} warning(s))" if self.warnings else ""))
+        return out
+
+
+def doctor_report(ckpt_dir=None) -> DoctorReport:
+    """The machine's facts and warnings and, with ckpt_dir, the checkpoint's files and problems."""
+    rows, warnings = machine_report()
+    problems: list[str] = []
+    if ckpt_dir is not None:
+        r, problems = checkpoint_report(ckpt_dir)
+        rows = rows + r
+    return DoctorReport(rows, problems, warnings)
+
+
+def _folder_problems(ckpt) -> list[str]:
+    """The small files of the wav2vec2 and tokenizer folders, checked as the loaders check them (cheap: the
+    tokenizer is loaded, wav2vec2's JSON files and weight header are read, no model is built)."""
+    from lowvram.io.hf_folders import check_json_files
+    from lowvram.model.audio_encoder import WEIGHT_FILES
+    from lowvram.model.text_encoder import load_tokenizer
+    from lowvram.quantize.shards import read_header
+
+    problems = []
+    try:
+        check_json_files(ckpt.wav2vec, f"the {ckpt.wav2vec.name} folder")
+        weights = next((ckpt.wav2vec / n for n in WEIGHT_FILES if (ckpt.wav2vec / n).is_file()), None)
+        if weights is None:
+            problems.append(f"{ckpt.wav2vec} holds no wav2vec2 weights ({' or '.join(WEIGHT_FILES)}); re-download it")
+        elif weights.suffix == ".safetensors":
+            read_header(weights)
+    except CheckpointError as e:
+        problems.append(str(e))
+    try:
+        load_tokenizer(ckpt.tokenizer)
+    except CheckpointError as e:
+        problems.append(str(e))
+    return problems
 
 
 def checkpoint_report(ckpt_dir) -> tuple[list[tuple[str, str]], list[str]]:
@@ -96,4 +162,5 @@ def checkpoint_report(ckpt_dir) -> tuple[list[tuple[str, str]], list[str]]:
         rows.append(("DiT", f"dim {cfg.dim}, {cfg.num_layers} layers, {cfg.num_heads} heads"))
     except CheckpointError as e:
         problems.append(str(e))
+    problems += _folder_problems(ckpt)
     return rows, problems

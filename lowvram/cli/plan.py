@@ -18,6 +18,7 @@ import torch
 from lowvram.cli.clickutil import Command
 from lowvram.constants import GIB
 from lowvram.model.attention import BACKENDS
+from lowvram.pipeline.options import MAX_STEPS
 from lowvram.runtime.plan import Plan
 from lowvram.runtime.profile import Profile
 
@@ -97,9 +98,11 @@ def _ranges(ix: tuple[int, ...]) -> str:
 @click.option("--vram-cap-gib", type=float, default=None, help="Plan for the allocator cap `lowvram run` would use.")
 @click.option("--vram-gib", type=float, default=None, help="Plan for a GPU with this much free memory (GiB).")
 @click.option("--host-ram-gib", type=float, default=None, help="Plan for a host with this much available RAM (GiB).")
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=4, show_default=True,
+              help="Euler steps per block, as for `lowvram run` (one KV cache each).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan_cmd(profile_name, ckpt_dir, size, image, sets, attention, t5, device, dtype, vram_cap_gib, vram_gib,
-             host_ram_gib, as_json):
+             host_ram_gib, steps, as_json):
     """Print what lives where, the bytes over PCIe per forward and the expected peak VRAM."""
     from lowvram.pipeline.options import RunOptions, resolve_device
     from lowvram.runtime.machine import Machine
@@ -107,7 +110,7 @@ def plan_cmd(profile_name, ckpt_dir, size, image, sets, attention, t5, device, d
 
     opts = RunOptions(ckpt_dir=ckpt_dir, image=image, audio=None, prompt="", size=size, device=device, dtype=dtype,
                       attention=attention, t5=t5, profile=profile_name, overrides=tuple(sets),
-                      vram_cap_gib=vram_cap_gib)
+                      vram_cap_gib=vram_cap_gib, steps=steps)
     if device == "auto" and not torch.cuda.is_available() and profile_name not in (None, "auto"):
         # no GPU here: plan for the card the profile names, as it would run there (CUDA, bf16)
         dev, dt = torch.device("cuda"), torch.bfloat16 if dtype == "auto" else resolve_device("cpu", dtype)[1]
@@ -118,7 +121,7 @@ def plan_cmd(profile_name, ckpt_dir, size, image, sets, attention, t5, device, d
             machine = Machine.described(vram_gib, host_ram_gib, dev.type)
         else:
             machine = Machine.detect(dev, vram_cap_gib)
-    plan = plan_run(ckpt_dir, profile_name, opts.plan_overrides(), size, image, machine, dev, dt)
+    plan = plan_run(ckpt_dir, profile_name, opts.plan_overrides(), size, image, machine, dev, dt, steps)
     if as_json:
         click.echo(json.dumps(plan.to_dict(), indent=1))
     else:

@@ -34,3 +34,35 @@ class RichProgress:
     def finish(self):
         if self.bar is not None:
             self.bar.stop()
+
+
+class PlainProgress:
+    """One plain line per block, for output that is not a terminal (a file, a pipe, a batch log)."""
+
+    def __init__(self, echo=None):
+        import sys
+
+        self.echo = echo or (lambda s: print(s, file=sys.stderr, flush=True))
+        self.total = self.clips = 0
+
+    def start(self, total_blocks: int, clips: int, headline: str):
+        self.total, self.clips = total_blocks, clips
+        self.echo(f"lowvram {headline}")
+
+    def block_done(self, clip: int, block: int, frames: int, seconds: float, peak_bytes: int):
+        fps = frames / seconds if seconds > 0 else 0.0
+        peak = f", peak {peak_bytes / GIB:.1f} GiB" if peak_bytes else ""
+        done = clip * 4 + block + 1
+        eta = seconds / done * (self.total - done)
+        self.echo(f"block {done}/{self.total} (clip {clip + 1}/{self.clips}): {frames} frames, {fps:.2f} FPS, "
+                  f"{seconds:.1f} s, about {eta:.0f} s left{peak}")
+
+    def finish(self):
+        pass
+
+
+def make_progress():
+    """The rich bar on a terminal, one plain line per block otherwise."""
+    import sys
+
+    return RichProgress() if sys.stderr.isatty() else PlainProgress()

@@ -12,13 +12,14 @@ Accepted key spellings (`<module>` is the base model's module name, e.g. `blocks
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lowvram.errors import CheckpointError
+from lowvram.errors import CheckpointError, LowvramError
 
 # PEFT's `target_modules` of the LiveAvatar training yaml (s2v_causal_sft.yaml).
 LIVEAVATAR_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
@@ -47,14 +48,33 @@ def lora_target_keys(base_keys, targets=LIVEAVATAR_TARGETS) -> list[str]:
     return out
 
 
+def check_alpha(alpha, flag: str = "--lora-alpha") -> float | None:
+    """A LoRA alpha given by the user: None (use the file's), or a positive finite number.
+
+    A zero, negative or NaN alpha would scale the LoRA's delta to nothing, flip it or poison every weight
+    with NaN, and the run would still "succeed"; callers check it before any work (LoraSet.load does too).
+    """
+    if alpha is None:
+        return None
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise LowvramError(f"{flag} must be a positive number (got {alpha!r}); LiveAvatar's LoRA uses "
+                           f"{DEFAULT_ALPHA:g}, or leave it out to use the file's own")
+    return value
+
+
 def _parse_alpha(raw: str, path: Path, name: str) -> float:
     try:
         alpha = float(raw)
     except ValueError:
         raise CheckpointError(f"LoRA {path}: metadata {name}={raw!r} is not a number; "
                               "fix the file or pass --lora-alpha") from None
-    if not alpha > 0:
-        raise CheckpointError(f"LoRA {path}: metadata {name}={raw!r} must be positive")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise CheckpointError(f"LoRA {path}: metadata {name}={raw!r} must be a positive number; "
+                              "fix the file or pass --lora-alpha")
     return alpha
 
 
@@ -80,6 +100,7 @@ class LoraSet:
         alpha comes from per-module `.alpha` tensors, else the header metadata (`lora_alpha`/`alpha`),
         else `alpha`, else `default_alpha`; the scale of a module is alpha / rank.
         """
+        alpha = check_alpha(alpha)
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"LoRA file {path} does not exist; pass the path of liveavatar.safetensors")
@@ -145,7 +166,10 @@ class LoraSet:
             ranks[mod] = int(a_shape[0])
             alphas[mod] = base_alpha
             if mod in alpha_keys:
-                alphas[mod] = float(f.get_tensor(alpha_keys[mod]).float().item())
+                alphas[mod] = float(f.get_tensor(alpha_keys[mod]).float().reshape(-1)[0].item())
+                if not (math.isfinite(alphas[mod]) and alphas[mod] > 0):
+                    raise CheckpointError(f"LoRA {path}: {alpha_keys[mod]} is {alphas[mod]}, not a positive "
+                                          "number; fix the file")
                 source = "tensor"
         stray = sorted(set(alpha_keys) - set(pairs))
         if stray:

@@ -22,6 +22,11 @@ DIVISOR = 64  # generated H and W are padded up to multiples of this
 MIN_AREA = 64 * 64
 MAX_AREA = 4096 * 4096
 SILENCE_PEAK = 1e-4  # a file whose loudest sample is below this is treated as silent
+MIN_IMAGE_SIDE = 32  # px: below this a portrait holds no face worth animating (it is scaled to >= 64 px)
+MAX_ASPECT = 4.0  # long side / short side of the portrait: beyond it the video is a strip, not an avatar
+SMALL_NOTE = 0.5  # an image below this share of the --size area gives a smaller video: said
+CROP_NOTE = 0.8  # keeping less than this share of the width or height is said
+PAD_NOTE = 0.1  # black padding of more than this share of a side is said
 AUDIO_KINDS = "a wav, mp3, m4a, flac or ogg file"
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*[*xX]\s*(\d+)\s*$")
@@ -107,11 +112,13 @@ def _center_crop(img: Image.Image, out_w: int, out_h: int) -> Image.Image:
     return img.crop((left, top, left + out_w, top + out_h))
 
 
-def load_image(path: str, size_area: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def load_image(path: str, size_area: int, log=None) -> tuple[torch.Tensor, tuple[int, int]]:
     """Load the reference image as the model sees it.
 
     Returns the image as float32 [3, H, W] in [-1, 1] and the generation size (W, H) from
-    `gen_size`. EXIF orientation is ignored, as in the reference.
+    `gen_size`. EXIF orientation is ignored, as in the reference. An image too small (short side below
+    MIN_IMAGE_SIDE) or too elongated (beyond MAX_ASPECT:1) is refused with what to do; a video made
+    smaller by a small image, a large crop or wide black padding is said in one line through `log`.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -124,11 +131,47 @@ def load_image(path: str, size_area: int) -> tuple[torch.Tensor, tuple[int, int]
             f"cannot read image {path}: Pillow cannot open it as an image "
             f"({type(e).__name__}); give a png, jpg or webp file"
         ) from e
+    check_image_shape(path, rgb.width, rgb.height)
     w, h = gen_size(rgb.width, rgb.height, size_area)
-    pic = _center_crop(_resize_short_side(rgb, min(w, h)), w, h)
+    if w < DIVISOR or h < DIVISOR:  # not reached within MAX_ASPECT and MIN_AREA; kept as the model's floor
+        raise LowvramError(f"image {path} ({rgb.width}x{rgb.height}) gives a {w}x{h} video under --size; "
+                           f"each side needs at least {DIVISOR} px: raise --size or crop the image")
+    resized = _resize_short_side(rgb, min(w, h))
+    pic = _center_crop(resized, w, h)
+    note = describe_fit(rgb.width, rgb.height, resized.width, resized.height, w, h, size_area)
+    if note and log is not None:
+        log(f"note: {path}: {note}")
     x = torch.from_numpy(np.asarray(pic, dtype=np.uint8).copy())  # x: [H, W, 3] uint8
     x = x.permute(2, 0, 1).float().div(255) * 2 - 1.0  # x: [3, H, W] in [-1, 1]
     return x.contiguous(), (w, h)
+
+
+def check_image_shape(path: str, width: int, height: int) -> None:
+    """Refuse a portrait the model cannot use as it is, saying what to do."""
+    short, long = min(width, height), max(width, height)
+    if short < MIN_IMAGE_SIDE:
+        raise LowvramError(f"image {path} is {width}x{height} pixels, too small to hold a face; give a portrait "
+                           f"with at least {MIN_IMAGE_SIDE} px on its short side (512 or more looks best)")
+    if long > MAX_ASPECT * short:
+        raise LowvramError(f"image {path} is {width}x{height} ({long / short:.1f}:1); the avatar needs a portrait "
+                           f"between 1:{MAX_ASPECT:g} and {MAX_ASPECT:g}:1: crop it around the head and shoulders")
+
+
+def describe_fit(img_w: int, img_h: int, res_w: int, res_h: int, out_w: int, out_h: int,
+                 size_area: int) -> str | None:
+    """What resize (to res_w x res_h) + center crop/pad did to an img_w x img_h image for an out_w x out_h
+    video under a --size area budget, when it is worth saying; None otherwise."""
+    done = []
+    if img_w * img_h < SMALL_NOTE * size_area:
+        done.append(f"the video is {out_w}x{out_h}, smaller than --size allows, because the image is only "
+                    f"{img_w}x{img_h} (images are not scaled up); give a larger portrait for a larger video")
+    kept_w, kept_h = min(1.0, out_w / res_w), min(1.0, out_h / res_h)
+    if min(kept_w, kept_h) < CROP_NOTE:
+        side = "width" if kept_w < kept_h else "height"
+        done.append(f"cropped to the middle {100 * min(kept_w, kept_h):.0f}% of its {side} to fit {out_w}x{out_h}")
+    if max(out_w - res_w, 0) > PAD_NOTE * out_w or max(out_h - res_h, 0) > PAD_NOTE * out_h:
+        done.append(f"padded with black to {out_w}x{out_h}")
+    return "; ".join(done) or None
 
 
 def load_audio(path: str, sr: int = 16000, min_seconds: float = 0.0) -> np.ndarray:

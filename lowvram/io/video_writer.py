@@ -1,26 +1,39 @@
 """Streaming MP4 output: H.264 video and AAC audio muxed block by block with PyAV.
 
-The file is fragmented MP4 written straight to its final path: each `write()` call starts a
-new key frame and so a new fragment, and a fragment reaches the disk as soon as the next one
-begins. A process killed mid-run leaves a playable file that lacks at most the frames of its
-last `write()` call. With audio, the muxer holds video back until the AAC encoder (which lags
-its input by about two 1024-sample frames) has packets at least as late, so writes shorter than
-~0.2 s (at 16 kHz) can lose a few more frames: measured, 1-frame writes lose 6 and 5-frame
-writes 10, against 1 and 5 without audio. Encoder settings follow the reference's `save_video`
-(libx264, yuv420p, imageio quality 8 = crf 10) and `merge_video_audio` (AAC at up to
-192 kb/s, `-shortest`).
+The file is fragmented MP4: each `write()` call starts a new key frame and so a new fragment, and a
+fragment reaches the disk as soon as the next one begins. With audio, the muxer holds video back until
+the AAC encoder (which lags its input by about two 1024-sample frames) has packets at least as late, so
+writes shorter than ~0.2 s (at 16 kHz) can lose a few more frames: measured, 1-frame writes lose 6 and
+5-frame writes 10, against 1 and 5 without audio. Encoder settings follow the reference's `save_video`
+(libx264, yuv420p, imageio quality 8 = crf 10) and `merge_video_audio` (AAC at up to 192 kb/s, `-shortest`).
+
+What happens to the file on each kind of stop (final=True, the default):
+- The frames go to `partial_path`, `.<name>.partial-<pid>.mp4` beside `path`; `path` is not touched.
+- `close()` (the end of the video, and a stop the caller asked for at a block boundary: Ctrl-C/SIGTERM
+  caught as a flag) finishes the file and renames it to `path`, replacing a file of that name at once.
+- `abandon()` (the run failed; also what leaving a `with` block by an exception does) finishes the file
+  but leaves it under `partial_path`: an existing `path` survives a failed run.
+- SIGKILL or a crash: `partial_path` stays, and every block but the one in flight is playable.
+- A write error (disk full, I/O error): the partial file is cut back to its last complete fragment and a
+  `VideoWriteError` says where it is and how much it holds.
+A lock beside `path` (lowvram.io.locks) keeps a second writer of the same `path` out.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
 import torch
 
 from lowvram.errors import LowvramError
+from lowvram.io.locks import holds_lock, lock_output
+from lowvram.io.mp4frag import count_frames, truncate_to_fragments
+from lowvram.io.partials import free_partial_path
 
 CRF = 10  # imageio's quality=8 maps to crf int((1 - 8/10) * 51) = 10 for libx264
 AUDIO_BITRATE = 192_000
@@ -65,26 +78,89 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x.permute(1, 2, 3, 0) * 255).type(torch.uint8)  # [T, H, W, 3]
 
 
+
+class VideoWriteError(LowvramError):
+    """The disk refused a write; the partial file was cut back to its last complete block.
+
+    partial_path: the kept file (None when no complete block had reached the disk); frames, seconds: in it.
+    """
+
+    def __init__(self, message: str, partial_path: Path | None, frames: int, seconds: float):
+        super().__init__(message)
+        self.partial_path, self.frames, self.seconds = partial_path, frames, seconds
+
+
+class _DiskFile:
+    """The file PyAV writes through (as a Python file object): created at the first byte, every write
+    completed (a short write on a nearly full disk is finished or fails), and after the first failure no
+    further byte is written, so the file ends where the disk stopped it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+        self.created = False
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        if self.error is not None:
+            raise self.error
+        view = memoryview(data).cast("B")
+        try:
+            if self.fd is None:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                self.created = True
+            done = 0
+            while done < len(view):
+                done += _write(self.fd, view[done:])
+        except OSError as e:
+            self.error = e
+            raise
+        return len(view)
+
+    def close(self, sync: bool = False) -> None:
+        if self.fd is None:
+            return
+        try:
+            if sync and self.error is None:
+                os.fsync(self.fd)  # the bytes are on the disk before the rename makes them the final file
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _write(fd: int, view: memoryview) -> int:
+    return os.write(fd, view)  # the one place bytes reach the disk (tests inject ENOSPC here)
+
+
 class VideoWriter:
     """Encode frames to an MP4 as they are produced, with optional audio.
 
-    VideoWriter(path, width, height, fps=25, audio=None, audio_rate=16000, crf=10)
+    VideoWriter(path, width, height, fps=25, audio=None, audio_rate=16000, crf=10, final=True)
     - audio: mono float32 [S] at `audio_rate` Hz, muxed from t=0 as far as the video reaches.
       Like ffmpeg's `-shortest`, frames that would start after the audio ends are dropped and
       audio past the last frame is cut.
+    - final=True: `path` is the final name; frames go to `partial_path` beside it until close()
+      renames it (module docstring). final=False: frames go straight to `path` (= `partial_path`).
     - write(frames): uint8 [T, H, W, 3] (numpy or torch) or a float torch [3, T, H, W] in
-      [-1, 1]; returns how many frames were kept.
-    - close(): flush the encoders and finish the file; a file with no frames is removed.
-    Use as a context manager; the file is finished even if the block raises.
+      [-1, 1]; returns how many frames were kept. A disk error raises `VideoWriteError`.
+    - close() -> path: finish the file and rename it into place; a file with no frames is removed
+      and `path` is left as it was (returns None).
+    - abandon() -> partial_path: finish the file and leave it under `partial_path` (a failed run);
+      never raises, returns None when no frame was written.
+    As a context manager: close() on a normal exit, abandon() when the block raises.
+    The writer holds the output's lock (lowvram.io.locks) unless this process took it already.
     """
 
     def __init__(self, path, width: int, height: int, fps: int = 25,
-                 audio: np.ndarray | None = None, audio_rate: int = 16000, crf: int = CRF):
+                 audio: np.ndarray | None = None, audio_rate: int = 16000, crf: int = CRF,
+                 final: bool = True):
         check_output_path(path)
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(
                 f"yuv420p needs a positive even width and height, got {width}x{height}")
-        self.path = os.fspath(path)
+        self.path = Path(path)
+        self.final = bool(final)
+        self.partial_path = free_partial_path(self.path) if self.final else self.path
         self.width, self.height, self.fps = int(width), int(height), int(fps)
         self.frames_written = 0
         self._closed = False
@@ -96,9 +172,16 @@ class VideoWriter:
             self._audio = audio
         self._audio_rate = int(audio_rate)
         self._audio_pos = 0  # samples already sent to the AAC encoder
-        self._touched = False  # PyAV creates the file on the first mux, not in av.open
+        self._lock = None if holds_lock(self.path) else lock_output(self.path)
+        self._file = _DiskFile(self.partial_path)  # nothing is created before the first frame
+        try:
+            self._open_container(crf)
+        except BaseException:
+            self._release()
+            raise
 
-        self._out = av.open(self.path, "w", format="mp4",
+    def _open_container(self, crf: int) -> None:
+        self._out = av.open(self._file, "w", format="mp4",
                             container_options={"movflags": MOVFLAGS, "flush_packets": "1"})
         self._video = self._out.add_stream("libx264", rate=self.fps)
         self._video.width, self._video.height = self.width, self.height
@@ -119,8 +202,11 @@ class VideoWriter:
     def __enter__(self) -> "VideoWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()
 
     def _as_uint8(self, frames) -> np.ndarray:
         if isinstance(frames, torch.Tensor):
@@ -142,16 +228,20 @@ class VideoWriter:
             # -shortest: keep frame i only if it starts before the audio ends
             limit = -(-self._audio.size * self.fps // self._audio_rate)
             frames = frames[: max(0, limit - self.frames_written)]
-        for i, rgb in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-            frame = frame.reformat(format="yuv420p", interpolation="BICUBIC")
-            frame.pts = self.frames_written
-            if i == 0:
-                frame.pict_type = av.video.frame.PictureType.I  # new block -> new fragment
-            self._touched = True
-            self._out.mux(self._video.encode(frame))
-            self.frames_written += 1
-        self._feed_audio(self._video_samples())
+        try:
+            for i, rgb in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+                frame = frame.reformat(format="yuv420p", interpolation="BICUBIC")
+                frame.pts = self.frames_written
+                if i == 0:
+                    frame.pict_type = av.video.frame.PictureType.I  # new block -> new fragment
+                self._out.mux(self._video.encode(frame))
+                self.frames_written += 1
+            self._feed_audio(self._video_samples())
+        except Exception:
+            if self._file.error is not None:
+                self._fail()  # raises VideoWriteError
+            raise
         return len(frames)
 
     def _video_samples(self) -> int:
@@ -172,16 +262,8 @@ class VideoWriter:
         self._out.mux(self._astream.encode(frame))
         self._audio_pos = upto
 
-    def close(self) -> None:
-        """Flush both encoders and write the trailer. Removes the file if no frame was written."""
-        if self._closed:
-            return
-        self._closed = True
-        if self.frames_written == 0:
-            self._out.close()
-            if self._touched and os.path.exists(self.path):
-                os.remove(self.path)
-            return
+    def _finish(self) -> None:
+        """Flush both encoders and write the trailer: the file is complete under `partial_path`."""
         try:
             self._out.mux(self._video.encode(None))
             if self._astream is not None:
@@ -189,3 +271,110 @@ class VideoWriter:
                 self._out.mux(self._astream.encode(None))
         finally:
             self._out.close()  # trailer: the file stays valid even if a flush above failed
+
+    def close(self) -> Path | None:
+        """Finish the file and (final=True) rename it to `path`. Returns `path`, or None if no frame was
+        written (then nothing is created and an existing `path` is left as it was)."""
+        if self._closed:
+            return None
+        self._closed = True
+        if self.frames_written == 0:
+            self._discard()
+            return None
+        try:
+            self._finish()
+        except Exception:
+            if self._file.error is not None:
+                self._fail()
+            self._file.close()
+            self._release()
+            raise
+        try:
+            self._file.close(sync=True)
+            if self.final:
+                os.replace(self.partial_path, self.path)
+        except OSError as e:
+            self._release()
+            raise LowvramError(f"cannot put the finished video in place at {self.path} ({e.strerror}); "
+                               f"it is complete at {self.partial_path}") from None
+        self._release()
+        return self.path
+
+    def abandon(self) -> Path | None:
+        """Finish the file but keep it under `partial_path` (the run failed); never raises.
+        Returns `partial_path`, or None if no frame was written (then nothing is left)."""
+        if self._closed:
+            return None
+        self._closed = True
+        if self.frames_written == 0:
+            self._discard()
+            return None
+        try:
+            self._finish()
+        except Exception:  # abandon runs while another error propagates: keep what is whole, say nothing
+            pass
+        self._file.close()
+        if self._file.error is not None:
+            kept = _cut_back(self.partial_path)
+        else:
+            kept = True
+        self._release()
+        return self.partial_path if kept else None
+
+    def _discard(self) -> None:
+        try:
+            self._out.close()
+        except Exception:  # nothing was muxed: there is no trailer to write
+            pass
+        self._file.close()
+        if self._file.created:  # a header without frames: not a video
+            _remove(self.partial_path)
+        self._release()
+
+    def _fail(self) -> None:
+        """A write failed: cut the file back to its last complete fragment, close, raise VideoWriteError."""
+        err = self._file.error
+        self._closed = True
+        try:
+            self._out.close()
+        except Exception:  # the trailer cannot be written either; the fragments before it are whole
+            pass
+        self._file.close()
+        kept = _cut_back(self.partial_path)
+        frames = count_frames(self.partial_path) if kept else 0
+        seconds = frames / self.fps
+        self._release()
+        why = err.strerror or str(err)
+        hint = "free space on that disk" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "check the disk"
+        kept_path = self.partial_path if kept else None
+        untouched = f"; {self.path} was not changed" if self.final else ""
+        if kept:
+            msg = (f"cannot write the video ({why}): the first {frames} frames ({seconds:.1f} s) are kept, "
+                   f"playable, in {self.partial_path}{untouched}; {hint} and run again")
+        else:
+            msg = (f"cannot write the video ({why}) at {self.partial_path}: no complete block had reached the "
+                   f"disk, so nothing was kept{untouched}; {hint} and run again")
+        raise VideoWriteError(msg, kept_path, frames, seconds) from None
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def _cut_back(path: Path) -> bool:
+    """Truncate a failed file to its last complete fragment; True if something playable is left."""
+    try:
+        if truncate_to_fragments(path) > 0:
+            return True
+    except OSError:  # the file cannot even be truncated: it is not worth keeping
+        pass
+    _remove(path)
+    return False
+
+
+def _remove(path: Path) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass

@@ -17,8 +17,10 @@ from lowvram.model.config import DiTConfig
 
 LAYOUT = (f"config.json, {INDEX_FILE} + diffusion_pytorch_model-0000N-of-0000M.safetensors, {T5_FILE}, "
           f"{TOKENIZER_DIR}/, {VAE_FILE}, {WAV2VEC_DIR}/")
-DOWNLOAD = ("huggingface-cli download Wan-AI/Wan2.2-S2V-14B --local-dir ckpt/Wan2.2-S2V-14B && "
-            "huggingface-cli download Quark-Vision/Live-Avatar --local-dir ckpt/LiveAvatar")
+# `hf` is huggingface_hub's command since 0.34; 1.0 removed the older `huggingface-cli`
+DOWNLOAD_CKPT = "hf download Wan-AI/Wan2.2-S2V-14B --local-dir ckpt/Wan2.2-S2V-14B"
+DOWNLOAD_LORA = "hf download Quark-Vision/Live-Avatar --local-dir ckpt/LiveAvatar"
+DOWNLOAD = f"{DOWNLOAD_CKPT} && {DOWNLOAD_LORA} (hf comes with huggingface_hub >= 0.34)"
 
 
 @dataclass(frozen=True)

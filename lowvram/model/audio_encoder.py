@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
+from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Model
 
 from lowvram.constants import AUDIO_RATE, WAV2VEC_DIR
 from lowvram.errors import CheckpointError, LowvramError
+from lowvram.io.hf_folders import check_json_files, first_line, quiet_transformers
+from lowvram.quantize.shards import read_header
 
 FEATURE_FPS = 50  # wav2vec2: one frame per 320 samples
 RESAMPLE_FPS = 30  # LiveAvatar's intermediate rate (its `video_rate`)
@@ -104,26 +106,69 @@ def load_audio_encoder(ckpt_dir: str | Path, device: str | torch.device = "cpu",
     """Load `<ckpt_dir>/wav2vec2-large-xlsr-53-english` (config, weights, preprocessor) onto `device`.
 
     LiveAvatar runs it in bf16 on the GPU; float32 is the choice on the CPU. The CTC head, if
-    the folder holds one, is not loaded: only hidden states are used.
+    the folder holds one, is not loaded: only hidden states are used. Every file is checked so that
+    a damaged or mismatched one is named (CheckpointError), never loaded as random weights.
     """
     folder, device = Path(ckpt_dir) / WAV2VEC_DIR, torch.device(device)
+    what = f"the {WAV2VEC_DIR} folder"
     if not folder.is_dir():
         raise CheckpointError(f"{folder} is missing; copy the {WAV2VEC_DIR} folder of Wan2.2-S2V-14B")
     for name in ("config.json", "preprocessor_config.json"):
         if not (folder / name).is_file():
-            raise CheckpointError(f"{folder / name} is missing; re-download the {WAV2VEC_DIR} folder")
-    try:
-        fe = Wav2Vec2FeatureExtractor.from_pretrained(folder)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{folder / 'preprocessor_config.json'} is unreadable ({type(e).__name__}); "
-                              "re-download it") from None
+            raise CheckpointError(f"{folder / name} is missing; re-download {what}")
+    check_json_files(folder, what)
+    fe = _load_part(Wav2Vec2FeatureExtractor.from_pretrained, folder / "preprocessor_config.json", what)
     if fe.sampling_rate != AUDIO_RATE:
         raise CheckpointError(f"{folder / 'preprocessor_config.json'} says sampling_rate {fe.sampling_rate}; "
                               f"the model needs {AUDIO_RATE}")
+    cfg = _load_part(Wav2Vec2Config.from_pretrained, folder / "config.json", what)
+    weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{folder} holds no loadable wav2vec2 weights (none of {', '.join(WEIGHT_FILES)}); "
+                              f"re-download {what}")
+    if weights.suffix == ".safetensors":
+        read_header(weights)  # a damaged file is named here, not inside transformers
     try:  # the folder holds a CTC model (as LiveAvatar loads it); only its wav2vec2 body is kept
-        model = Wav2Vec2ForCTC.from_pretrained(folder, dtype=dtype).wav2vec2
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{folder} holds no loadable wav2vec2 weights ({str(e).splitlines()[0][:160]}); "
-                              "re-download the folder") from None
+        with quiet_transformers():
+            ctc, info = Wav2Vec2ForCTC.from_pretrained(folder, config=cfg, dtype=dtype, output_loading_info=True,
+                                                       ignore_mismatched_sizes=True)  # checked below, with names
+    except Exception as e:  # transformers raises many types for a file that does not fit its config
+        raise CheckpointError(f"{weights} does not load as the wav2vec2 of {folder / 'config.json'} "
+                              f"({first_line(e)}); re-download {what}") from None
+    _check_loading_info(info, weights, folder, what)
+    model = ctc.wav2vec2
     model.to(device).eval().requires_grad_(False)
     return AudioEncoder(model, fe, device, dtype)
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_UNUSED = ("wav2vec2.masked_spec_embed",)  # only used to mask inputs in training
+
+
+def _load_part(load, path: Path, what: str):
+    try:
+        with quiet_transformers():
+            return load(path.parent)
+    except Exception as e:  # transformers' validation raises TypeError, ValueError, its own errors...
+        raise CheckpointError(f"{path} does not hold a usable wav2vec2 setting ({first_line(e)}); "
+                              f"re-download {what}") from None
+
+
+def _check_loading_info(info: dict, weights: Path, folder: Path, what: str) -> None:
+    """Weights transformers would silently initialise at random (or drop) mean the wrong files."""
+    mismatched = [m for m in info.get("mismatched_keys") or () if str(m[0] if isinstance(m, tuple) else m)
+                  .startswith("wav2vec2.")]  # the CTC head is not used
+    if mismatched:
+        first = sorted(mismatched, key=str)[0]  # a key, or (key, stored shape, model shape)
+        key, stored, wanted = (list(first) + [None, None])[:3] if isinstance(first, tuple) else (first, None, None)
+        shapes = f": {list(stored)} in the file, {list(wanted)} for the config" if stored and wanted else ""
+        raise CheckpointError(f"{weights} holds {len(mismatched)} tensor(s) of other shapes than "
+                              f"{folder / 'config.json'} says, e.g. {key}{shapes}; re-download {what}")
+    missing = [k for k in info.get("missing_keys", ()) if k.startswith("wav2vec2.") and k not in _UNUSED]
+    if missing:
+        raise CheckpointError(f"{weights} lacks {len(missing)} wav2vec2 tensor(s) such as {sorted(missing)[0]}; "
+                              f"it is not the model {folder / 'config.json'} describes: re-download {what}")
+    extra = [k for k in info.get("unexpected_keys", ()) if k.startswith("wav2vec2.encoder.layers.")]
+    if extra:
+        raise CheckpointError(f"{weights} holds tensors {folder / 'config.json'} has no place for, such as "
+                              f"{sorted(extra)[0]}; re-download {what}")

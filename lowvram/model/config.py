@@ -14,6 +14,38 @@ from pathlib import Path
 from lowvram.errors import CheckpointError
 
 REQUIRED = ("dim", "ffn_dim", "freq_dim", "num_heads", "num_layers")
+MAX_INT = 2**31 - 1  # larger sizes are not a model this code can build
+_TUPLES = {"patch_size": 3, "audio_inject_layers": None}  # key -> required length (None: any)
+
+
+def _json_type(v) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _is_int(v, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= MAX_INT
+
+
+def _check_types(kw: dict, source: str) -> None:
+    """Every known key must hold what the model needs; the message names the file, the key and the type."""
+    types = {f.name: f.type for f in fields(DiTConfig)}
+    for key, v in kw.items():
+        kind = types[key]
+        if key in _TUPLES:
+            n, low = _TUPLES[key], 1 if key == "patch_size" else 0
+            ok = isinstance(v, list) and (n is None or len(v) == n) and all(_is_int(x, low) for x in v)
+            want = (f"a list of {n} positive integers" if n else "a list of layer indices (integers >= 0)")
+        elif kind == "bool":
+            ok, want = isinstance(v, bool), "true or false"
+        elif kind == "float":
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
+            want = "a positive number"
+        else:
+            ok, want = _is_int(v, 1), f"an integer between 1 and {MAX_INT}"
+        if not ok:
+            raise CheckpointError(f"{source}: key {key!r} must be {want}, got {json.dumps(v)[:60]} "
+                                  f"({_json_type(v)}); fix it or re-download config.json of Wan2.2-S2V-14B")
 
 
 @dataclass(frozen=True)
@@ -55,8 +87,9 @@ class DiTConfig:
             raise CheckpointError(f"{source} lacks the key(s) {', '.join(missing)}; "
                                   "re-download config.json of Wan2.2-S2V-14B")
         known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in raw.items() if k in known}
-        for k in ("patch_size", "audio_inject_layers"):
+        kw = {k: (list(v) if isinstance(v, tuple) else v) for k, v in raw.items() if k in known}
+        _check_types(kw, source)
+        for k in _TUPLES:
             if k in kw:
                 kw[k] = tuple(kw[k])
         cfg = cls(**kw)

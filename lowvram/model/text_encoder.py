@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
 from lowvram.constants import T5_FILE, TOKENIZER_DIR
 from lowvram.errors import CheckpointError, LowvramError
+from lowvram.io.hf_folders import check_json_files, first_line, quiet_transformers
 
 TEXT_LEN = 512
 QUANTS = ("bf16", "int8", "nf4")
@@ -160,6 +161,24 @@ def _drop_fp16_cast_notice(record: logging.LogRecord) -> bool:
     return "will be cast from" not in record.getMessage()
 
 
+def _drop_kernels_hint(record: logging.LogRecord) -> bool:
+    return "kernels-community" not in record.getMessage()
+
+
+def import_bitsandbytes():
+    """bitsandbytes, imported with its load-time notice kept out of lowvram's output.
+
+    On a CPU with AVX512-BF16, bitsandbytes' CPU backend tries to fetch a faster nf4 GEMM from the Hugging
+    Face `kernels` package as it loads and, when that package is absent, logs a warning telling the user to
+    `pip install kernels`; it then uses its own kernels, which is what lowvram wants. The filter sits on that
+    module's logger before the import, so nothing else of bitsandbytes is hidden.
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_kernels_hint)
+    import bitsandbytes
+
+    return bitsandbytes
+
+
 def _quantize_linears(model: nn.Module, quant: str, device: torch.device, dtype: torch.dtype) -> None:
     """Swap the Linears of the encoder blocks for bitsandbytes ones, quantized as they move to `device`.
 
@@ -168,7 +187,7 @@ def _quantize_linears(model: nn.Module, quant: str, device: torch.device, dtype:
     outlier path (transformers keeps `wo` out of 8-bit for T5 too: `_keep_in_fp32_modules`).
     nf4 computes in `dtype`, so it takes `wo` as well.
     """
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
 
     if quant == "int8":  # bitsandbytes warns on every call that it casts bf16 inputs to float16
         logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_fp16_cast_notice)
@@ -196,7 +215,7 @@ def _check_quant(quant: str, device: torch.device) -> None:
     if quant == "bf16":
         return
     try:
-        import bitsandbytes as bnb
+        bnb = import_bitsandbytes()
     except ImportError:
         raise LowvramError(f"--t5 {quant} needs bitsandbytes; pip install bitsandbytes") from None
     major, minor = (int(p) for p in bnb.__version__.split(".")[:2])
@@ -216,11 +235,15 @@ def load_text_encoder(ckpt_dir: str | Path, device: str | torch.device = "cpu", 
     ckpt_dir, device = Path(ckpt_dir), torch.device(device)
     _check_quant(quant, device)
     path, tok_dir = ckpt_dir / T5_FILE, ckpt_dir / TOKENIZER_DIR
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; copy {T5_FILE} of Wan2.2-S2V-14B into the checkpoint directory")
+    tokenizer = load_tokenizer(tok_dir)  # before the T5 file is read: a bad folder is named at once
     sd = _load_wan_state(path)
-    if not tok_dir.is_dir():
-        raise CheckpointError(f"{tok_dir} is missing; copy the google/umt5-xxl tokenizer folder of Wan2.2-S2V-14B")
     kmap = _check_keys(sd, path)
     cfg = t5_config(sd)
+    if len(tokenizer) > cfg.vocab_size:
+        raise CheckpointError(f"{tok_dir} has {len(tokenizer)} tokens but {path} embeds only {cfg.vocab_size}; "
+                              f"they are not a pair: re-download google/umt5-xxl and {T5_FILE}")
     with torch.device("meta"):
         model = UMT5EncoderModel(cfg)
     hf_sd = {kmap[k]: (v if v.dtype == dtype else v.to(dtype)) for k, v in sd.items()}
@@ -236,11 +259,33 @@ def load_text_encoder(ckpt_dir: str | Path, device: str | torch.device = "cpu", 
     if quant != "bf16":
         _quantize_linears(model, quant, device, dtype)
     model.to(device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{tok_dir} holds no loadable tokenizer ({type(e).__name__}); "
-                              "re-download google/umt5-xxl") from None
     return TextEncoder(model, tokenizer, device, text_len=text_len, quant=quant)
 
 
+def load_tokenizer(tok_dir: Path):
+    """The umT5 tokenizer of `tok_dir`, each of its files checked so that a damaged one is named."""
+    what = "the google/umt5-xxl tokenizer folder"
+    if not tok_dir.is_dir():
+        raise CheckpointError(f"{tok_dir} is missing; copy the google/umt5-xxl tokenizer folder of Wan2.2-S2V-14B")
+    check_json_files(tok_dir, what)
+    fast = tok_dir / "tokenizer.json"
+    if fast.is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(str(fast))
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise CheckpointError(f"{fast} is not a tokenizer ({first_line(e)}); re-download {what}") from None
+    source = fast if fast.is_file() else tok_dir / "spiece.model"
+    if not source.is_file():
+        raise CheckpointError(f"{tok_dir} holds neither tokenizer.json nor spiece.model; re-download {what}")
+    try:
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    except Exception as e:  # transformers' tokenizer loaders raise OSError, ValueError, KeyError, protobuf errors...
+        raise CheckpointError(f"{source} does not load as a tokenizer "
+                              f"({first_line(e)}); re-download {what}") from None
+    if tokenizer.pad_token_id is None:
+        raise CheckpointError(f"{tok_dir} defines no padding token (pad_token in special_tokens_map.json or "
+                              f"tokenizer_config.json); re-download {what}")
+    return tokenizer

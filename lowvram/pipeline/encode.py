@@ -56,7 +56,7 @@ def encode_prompt(ckpt, prompt: str, device, t5_mode: str, log=print) -> torch.T
     free_memory()
     if quant != "bf16":
         report_t5_cosine(ckpt, prompt, ctx, device, dtype, quant, log)
-    prompt_cache.store(key, ctx)
+    prompt_cache.store(key, ctx, log=log)
     return ctx
 
 
@@ -65,8 +65,8 @@ def report_t5_cosine(ckpt, prompt, ctx, device, dtype, t5_mode, log=print):
     encoder after the quantized one is freed (the same encode-phase memory as a bf16 run)."""
     from lowvram.model.text_encoder import embedding_cosine, load_text_encoder
 
-    marker = prompt_cache.cache_dir() / f"t5-cosine-{prompt_cache.prompt_key('', ckpt.t5, t5_mode)}.txt"
-    if marker.is_file():
+    note = f"t5-cosine-{prompt_cache.prompt_key('', ckpt.t5, t5_mode)}.txt"
+    if prompt_cache.read_note(note) is not None:
         return
     enc = load_text_encoder(ckpt.root, device=device, dtype=dtype, quant="bf16")
     ref = enc.encode([prompt])[0].float().cpu()
@@ -74,8 +74,7 @@ def report_t5_cosine(ckpt, prompt, ctx, device, dtype, t5_mode, log=print):
     free_memory()
     cos = embedding_cosine([ctx], [ref])
     log(f"umT5 {t5_mode}: embedding cosine against bf16 {cos:.4f} (printed once for this T5 file)")
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"{cos:.6f}\n")
+    prompt_cache.write_note(note, f"{cos:.6f}\n", log=log)
 
 
 def encode_audio(ckpt, wave, device, num_clip: int | None):

@@ -40,6 +40,8 @@ class RunOptions:
     overrides: tuple = ()  # `--set` KEY=VALUE strings
     vram_cap_gib: float | None = None  # cap the CUDA allocator (imitate a smaller card)
     report: Path | None = None  # write the RunResult here as JSON
+    vae_path: Path | None = None  # the TAEHV weights for vae_decode=tiny (default: taew2_1.* in ckpt_dir)
+    partial_out: bool = False  # `out` is already a temporary name the caller renames (jobs): write to it directly
 
     def plan_overrides(self) -> tuple[str, ...]:
         """`--set` with --attention / --t5 folded in (the flags win over a --set of the same key)."""
@@ -74,6 +76,7 @@ class RunResult:
     plan: dict | None = None
     timings: dict = field(default_factory=dict)  # dit_s, vae_s, total_s, setup_s, first_frame_s
     host: dict = field(default_factory=dict)  # peak_rss_bytes, pinned_bytes
+    stop_signal: int | None = None  # the signal that stopped an interrupted run (SIGINT, SIGTERM), if any
 
     @property
     def fps(self) -> float:
@@ -126,21 +129,43 @@ def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     return dev, table[dtype]
 
 
-def check_inputs(opts: RunOptions) -> Inputs:
-    """Validate the job's options and read its portrait and voice (one-line LowvramError for bad input)."""
+MAX_STEPS = 8  # each step keeps its own KV ring cache: the planner plans one per step
+MAX_SEED = 2**63 - 1
+
+
+def check_inputs(opts: RunOptions, log=print) -> Inputs:
+    """Validate the job's options and read its portrait and voice (one-line LowvramError for bad input).
+    Nothing is written: an --out or --report that names an input, or each other, is refused here."""
+    from lowvram.io.lora import check_alpha
     from lowvram.io.media import load_audio, load_image, parse_area
+    from lowvram.io.paths import refuse_clashing_outputs, refuse_out_as_input
     from lowvram.io.video_writer import check_output_path
     from lowvram.model.attention import check_backend
+    from lowvram.runtime.profile import Profile, parse_set
 
     area = parse_area(opts.size)
     if opts.num_clip is not None and opts.num_clip < 1:
         raise LowvramError(f"--num-clip must be at least 1 (got {opts.num_clip})")
-    if opts.steps < 1 or opts.steps > 50:
-        raise LowvramError(f"--steps must be between 1 and 50 (got {opts.steps}); LiveAvatar is distilled for 4")
+    if not 1 <= opts.steps <= MAX_STEPS:
+        raise LowvramError(f"--steps must be between 1 and {MAX_STEPS} (got {opts.steps}); LiveAvatar is distilled "
+                           "for 4, and each step keeps its own KV cache")
+    if not 0 <= opts.seed <= MAX_SEED:
+        raise LowvramError(f"--seed must be between 0 and {MAX_SEED} (got {opts.seed})")
     if opts.attention is not None:
         check_backend(opts.attention)
+    sets = parse_set(opts.plan_overrides())  # a bad --set is refused before any work is reported
+    if opts.profile not in (None, "auto"):
+        Profile.from_name(opts.profile, **sets)
+    else:
+        Profile.resident("bf16", 1.0, **sets)
+    check_alpha(opts.lora_alpha)
+    inputs = {"--image": opts.image, "--audio": opts.audio, "--ckpt-dir": opts.ckpt_dir, "--lora": opts.lora}
+    refuse_out_as_input(opts.out, inputs)
+    if opts.report is not None:
+        refuse_out_as_input(opts.report, inputs, flag="--report")
+        refuse_clashing_outputs({"--out": opts.out, "--report": opts.report})
     check_output_path(str(opts.out))
-    image, (w, h) = load_image(str(opts.image), area)
+    image, (w, h) = load_image(str(opts.image), area, log=log)
     block_seconds = FRAMES_PER_BLOCK * VIDEO_FRAMES_PER_LATENT / FPS
     wave = load_audio(str(opts.audio), sr=AUDIO_RATE, min_seconds=block_seconds)
     return Inputs(image, w, h, wave)

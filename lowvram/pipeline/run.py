@@ -38,6 +38,8 @@ def run(opts: RunOptions, progress=None, log=print) -> RunResult:
     session = Session(log=log)
     try:
         with StopFlag() as flag:
-            return session.run(opts, progress=progress, should_stop=lambda: flag.stop)
+            res = session.run(opts, progress=progress, should_stop=lambda: flag.stop)
+            res.stop_signal = flag.signal if res.interrupted else None
+            return res
     finally:
         session.close()

@@ -44,11 +44,12 @@ def plan_for(opts: RunOptions, machine=None):
     device, dtype = resolve_device(opts.device, opts.dtype)
     machine = machine or Machine.detect(device, opts.vram_cap_gib)
     return plan_run(opts.ckpt_dir, opts.profile, opts.plan_overrides(), opts.size, Path(opts.image), machine,
-                    device, dtype)
+                    device, dtype, opts.steps)
 
 
 def load_dit(ckpt, opts: RunOptions, device, dtype, log=print):
     """The DiT from a bf16 checkpoint (+ LoRA merged at load) or a lowvram-quantized directory."""
+    from lowvram.io.weights import DOWNLOAD_LORA
     from lowvram.io.weights import load_dit as load
     from lowvram.quantize.format import detect_format, quantized_module_names, verify_manifest
 
@@ -56,23 +57,31 @@ def load_dit(ckpt, opts: RunOptions, device, dtype, log=print):
     if info is None:
         lora = opts.lora if opts.lora is not None and Path(opts.lora).exists() else None
         if opts.lora is not None and lora is None:
-            raise LowvramError(f"LoRA file {opts.lora} does not exist; download it with: huggingface-cli download "
-                               "Quark-Vision/Live-Avatar --local-dir ckpt/LiveAvatar, or pass --lora")
+            raise LowvramError(f"LoRA file {opts.lora} does not exist; download it with: {DOWNLOAD_LORA}, or pass --lora")
         return load(ckpt, lora=lora, lora_alpha=opts.lora_alpha, device=device, dtype=dtype)
     verify_manifest(ckpt.root, verify_hashes=opts.verify)
     log(f"quantized checkpoint: {info.scheme} (LoRA already merged)")
     return load(ckpt, device=device, dtype=dtype, quantized=quantized_module_names(ckpt.root))
 
 
-class Phases:
-    """Wall time and the device's peak memory of each phase of a run."""
+PHASE_LABELS = {"plan": "planning", "t5": "prompt embedding (umT5)", "wav2vec2": "voice features (wav2vec2)",
+                "vae_encode": "portrait latents (VAE encode)", "dit_load": "loading the DiT", "place": "placing the DiT",
+                "sink": "sink prefill"}
 
-    def __init__(self, device: torch.device):
-        self.device, self.rows = device, []
+
+class Phases:
+    """Wall time and the device's peak memory of each phase of a run; each phase is logged as it starts and
+    with its time when it ends, so a person sees what runs from the first second."""
+
+    def __init__(self, device: torch.device, log=print):
+        self.device, self.rows, self.log = device, [], log
 
     @contextmanager
     def __call__(self, name: str):
         cuda = self.device.type == "cuda"
+        label = PHASE_LABELS.get(name)
+        if label:
+            self.log(f"{label} ...")
         if cuda:
             torch.cuda.synchronize(self.device)  # orders: the previous phase's kernels before its end time
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -80,6 +89,8 @@ class Phases:
         yield
         if cuda:
             torch.cuda.synchronize(self.device)  # orders: this phase's kernels before its end time
+        if label:
+            self.log(f"{label}: {time.perf_counter() - t0:.1f} s")
         self.rows.append({"name": name, "seconds": round(time.perf_counter() - t0, 4),
                           "peak_allocated": torch.cuda.max_memory_allocated(self.device) if cuda else 0,
                           "peak_reserved": torch.cuda.max_memory_reserved(self.device) if cuda else 0})
@@ -153,11 +164,20 @@ class Session:
     def run(self, opts: RunOptions, progress=None, on_block: Callable[[BlockEvent], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> RunResult:
         """Generate the video described by opts (see the module docstring for the order of work)."""
+        from lowvram.io.locks import lock_output
+
         t_start = time.perf_counter()
+        with lock_output(opts.out):  # a second run writing this --out refuses now, before any work
+            return self._run_locked(opts, progress, on_block, should_stop, t_start)
+
+    def _run_locked(self, opts, progress, on_block, should_stop, t_start) -> RunResult:
         job = self._condition(opts)
         engine = self._engine_for(job.ckpt, opts, job.plan, job.device, job.dtype, job.phases)
         with job.phases("sink"):
-            engine.start(job.context, job.ref, job.motion, opts.steps, opts.seed)
+            from lowvram.runtime.decode import make_decoder
+
+            decoder = make_decoder(job.plan.profile.vae_decode, job.vae, job.device, job.ckpt.root, opts.vae_path)
+            engine.start(job.context, job.ref, job.motion, opts.steps, opts.seed, decoder)
         setup_s = time.perf_counter() - t_start
         if progress is not None:
             progress.start(total_blocks=job.clips * BLOCKS_PER_CLIP, clips=job.clips,
@@ -181,14 +201,18 @@ class Session:
 
     def _condition(self, opts: RunOptions) -> "_Job":
         """Inputs checked, the plan, and the conditioning: prompt embedding, audio features, ref/motion latents."""
+        from lowvram.io.partials import partials_note
         from lowvram.io.weights import discover
         from lowvram.runtime.machine import Machine, apply_vram_cap
 
-        inputs = check_inputs(opts)
+        inputs = check_inputs(opts, log=self.log)
+        note = partials_note(opts.out)
+        if note:
+            self.log(note)
         ckpt = discover(opts.ckpt_dir)
         device, dtype = resolve_device(opts.device, opts.dtype)
         apply_vram_cap(device, opts.vram_cap_gib)
-        phases = Phases(device)
+        phases = Phases(device, self.log)
         with phases("plan"):
             plan = plan_for(opts, Machine.detect(device, opts.vram_cap_gib))
         with phases("t5"):
@@ -214,7 +238,7 @@ class Session:
         step is done; blocks finish in order. Stopping (should_stop, polled after each written block) ends the
         run at that block: the tick in flight has finished, the blocks still being denoised are dropped, and
         the file holds every finished block."""
-        from lowvram.io.video_writer import VideoWriter
+        from lowvram.io.video_writer import VideoWriteError, VideoWriter
 
         opts, device, total = job.opts, job.device, job.clips * BLOCKS_PER_CLIP
         steps = len(engine.t)
@@ -226,48 +250,57 @@ class Session:
         latents: dict[BlockIndex, torch.Tensor] = {}  # blocks in flight: their latents after the last step run
         t_gen = t_clip = time.perf_counter()
         with VideoWriter(str(opts.out), job.inputs.width, job.inputs.height, fps=FPS,
-                         audio=muxed_audio(job.inputs.wave, job.clips), audio_rate=AUDIO_RATE) as writer:
-            for tick in ticks(total, steps, drain_before=drain):
-                if refresh and any(w.step == 0 and w.idx == BlockIndex(1, 0) for w in tick):
-                    motion = reencode_motion(job.vae, job.inputs.image.to(device),
-                                             torch.cat(clip0_frames, dim=1).to(device))
-                    engine.refresh_sink(ref, motion)
-                t0 = time.perf_counter()
-                xs = [latents.pop(w.idx) if w.step else engine.initial_latents(w.idx) for w in tick]
-                outs = engine.run_works(tick, xs, [block_audio(job.features, w.idx) for w in tick])
-                _sync(device)
-                dit_s += time.perf_counter() - t0
-                for w, lat in zip(tick, outs):
-                    if w.step < steps - 1:
-                        latents[w.idx] = lat
-                        continue
-                    clip, b = w.idx.clip, w.idx.block  # the block is done: decode and write it
-                    t1 = time.perf_counter()
-                    video = engine.decode(lat)                                         # [3, 12, H, W]
-                    if clip == 0 and b == 0:
-                        video = video[:, DROPPED_FRAMES:]
+                         audio=muxed_audio(job.inputs.wave, job.clips), audio_rate=AUDIO_RATE,
+                         final=not opts.partial_out) as writer:
+            try:
+                for tick in ticks(total, steps, drain_before=drain):
+                    if refresh and any(w.step == 0 and w.idx == BlockIndex(1, 0) for w in tick):
+                        motion = reencode_motion(job.vae, job.inputs.image.to(device),
+                                                 torch.cat(clip0_frames, dim=1).to(device))
+                        engine.refresh_sink(ref, motion)
+                    t0 = time.perf_counter()
+                    xs = [latents.pop(w.idx) if w.step else engine.initial_latents(w.idx) for w in tick]
+                    outs = engine.run_works(tick, xs, [block_audio(job.features, w.idx) for w in tick])
                     _sync(device)
-                    t2 = time.perf_counter()
-                    g.frames += writer.write(video)
-                    t3 = time.perf_counter()
-                    vae_s, write_s = vae_s + t2 - t1, write_s + t3 - t2
-                    g.timings.setdefault("first_frame_s", t3 - t_start)
-                    g.blocks += 1
-                    if refresh and clip == 0:
-                        clip0_frames.append(video.float().cpu())
-                        ref = lat[:, :, :1] if b == 0 else ref
-                    if b == BLOCKS_PER_CLIP - 1:
-                        clip_s.append(t3 - t_clip)
-                        t_clip = t3
-                    peak, now = _peak(device), time.perf_counter() - t_gen
-                    if progress is not None:
-                        progress.block_done(clip, b, g.frames, now, peak)
-                    if on_block is not None:
-                        on_block(BlockEvent(clip, b, g.blocks, total, g.frames, now, peak, str(opts.out)))
-                    if should_stop is not None and should_stop():
-                        g.interrupted = True
-                if g.interrupted:
-                    break
+                    dit_s += time.perf_counter() - t0
+                    for w, lat in zip(tick, outs):
+                        if w.step < steps - 1:
+                            latents[w.idx] = lat
+                            continue
+                        clip, b = w.idx.clip, w.idx.block  # the block is done: decode and write it
+                        t1 = time.perf_counter()
+                        video = engine.decode(lat)                                         # [3, 12, H, W]
+                        if clip == 0 and b == 0:
+                            video = video[:, DROPPED_FRAMES:]
+                        _sync(device)
+                        t2 = time.perf_counter()
+                        g.frames += writer.write(video)
+                        t3 = time.perf_counter()
+                        vae_s, write_s = vae_s + t2 - t1, write_s + t3 - t2
+                        g.timings.setdefault("first_frame_s", t3 - t_start)
+                        g.blocks += 1
+                        if refresh and clip == 0:
+                            clip0_frames.append(video.float().cpu())
+                            ref = lat[:, :, :1] if b == 0 else ref
+                        if b == BLOCKS_PER_CLIP - 1:
+                            clip_s.append(t3 - t_clip)
+                            t_clip = t3
+                        peak, now = _peak(device), time.perf_counter() - t_gen
+                        if progress is not None:
+                            progress.block_done(clip, b, g.frames, now, peak)
+                        if on_block is not None:
+                            on_block(BlockEvent(clip, b, g.blocks, total, g.frames, now, peak,
+                                                str(writer.partial_path or opts.out)))
+                        if should_stop is not None and should_stop():
+                            g.interrupted = True
+                            break
+                    if g.interrupted:
+                        break
+            except LowvramError as e:  # the writer keeps the finished blocks in its partial file
+                if isinstance(e, VideoWriteError) or not writer.frames_written:
+                    raise
+                raise LowvramError(f"{e} (the {writer.frames_written} frames written so far are in "
+                                   f"{writer.partial_path})") from e
         g.seconds = time.perf_counter() - t_gen
         g.timings.update(dit_s=dit_s, vae_s=vae_s, write_s=write_s, clip_s=clip_s)
         return g

@@ -98,9 +98,11 @@ class Engine:
         return self.model.dtype
 
     # ------------------------------------------------------------------ per video
-    def start(self, context: torch.Tensor, ref: torch.Tensor, motion: torch.Tensor, steps: int, seed: int) -> None:
-        """A new video: empty caches, text embedding, sink prefill, sampler, seeds; the decoder warmed with the
-        first 7 motion latents (as the reference's VAE rank). context: [L, text_dim] umT5 output."""
+    def start(self, context: torch.Tensor, ref: torch.Tensor, motion: torch.Tensor, steps: int, seed: int,
+              decoder=None) -> None:
+        """A new video: empty caches, text embedding, sink prefill, sampler, seeds; the decoder (the plan's
+        `vae_decode` unless one is given) warmed with the first 7 motion latents (as the reference's VAE rank).
+        context: [L, text_dim] umT5 output."""
         for c in self.kv:
             c.reset()
         self.context = self.model.embed_text([context])
@@ -110,11 +112,13 @@ class Engine:
         self.h, self.w = ref.shape[-2:]
         self.noise = None
         self.refresh_sink(ref, motion)
-        if self.vae is not None:
-            from lowvram.model.vae import StreamingDecoder
+        if decoder is None and self.vae is not None:
+            from lowvram.runtime.decode import make_decoder
 
-            self.decoder = StreamingDecoder(self.vae)
-            self.decoder.decode(motion[:, :, :7].to(self.device, self.vae.dtype))
+            decoder = make_decoder(self.plan.profile.vae_decode, self.vae, self.device)
+        self.decoder = decoder
+        if decoder is not None:
+            decoder.decode(motion[:, :, :7].to(self.device, self.vae.dtype))
 
     def refresh_sink(self, ref: torch.Tensor, motion: torch.Tensor) -> None:
         """(Re)build the sink from ref [1,16,1,h,w] and motion [1,16,T,h,w]; the old one is freed first."""

@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from lowvram.constants import GIB, T5_FILE, VAE_FILE, WAV2VEC_DIR
+from lowvram.constants import GIB, NUM_STEPS, T5_FILE, VAE_FILE, WAV2VEC_DIR
 from lowvram.errors import LowvramError
 from lowvram.model.attention import Attention
 from lowvram.runtime.profile import Profile
@@ -236,8 +236,9 @@ def parse_overrides(overrides) -> dict:
 
 def plan_run(ckpt, profile: str | None = None, overrides: Mapping | Sequence[str] = (), size: str = "704*384",
              image: Path | None = None, machine=None, device: torch.device | None = None,
-             dtype: torch.dtype | None = None) -> Plan:
+             dtype: torch.dtype | None = None, steps: int = NUM_STEPS) -> Plan:
     """The plan of a run: profile (or the resident preset) + overrides + checkpoint + size/portrait + machine.
+    steps: the Euler steps per block (one KV ring cache each).
 
     ckpt: a Checkpoint or a directory (config.json alone is enough: sizes are then estimated); device/dtype:
     where and in which precision the run computes (default: CUDA if visible, bf16 there and fp32 on the
@@ -253,7 +254,8 @@ def plan_run(ckpt, profile: str | None = None, overrides: Mapping | Sequence[str
     info = detect_format(src.root)
     scheme = info.scheme if info is not None else "bf16"
     ov = parse_overrides(overrides)
-    if profile is None:
+    if profile is None:  # on a GPU the resident preset decodes with the fast VAE path (on the CPU the exact one)
+        ov = {"vae_decode": "fast", **ov} if device.type == "cuda" else ov
         prof = Profile.resident(ov.pop("quant", scheme), machine.resident_budget_gib(), **ov)
     else:
         prof = Profile.from_name(profile, scheme=scheme, device=device if device.type == "cuda" else None, **ov)
@@ -266,4 +268,4 @@ def plan_run(ckpt, profile: str | None = None, overrides: Mapping | Sequence[str
                            f"use --set quant={scheme} or re-run `lowvram quantize --scheme {prof.quant}`")
     width, height = resolve_size(size, image)
     return make_plan(prof, src.dit_config(), width, height, free_vram_bytes=machine.free_vram_bytes,
-                     host_ram_bytes=machine.host_ram_bytes, sizes=component_sizes(src, dtype))
+                     host_ram_bytes=machine.host_ram_bytes, sizes=component_sizes(src, dtype), steps=range(steps))

@@ -41,7 +41,9 @@ VAE_REAL_DIM = 96
 VAE_CACHE_BYTES_PER_PIXEL = 2 * 2 * (4240 / 64 + 2496 / 16 + 1152 / 4 + 672)
 # One latent frame's decode (4 frames out), per output pixel: measured 1.17 GiB at 704x384 (H200, bf16,
 # lowvram.model.vae at 601ec55; the cache formula above matched to the byte). Both scale with the width.
-VAE_ACT_BYTES_PER_PIXEL = {"frame": 4640.0}
+# fast: tools/bench_vae.py on the H200 (2026-12-01) reserved 0.97 GiB beyond the time cache against 2.10 GiB
+# for the exact path (x 0.46); tiny (TAEHV, its own 45 MB state): 0.22 GiB at 704x384.
+VAE_ACT_BYTES_PER_PIXEL = {"frame": 4640.0, "fast": 4640.0 * 0.46, "tiny": 0.22 * GIB / (704 * 384)}
 CONTEXT_BYTES = int(0.6 * GIB)  # CUDA context, cuBLAS/cuDNN handles, loaded kernels (NVML sees them)
 ENCODER_ACT_BYTES = int(0.3 * GIB)  # activations of umT5 or wav2vec2 on one prompt / one file
 ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation, as a fraction of the allocated peak
@@ -219,8 +221,8 @@ def _activations(m: _Model) -> PlanItem:
     tk = m.tokens
     act_dit = forward_activation_bytes(m.cfg, tk["query"], tk["capacity"] + tk["sink"], tk["sink"],
                                        m.profile.attention, m.batch)
-    act_vae = int(VAE_ACT_BYTES_PER_PIXEL[m.profile.vae_decode] * m.sizes.vae_dim / VAE_REAL_DIM
-                  * m.width * m.height)
+    width = 1.0 if m.profile.vae_decode == "tiny" else m.sizes.vae_dim / VAE_REAL_DIM  # TAEHV's own width
+    act_vae = int(VAE_ACT_BYTES_PER_PIXEL[m.profile.vae_decode] * width * m.width * m.height)
     return PlanItem("activations: max(DiT forward, VAE decode of one latent frame)", "gpu", max(act_dit, act_vae),
                     f"DiT {act_dit / GIB:.2f}, VAE {act_vae / GIB:.2f} ({m.profile.vae_decode})")
 

@@ -37,7 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "kv_placement": ("gpu", "host"),
     "kv_dtype": ("bf16", "int8"),
     "t5": ("bf16", "int8", "nf4", "cpu"),
-    "vae_decode": ("frame",),  # "tiled" (also split spatially) is planned for but not implemented yet
+    "vae_decode": ("frame", "fast", "tiny"),
     "gemm": ("auto", "int_mm", "scaled_mm", "triton", "reference"),
     "schedule": ("sequential", "batched"),
 }
@@ -58,7 +58,8 @@ class Profile:
     kv_placement: str  # the four step KV caches: gpu | host (pinned RAM, streamed per layer)
     kv_dtype: str  # bf16 | int8 (per-token-per-head absmax; host placement only; the sink K/V follow it)
     t5: str  # umT5 while encoding the prompt: bf16 | int8 | nf4 on the GPU, or cpu
-    vae_decode: str  # frame: one latent frame at a time (the only mode the VAE implements)
+    vae_decode: str  # frame: the Wan VAE, one latent at a time, the reference's bits | fast: the same with
+    #                   channels-last convs, the fused norm and CUDA graphs (bf16-close) | tiny: TAEHV (drafts)
     blocks_resident: str | int  # "auto" (as many as the budget allows), "all", or a count
     pinned_budget_gib: float  # most page-locked host memory to take; the rest is pageable
     prefetch_blocks: int  # streamed blocks copied ahead of use (GPU buffers = this + 1)
