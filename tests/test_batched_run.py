@@ -54,13 +54,14 @@ def _denoise(engine, num_blocks, drain=()):
     return done, calls
 
 
-@pytest.mark.parametrize("kv_dtype", ["bf16", "int8"])
-def test_run_works_batches_a_tick_and_streams_each_block_once_per_call(tiny_ckpt, kv_dtype):
-    """bf16 model, 1 block resident (3 stream), host step caches: the batched engine's latents equal the
-    sequential engine's bit for bit over 7 blocks (fill, steady ticks of 4, ring wrap, drain), and the
+@pytest.mark.parametrize("dtype, kv_dtype", [(torch.bfloat16, "bf16"), (torch.bfloat16, "int8"),
+                                             (torch.float32, "int8")])
+def test_run_works_batches_a_tick_and_streams_each_block_once_per_call(tiny_ckpt, dtype, kv_dtype):
+    """bf16 and fp32 models, 1 block resident (3 stream), host step caches: the batched engine's latents equal
+    the sequential engine's bit for bit over 7 blocks (fill, steady ticks of 4, ring wrap, drain), and the
     streamer copies each streamed block once per DiT call instead of once per forward."""
-    seq = _engine(tiny_ckpt, "sequential", blocks_resident=1, kv_dtype=kv_dtype)
-    bat = _engine(tiny_ckpt, "batched", blocks_resident=1, kv_dtype=kv_dtype)
+    seq = _engine(tiny_ckpt, "sequential", dtype, blocks_resident=1, kv_dtype=kv_dtype)
+    bat = _engine(tiny_ckpt, "batched", dtype, blocks_resident=1, kv_dtype=kv_dtype)
     assert (seq.plan.batch, bat.plan.batch) == (1, 4) and len(bat.streamer.streamed) == 3
     assert bat.kv[0].ws.n_slots == 5 and seq.kv[0].ws.n_slots == 2  # one layer's windows of the batch + 1
     for e in (seq, bat):
