@@ -105,3 +105,28 @@ def test_a_real_full_disk(small_tmpfs, monkeypatch):
     assert sorted(p.name for p in (disk / "prompts").iterdir()) == ["small.safetensors"]
     assert len(lines) == 1 and "is full" in lines[0]
     assert torch.equal(prompt_cache.load("small"), _ctx())
+
+
+def test_a_cache_hit_imports_nothing_of_umt5(tiny_ckpt, tmp_path):
+    """A second run's prompt phase took 9-10 s at full size with the prompt cached: the import of umT5's
+    transformers modules, which a hit does not need."""
+    import subprocess
+    import sys
+
+    from lowvram.io.weights import discover
+
+    ckpt = discover(tiny_ckpt[0])
+    env = {**os.environ, "LOWVRAM_CACHE": str(tmp_path / "cache")}
+    prompt = f"a cached prompt {os.urandom(4).hex()}"
+    ctx = torch.randn(9, 16)
+    code = ("import sys, torch; from lowvram.io import prompt_cache; from lowvram.io.weights import discover; "
+            "from lowvram.pipeline.encode import encode_prompt; ckpt = discover(sys.argv[1]); "
+            "assert prompt_cache.store(prompt_cache.prompt_key(sys.argv[2], ckpt.t5, 'bf16'), torch.load(sys.argv[3])); "
+            "out = encode_prompt(ckpt, sys.argv[2], 'cpu', 'bf16', log=print); "
+            "assert torch.equal(out, torch.load(sys.argv[3])); "
+            "print('loaded:', sorted(m for m in sys.modules if 'umt5' in m or m == 'lowvram.model.text_encoder'))")
+    torch.save(ctx, tmp_path / "ctx.pt")
+    r = subprocess.run([sys.executable, "-c", code, str(ckpt.root), prompt, str(tmp_path / "ctx.pt")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "from cache" in r.stdout and "loaded: []" in r.stdout, r.stdout

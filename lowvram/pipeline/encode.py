@@ -39,9 +39,8 @@ def free_memory() -> None:
 def encode_prompt(ckpt, prompt: str, device, t5_mode: str, log=print) -> torch.Tensor:
     """[L, text_dim] umT5 embedding of the prompt, from the disk cache when it is there.
 
-    t5_mode "cpu" runs the bf16 encoder on the CPU (the cache key is that of bf16)."""
-    from lowvram.model.text_encoder import load_text_encoder
-
+    t5_mode "cpu" runs the bf16 encoder on the CPU (the cache key is that of bf16). A cache hit imports
+    nothing of umT5 (transformers' UMT5 modules take seconds to import)."""
     quant = "bf16" if t5_mode == "cpu" else t5_mode
     device = torch.device("cpu") if t5_mode == "cpu" else torch.device(device)
     key = prompt_cache.prompt_key(prompt, ckpt.t5, quant)
@@ -49,6 +48,8 @@ def encode_prompt(ckpt, prompt: str, device, t5_mode: str, log=print) -> torch.T
     if ctx is not None:
         log("prompt embedding: from cache (T5 not loaded)")
         return ctx
+    from lowvram.model.text_encoder import load_text_encoder
+
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     enc = load_text_encoder(ckpt.root, device=device, dtype=dtype, quant=quant)
     ctx = enc.encode([prompt])[0].float().cpu()
