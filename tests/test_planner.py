@@ -251,9 +251,32 @@ def test_a_batched_schedule_plans_the_batch_and_shares_the_streamed_blocks():
     assert bat.pcie_h2d_bytes_at(1) == seq.pcie_h2d_bytes and seq.pcie_h2d_bytes_at(4) == bat.pcie_h2d_bytes
     act = {b: forward_activation_bytes(FULL, 3168, 12672 + 2640, 2640, "sdpa", b) for b in (1, 4)}
     win = {p.batch: next(it.nbytes for it in p.items if it.what.startswith("KV working")) for p in (seq, bat)}
-    assert act[4] > 3 * act[1] and win[4] == 4 * win[1] and bat.generate_peak_bytes > seq.generate_peak_bytes
+    window = 2 * 12672 * FULL.dim * 2  # one bf16 K+V window of the workspace ring
+    assert (seq.kv_slots, bat.kv_slots) == (2, 5) and win[4] - win[1] == 3 * window  # a layer's 4 windows + 1
+    assert act[4] > 3 * act[1] and bat.generate_peak_bytes > seq.generate_peak_bytes
     # a rank of the timestep-forcing pipeline holds only its own step's cache
     rank = make_plan(Profile.from_name("16gb", **over), FULL, 704, 384, steps=(2,))
     host = {p.steps: next(it.nbytes for it in p.items if it.what.startswith("KV ring")) for p in (seq, rank)}
     assert rank.kv_caches == ("host",) and host[(2,)] * 4 == host[(0, 1, 2, 3)]
     assert "schedule batched: 4 forward(s) per DiT call" in render_plan(bat)
+
+
+def test_plan_cli_shows_batched_and_sequential_bytes_and_the_batched_targets(ckpt):
+    """`lowvram plan` prints both schedules' PCIe bytes per forward and peaks; batched plans at 704x384 keep the
+    memory targets (4090 <= 22.0 GiB, 12gb <= 11.5 GiB) and move fewer bytes per forward than sequential ones."""
+    import re
+
+    r = _run("--profile", "12gb", "--ckpt-dir", ckpt, "--size", "704*384")
+    assert r.exit_code == 0, r.output
+    seq_in = float(re.search(r"PCIe per forward: ([\d.]+) GB in", r.output).group(1))
+    m = re.search(r"schedule batched instead \((\d) per call.*PCIe per forward ([\d.]+) GB in, expected peak "
+                  r"([\d.]+) GiB", r.output)
+    assert m, r.output
+    assert int(m.group(1)) in (2, 4) and float(m.group(2)) < seq_in and float(m.group(3)) <= 11.5
+    r = _run("--profile", "4090", "--ckpt-dir", ckpt, "--size", "704*384", "--set", "schedule=batched")
+    assert r.exit_code == 0 and "schedule batched: 4 forward(s)" in r.output
+    assert "schedule sequential instead (1 per call" in r.output
+    for name, target in (("4090", 22.0), ("16gb", 14.5), ("12gb", 11.5)):
+        seq = make_plan(Profile.from_name(name), FULL, 704, 384)
+        bat = make_plan(Profile.from_name(name, schedule="batched"), FULL, 704, 384)
+        assert bat.batch > 1 and bat.peak_bytes <= target * GIB and bat.pcie_h2d_bytes < seq.pcie_h2d_bytes, name

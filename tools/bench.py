@@ -2,13 +2,18 @@
 
     python tools/bench.py --out $OUT                 # on the GPU: accuracy + every profile
     python tools/bench.py --quick --device cpu       # a scaled-down dry run of the same code
+    python tools/bench.py --out $OUT --skip-accuracy --no-resident --profiles 4090,16gb,12gb \
+        --schedules sequential,batched --tpp --clips 2   # issue 11: batched vs sequential, one TPP rank
 
 Part 1, accuracy: SQNR of whole DiT forwards at 704x384 (int8 and fp8 W8A8 against bf16, same
 random weights, same inputs). Part 2, memory and speed: for each profile under its allocator cap, at least
 2 clips after a warm-up clip with the real schedule: peak VRAM (allocator reserved and NVML),
 seconds per clip, generated FPS, DiT and VAE time, PCIe bytes per forward, copy-stream busy time,
 the plan's expected peak, and a projection onto a 4090 (23 GB/s PCIe, compute scaled by peak
-throughput ratio), labelled as such. Prints a table last and writes JSON under --out.
+throughput ratio), labelled as such. The runs walk the timestep-forcing ticks as the session does
+(`--schedules sequential,batched` runs each profile both ways: a batched tick is one DiT call), and
+`--tpp` measures one rank of the multi-GPU pipeline and projects 4- and 5-GPU throughput from it.
+Runs of one weight scheme share one random model. Prints a table last and writes JSON under --out.
 """
 
 from __future__ import annotations
@@ -174,89 +179,218 @@ def accuracy(cfg, h, w, device, log):
     return res
 
 
-def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, vae=None, overrides=None):
-    """One profile: plan, build the engine on a random-weight model, warm up one clip, time `clips` clips."""
-    from lowvram.pipeline.encode import block_audio, clip_source
-    from lowvram.runtime.engine import Engine
-    from lowvram.runtime.machine import Machine, apply_vram_cap
-    from lowvram.runtime.planner import make_plan
-    from lowvram.runtime.profile import Profile
-    from lowvram.runtime.schedule import BlockIndex
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
+
+class SharedModel:
+    """One random-weight model per scheme, reused by every run of that scheme (building 14B random weights
+    is the slowest part of a run): a run's engine places it, `give_back` returns it to the CPU for the next."""
+
+    def __init__(self, cfg, device):
+        self.cfg, self.device, self.models = cfg, device, {}
+
+    def get(self, scheme):
+        if scheme not in self.models:
+            self.models = {}  # one scheme in memory at a time
+            gc.collect()
+            self.models[scheme] = random_model(self.cfg, scheme, self.device, "cpu")
+        return self.models[scheme]
+
+    def give_back(self, engine):
+        engine.release()  # streamed blocks point at their host slabs again, resident ones are on the GPU
+        engine.model.to("cpu")
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _cap(device, cap_gib):
+    from lowvram.runtime.machine import Machine, apply_vram_cap
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        apply_vram_cap(device, cap_gib)  # the same allocator cap as `lowvram run --vram-cap-gib`
+        torch.cuda.reset_peak_memory_stats(device)
+    return Machine.detect(device, cap_gib).free_vram_bytes if cap_gib else None
+
+
+def _overrides(scheme_override, overrides, device):
     ov = dict(overrides or {})
     if scheme_override:
         ov["quant"] = scheme_override
     if device.type != "cuda":
         ov["attention"] = "sdpa"  # the Triton kernels would run in the interpreter
-    prof = Profile.from_name(name, **ov)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        apply_vram_cap(device, cap_gib)  # the same allocator cap as `lowvram run --vram-cap-gib`
-        torch.cuda.reset_peak_memory_stats(device)
-    free = Machine.detect(device, cap_gib).free_vram_bytes if cap_gib else None
+    return ov
+
+
+def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, vae=None, overrides=None,
+                models=None):
+    """One profile: plan, build the engine on a random-weight model, then the session's tick loop
+    (schedule.ticks) over 1 + `clips` clips: clip 0 is the warm-up (drained after it, as at the online-decode
+    boundary), clips 1.. are timed. Segment FPS counts the timed clips' fill and drain ticks; steady FPS is
+    one block per full tick (batched: 4 forwards in one call; sequential: 4 forwards)."""
+    from lowvram.pipeline.encode import block_audio, clip_source
+    from lowvram.runtime.engine import Engine
+    from lowvram.runtime.planner import make_plan
+    from lowvram.runtime.profile import Profile
+    from lowvram.runtime.schedule import ticks
+
+    prof = Profile.from_name(name, **_overrides(scheme_override, overrides, device))
+    free = _cap(device, cap_gib)
     plan = make_plan(prof, cfg, w * 8, h * 8, free_vram_bytes=free)
-    log(f"[{name}] {plan.headline()}")
+    log(f"[{name} {plan.schedule}] {plan.headline()}")
     t0 = time.perf_counter()
-    model = random_model(cfg, prof.quant, device, "cpu")
+    model = models.get(prof.quant) if models is not None else random_model(cfg, prof.quant, device, "cpu")
     engine = Engine.build(model, plan, device, vae=vae, log=log)
     build_s = time.perf_counter() - t0
     ctx, ref, motion, audio = synthetic_inputs(cfg, h, w, device)
     engine.start(ctx, ref, motion, 4, 420)
     feats = clip_source(audio)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def clip(c):
-        dit = dec = 0.0
-        for b in range(4):
-            idx = BlockIndex(c, b)
-            sync()
-            t = time.perf_counter()
-            lat = engine.denoise_block(idx, block_audio(feats, idx))
-            sync()
-            dit += time.perf_counter() - t
+    total, steps = 4 * (clips + 1), 4
+    drain = range(1, total) if plan.batch <= 1 else [4]
+    latents, full, nv, dit, dec, timed = {}, [], None, 0.0, 0.0, False
+    for tick in ticks(total, steps, drain_before=drain):
+        if not timed and min(4 * wk.idx.clip + wk.idx.block for wk in tick) >= 4:  # warm-up over
+            _sync(device)
+            engine.reset_stats()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            nv, timed = NvmlPeak().__enter__(), True
+        _sync(device)
+        t = time.perf_counter()
+        xs = [latents.pop(wk.idx) if wk.step else engine.initial_latents(wk.idx) for wk in tick]
+        outs = engine.run_works(tick, xs, [block_audio(feats, wk.idx) for wk in tick])
+        _sync(device)
+        dt = time.perf_counter() - t
+        if timed:
+            dit += dt
+            full.append((len(tick), dt))
+        for wk, lat in zip(tick, outs):
+            if wk.step < steps - 1:
+                latents[wk.idx] = lat
+                continue
             t = time.perf_counter()
             engine.decode(lat)
-            sync()
-            dec += time.perf_counter() - t
-        return dit, dec
-
-    clip(0)  # warm-up (Triton autotuning, cuDNN plans, first pinned copies)
-    engine.reset_stats()
-    with NvmlPeak() as nv:
-        times = [clip(c) for c in range(1, clips + 1)]
-    sync()
+            _sync(device)
+            dec += (time.perf_counter() - t) if timed else 0.0
+    nv.__exit__()
     stats = engine.stats()
-    dit = sum(t[0] for t in times) / clips
-    dec = sum(t[1] for t in times) / clips
+    widest = max(n for n, _ in full)
+    block_dit = sum(dt * steps / n for n, dt in full if n == widest) / sum(1 for n, _ in full if n == widest)
+    dit, dec = dit / clips, dec / clips
     per_clip = dit + dec
     forwards = 16 * clips
     blk, kvs = stats.get("blocks", {}), stats.get("kv", {})
     h2d = blk.get("bytes_h2d", 0) + kvs.get("bytes_h2d", 0)
     busy = blk.get("copy_busy_s", 0.0) + kvs.get("copy_busy_s", 0.0)
     res = dict(profile=name, cap_gib=cap_gib, scheme=plan.quant, gemm=plan.gemm, attention=str(plan.attention),
-               sink=plan.sink_dtype,
+               sink=plan.sink_dtype, schedule=plan.schedule, batch=plan.batch,
                resident=len(plan.resident), streamed=len(plan.streamed), kv=f"{plan.kv_caches[0]}/{plan.kv_dtype}",
                build_s=round(build_s, 1), s_per_clip=round(per_clip, 3), dit_s_per_clip=round(dit, 3),
                vae_s_per_clip=round(dec, 3), fps=round(48 / per_clip, 2),
+               steady_fps=round(12 / (block_dit + dec / 4), 2), steady_dit_s_per_block=round(block_dit, 3),
                pcie_h2d_gb_per_forward=round(h2d / forwards / 1e9, 3),
                plan_pcie_gb_per_forward=round(plan.pcie_h2d_bytes / 1e9, 3),
+               plan_pcie_gb_per_forward_sequential=round(plan.pcie_h2d_bytes_at(1) / 1e9, 3),
                copy_busy_fraction=round(busy / (dit * clips), 3) if dit else 0.0,
                expected_peak_gib=round(plan.generate_peak_bytes / GIB, 2),
+               peak_allocated_gib=round(torch.cuda.max_memory_allocated(device) / GIB, 2) if device.type == "cuda" else 0,
                peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / GIB, 2) if device.type == "cuda" else 0,
                peak_nvml_gib=round(nv.peak / GIB, 2), raw_stats=stats)
-    # projection onto a 4090 (labelled): compute scaled by peak INT8 (660 vs this GPU's measured class),
-    # PCIe traffic at 23 GB/s; the clip takes the larger of the two when copies overlap compute
+    res["nvml_minus_plan_gib"] = round(res["peak_nvml_gib"] - res["expected_peak_gib"], 2) if nv.ok else None
+    # projection onto a 4090 (labelled): PCIe traffic at 23 GB/s
     res["projected_4090_pcie_s_per_forward"] = round(h2d / forwards / 23e9, 3)
-    engine.release()
+    if models is not None:
+        models.give_back(engine)
+    else:
+        engine.release()
     del engine, model
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    log(f"[{name}] {res['fps']} FPS, {res['s_per_clip']} s/clip, peak reserved {res['peak_reserved_gib']} GiB, "
+    log(f"[{name} {plan.schedule}] {res['fps']} FPS ({res['steady_fps']} steady), {res['s_per_clip']} s/clip, "
+        f"peak allocated {res['peak_allocated_gib']} reserved {res['peak_reserved_gib']} GiB, "
         f"NVML {res['peak_nvml_gib']} GiB, expected {res['expected_peak_gib']} GiB")
+    return res
+
+
+TPP_STEP = 2  # the rank measured: it owns denoising step 2 and its step cache
+
+
+TPP_VARIANTS = {  # a rank's step cache: on the GPU in the 8-bit kernel's format, or on the host in INT8
+    "gpu-kv8": {"kv_placement": "gpu", "kv_dtype": "bf16", "attention": "triton8"},
+    "host-int8": {},
+}
+
+
+def tpp_rank_run(cfg, h, w, device, log, vae=None, models=None, forwards=6, cap_gib=24, gpus=(4, 5),
+                 variant="host-int8"):
+    """One rank of the timestep-forcing pipeline (`--profile 4090 --gpus 4`): the whole quantized DiT and only
+    its own step's cache, planned against a 24 GiB card (`variant`: its cache on the GPU in the 8-bit format,
+    or on the host), one forward per block in steady state. Measures forward time and peaks, and from them
+    PROJECTS the throughput of 4 ranks (one also decodes) and of 4 + 1 (a fifth GPU decodes)."""
+    from lowvram.pipeline.encode import block_audio, clip_source
+    from lowvram.runtime.engine import Engine
+    from lowvram.runtime.planner import make_plan
+    from lowvram.runtime.profile import Profile
+    from lowvram.runtime.schedule import block_of
+
+    free = _cap(device, cap_gib)
+    ov = {**TPP_VARIANTS[variant], **_overrides(None, None, device)}
+    plan = make_plan(Profile.from_name("4090", **ov), cfg, w * 8, h * 8, free_vram_bytes=free, steps=(TPP_STEP,))
+    log(f"[tpp rank {variant}] {plan.headline()}")
+    model = models.get(plan.quant) if models is not None else random_model(cfg, plan.quant, device, "cpu")
+    engine = Engine.build(model, plan, device, vae=vae, log=log)
+    ctx, ref, motion, audio = synthetic_inputs(cfg, h, w, device)
+    engine.start(ctx, ref, motion, 4, 420)
+    feats = clip_source(audio)
+    times, nv = [], None
+    for g in range(2 + forwards):  # 2 warm-up forwards
+        idx = block_of(g)
+        if g == 2:
+            _sync(device)
+            engine.reset_stats()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            nv = NvmlPeak().__enter__()
+        x = engine.initial_latents(idx)  # stands for step 1's output (the values do not change the time)
+        _sync(device)
+        t = time.perf_counter()
+        lat = engine.step(idx, TPP_STEP, x, block_audio(feats, idx).to(device))
+        _sync(device)
+        if g >= 2:
+            times.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    for _ in range(2):
+        engine.decode(lat)
+    _sync(device)
+    dec = (time.perf_counter() - t) / 2
+    nv.__exit__()
+    fwd = sorted(times)[len(times) // 2]
+    res = dict(label=f"tpp rank {variant} (4090, --gpus 4)", variant=variant, profile="4090", cap_gib=cap_gib, steps=list(plan.steps),
+               kv=f"{plan.kv_caches[0]}/{plan.kv_format}", attention=str(plan.attention),
+               resident=len(plan.resident), streamed=len(plan.streamed), forward_s=round(fwd, 3),
+               vae_s_per_block=round(dec, 3), plan_pcie_gb_per_forward=round(plan.pcie_h2d_bytes / 1e9, 3),
+               expected_peak_gib=round(plan.generate_peak_bytes / GIB, 2),
+               peak_allocated_gib=round(torch.cuda.max_memory_allocated(device) / GIB, 2) if device.type == "cuda" else 0,
+               peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / GIB, 2) if device.type == "cuda" else 0,
+               peak_nvml_gib=round(nv.peak / GIB, 2), raw_stats=engine.stats())
+    # PROJECTION, not a measurement: every rank runs one forward per block (12 frames) in steady state; with
+    # 4 GPUs one DiT rank also decodes each block, with 5 a fifth GPU decodes beside the 4 DiT ranks;
+    # transfers of block latents (~0.1 MB) are ignored
+    if 4 in gpus:
+        res["projected_fps_4_gpus"] = round(12 / (fwd + dec), 2)
+    if 5 in gpus:
+        res["projected_fps_5_gpus"] = round(12 / max(fwd, dec), 2)
+    if models is not None:
+        models.give_back(engine)
+    else:
+        engine.release()
+    log(f"[tpp rank {variant}] forward {res['forward_s']} s, VAE {res['vae_s_per_block']} s/block, NVML {res['peak_nvml_gib']} "
+        f"GiB (plan {res['expected_peak_gib']}); PROJECTED {res.get('projected_fps_4_gpus')} FPS on 4 GPUs, "
+        f"{res.get('projected_fps_5_gpus')} on 5")
     return res
 
 
@@ -275,6 +409,12 @@ def main(argv=None):
                          "'gemm=triton,attention=triton'; repeatable: one more run per profile each")
     ap.add_argument("--no-resident", action="store_true",
                     help="skip the 4090's scheme all-resident (the throughput reference)")
+    ap.add_argument("--schedules", default="",
+                    help="run every profile with each of these schedules, e.g. 'sequential,batched' "
+                         "(default: each profile's own)")
+    ap.add_argument("--tpp", action="store_true",
+                    help="also one timestep-forcing rank (`--profile 4090 --gpus 4`, 24 GiB cap) and the "
+                         "projected 4- and 5-GPU throughput")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
@@ -300,7 +440,7 @@ def main(argv=None):
     with torch.device(device):
         vae = WanVAE(VAEConfig(dim=16 if args.quick else 96)).to(torch.bfloat16).eval()
     runs = []
-    names = args.profiles.split(",")
+    names = [n for n in args.profiles.split(",") if n]
     if not args.no_resident and "4090" in names:
         runs.append(("4090", None, dict(vram_budget_gib=76.0, kv_placement="gpu", kv_dtype="bf16",
                                         blocks_resident=40 if not args.quick else 4), "4090-all-resident"))
@@ -308,14 +448,20 @@ def main(argv=None):
 
     common = parse_set(args.sets)
     runs = [(n, c, {**(ov or {}), **common}, lbl) for n, c, ov, lbl in runs]
-    runs += [(n, CAPS.get(n), common or None, n) for n in names]
+    if args.schedules:
+        runs += [(n, CAPS.get(n), {**common, "schedule": sc}, f"{n} {sc}") for n in names
+                 for sc in args.schedules.split(",")]
+    else:
+        runs += [(n, CAPS.get(n), common or None, n) for n in names]
     for var in args.variants:
         extra = parse_set([kv for kv in var.split(",") if kv])
         runs += [(n, CAPS.get(n), {**common, **extra}, f"{n} {var}") for n in names]
     results["profiles"] = []
+    models = SharedModel(cfg, device)
     for name, cap, ov, label in runs:
         try:
-            r = profile_run(cfg, name, cap, None, h, w, device, args.clips, log, vae=vae, overrides=ov or None)
+            r = profile_run(cfg, name, cap, None, h, w, device, args.clips, log, vae=vae, overrides=ov or None,
+                            models=models)
         except Exception as e:  # one profile failing must not lose the others' numbers
             r = {"profile": name, "error": f"{type(e).__name__}: {e}"[:500]}
             log(f"[{label}] failed: {r['error']}")
@@ -327,18 +473,52 @@ def main(argv=None):
         r["label"] = label
         results["profiles"].append(r)
         (out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
+    results["tpp_ranks"] = []
+    for variant in TPP_VARIANTS if args.tpp else ():
+        try:
+            r = tpp_rank_run(cfg, h, w, device, log, vae=vae, models=models, variant=variant)
+        except Exception as e:
+            import traceback
+
+            r = {"label": f"tpp rank {variant}", "error": f"{type(e).__name__}: {e}"[:500]}
+            log(f"[tpp rank {variant}] failed: {r['error']}")
+            log(traceback.format_exc()[-1500:])
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        results["tpp_ranks"].append(r)
+        (out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "bench.log").write_text("\n".join(logs))
-    print("\n| run | scheme | attn | resident | KV | s/clip | DiT s | VAE s | FPS | PCIe GB/fwd | copy busy | "
-          "expected GiB | reserved GiB | NVML GiB |")
-    print("|" + "---|" * 14)
+    print("\n| run | scheme | attn | batch | resident | KV | s/clip | DiT s | VAE s | FPS | steady FPS | PCIe GB/fwd "
+          "(plan; seq. plan) | copy busy | expected GiB | allocated GiB | reserved GiB | NVML GiB |")
+    print("|" + "---|" * 17)
     for r in results["profiles"]:
         if "error" in r:
             print(f"| {r['label']} | error: {r['error'][:80]} |")
             continue
-        print(f"| {r['label']} | {r['scheme']} | {r['attention']} | {r['resident']}/{r['resident'] + r['streamed']} | "
-              f"{r['kv']} | {r['s_per_clip']} | {r['dit_s_per_clip']} | {r['vae_s_per_clip']} | {r['fps']} | "
-              f"{r['pcie_h2d_gb_per_forward']} | {r['copy_busy_fraction']} | {r['expected_peak_gib']} | "
+        print(f"| {r['label']} | {r['scheme']} | {r['attention']} | {r['batch']} | "
+              f"{r['resident']}/{r['resident'] + r['streamed']} | {r['kv']} | {r['s_per_clip']} | {r['dit_s_per_clip']} | "
+              f"{r['vae_s_per_clip']} | {r['fps']} | {r['steady_fps']} | {r['pcie_h2d_gb_per_forward']} "
+              f"({r['plan_pcie_gb_per_forward']}; {r['plan_pcie_gb_per_forward_sequential']}) | "
+              f"{r['copy_busy_fraction']} | {r['expected_peak_gib']} | {r['peak_allocated_gib']} | "
               f"{r['peak_reserved_gib']} | {r['peak_nvml_gib']} |")
+    ok = {r["label"]: r for r in results["profiles"] if "error" not in r}
+    for sc in ("sequential", "batched"):
+        ref = ok.get(f"4090 {sc}") or ok.get("4090")
+        for n in ("16gb", "12gb"):
+            r = ok.get(f"{n} {sc}")
+            if ref and r:
+                print(f"{n} {sc} / 4090 {ref['schedule']}: {r['fps'] / ref['fps']:.2f}x FPS "
+                      f"({r['steady_fps'] / ref['steady_fps']:.2f}x steady)")
+    for tpp in results["tpp_ranks"]:
+        if "error" in tpp:
+            print(f"{tpp['label']}: error: {tpp['error'][:120]}")
+            continue
+        print(f"{tpp['label']} ({tpp['kv']} KV, {tpp['resident']} resident, plan {tpp['plan_pcie_gb_per_forward']} "
+              f"GB/fwd): forward {tpp['forward_s']} s, VAE {tpp['vae_s_per_block']} s/block, peak allocated "
+              f"{tpp['peak_allocated_gib']} / reserved {tpp['peak_reserved_gib']} / NVML {tpp['peak_nvml_gib']} GiB "
+              f"(plan {tpp['expected_peak_gib']}); PROJECTION: {tpp.get('projected_fps_4_gpus')} FPS on 4 GPUs, "
+              f"{tpp.get('projected_fps_5_gpus')} on 5")
     if "accuracy" in results:
         print("accuracy (SQNR dB per forward vs bf16):", json.dumps(results["accuracy"]))
 

@@ -17,6 +17,7 @@ import torch
 
 from lowvram.cli.clickutil import Command
 from lowvram.constants import GIB
+from lowvram.errors import LowvramError
 from lowvram.model.attention import BACKENDS
 from lowvram.pipeline.options import MAX_STEPS
 from lowvram.runtime.plan import Plan
@@ -25,8 +26,9 @@ from lowvram.runtime.profile import Profile
 PCIE_4090 = 23e9  # bytes/s, pinned host->GPU on PCIe 4.0 x16 (docs/model.md §9)
 
 
-def render_plan(plan: Plan) -> str:
-    """The plan as a text table (rich, no colour) and its summary lines."""
+def render_plan(plan: Plan, other: Plan | str | None = None) -> str:
+    """The plan as a text table (rich, no colour) and its summary lines; `other`: the plan of the other
+    schedule (batched vs sequential) for the same options, or why it does not fit, for one comparison line."""
     from rich.console import Console
     from rich.table import Table
 
@@ -41,6 +43,7 @@ def render_plan(plan: Plan) -> str:
     console = Console(width=130, record=True, color_system=None, file=_Null())
     console.print(table)
     h2d, d2h = plan.pcie_h2d_bytes, plan.pcie_d2h_bytes
+    at = plan.batch if plan.batch > 1 else len(plan.steps)  # the batch this residency is compared at
     lines = [
         f"weights {plan.quant}, attention {plan.attention}, GEMM {plan.gemm}, T5 {plan.t5}, "
         f"KV {plan.kv_caches[0]} {plan.kv_format}, sink {plan.sink_dtype}",
@@ -48,14 +51,21 @@ def render_plan(plan: Plan) -> str:
         f"({plan.n_buffers} GPU buffers)",
         f"schedule {plan.schedule}: {plan.batch} forward(s) per DiT call, step caches {list(plan.steps)}",
         f"PCIe per forward: {h2d / 1e9:.2f} GB in, {d2h / 1e9:.2f} GB out "
-        f"(~{1e3 * (h2d + d2h) / PCIE_4090:.0f} ms at {PCIE_4090 / 1e9:.0f} GB/s); sequential "
-        f"{plan.pcie_h2d_bytes_at(1) / 1e9:.2f} GB in, batched {plan.pcie_h2d_bytes_at(len(plan.steps)) / 1e9:.2f} GB in",
+        f"(~{1e3 * (h2d + d2h) / PCIE_4090:.0f} ms at {PCIE_4090 / 1e9:.0f} GB/s); with these blocks resident, "
+        f"sequential {plan.pcie_h2d_bytes_at(1) / 1e9:.2f} GB in, batched ({at} per call) "
+        f"{plan.pcie_h2d_bytes_at(at) / 1e9:.2f} GB in",
         f"host memory: {plan.host_pinned_bytes / GIB:.1f} GiB pinned, {plan.host_pageable_bytes / GIB:.1f} GiB "
         f"pageable; the run needs {plan.host_bytes / GIB:.1f} GiB of host RAM",
         f"expected peak: {plan.peak_bytes / GIB:.2f} GiB (encode {plan.encode_peak_bytes / GIB:.2f}, generate "
         f"{plan.generate_peak_bytes / GIB:.2f}) of a {plan.profile.vram_budget_gib:.1f} GiB budget"
         + ("" if plan.exact_bytes else "; weights estimated from config.json"),
     ]
+    if isinstance(other, Plan):
+        lines.append(f"schedule {other.schedule} instead ({other.batch} per call, {len(other.resident)} blocks "
+                     f"resident): PCIe per forward {other.pcie_h2d_bytes / 1e9:.2f} GB in, expected peak "
+                     f"{other.peak_bytes / GIB:.2f} GiB")
+    elif other:
+        lines.append(f"schedule {'sequential' if plan.schedule == 'batched' else 'batched'} instead: {other}")
     return console.export_text() + "\n".join(lines) + "\n"
 
 
@@ -126,8 +136,14 @@ def plan_cmd(profile_name, ckpt_dir, size, image, sets, attention, t5, device, d
     plan = plan_run(ckpt_dir, profile_name, opts.plan_overrides(), size, image, machine, dev, dt, steps)
     if as_json:
         click.echo(json.dumps(plan.to_dict(), indent=1))
-    else:
-        click.echo(render_plan(plan), nl=False)
+        return
+    swap = "sequential" if plan.schedule == "batched" else "batched"  # the comparison line
+    try:
+        other = plan_run(ckpt_dir, profile_name, opts.plan_overrides() + (f"schedule={swap}",), size, image,
+                         machine, dev, dt, steps)
+    except LowvramError as e:
+        other = str(e)
+    click.echo(render_plan(plan, other), nl=False)
 
 
 def _plan_gpus(opts, gpus: int, machine, dev, dt, described: bool, as_json: bool) -> None:

@@ -20,6 +20,7 @@ from lowvram.model.config import DiTConfig
 from lowvram.model.framepack import FramePackMotioner
 from lowvram.model.layers import Block, Head, linear_fp32, sinusoidal_embedding_1d
 from lowvram.model.rope import RopeTable, grid_positions, rope_apply, sink_rope_tables
+from lowvram.runtime.kv_cache import begin_forwards
 
 SINK_REF_FRAME = 30  # the reference frame's RoPE time position in the sink pass
 
@@ -155,46 +156,82 @@ class LiveAvatarDiT(nn.Module):
 
     # ----------------------------------------------------------------------------- streaming
     @torch.no_grad()
-    def forward(self, x, t, context, audio, kv, sink: Sink, start_frame: int, ref_shift: int):
-        """One denoising step of one block.
+    def forward(self, x, t, context, audio, kv, sink: Sink, start_frame, ref_shift):
+        """One denoising step of one block, or (batched) of B blocks in one call.
 
-        x: [B, 16, F, h, w] noisy latents; t: [B, F] timesteps; context: [B, text_len, dim];
-        audio: [B, L, Da, 4F] wav2vec2 features of the block's video frames; kv: this step's ring
-        cache (begin_forward/update/done); sink: from prefill_sink; start_frame: absolute latent
-        index of the block's first frame; ref_shift: the reference's rolling-sink shift d.
+        x: [B, 16, F, h, w] noisy latents; t: [B, F] timesteps; context: [1, text_len, dim] (shared by the
+        batch); audio: [B, L, Da, 4F] wav2vec2 features of each block's video frames; kv: this step's ring
+        cache (begin_forward/update/done), or a list of B caches, one per sample (distinct caches: the steps
+        of one tick); sink: from prefill_sink, shared; start_frame: absolute latent index of the block's
+        first frame, and ref_shift: the reference's rolling-sink shift d, each an int or B of them.
+        Batched: the GEMMs run over all B x F*h'*w' tokens at once; per sample are the time embedding (the
+        reference's [t; 0] shapes), the RoPE positions, the sink positions (its keys are roped per sample)
+        and the attention over that sample's window and the sink. B = 1 is exactly the unbatched call.
         Returns the velocity [B, 16, F, h, w] in the compute dtype."""
         cfg = self.cfg
         dt = self.dtype
+        b = x.shape[0]
+        kvs = list(kv) if isinstance(kv, (list, tuple)) else [kv]
+        starts = [start_frame] * b if isinstance(start_frame, int) else [int(n) for n in start_frame]
+        shifts = [ref_shift] * b if isinstance(ref_shift, int) else [int(d) for d in ref_shift]
+        if not len(kvs) == len(starts) == len(shifts) == b or t.shape[0] != b or audio.shape[0] != b:
+            raise ValueError(f"a batch of {b} needs {b} timesteps rows, audios, caches, start frames and shifts")
         # audio: the first frame repeated motion_frames times in front, keep the block's frames
         pre = audio[..., :1].expand(*audio.shape[:-1], cfg.motion_frames)
-        a_glob, a_loc = self.casual_audio_encoder(torch.cat([pre, audio], dim=-1))
+        feats = torch.cat([pre, audio], dim=-1)
+        # the convolutions (audio encoder, patch embedding) run per sample: oneDNN's and cuDNN's kernels depend
+        # on the batch size, per-sample calls keep each sample's bits those of its unbatched forward (< 0.1% of
+        # the FLOPs; tests/test_batched.py)
+        a_glob, a_loc = _per_sample(self.casual_audio_encoder, feats)
         skip = (cfg.motion_frames + 3) // 4
         a_glob, a_loc = a_glob[:, skip:].to(dt), a_loc[:, skip:].to(dt)
 
-        tokens, grid = self._patchify(x)
-        frames = grid[0]
+        tokens, grid = _per_sample(self._patchify, x)
+        frames, per_frame = grid[0], grid[1] * grid[2]
         # no pose video: cond_encoder(0) is exactly its bias
         tokens = tokens + self.cond_encoder.bias.to(dt) + self.trainable_cond_mask.weight[0].to(dt)
-        sink_pos = sink.positions(start_frame, ref_shift)
-        rope = self._rope_for(max(start_frame + frames, int(sink_pos[:, 0].max())))
-        cos, sin = rope.gather(grid_positions(range(start_frame, start_frame + frames), range(grid[1]), range(grid[2])))
-        sink_cos, sink_sin = sink_rope_tables(rope, sink_pos)  # the same in all layers of this forward
+        sink_pos = [sink.positions(n, d) for n, d in zip(starts, shifts)]
+        rope = self._rope_for(max(max(n + frames for n in starts), max(int(p[:, 0].max()) for p in sink_pos)))
+        # RoPE of each sample's tokens, stacked [B * F*h'*w', D/2] (the blocks rope q and k row by row)
+        cs = [rope.gather(grid_positions(range(n, n + frames), range(grid[1]), range(grid[2]))) for n in starts]
+        cos, sin = (cs[0][0], cs[0][1]) if b == 1 else (torch.cat([c for c, _ in cs]), torch.cat([s for _, s in cs]))
+        sinks = [sink_rope_tables(rope, p) for p in sink_pos]  # per sample, the same in all layers of the call
         t = t.to(tokens.device, torch.float32)
-        e, e0 = self._time(torch.cat([t, torch.zeros_like(t[:1])]))   # + the zero-t row, as the reference
-        e, e0 = e[: t.shape[0]], e0[: t.shape[0]]
+        # per sample + the zero-t row, as the reference embeds one block's t (the fp32 GEMMs keep its shapes)
+        es = [self._time(torch.cat([t[j:j + 1], torch.zeros_like(t[:1])])) for j in range(b)]
+        e = es[0][0][:1] if b == 1 else torch.cat([e[:1] for e, _ in es])
+        e0 = es[0][1][:1] if b == 1 else torch.cat([e0[:1] for _, e0 in es])
         n_new = tokens.shape[1]
-        kv.begin_forward(start_frame * grid[1] * grid[2], n_new)
+        if b == 1:
+            kvs[0].begin_forward(starts[0] * per_frame, n_new)
+        else:
+            begin_forwards(kvs, [n * per_frame for n in starts], n_new)
         h = tokens
         for i, block in enumerate(self.blocks):
-            def attend(q, k, v, i=i):  # q, k roped by the block (with their norms)
-                k_win, v_win = kv.update(i, k, v)
-                out = attend_two_segments(q, k_win, v_win, *sink.layer(i), sink_cos, sink_sin, self.attention)
-                kv.done(i)
-                return out
+            def attend(q, k, v, i=i):  # q, k: [B, L, H, D] roped by the block (with their norms)
+                k_sink, v_sink = sink.layer(i)
+                outs = []
+                for j, c in enumerate(kvs):  # each sample over its own window (its own length) and the sink
+                    k_win, v_win = c.update(i, k[j:j + 1], v[j:j + 1])
+                    outs.append(attend_two_segments(q[j:j + 1], k_win, v_win, k_sink, v_sink, *sinks[j],
+                                                    self.attention))
+                    c.done(i)
+                return outs[0] if b == 1 else torch.cat(outs)
             h = block(h, e0, context, attend, frames, rope=(cos, sin))
             h = self.audio_injector(i, h, a_loc, a_glob)
         out = self.head(h, e, frames)
         return self._unpatchify(out, grid)
+
+
+def _per_sample(fn, x):
+    """fn(x) of a batch computed one sample at a time: fn returns a tensor or a tuple whose tensors have the
+    batch first (other members, e.g. a grid, are taken from the first sample)."""
+    if x.shape[0] == 1:
+        return fn(x)
+    outs = [fn(x[j:j + 1]) for j in range(x.shape[0])]
+    if isinstance(outs[0], torch.Tensor):
+        return torch.cat(outs)
+    return tuple(torch.cat(parts) if isinstance(parts[0], torch.Tensor) else parts[0] for parts in zip(*outs))
 
 
 def build_model(cfg: DiTConfig, device="meta", dtype=torch.bfloat16) -> LiveAvatarDiT:

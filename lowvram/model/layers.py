@@ -61,25 +61,31 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
 
     def forward(self, x, attend: Callable, rope=None):
-        """x: [B, L, C]; rope: (cos, sin) of x's tokens, applied to q and k with their norms (one fused
-        pass on the GPU); without it attend gets un-roped q and k."""
+        """x: [B, L, C]; rope: (cos, sin) of x's tokens, [L, D/2] or per sample [B*L, D/2], applied to q and k
+        with their norms (one fused pass on the GPU); without it attend gets un-roped q and k."""
         b, s = x.shape[:2]
         n = self.num_heads
-        q = self.norm_q(self.q(x), rope, n).view(b, s, n, self.head_dim)
-        k = self.norm_k(self.k(x), rope, n).view(b, s, n, self.head_dim)
+        q = self._norm_rope(self.norm_q, self.q(x), rope).view(b, s, n, self.head_dim)
+        k = self._norm_rope(self.norm_k, self.k(x), rope).view(b, s, n, self.head_dim)
         v = self.v(x).view(b, s, n, self.head_dim)
         return self.o(attend(q, k, v).flatten(2))
+
+    def _norm_rope(self, norm, y, rope):  # y: [B, L, C]
+        b, s, c = y.shape
+        if rope is None or b == 1 or rope[0].shape[0] == s:  # positions shared by the batch
+            return norm(y, rope, self.num_heads)
+        return norm(y.reshape(1, b * s, c), rope, self.num_heads).view(b, s, c)  # rows roped at their own positions
 
 
 class CrossAttention(SelfAttention):
     """Text (and audio) cross-attention: queries from x, keys/values from a context, no RoPE."""
 
-    def forward(self, x, context):  # x: [B, L1, C], context: [B, L2, C]
-        b = x.shape[0]
+    def forward(self, x, context):  # x: [B, L1, C], context: [B, L2, C] or [1, L2, C] shared by the batch
+        b, bc = x.shape[0], context.shape[0]
         n, d = self.num_heads, self.head_dim
         q = self.norm_q(self.q(x)).view(b, -1, n, d)
-        k = self.norm_k(self.k(context)).view(b, -1, n, d)
-        v = self.v(context).view(b, -1, n, d)
+        k = self.norm_k(self.k(context)).view(bc, -1, n, d).expand(b, -1, -1, -1)  # the context's K/V once
+        v = self.v(context).view(bc, -1, n, d).expand(b, -1, -1, -1)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.o(out.transpose(1, 2).flatten(2))
 
@@ -117,7 +123,11 @@ class Block(nn.Module):
         h = fused.layer_norm_mod(x, self.norm2.eps, shift=shift2, scale=scale2, frames=frames, out_dtype=dt)
         # one latent frame of tokens at a time: the [tokens, ffn_dim] hidden (and a W8A8 layer's int32/fp32
         # temporaries) is the largest activation of the forward; rows are independent, so this is exact
-        y = torch.cat([self.ffn(c) for c in h.split(max(1, L // frames), dim=1)], dim=1)
+        rows = max(1, L // frames)
+        if b == 1:
+            y = torch.cat([self.ffn(c) for c in h.split(rows, dim=1)], dim=1)
+        else:  # a batch: B frames' rows per chunk, contiguous (a strided [B, rows, C] slice computes otherwise)
+            y = torch.cat([self.ffn(r) for r in h.reshape(b * L, c).split(b * rows)]).view(b, L, -1)
         return fused.gated_residual(x, y, gate2, frames, out_dtype=dt)
 
 

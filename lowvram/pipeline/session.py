@@ -4,8 +4,9 @@ the web page).
 Order of work for a job (each model is freed before the next is needed): inputs checked -> plan ->
 prompt embedding (disk cache, else umT5) -> wav2vec2 features -> VAE encode of ref/motion latents ->
 DiT loaded and placed by the plan (reused when the checkpoint and the plan are the same) -> sink
-prefill -> per clip 4 blocks x `steps` Euler steps -> each finished block decoded by the streaming
-VAE and written to the mp4 at once. While an engine is placed, a prompt missing from the cache is
+prefill -> the ticks of the timestep-forcing schedule (4 blocks per clip x `steps` Euler steps; one
+forward per tick in block order, or with a batched plan one DiT call per tick) -> each finished block
+decoded by the streaming VAE and written to the mp4 at once. While an engine is placed, a prompt missing from the cache is
 encoded on the CPU (umT5 would not fit beside the DiT); `encode_prompts` does a batch's prompts first.
 """
 
@@ -32,7 +33,7 @@ from lowvram.pipeline.encode import (
     reencode_motion,
 )
 from lowvram.pipeline.options import BlockEvent, RunOptions, RunResult, check_inputs, resolve_device
-from lowvram.runtime.schedule import BlockIndex
+from lowvram.runtime.schedule import BlockIndex, ticks
 
 
 def plan_for(opts: RunOptions, machine=None):
@@ -228,28 +229,46 @@ class Session:
                     ref, motion)
 
     def _generate(self, job: "_Job", engine, progress, on_block, should_stop, t_start: float) -> "_Generated":
-        """The streaming loop: per clip and block, denoise, decode, write; the sink refreshed at clip 1 with
-        online decode (as the reference: the first generated latent becomes the ref, and the motion latents
-        are re-encoded from the motion window with clip 0's frames rolled in)."""
+        """The streaming loop over the ticks of the timestep-forcing schedule (schedule.ticks). A sequential
+        plan (batch 1) drains before every block, so its ticks are today's order: block by block, each
+        block's steps one forward after the other. A batched plan runs a tick's (block, step) pairs as one
+        DiT call and drains only at clip 1 with online decode, where the sink is refreshed from clip 0 (as
+        the reference: the first generated latent becomes the ref, and the motion latents are re-encoded from
+        the motion window with clip 0's frames rolled in). A block is decoded and written as soon as its last
+        step is done; blocks finish in order. Stopping (should_stop, polled after each written block) ends the
+        run at that block: the tick in flight has finished, the blocks still being denoised are dropped, and
+        the file holds every finished block."""
         from lowvram.io.video_writer import VideoWriteError, VideoWriter
         from lowvram.io.writer_thread import BackgroundWriter
 
         opts, device, total = job.opts, job.device, job.clips * BLOCKS_PER_CLIP
+        steps = len(engine.t)
+        refresh = opts.online_decode and job.clips > 1
+        drain = range(1, total) if engine.plan.batch <= 1 else ([BLOCKS_PER_CLIP] if refresh else [])
         g = _Generated()
         dit_s = vae_s = write_s = 0.0
-        clip0_frames, clip_s = [], []
-        t_gen = time.perf_counter()
+        clip0_frames, clip_s, ref = [], [], None
+        latents: dict[BlockIndex, torch.Tensor] = {}  # blocks in flight: their latents after the last step run
+        t_gen = t_clip = time.perf_counter()
         with BackgroundWriter(VideoWriter(str(opts.out), job.inputs.width, job.inputs.height, fps=FPS,
                                           audio=muxed_audio(job.inputs.wave, job.clips), audio_rate=AUDIO_RATE,
                                           final=not opts.partial_out)) as writer:  # encodes beside the DiT
             try:
-                for clip in range(job.clips):
-                    t_clip, clip_latents = time.perf_counter(), []
-                    for b in range(BLOCKS_PER_CLIP):
-                        idx = BlockIndex(clip, b)
-                        t0 = time.perf_counter()
-                        lat = engine.denoise_block(idx, block_audio(job.features, idx))
-                        _sync(device)
+                for tick in ticks(total, steps, drain_before=drain):
+                    if refresh and any(w.step == 0 and w.idx == BlockIndex(1, 0) for w in tick):
+                        motion = reencode_motion(job.vae, job.inputs.image.to(device),
+                                                 torch.cat(clip0_frames, dim=1).to(device))
+                        engine.refresh_sink(ref, motion)
+                    t0 = time.perf_counter()
+                    xs = [latents.pop(w.idx) if w.step else engine.initial_latents(w.idx) for w in tick]
+                    outs = engine.run_works(tick, xs, [block_audio(job.features, w.idx) for w in tick])
+                    _sync(device)
+                    dit_s += time.perf_counter() - t0
+                    for w, lat in zip(tick, outs):
+                        if w.step < steps - 1:
+                            latents[w.idx] = lat
+                            continue
+                        clip, b = w.idx.clip, w.idx.block  # the block is done: decode and write it
                         t1 = time.perf_counter()
                         video = engine.decode(lat)                                         # [3, 12, H, W]
                         if clip == 0 and b == 0:
@@ -258,29 +277,26 @@ class Session:
                         t2 = time.perf_counter()
                         g.frames += writer.write(video)
                         t3 = time.perf_counter()
-                        dit_s, vae_s, write_s = dit_s + t1 - t0, vae_s + t2 - t1, write_s + t3 - t2
+                        vae_s, write_s = vae_s + t2 - t1, write_s + t3 - t2
                         g.timings.setdefault("first_frame_s", t3 - t_start)
                         g.blocks += 1
-                        clip_latents.append(lat)
-                        if opts.online_decode and clip == 0:
+                        if refresh and clip == 0:
                             clip0_frames.append(video.float().cpu())
+                            ref = lat[:, :, :1] if b == 0 else ref
+                        if b == BLOCKS_PER_CLIP - 1:
+                            clip_s.append(t3 - t_clip)
+                            t_clip = t3
                         peak, now = _peak(device), time.perf_counter() - t_gen
                         if progress is not None:
                             progress.block_done(clip, b, g.frames, now, peak)
                         if on_block is not None:
                             on_block(BlockEvent(clip, b, g.blocks, total, g.frames, now, peak,
-                                                    str(writer.partial_path or opts.out)))
+                                                str(writer.partial_path or opts.out)))
                         if should_stop is not None and should_stop():
                             g.interrupted = True
                             break
-                    clip_s.append(time.perf_counter() - t_clip)
                     if g.interrupted:
                         break
-                    if opts.online_decode and clip == 0 and job.clips > 1:
-                        ref = torch.cat(clip_latents, dim=2)[:, :, :1]
-                        motion = reencode_motion(job.vae, job.inputs.image.to(device),
-                                                 torch.cat(clip0_frames, dim=1).to(device))
-                        engine.refresh_sink(ref, motion)
             except LowvramError as e:  # the writer keeps the finished blocks in its partial file
                 if isinstance(e, VideoWriteError) or not writer.frames_written:
                     raise

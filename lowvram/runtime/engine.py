@@ -2,13 +2,16 @@
 
 Applying a plan: the attention backend on the model instance, the GEMM backend on every QuantLinear,
 resident blocks on the device and the others streamed from host slabs (with the audio injector that
-runs after them), each step's KV cache on the device or in host memory in the plan's format, the sink
-in the plan's dtype, and the OOM guard that moves one more block to streaming and retries.
+runs after them), each step's KV cache on the device or in host memory in the plan's format (host caches
+share one ring of device windows sized for the plan's batch), the sink in the plan's dtype, and the OOM
+guard that moves one more block to streaming and retries.
 
 Per video (`start`): the text embedding, the sink prefill, the sampler's sigmas, the seeded noise per
-clip; the rolling-sink shift of each (block, step) comes from the seed (schedule.ref_shift); per block (`denoise_block`): `steps` Euler steps, one DiT forward each,
-against that step's cache; `decode` runs the streaming VAE. The pipeline, the benchmarks and the tests
-all drive this object.
+clip; the rolling-sink shift of each (block, step) comes from the seed (schedule.ref_shift). Per tick of
+the timestep-forcing schedule (`run_works`): with plan.batch > 1 the tick's forwards (distinct steps of
+distinct blocks) run as one batched DiT call, so streamed blocks cross PCIe once per call; else one
+forward each (`step`). `denoise_block` runs one block's steps in turn; `decode` runs the streaming VAE.
+The pipeline, the benchmarks and the tests all drive this object.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from lowvram.constants import FRAMES_PER_BLOCK, KV_FRAMES, LATENT_FRAMES
-from lowvram.runtime.kv_cache import GpuKV8Cache, GpuKVCache, HostKVCache, KVFormat, KVWorkspace
+from lowvram.runtime.kv_cache import GpuKV8Cache, GpuKVCache, HostKVCache, KVFormat, KVWorkspace, slots_for
 from lowvram.runtime.offload import BlockStreamer, apply_block_streaming, retry_on_oom
 from lowvram.runtime.plan import Plan
 from lowvram.runtime.schedule import BlockIndex, Work, euler_step, flow_sigmas, model_timesteps, ref_shift
@@ -49,7 +52,7 @@ def place_model(model, plan: Plan, device: torch.device) -> BlockStreamer | None
 
 def make_kv_caches(model, plan: Plan, device: torch.device, tokens_per_frame: int) -> list:
     """One ring cache per held step (plan.steps), placed and stored as the plan says (host caches share one
-    device workspace)."""
+    device workspace of plan.kv_slots windows)."""
     cfg = model.cfg
     cap = KV_FRAMES * tokens_per_frame
     shape = (cfg.num_layers, cap, 1, cfg.num_heads, cfg.head_dim)
@@ -62,9 +65,9 @@ def make_kv_caches(model, plan: Plan, device: torch.device, tokens_per_frame: in
                 caches.append(GpuKVCache(*shape, model.dtype, device))
             continue
         int8 = plan.kv_format == KVFormat.INT8
-        if ws is None:
-            ws = KVWorkspace(cap, 1, cfg.num_heads, cfg.head_dim, device, plan.kv_slots or 2, int8,
-                             max_new=FRAMES_PER_BLOCK * tokens_per_frame)
+        if ws is None:  # plan.kv_slots windows: the plan's batch of one layer and one more (kv_cache.slots_for)
+            ws = KVWorkspace(cap, 1, cfg.num_heads, cfg.head_dim, device, plan.kv_slots or slots_for(plan.batch),
+                             int8, max_new=FRAMES_PER_BLOCK * tokens_per_frame)
         caches.append(HostKVCache(*shape, plan.kv_format, device, workspace=ws, pinned=i < plan.pinned_kv_caches))
     return caches
 
@@ -142,9 +145,31 @@ class Engine:
 
     def run_works(self, works: list[Work], xs: list[torch.Tensor], audios: list[torch.Tensor]) -> list[torch.Tensor]:
         """The forwards of one tick (schedule.ticks) on this engine's step caches: xs[k] [1, 16, 3, h, w] after
-        step works[k].step of block works[k].idx, with that block's audio [1, L+1, D, 12]. One forward each
-        (plan.batch 1); a batched plan runs them as one DiT call."""
-        return [self.step(w.idx, w.step, x, a.to(self.device)) for w, x, a in zip(works, xs, audios)]
+        step works[k].step of block works[k].idx, with that block's audio [1, L+1, D, 12]. With plan.batch > 1
+        up to plan.batch works run as one DiT call (their steps must be distinct: a call writes each step cache
+        once); else one forward each, in order. The same values either way (each sample's arithmetic is its own)."""
+        batch = max(self.plan.batch, 1)
+        out = []
+        for k in range(0, len(works), batch):
+            ws, x, a = works[k:k + batch], xs[k:k + batch], audios[k:k + batch]
+            if len(ws) == 1:
+                out.append(self.step(ws[0].idx, ws[0].step, x[0], a[0].to(self.device)))
+            else:
+                out += self._batched(ws, x, a)
+        return out
+
+    def _batched(self, works: list[Work], xs: list[torch.Tensor], audios: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One DiT call over len(works) forwards, then each sample's Euler update (as `step`)."""
+        x = torch.cat(xs)  # [B, 16, 3, h, w]
+        t = torch.stack([torch.full((FRAMES_PER_BLOCK,), float(self.t[w.step]), dtype=torch.float32,
+                                    device=self.device) for w in works])  # [B, 3]
+        audio = torch.cat([a.to(self.device) for a in audios])  # [B, L+1, D, 12]
+        caches = [self.cache[w.step] for w in works]
+        starts = [w.idx.start_frame for w in works]
+        shifts = [ref_shift(self.seed, w.idx, w.step) for w in works]
+        v = self.guarded(lambda: self.model(x, t, self.context, audio, caches, self.sink, starts, shifts))
+        return [euler_step(xk, v[k:k + 1], self.sigmas[w.step], self.sigmas[w.step + 1])
+                for k, (w, xk) in enumerate(zip(works, xs))]
 
     def denoise_block(self, idx: BlockIndex, audio: torch.Tensor) -> torch.Tensor:
         """`steps` Euler steps of one block; audio: its 12 feature frames [1, L+1, D, 12]. Returns the clean

@@ -4,16 +4,22 @@ The model calls, per forward and per layer:
     cache.begin_forward(start, n_new)      # n_new tokens written at ring offset start % capacity
     k_win, v_win = cache.update(layer, k_new, v_new)   # [B, end, H, D] views of the window
     cache.done(layer)                      # attention of this layer finished with the window
+A batched DiT call over B caches (the steps of one tick) begins them together with
+`begin_forwards(caches, starts, n_new)` and then, per layer, calls update/done of cache 0, 1, ..., B-1.
 The window is [0, end) with end = start + n_new until the ring first wraps (an absolute start
 >= capacity, or a cache already full), the whole cache after. The sink K/V are not in these caches.
 
-`HostKVCache` keeps all layers in one host allocation (page-locked when possible) and works in
-`n_slots` device windows shared by the step caches of a model (`KVWorkspace`). A copy stream
-fetches layer l's window (all of it but the chunk the forward writes) ahead of use; after
-`done(l)` a second stream writes the new chunk back (PCIe is full duplex) and the first fetches
-layer l + n_slots into the freed slot.
+`HostKVCache` keeps all layers in one host allocation (page-locked when possible) and works in a ring
+of `n_slots` device windows shared by the step caches of a model (`KVWorkspace`). A call over B host
+caches reads its windows in the order (layer 0: cache 0..B-1), (layer 1: cache 0..B-1), ...: window
+p = layer * B + j lives in slot p % n_slots. A copy stream fetches the first n_slots windows when the
+call begins (all of a window but the chunk the forward writes); after `done` of window p a second
+stream writes its new chunk back (PCIe is full duplex) and the first fetches window p + n_slots into
+the freed slot. B = 1 is the unbatched forward (slot = layer % n_slots); `n_slots` = B + 1 keeps one
+layer's windows and the next one in flight.
 With kv_dtype "int8" the host holds per-token-per-head absmax INT8 (fp32 scales, kernels/rowquant.py),
-halving the traffic; windows are dequantized to bf16 on the device after the copy.
+halving the traffic; windows are dequantized to bf16 on the device after the copy, through one staging
+buffer on the copy stream (its copies run one after another, so one buffer serves every window).
 """
 
 from __future__ import annotations
@@ -48,13 +54,21 @@ def kv_token_bytes(heads: int, head_dim: int, kv_format: str) -> int:
 
 def kv_workspace_bytes(capacity: int, max_new: int, heads: int, head_dim: int, kv_dtype: str,
                        n_slots: int = 2, batch: int = 1) -> int:
-    """Device bytes of a KVWorkspace: bf16 windows, and for INT8 the staging buffers and chunk temporaries."""
+    """Device bytes of a KVWorkspace of `n_slots` windows of `batch` samples (= KVWorkspace's allocation): bf16
+    windows, and for INT8 one staging buffer and one write-back chunk (used by one copy at a time on their
+    streams, whatever the number of caches in a call) and the fp32 temporaries of quantizing that chunk."""
     hd = heads * head_dim
     total = n_slots * 2 * batch * capacity * hd * 2
     if KVFormat(kv_dtype) == KVFormat.INT8:
         total += batch * (capacity + max_new) * kv_token_bytes(heads, head_dim, "int8")
         total += 3 * batch * max_new * hd * 4  # fp32 temporaries of quantizing the new chunk
     return total
+
+
+def slots_for(batch: int, layers_ahead: int = 2) -> int:
+    """Ring slots of a workspace whose calls run `batch` host caches: one layer's windows and
+    layers_ahead - 1 more (batch 1: layers_ahead layers in flight, as the unbatched forward)."""
+    return batch + layers_ahead - 1
 
 
 class _Ring:
@@ -98,7 +112,8 @@ class GpuKVCache(_Ring):
 
 
 class KVWorkspace:
-    """Device windows (and INT8 staging) shared by the host caches of one model; one forward at a time."""
+    """A ring of `n_slots` device windows (and the INT8 staging) shared by the host caches of one model; one
+    DiT call at a time, over one or several of those caches (see the module docstring for the order)."""
 
     def __init__(self, capacity: int, batch: int, heads: int, head_dim: int, device, n_slots: int = 2,
                  int8: bool = False, max_new: int | None = None, copy_stream=None, engine: CopyEngine | None = None):
@@ -108,7 +123,7 @@ class KVWorkspace:
         self.shape = (batch, capacity, heads, head_dim)
         self.n_slots, self.int8 = n_slots, int8
         self.max_new = max_new or capacity
-        # window of slot s: kv[s, 0] = K, kv[s, 1] = V, each [B, capacity, H, D] bf16
+        # window in slot s: kv[s, 0] = K, kv[s, 1] = V, each [B, capacity, H, D] bf16
         self.kv = torch.empty(n_slots, 2, *self.shape, dtype=torch.bfloat16, device=dev)
         if int8:
             self.stage_q = torch.empty(2, *self.shape, dtype=torch.int8, device=dev)
@@ -120,6 +135,83 @@ class KVWorkspace:
         self.read = [self.engine.event() for _ in range(n_slots)]  # write-back reading slot s finished
         self.start = self.engine.event()
         self.wb_tail = self.engine.event()
+        self.group: list[HostKVCache] = []  # the host caches of the call in flight, in sample order
+
+    def nbytes(self) -> int:
+        """Device bytes held (kv_workspace_bytes plans these plus the write-back's temporaries)."""
+        ts = [self.kv] + ([self.stage_q, self.stage_s, self.wb_q, self.wb_s] if self.int8 else [])
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def begin(self, caches: list["HostKVCache"]) -> None:
+        """A DiT call over `caches` (their rings already advanced): order it after earlier calls and fetch
+        the first windows."""
+        e = self.engine
+        e.record_compute(self.start)
+        e.copy_waits(self.start)  # orders: earlier calls' reads of the shared slots before these prefetches
+        self.wb.record_copy(self.wb_tail)
+        e.copy_waits(self.wb_tail)  # orders: earlier write-backs landed in host memory before windows are read
+        self.group = list(caches)
+        for j, c in enumerate(self.group):
+            c._sample = j
+        for p in range(min(self.n_slots, self.group[0].num_layers * len(self.group))):
+            self._prefetch(p)
+
+    def slot(self, cache: "HostKVCache", layer: int) -> int:
+        """The slot of cache's window of `layer` in the call in flight."""
+        j = cache._sample
+        if j >= len(self.group) or self.group[j] is not cache:
+            raise ValueError("a host cache was used in a call it did not begin (begin_forward/begin_forwards)")
+        return (layer * len(self.group) + j) % self.n_slots
+
+    def _prefetch(self, p: int) -> None:
+        """Window p of the call (layer p // B of cache p % B) into slot p % n_slots, on the copy stream."""
+        layer, j = divmod(p, len(self.group))
+        c, e, s = self.group[j], self.engine, p % self.n_slots
+        with e.copying():
+            e.copy_waits(self.freed[s])  # orders: the attention that last read slot s before overwriting it
+            e.copy_waits(self.read[s])  # orders: the write-back that last read slot s before overwriting it
+            with e.timed():
+                for x, y in c._ranges():
+                    for kv in range(2):
+                        for b in range(self.shape[0]):
+                            if c.int8:
+                                self.stage_q[kv, b, x:y].copy_(c.host_q[layer, kv, b, x:y], non_blocking=True)
+                                self.stage_s[kv, b, x:y].copy_(c.host_s[layer, kv, b, x:y], non_blocking=True)
+                            else:
+                                self.kv[s, kv, b, x:y].copy_(c.host[layer, kv, b, x:y], non_blocking=True)
+                    if c.int8:  # on the copy stream, right behind its copy (the next copy into stage waits for it)
+                        dequantize_rows(self.stage_q[:, :, x:y], self.stage_s[:, :, x:y], out=self.kv[s, :, :, x:y])
+            e.record_copy(self.loaded[s])
+        tok = sum(y - x for x, y in c._ranges())
+        e.bytes_h2d += tok * self.shape[0] * kv_token_bytes(self.shape[2], self.shape[3], "int8" if c.int8 else "bf16")
+
+    def done(self, cache: "HostKVCache", layer: int) -> None:
+        """The attention of window (layer, cache) is enqueued: write its new chunk back, fetch the window
+        n_slots ahead into its slot."""
+        s = self.slot(cache, layer)
+        p = layer * len(self.group) + cache._sample
+        wb, a, n = self.wb, cache.off, cache.n_new
+        self.engine.record_compute(self.freed[s])  # orders: the chunk write and the attention before write-back and refill
+        with wb.copying():
+            wb.copy_waits(self.freed[s])
+            with wb.timed():
+                if cache.int8:
+                    q, sc = quantize_rows_int8(self.kv[s, :, :, a:a + n])
+                    self.wb_q[:, :, :n].copy_(q)
+                    self.wb_s[:, :, :n].copy_(sc)
+                    wb.record_copy(self.read[s])  # slot s may be refilled once its chunk is quantized
+                for kv in range(2):
+                    for b in range(self.shape[0]):
+                        if cache.int8:
+                            cache.host_q[layer, kv, b, a:a + n].copy_(self.wb_q[kv, b, :n], non_blocking=True)
+                            cache.host_s[layer, kv, b, a:a + n].copy_(self.wb_s[kv, b, :n], non_blocking=True)
+                        else:
+                            cache.host[layer, kv, b, a:a + n].copy_(self.kv[s, kv, b, a:a + n], non_blocking=True)
+                if not cache.int8:
+                    wb.record_copy(self.read[s])
+        wb.bytes_d2h += n * self.shape[0] * kv_token_bytes(self.shape[2], self.shape[3], "int8" if cache.int8 else "bf16")
+        if p + self.n_slots < cache.num_layers * len(self.group):
+            self._prefetch(p + self.n_slots)
 
 
 class HostKVCache(_Ring):
@@ -135,6 +227,7 @@ class HostKVCache(_Ring):
         if self.ws.shape != (batch, capacity, heads, head_dim) or (self.int8 and not self.ws.int8):
             raise ValueError("the workspace was built for another cache shape or without INT8 staging")
         self.engine = self.ws.engine
+        self._sample = 0  # this cache's place in the workspace's call in flight
         full = (num_layers, 2, batch, capacity, heads)
         n_q = num_layers * 2 * batch * capacity * heads * head_dim
         if self.int8:
@@ -153,41 +246,20 @@ class HostKVCache(_Ring):
         a, b = self.off, self.off + self.n_new
         return [(x, y) for x, y in ((0, a), (b, self.end)) if y > x]
 
-    def begin_forward(self, start: int, n_new: int) -> None:
+    def _advance(self, start: int, n_new: int) -> None:
         super().begin_forward(start, n_new)
         if self.n_new > self.ws.max_new and self.int8:
             raise ValueError(f"n_new {n_new} exceeds the workspace's max_new {self.ws.max_new}")
-        e = self.engine
-        e.record_compute(self.ws.start)
-        e.copy_waits(self.ws.start)  # orders: earlier forwards' reads of the shared slots before these prefetches
-        self.ws.wb.record_copy(self.ws.wb_tail)
-        e.copy_waits(self.ws.wb_tail)  # orders: earlier write-backs landed in host memory before windows are read
-        for layer in range(min(self.ws.n_slots, self.num_layers)):
-            self._prefetch(layer)
 
-    def _prefetch(self, layer: int) -> None:
-        e, ws, s = self.engine, self.ws, layer % self.ws.n_slots
-        with e.copying():
-            e.copy_waits(ws.freed[s])  # orders: the attention that last read slot s before overwriting it
-            e.copy_waits(ws.read[s])  # orders: the write-back that last read slot s before overwriting it
-            with e.timed():
-                for x, y in self._ranges():
-                    for kv in range(2):
-                        for b in range(ws.shape[0]):
-                            if self.int8:
-                                ws.stage_q[kv, b, x:y].copy_(self.host_q[layer, kv, b, x:y], non_blocking=True)
-                                ws.stage_s[kv, b, x:y].copy_(self.host_s[layer, kv, b, x:y], non_blocking=True)
-                            else:
-                                ws.kv[s, kv, b, x:y].copy_(self.host[layer, kv, b, x:y], non_blocking=True)
-                    if self.int8:  # on the copy stream, right behind its copy
-                        dequantize_rows(ws.stage_q[:, :, x:y], ws.stage_s[:, :, x:y], out=ws.kv[s, :, :, x:y])
-            e.record_copy(ws.loaded[s])
-        tok = sum(y - x for x, y in self._ranges())
-        e.bytes_h2d += tok * ws.shape[0] * kv_token_bytes(ws.shape[2], ws.shape[3], "int8" if self.int8 else "bf16")
+    def begin_forward(self, start: int, n_new: int) -> None:
+        """An unbatched forward (a call over this cache alone)."""
+        self._advance(start, n_new)
+        self.ws.begin([self])
 
     def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
         # k_new, v_new: [B, n_new, H, D] -> windows [B, end, H, D] bf16 on the device
-        ws, s = self.ws, layer % self.ws.n_slots
+        ws = self.ws
+        s = ws.slot(self, layer)
         self.engine.compute_waits(ws.loaded[s])  # orders: the window's copy (and dequantization) before use
         a, b = self.off, self.off + self.n_new
         ws.kv[s, 0, :, a:b].copy_(k_new)
@@ -195,29 +267,7 @@ class HostKVCache(_Ring):
         return ws.kv[s, 0, :, :self.end], ws.kv[s, 1, :, :self.end]
 
     def done(self, layer: int) -> None:
-        ws, s = self.ws, layer % self.ws.n_slots
-        wb, a, n = ws.wb, self.off, self.n_new
-        self.engine.record_compute(ws.freed[s])  # orders: the chunk write and the attention before write-back and refill
-        with wb.copying():
-            wb.copy_waits(ws.freed[s])
-            with wb.timed():
-                if self.int8:
-                    q, sc = quantize_rows_int8(ws.kv[s, :, :, a:a + n])
-                    ws.wb_q[:, :, :n].copy_(q)
-                    ws.wb_s[:, :, :n].copy_(sc)
-                    wb.record_copy(ws.read[s])  # slot s may be refilled once its chunk is quantized
-                for kv in range(2):
-                    for b in range(ws.shape[0]):
-                        if self.int8:
-                            self.host_q[layer, kv, b, a:a + n].copy_(ws.wb_q[kv, b, :n], non_blocking=True)
-                            self.host_s[layer, kv, b, a:a + n].copy_(ws.wb_s[kv, b, :n], non_blocking=True)
-                        else:
-                            self.host[layer, kv, b, a:a + n].copy_(ws.kv[s, kv, b, a:a + n], non_blocking=True)
-                if not self.int8:
-                    wb.record_copy(ws.read[s])
-        wb.bytes_d2h += n * ws.shape[0] * kv_token_bytes(ws.shape[2], ws.shape[3], "int8" if self.int8 else "bf16")
-        if layer + ws.n_slots < self.num_layers:
-            self._prefetch(layer + ws.n_slots)
+        self.ws.done(self, layer)
 
     def reset_stats(self) -> None:
         self.engine.reset_stats()
@@ -228,6 +278,25 @@ class HostKVCache(_Ring):
         h2d, d2h = self.engine.stats(), self.ws.wb.stats()
         return {"bytes_h2d": h2d["bytes_h2d"], "bytes_d2h": d2h["bytes_d2h"], "copy_busy_s": h2d["copy_busy_s"],
                 "writeback_busy_s": d2h["copy_busy_s"]}
+
+
+def begin_forwards(caches, starts, n_new: int) -> None:
+    """Begin one batched DiT call: cache j receives n_new tokens at absolute token starts[j]. The caches must
+    be distinct (one call writes each ring once); the host caches among them must share one workspace, whose
+    ring then holds their windows in call order (module docstring)."""
+    if len({id(c) for c in caches}) != len(caches):
+        raise ValueError("a step cache appears twice in one batched call; a call runs distinct steps")
+    hosts = []
+    for c, start in zip(caches, starts):
+        if isinstance(c, HostKVCache):
+            c._advance(start, n_new)
+            hosts.append(c)
+        else:
+            c.begin_forward(start, n_new)
+    if hosts:
+        if any(c.ws is not hosts[0].ws for c in hosts):
+            raise ValueError("the host caches of one batched call must share one KVWorkspace")
+        hosts[0].ws.begin(hosts)
 
 
 class GpuKV8Cache(_Ring):

@@ -28,7 +28,7 @@ from lowvram.constants import ALIGN, FRAMES_PER_BLOCK, GIB, KV_FRAMES, NUM_STEPS
 from lowvram.errors import LowvramError
 from lowvram.model.attention import Attention
 from lowvram.model.config import DiTConfig, token_grid
-from lowvram.runtime.kv_cache import KVFormat, kv_token_bytes, kv_workspace_bytes
+from lowvram.runtime.kv_cache import KVFormat, kv_token_bytes, kv_workspace_bytes, slots_for
 from lowvram.runtime.offload import stream_order
 from lowvram.runtime.plan import Plan, PlanItem
 from lowvram.runtime.profile import Profile
@@ -51,7 +51,11 @@ ACT_MARGIN = 1.1  # activations: headroom over the measured bf16 forward (W8A8 a
 # Measured, not modelled: tools/bench.py on the H200 at 704x384 (2026-11-21, two runs) found the NVML peaks of
 # the W8A8 profiles (4090, 16gb, 12gb) 1.8-2.2 GiB over the plan built from the bf16-fitted terms above (eager
 # per-token activation quantization, int32 GEMM outputs and their fp32 rescale, cuDNN workspaces and the
-# allocator's fragmentation around them). Planned as this much per query token.
+# allocator's fragmentation around them). Planned as this much per query token of one forward, once per DiT
+# call whatever its batch: the fused Triton GEMMs (the default since) make no int32/fp32 [M, N] temporaries
+# (the NVML peaks of tools/bench.py run D were 0.3-0.4 GiB under the plans with this term), the int8 copies of
+# a batched call's Linear inputs are in forward_activation_bytes, and its attention runs one sample at a time.
+# Unmeasured for batch > 1: tools/bench.py prints NVML minus the plan for the batched runs (refit from those).
 W8A8_UNATTRIBUTED_BYTES_PER_QUERY = int(2.0 * GIB / 3168)
 HOST_RESERVE = 8 * GIB  # host RAM for the OS, Python, torch and the loader besides the plan's buffers
 
@@ -136,9 +140,9 @@ def forward_activation_bytes(cfg: DiTConfig, lq: int, lk: int, sink: int, attent
     15312-key forward, i.e. ~41 bytes per query token and channel, whatever the window; torch SDPA's
     [window; sink] concatenation (4 lk d) only wins for much longer windows. W8A8 adds the int8
     copies of a Linear input (lq (d + f)). A batch multiplies the token terms (attention runs one
-    sample at a time, so its concatenation does not)."""
+    sample at a time, so its concatenation does not; the text context's K/V are computed once per call)."""
     d, f, t = cfg.dim, cfg.ffn_dim, cfg.text_len
-    block = batch * (41 * lq * d + 2 * t * d + lq * (d + f))
+    block = batch * (41 * lq * d + lq * (d + f)) + 2 * t * d  # the text context's K/V once per call
     if attention == Attention.SDPA:
         block = max(block, (batch - 1) * 41 * lq * d + 20 * lq * d + 2 * 2 * lk * d + 2 * sink * d)
     return int(ACT_MARGIN * block)
@@ -197,17 +201,18 @@ def _fixed_items(m: _Model) -> list[PlanItem]:
                       m.sink_dtype)]
     S, B = len(m.steps), m.batch
     if m.host_kv:
-        items.append(PlanItem(f"KV working windows ({KV_SLOTS} layers x {B} forward(s) in flight)", "gpu",
-                              kv_workspace_bytes(cap, lq, H, D, m.kv_format, KV_SLOTS, batch=B), "bf16 windows"
+        slots = slots_for(B, KV_SLOTS)
+        items.append(PlanItem(f"KV working windows (a ring of {slots}: {B} forward(s) x 1 layer + 1)", "gpu",
+                              kv_workspace_bytes(cap, lq, H, D, m.kv_format, slots), "bf16 windows"
                               + (" + int8 staging" if m.kv_format == KVFormat.INT8 else "")))
     else:
         items.append(PlanItem(f"KV ring caches ({S} steps x {cap} tokens)", "gpu", S * L * cap * m.tok_kv,
                               m.kv_format.value))
     if m.decode:
         items.append(vae_decoder_item(m.sizes, m.width, m.height))
-    if m.profile.quant != "bf16":
+    if m.profile.quant != "bf16":  # planned once, not per forward of a batched call (see the constant)
         items.append(PlanItem("W8A8 transients + fragmentation (measured on H200)", "gpu",
-                              W8A8_UNATTRIBUTED_BYTES_PER_QUERY * lq * B, "tools/bench.py"))
+                              W8A8_UNATTRIBUTED_BYTES_PER_QUERY * lq, "tools/bench.py"))
     return items
 
 
@@ -342,7 +347,10 @@ def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vr
 
     steps: the denoising steps whose caches this plan holds (default all NUM_STEPS; a rank of the
     timestep-forcing pipeline holds its own); with the profile's schedule "batched", one DiT call runs
-    one forward per held step (a tick) and streamed blocks cross PCIe once per call.
+    `plan.batch` forwards of a tick and streamed blocks cross PCIe once per call. The batch is a divisor
+    of len(steps) (so every steady tick is len(steps) / batch full calls), 2 or more, chosen among those
+    whose plan fits for the fewest PCIe bytes per forward (the largest on a tie); where none fits, the
+    plan is the sequential one (batch 1).
     decode / encode: whether this process holds the VAE decoder / runs the encoders (umT5, wav2vec2)
     before the DiT is placed; a rank of the pipeline that only denoises plans neither.
 
@@ -364,8 +372,26 @@ def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vr
     sink = sink_dtype or ("int8" if kv_format == KVFormat.INT8 else "bf16")
     slab, rest = _weights(profile, cfg, sizes)
     steps = tuple(range(NUM_STEPS)) if steps is None else tuple(steps)
-    batch = len(steps) if profile.schedule == "batched" else 1
-    m = _Model(profile, cfg, width, height, tk, slab, rest, kv_format, sink, sizes, steps, batch, decode)
+
+    def plan_at(batch: int) -> Plan:
+        m = _Model(profile, cfg, width, height, tk, slab, rest, kv_format, sink, sizes, steps, batch, decode)
+        return _plan(m, budget, host_ram_bytes, encode)
+
+    if profile.schedule == "batched":
+        fits = []
+        for batch in (c for c in range(len(steps), 1, -1) if len(steps) % c == 0):
+            try:
+                fits.append(plan_at(batch))
+            except LowvramError:
+                continue
+        if fits:
+            return min(fits, key=lambda p: (p.pcie_h2d_bytes, -p.batch))
+    return plan_at(1)
+
+
+def _plan(m: _Model, budget: int, host_ram_bytes: int | None, encode: bool = True) -> Plan:
+    """The plan of one batch size (make_plan)."""
+    profile, cfg, tk, slab, steps, batch = m.profile, m.cfg, m.tokens, m.slab, m.steps, m.batch
     fixed, act = _fixed_items(m), _activations(m)
     encode_peak, t5_item = _encode_phase(m, budget) if encode else (0, None)
     order = stream_order(cfg.num_layers, [i for i in cfg.audio_inject_layers if i < cfg.num_layers])
@@ -375,16 +401,17 @@ def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vr
     L, lq, cap = cfg.num_layers, tk["query"], tk["capacity"]
     n_buffers = min(profile.prefetch_blocks + 1, len(streamed))
     kv_window = L * (cap - lq) * m.tok_kv if m.host_kv else 0
-    return Plan(profile=profile, width=width, height=height, tokens=tk,
+    return Plan(profile=profile, width=m.width, height=m.height, tokens=tk,
                 resident=tuple(i for i in range(L) if i not in streamed), streamed=tuple(sorted(streamed)),
                 n_buffers=n_buffers, kv_caches=(profile.kv_placement,) * len(steps), kv_dtype=profile.kv_dtype,
-                kv_format=kv_format.value, kv_slots=KV_SLOTS if m.host_kv else 0, block_bytes=tuple(slab),
-                demote_order=tuple(order), items=tuple(items + host.items + ([t5_item] if t5_item else [])),
+                kv_format=m.kv_format.value, kv_slots=slots_for(batch, KV_SLOTS) if m.host_kv else 0,
+                block_bytes=tuple(slab), demote_order=tuple(order),
+                items=tuple(items + host.items + ([t5_item] if t5_item else [])),
                 encode_peak_bytes=encode_peak, generate_peak_bytes=gen_peak,
                 pcie_h2d_bytes=sum(slab[i] for i in streamed) // batch + kv_window, steps=steps, batch=batch,
                 streamed_bytes_per_call=sum(slab[i] for i in streamed),
                 pcie_d2h_bytes=L * lq * m.tok_kv if m.host_kv else 0,
                 host_pinned_bytes=host.pinned, host_pageable_bytes=host.pageable, pinned_kv_caches=host.pinned_caches,
-                pinned_blocks=tuple(host.pinned_blocks), exact_bytes=sizes.exact, sink_dtype=sink,
+                pinned_blocks=tuple(host.pinned_blocks), exact_bytes=m.sizes.exact, sink_dtype=m.sink_dtype,
                 quant=profile.quant, attention=profile.attention, gemm=profile.gemm, t5=profile.t5,
                 host_reserve_bytes=HOST_RESERVE)
