@@ -104,6 +104,29 @@ def test_cli_gpus_2_writes_the_sequential_frames(tiny_ckpt, inputs, tmp_path, se
     assert np.array_equal(_frames(out), sequential)
 
 
+def test_under_torchrun_2_writes_the_sequential_frames(tiny_ckpt, inputs, tmp_path, sequential):
+    """The same command under torchrun: its ranks join through torchrun's environment (no own launcher)."""
+    import subprocess
+    import sys
+
+    import socket
+
+    ckpt, lora = tiny_ckpt
+    out = tmp_path / "torchrun.mp4"
+    with socket.socket() as sock:  # a free port for torchrun's rendezvous (its port 0 is not "any")
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "lowvram.cli.main", "run", "--ckpt-dir", str(ckpt), "--lora", str(lora), "--image",
+           str(inputs / "face.png"), "--audio", str(inputs / "voice.wav"), "--prompt", "a person talking",
+           "--size", "64*64", "--num-clip", "1", "--seed", "11", "--out", str(out), "--device", "cpu",
+           "--gpus", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.count("wrote ") == 1  # only the writer rank prints the result
+    assert np.array_equal(_frames(out), sequential)
+
+
 def test_a_rank_killed_mid_run_stops_the_others_with_one_line(tiny_ckpt, inputs, tmp_path):
     opts = _opts(tiny_ckpt, inputs, tmp_path / "k.mp4")
     killed = {}
