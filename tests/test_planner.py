@@ -153,6 +153,10 @@ def test_machine_errors_say_what_fits():
     assert tight.host_pinned_bytes == 2 * 40 * 12672 * ref_kv_token("int8")  # two of four caches pinned
     assert tight.pinned_kv_caches == 2 and tight.pinned_blocks == ()
     assert "pageable" in render_plan(tight)
+    mapped = f"its {sum(ok.block_bytes) / GIB:.1f} GiB file is mapped as well"  # the peak RSS is more than the need
+    assert ok.streamed and mapped in render_plan(ok) and 14 < sum(ok.block_bytes) / GIB < 17
+    resident = make_plan(Profile.from_name("h100-80"), FULL, 704, 384)
+    assert not resident.streamed and "is mapped as well" not in render_plan(resident)
 
 
 def test_budget_errors_say_what_fits():
