@@ -26,13 +26,13 @@ from lowvram.runtime.profile import Profile
 PCIE_4090 = 23e9  # bytes/s, pinned host->GPU on PCIe 4.0 x16 (docs/model.md §9)
 
 
-def _mapped_note(plan) -> str:
-    """With streamed blocks the DiT is loaded on the host and placed from its memory-mapped file, which the
-    process's RSS counts until placement ends (BENCHMARKS.md §6: 4090 profile, 22.2 GiB pinned, 38.2 GiB RSS)."""
-    if not plan.streamed:
+def _rounded_note(plan) -> str:
+    """The pinned buffers as torch allocates them (each rounded up to a power of two)."""
+    taken = plan.host_pinned_allocated_bytes
+    if taken <= plan.host_pinned_bytes:
         return ""
-    return (f"; while the DiT is placed, its {sum(plan.block_bytes) / GIB:.1f} GiB file is mapped as well "
-            "(peak RSS counts it; the kernel can reclaim those pages)")
+    return (f"; torch's pinned allocator rounds each buffer up to a power of two, so they take "
+            f"{taken / GIB:.1f} GiB")
 
 
 def render_plan(plan: Plan, other: Plan | str | None = None) -> str:
@@ -64,7 +64,7 @@ def render_plan(plan: Plan, other: Plan | str | None = None) -> str:
         f"sequential {plan.pcie_h2d_bytes_at(1) / 1e9:.2f} GB in, batched ({at} per call) "
         f"{plan.pcie_h2d_bytes_at(at) / 1e9:.2f} GB in",
         f"host memory: {plan.host_pinned_bytes / GIB:.1f} GiB pinned, {plan.host_pageable_bytes / GIB:.1f} GiB "
-        f"pageable; the run needs {plan.host_bytes / GIB:.1f} GiB of host RAM" + _mapped_note(plan),
+        f"pageable; the run needs {plan.host_bytes / GIB:.1f} GiB of host RAM" + _rounded_note(plan),
         f"expected peak: {plan.peak_bytes / GIB:.2f} GiB (encode {plan.encode_peak_bytes / GIB:.2f}, generate "
         f"{plan.generate_peak_bytes / GIB:.2f}) of a {plan.profile.vram_budget_gib:.1f} GiB budget"
         + ("" if plan.exact_bytes else "; weights estimated from config.json"),
