@@ -18,6 +18,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one CPU thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny
+    convolutions on a busy machine spend more on thread hand-offs than on the work (30x measured), and the CPU
+    kernels' reduction order, so their last bits, depends on the thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_prompt_cache(tmp_path_factory):
     old = os.environ.get("LOWVRAM_CACHE")

@@ -12,12 +12,7 @@ from lowvram.runtime.decode import GraphedDecoder, OverlappedDecoder
 cuda = pytest.mark.cuda
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py says why
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """`lowvram run --gpus N` on the CPU (gloo): the roles, every process count writing the sequential run's
 frames bit for bit (fp32), the CLI, and the faults (a rank killed mid-run, a rank that raises, too many GPUs).
 
-Every process computes on one thread (OMP_NUM_THREADS=1, and torch.set_num_threads(1) for the sequential
+Every process computes on one thread (OMP_NUM_THREADS=1, and the one_thread fixture for the sequential
 reference): the CPU kernels' reduction order depends on the thread count, the frames must not."""
 
 import os
@@ -52,13 +52,8 @@ def _frames(path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def sequential(tiny_ckpt, inputs, tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        res = run(_opts(tiny_ckpt, inputs, tmp_path_factory.mktemp("seq") / "seq.mp4"), log=lambda *a: None)
-    finally:
-        torch.set_num_threads(threads)
+def sequential(tiny_ckpt, inputs, tmp_path_factory, one_thread):
+    res = run(_opts(tiny_ckpt, inputs, tmp_path_factory.mktemp("seq") / "seq.mp4"), log=lambda *a: None)
     assert res.frames == 45 and not res.interrupted
     return _frames(res.out)
 
@@ -190,15 +185,11 @@ def test_sigterm_stops_every_rank_at_a_block_boundary_and_the_file_plays(tiny_ck
     assert _frames(out).shape[0] == res.frames == 12 * res.blocks - 3
 
 
-def test_online_decode_on_three_ranks_refreshes_the_sink_as_the_sequential_run(tiny_ckpt, inputs, tmp_path):
+def test_online_decode_on_three_ranks_refreshes_the_sink_as_the_sequential_run(tiny_ckpt, inputs, tmp_path,
+                                                                             one_thread):
     synth_voice(str(tmp_path / "long.wav"), seconds=3.5, seed=4)
     opts = dict(audio=tmp_path / "long.wav", num_clip=2, online_decode=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        seq = run(_opts(tiny_ckpt, inputs, tmp_path / "seq.mp4", **opts), log=lambda *a: None)
-    finally:
-        torch.set_num_threads(threads)
+    seq = run(_opts(tiny_ckpt, inputs, tmp_path / "seq.mp4", **opts), log=lambda *a: None)
     res = launch(_opts(tiny_ckpt, inputs, tmp_path / "p3.mp4", **opts), 3, log=lambda *a: None)
     assert res.frames == seq.frames == 93 and res.clips == 2
     assert [r["steps"] for r in res.ranks] == [[0, 1], [2], [3]]

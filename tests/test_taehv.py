@@ -13,12 +13,7 @@ from lowvram.model.taehv import MemBlock, TAEHVDecoder, TGrow, TinyStreamingDeco
 from lowvram.runtime.decode import OverlappedDecoder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py says why
 
 
 @pytest.fixture(scope="module")

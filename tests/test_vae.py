@@ -16,13 +16,7 @@ STD = [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
        3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny convs: with a busy machine, thread hand-offs cost more than the work (30x measured)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py says why
 
 
 @pytest.fixture(scope="module")
