@@ -35,28 +35,31 @@ changes naturally with the speech, eyes blink, lips move in sync with the words.
 """
 
 
-def _tiny_tokenizer(out_dir: Path) -> int:
-    """Build a small Unigram tokenizer with T5's special ids (pad 0, eos 1, unk 2); returns its size.
-
-    The pieces are the built-in text's words and characters, scored by their log frequency: no
-    trainer, so the file is the same on every run.
-    """
+def text_pieces(extra_chars: str = "") -> list[tuple[str, float]]:
+    """Unigram pieces of the built-in text: its words and characters (and `extra_chars`, counted once more),
+    scored by their log frequency and sorted best first. No trainer, so they are the same on every run."""
     from collections import Counter
-
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
 
     words = Counter(re.findall(r"\w+|[^\w\s]", _TINY_TEXT))
     chars = Counter(c for w, n in words.items() for c in w * n)
+    if extra_chars:
+        chars.update({c: 1 for c in extra_chars})
     total = sum(words.values()) + sum(chars.values())
     pieces = {"\u2581": math.log(sum(words.values()) / total)}
     for c, n in chars.items():  # inside a word, and opening one
         pieces[c] = pieces["\u2581" + c] = math.log(n / total) - 2.0
     for w, n in words.items():
         pieces["\u2581" + w] = math.log(n / total)
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    vocab += sorted(((p, round(v, 6)) for p, v in pieces.items()), key=lambda pv: (-pv[1], pv[0]))
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    return sorted(((p, round(v, 6)) for p, v in pieces.items()), key=lambda pv: (-pv[1], pv[0]))
+
+
+def save_unigram_tokenizer(out_dir: Path, pieces: list[tuple[str, float]]) -> int:
+    """A fast Unigram tokenizer with T5's special ids (pad 0, eos 1, unk 2) then `pieces`, saved as the
+    checkpoint's tokenizer folder; returns its size."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + list(pieces), unk_id=2))
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
@@ -73,6 +76,11 @@ def _tiny_tokenizer(out_dir: Path) -> int:
     specials = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
     (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
     return tok.get_vocab_size()
+
+
+def _tiny_tokenizer(out_dir: Path) -> int:
+    """The tiny checkpoint's tokenizer: the built-in text's pieces only; returns its size."""
+    return save_unigram_tokenizer(out_dir, text_pieces())
 
 
 def write_tiny_t5(ckpt_dir: str | Path, seed: int = 0, dim: int = 32, heads: int = 2, ffn: int = 64,

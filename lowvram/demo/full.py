@@ -261,45 +261,14 @@ def write_tokenizer(out_dir: Path, vocab_size: int, seed: int = 0) -> int:
     rest are fillers no text produces. Pieces are placed at seeded random ids over the whole vocabulary, so
     that prompts reach embedding rows anywhere in the table. Returns the tokenizer's size.
     """
-    import re
-    from collections import Counter
+    from lowvram.demo.components import save_unigram_tokenizer, text_pieces
 
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    from lowvram.demo.components import _TINY_TEXT
-    from lowvram.model.text_encoder import TEXT_LEN
-
-    words = Counter(re.findall(r"\w+|[^\w\s]", _TINY_TEXT))
-    chars = Counter(c for w, n in words.items() for c in w * n)
-    chars.update({c: 1 for c in string.ascii_letters + string.digits + string.punctuation})
-    total = sum(words.values()) + sum(chars.values())
-    pieces = {"\u2581": math.log(sum(words.values()) / total)}
-    for c, n in chars.items():
-        pieces[c] = pieces["\u2581" + c] = math.log(n / total) - 2.0
-    for w, n in words.items():
-        pieces["\u2581" + w] = math.log(n / total)
-    real = sorted(((p, round(v, 6)) for p, v in pieces.items()), key=lambda pv: (-pv[1], pv[0]))
+    real = text_pieces(string.ascii_letters + string.digits + string.punctuation)
     if len(real) + 3 > vocab_size:
         raise ValueError(f"vocab_size {vocab_size} is below the {len(real) + 3} pieces of the built-in text")
     body = real + [(f"<filler_{i}>", -100.0) for i in range(vocab_size - 3 - len(real))]
     random.Random(seed).shuffle(body)
-    tok = Tokenizer(models.Unigram([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + body, unk_id=2))
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=TEXT_LEN)
-    fast.save_pretrained(out_dir)
-    cfg_path = out_dir / "tokenizer_config.json"  # a class name every transformers version knows
-    cfg = json.loads(cfg_path.read_text())
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(
-        {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2))
-    return tok.get_vocab_size()
+    return save_unigram_tokenizer(out_dir, body)
 
 
 def write_w2v_side_files(folder: Path, spec: FullSpec) -> None:
