@@ -58,6 +58,17 @@ def synth_portrait(path: str, width: int = 320, height: int = 384, seed: int = 0
     Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB").save(path, format="PNG")
 
 
+def _write_wav(path, y: np.ndarray, sr: int) -> np.ndarray:
+    """y: mono float in [-1, 1] -> 16-bit PCM WAV at sr; returns the samples written."""
+    pcm = np.round(y * 32767).astype("<i2")
+    with wave.open(os.fspath(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes(pcm.tobytes())
+    return pcm
+
+
 def synth_voice(path: str, seconds: float = 2.0, seed: int = 0, sr: int = 16000) -> None:
     """Write a 16-bit mono WAV of voice-like sound: a gliding 120-220 Hz pitch with
     formant-shaped harmonics, syllable-rate loudness modulation and a little breath noise."""
@@ -80,12 +91,7 @@ def synth_voice(path: str, seconds: float = 2.0, seed: int = 0, sr: int = 16000)
     syll = np.clip(np.sin(np.pi * rate * t + rng.uniform(0, np.pi)), 0, None) ** 1.5
     y = voiced * syll + 0.02 * rng.standard_normal(n)
     y = 0.5 * y / np.max(np.abs(y))
-    pcm = np.round(y * 32767).astype("<i2")
-    with wave.open(os.fspath(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sr)
-        w.writeframes(pcm.tobytes())
+    _write_wav(path, y, sr)
 
 
 # ---- photo-like portrait: shaded head-and-shoulders rendered with numpy (no model, no assets)
@@ -331,11 +337,6 @@ def speech_wav(path: str, text: str = SPEECH_TEXT, min_seconds: float = 10.0, sr
                 break
             spoken = spoken + " " + text
     y = 0.9 * y / max(float(np.max(np.abs(y))), 1e-6)
-    pcm = np.round(y * 32767).astype("<i2")
-    with wave.open(os.fspath(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sr)
-        w.writeframes(pcm.tobytes())
+    pcm = _write_wav(path, y, sr)
     return {"source": f"espeak-ng ({voice}, {words_per_minute} wpm)", "seconds": pcm.shape[0] / sr,
             "sample_rate": sr}
