@@ -223,14 +223,13 @@ class VideoWriter(ClosesOrAbandons):
                 f"got {frames.dtype} {list(frames.shape)}")
         return frames
 
-    def kept(self, n: int, written: int | None = None) -> int:
-        """How many of n new frames are kept after `written` (default: frames_written): like ffmpeg's
-        -shortest, frame i is kept only if it starts before the audio ends."""
-        written = self.frames_written if written is None else written
+    def kept(self, n: int) -> int:
+        """How many of n new frames are kept: like ffmpeg's -shortest, frame i is kept only if it starts
+        before the audio ends."""
         if self._audio is None:
             return n
         limit = -(-self._audio.size * self.fps // self._audio_rate)
-        return max(0, min(n, limit - written))
+        return max(0, min(n, limit - self.frames_written))
 
     def write(self, frames) -> int:
         """Encode and mux `frames` now; they start a new fragment. Returns frames kept."""
@@ -282,14 +281,21 @@ class VideoWriter(ClosesOrAbandons):
         finally:
             self._out.close()  # trailer: the file stays valid even if a flush above failed
 
-    def close(self) -> Path | None:
-        """Finish the file and (final=True) rename it to `path`. Returns `path`, or None if no frame was
-        written (then nothing is created and an existing `path` is left as it was)."""
+    def _begin_close(self) -> bool:
+        """Mark the writer closed; False when there is nothing to finish (closed already, or no frame was
+        written: then the empty file is discarded)."""
         if self._closed:
-            return None
+            return False
         self._closed = True
         if self.frames_written == 0:
             self._discard()
+            return False
+        return True
+
+    def close(self) -> Path | None:
+        """Finish the file and (final=True) rename it to `path`. Returns `path`, or None if no frame was
+        written (then nothing is created and an existing `path` is left as it was)."""
+        if not self._begin_close():
             return None
         try:
             self._finish()
@@ -313,11 +319,7 @@ class VideoWriter(ClosesOrAbandons):
     def abandon(self) -> Path | None:
         """Finish the file but keep it under `partial_path` (the run failed); never raises.
         Returns `partial_path`, or None if no frame was written (then nothing is left)."""
-        if self._closed:
-            return None
-        self._closed = True
-        if self.frames_written == 0:
-            self._discard()
+        if not self._begin_close():
             return None
         try:
             self._finish()

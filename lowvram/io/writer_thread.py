@@ -31,8 +31,7 @@ class BackgroundWriter(ClosesOrAbandons):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowvram-mp4")
         self._pending: Future | None = None
         self._error: BaseException | None = None
-        self._sent = 0  # frames handed to the encoder (kept ones)
-        self.path, self.partial_path, self.fps = writer.path, writer.partial_path, writer.fps
+        self.path, self.partial_path = writer.path, writer.partial_path
 
     # ------------------------------------------------------------------ the VideoWriter interface
     @property
@@ -45,9 +44,8 @@ class BackgroundWriter(ClosesOrAbandons):
         """Queue `frames` ([T, H, W, 3] uint8 or float [3, T, H, W] in [-1, 1]); returns how many are kept."""
         self._wait()  # the previous block is on disk (or its error is raised here)
         frames = np.ascontiguousarray(self._w._as_uint8(frames))  # the device->host copy stays on this thread
-        kept = self._w.kept(len(frames), self._sent)
-        self._sent += kept
-        first = self._pending is None and self._w.frames_written == 0
+        kept = self._w.kept(len(frames))  # nothing is pending now: the writer's count is every frame sent
+        first = self._w.frames_written == 0
         self._pending = self._pool.submit(self._w.write, frames[:kept])
         if first:
             self._wait()
@@ -56,15 +54,13 @@ class BackgroundWriter(ClosesOrAbandons):
     def close(self):
         try:
             self._wait()
-        except BaseException:
-            self._shutdown()
-            raise
-        self._shutdown()
+        finally:
+            self._pool.shutdown(wait=True)
         return self._w.close()
 
     def abandon(self):
         self._wait(raise_error=False)
-        self._shutdown()
+        self._pool.shutdown(wait=True)
         return self._w.abandon()
 
     # ------------------------------------------------------------------ internals
@@ -78,7 +74,4 @@ class BackgroundWriter(ClosesOrAbandons):
         if raise_error and self._error is not None:
             err, self._error = self._error, None
             raise err
-
-    def _shutdown(self) -> None:
-        self._pool.shutdown(wait=True)
 
