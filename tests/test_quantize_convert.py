@@ -235,3 +235,34 @@ def test_unknown_version_in_shard_metadata(int8_out, tmp_path):
         detect_format(out)
     code, lines = _run("--ckpt-dir", out, "--scheme", "int8", "--out", tmp_path / "x")
     assert code == 2 and len(lines) == 1 and "version '9'" in lines[0]
+
+
+def test_verified_shards_are_not_hashed_again_until_they_change(int8_out, tmp_path, monkeypatch):
+    from lowvram.quantize import format as fmt
+
+    out = tmp_path / "q"
+    shutil.copytree(int8_out[0], out)
+    hashed = []
+    real = fmt.sha256_file
+    monkeypatch.setattr(fmt, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = sorted(e["file"] for e in manifest["shards"])
+    verify_manifest(out)
+    assert sorted(hashed) == names and (out / fmt.STAMP_NAME).is_file()  # copied files: new inodes, all hashed
+    hashed.clear()
+    verify_manifest(out)
+    assert hashed == []  # unchanged since they matched: the stamp answers
+    shard = out / names[-1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    st = shard.stat()
+    shard.write_bytes(bytes(data))  # same size, rewritten in place
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    with pytest.raises(CheckpointError, match=f"{shard.name} does not match its SHA-256"):
+        verify_manifest(out)
+    assert hashed == [shard.name]  # only the changed shard was read again
+    (out / fmt.STAMP_NAME).write_text("not json")
+    hashed.clear()
+    with pytest.raises(CheckpointError, match="does not match"):
+        verify_manifest(out)  # an unreadable stamp means: hash everything
+    assert sorted(hashed) == names
