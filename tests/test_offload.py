@@ -145,6 +145,72 @@ def test_pinned_fallback_warns_with_cost(monkeypatch):
     assert not pinned and buf.numel() == 1000 and not buf.is_pinned()
 
 
+class _FakeCudart:
+    """Records cudaHostRegister/Unregister calls (the CPU build has no driver)."""
+
+    def __init__(self):
+        self.registered, self.unregistered = [], []
+
+    def cudaHostRegister(self, ptr, nbytes, flags):
+        self.registered.append((ptr, nbytes, flags))
+        return 0
+
+    def cudaHostUnregister(self, ptr):
+        self.unregistered.append(ptr)
+        return 0
+
+
+def test_pinned_buffers_are_registered_at_their_size_until_the_last_view_dies(monkeypatch):
+    import gc
+
+    rt = _FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: rt)
+    monkeypatch.setattr(torch.cuda, "check_error", lambda res: None if res == 0 else pytest.fail(f"error {res}"))
+    nbytes = 5 * 1024 * 1024 + 123  # not a power of two: torch's pinned allocator would take 8 MiB
+    buf, pinned = alloc_host(nbytes, True)
+    assert pinned and buf.numel() == nbytes and bool((buf == 0).all())  # every page touched before registering
+    assert rt.registered == [(buf.data_ptr(), nbytes, 0)]
+    view = buf[1000:2000].view(torch.int32)  # a slab view outlives the buffer tensor
+    del buf
+    gc.collect()
+    assert rt.unregistered == []
+    view.copy_(torch.randint(-9, 9, view.shape, dtype=torch.int32))
+    ptr = rt.registered[0][0]
+    del view
+    gc.collect()
+    assert rt.unregistered == [ptr]
+
+
+def test_failed_registration_falls_back_to_pageable(monkeypatch):
+    class Refuses(_FakeCudart):
+        def cudaHostRegister(self, ptr, nbytes, flags):
+            return 2  # cudaErrorMemoryAllocation
+
+    def check(res):
+        if res != 0:
+            raise RuntimeError(f"CUDA error {res}")  # what torch.cuda.CudaError is (it needs a driver to build)
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Refuses())
+    monkeypatch.setattr(torch.cuda, "check_error", check)
+    with pytest.warns(RuntimeWarning, match="5x slower"):
+        buf, pinned = alloc_host(4096, True)
+    assert not pinned and buf.numel() == 4096
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_registered_buffer_is_pinned_and_copies_asynchronously():
+    buf, pinned = alloc_host(3 * 1024 * 1024 + 7, True)
+    assert pinned and buf.is_pinned() and buf.numel() == 3 * 1024 * 1024 + 7
+    src = torch.randint(0, 255, (buf.numel(),), dtype=torch.uint8)
+    buf.copy_(src)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        dev = buf.to("cuda", non_blocking=True)
+    s.synchronize()
+    assert torch.equal(dev.cpu(), src)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @torch.no_grad()

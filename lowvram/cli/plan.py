@@ -26,15 +26,6 @@ from lowvram.runtime.profile import Profile
 PCIE_4090 = 23e9  # bytes/s, pinned host->GPU on PCIe 4.0 x16 (docs/model.md §9)
 
 
-def _rounded_note(plan) -> str:
-    """The pinned buffers as torch allocates them (each rounded up to a power of two)."""
-    taken = plan.host_pinned_allocated_bytes
-    if taken <= plan.host_pinned_bytes:
-        return ""
-    return (f"; torch's pinned allocator rounds each buffer up to a power of two, so they take "
-            f"{taken / GIB:.1f} GiB")
-
-
 def render_plan(plan: Plan, other: Plan | str | None = None) -> str:
     """The plan as a text table (rich, no colour) and its summary lines; `other`: the plan of the other
     schedule (batched vs sequential) for the same options, or why it does not fit, for one comparison line."""
@@ -64,7 +55,7 @@ def render_plan(plan: Plan, other: Plan | str | None = None) -> str:
         f"sequential {plan.pcie_h2d_bytes_at(1) / 1e9:.2f} GB in, batched ({at} per call) "
         f"{plan.pcie_h2d_bytes_at(at) / 1e9:.2f} GB in",
         f"host memory: {plan.host_pinned_bytes / GIB:.1f} GiB pinned, {plan.host_pageable_bytes / GIB:.1f} GiB "
-        f"pageable; the run needs {plan.host_bytes / GIB:.1f} GiB of host RAM" + _rounded_note(plan),
+        f"pageable; the run needs {plan.host_bytes / GIB:.1f} GiB of host RAM",
         f"expected peak: {plan.peak_bytes / GIB:.2f} GiB (encode {plan.encode_peak_bytes / GIB:.2f}, generate "
         f"{plan.generate_peak_bytes / GIB:.2f}) of a {plan.profile.vram_budget_gib:.1f} GiB budget"
         + ("" if plan.exact_bytes else "; weights estimated from config.json"),

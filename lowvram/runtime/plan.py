@@ -30,10 +30,6 @@ from lowvram.model.attention import Attention
 from lowvram.runtime.profile import Profile
 
 
-def _pow2_ceil(n: int) -> int:
-    return 1 << (int(n) - 1).bit_length() if n > 0 else 0
-
-
 @dataclass(frozen=True)
 class PlanItem:
     what: str
@@ -95,16 +91,6 @@ class Plan:
     def host_bytes(self) -> int:
         """Host RAM the run needs: its pinned and pageable buffers plus the process's reserve."""
         return self.host_pinned_bytes + self.host_pageable_bytes + self.host_reserve_bytes
-
-    @property
-    def host_pinned_allocated_bytes(self) -> int:
-        """What torch's caching host allocator takes for the pinned buffers: it rounds each allocation up to
-        a power of two (ATen's CachingHostAllocator, by default), one per pinned slab and one per pinned
-        host KV cache. At full size this is 35.5 GiB for the 4090 profile's 22.2 GiB of buffers, which is
-        what its run's peak RSS showed (BENCHMARKS.md §6)."""
-        slabs = [self.block_bytes[i] for i in self.pinned_blocks]
-        per_kv = (self.host_pinned_bytes - sum(slabs)) // self.pinned_kv_caches if self.pinned_kv_caches else 0
-        return sum(map(_pow2_ceil, slabs)) + self.pinned_kv_caches * _pow2_ceil(per_kv)
 
     def headline(self) -> str:
         """One line for the progress display and the web page."""
