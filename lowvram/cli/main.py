@@ -86,7 +86,9 @@ def _run(opts, quiet: bool, gpus: int | None = None):
                    "nf4 through bitsandbytes, which run on CUDA and on the CPU (bitsandbytes >= 0.50); cpu runs "
                    "the bf16 encoder on the CPU.")
 @click.option("--online-decode", is_flag=True, help="Refresh the sink from clip 0's output at clip 1, as the reference.")
-@click.option("--no-verify", is_flag=True, help="Skip hashing the shards of a quantized directory (shards that hashed right before and are unchanged since, by size, mtime and inode, are not hashed again anyway).")
+@click.option("--no-verify", is_flag=True,
+              help="Skip hashing the shards of a quantized directory (a shard that hashed right before and is "
+                   "unchanged since, by size, mtime and inode, is not hashed again anyway).")
 @click.option("--profile", default=None,
               help="Hardware profile (4090, 3090, 16gb, 12gb, a100-80, h100-80, auto): plans residency, KV placement, "
                    "attention and T5 mode; see `lowvram profiles`. Default: everything resident.")
