@@ -250,7 +250,7 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
     feats = clip_source(audio)
     total, steps = 4 * (clips + 1), 4
     drain = range(1, total) if plan.batch <= 1 else [4]
-    latents, full, nv, dit, dec, timed = {}, [], None, 0.0, 0.0, False
+    latents, full, nv, dit, dec, timed, finals = {}, [], None, 0.0, 0.0, False, {}
     for tick in ticks(total, steps, drain_before=drain):
         if not timed and min(4 * wk.idx.clip + wk.idx.block for wk in tick) >= 4:  # warm-up over
             _sync(device)
@@ -271,6 +271,7 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
             if wk.step < steps - 1:
                 latents[wk.idx] = lat
                 continue
+            finals[(wk.idx.clip, wk.idx.block)] = lat.detach().float().cpu()  # compared across schedules
             t = time.perf_counter()
             engine.decode(lat)
             _sync(device)
@@ -299,6 +300,7 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
                peak_allocated_gib=round(torch.cuda.max_memory_allocated(device) / GIB, 2) if device.type == "cuda" else 0,
                peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / GIB, 2) if device.type == "cuda" else 0,
                peak_nvml_gib=round(nv.peak / GIB, 2), raw_stats=stats)
+    res["_finals"] = finals  # not written to bench.json: see schedule_identity
     res["nvml_minus_plan_gib"] = round(res["peak_nvml_gib"] - res["expected_peak_gib"], 2) if nv.ok else None
     # projection onto a 4090 (labelled): PCIe traffic at 23 GB/s
     res["projected_4090_pcie_s_per_forward"] = round(h2d / forwards / 23e9, 3)
@@ -394,6 +396,26 @@ def tpp_rank_run(cfg, h, w, device, log, vae=None, models=None, forwards=6, cap_
     return res
 
 
+def schedule_identity(runs: list[dict]) -> list[dict]:
+    """For each profile run under both schedules: are the final latents of every block the same (same model,
+    inputs and seed), and if not, how far apart (max |difference| and the relative L2 norm)."""
+    by = {}
+    for r in runs:
+        if "_finals" in r:
+            by.setdefault(r["profile"], {})[r["schedule"]] = r["_finals"]
+    out = []
+    for name, got in by.items():
+        a, b = got.get("sequential"), got.get("batched")
+        if not a or not b or a.keys() != b.keys():
+            continue
+        same = all(torch.equal(a[k], b[k]) for k in a)
+        diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+        rel = max(float((a[k] - b[k]).norm() / a[k].norm()) for k in a)
+        out.append({"profile": name, "blocks": len(a), "bit_identical": same, "max_abs_diff": diff,
+                    "max_rel_l2": rel})
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
@@ -472,7 +494,11 @@ def main(argv=None):
             torch.cuda.empty_cache()
         r["label"] = label
         results["profiles"].append(r)
-        (out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
+        public = [{k: v for k, v in p.items() if k != "_finals"} for p in results["profiles"]]
+        (out / "bench.json").write_text(json.dumps({**results, "profiles": public}, indent=1, default=str))
+    results["schedule_identity"] = schedule_identity(results["profiles"])
+    for r in results["profiles"]:
+        r.pop("_finals", None)
     results["tpp_ranks"] = []
     for variant in TPP_VARIANTS if args.tpp else ():
         try:
@@ -488,6 +514,7 @@ def main(argv=None):
             torch.cuda.empty_cache()
         results["tpp_ranks"].append(r)
         (out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "bench.log").write_text("\n".join(logs))
     print("\n| run | scheme | attn | batch | resident | KV | s/clip | DiT s | VAE s | FPS | steady FPS | PCIe GB/fwd "
           "(plan; seq. plan) | copy busy | expected GiB | allocated GiB | reserved GiB | NVML GiB |")
@@ -510,6 +537,10 @@ def main(argv=None):
             if ref and r:
                 print(f"{n} {sc} / 4090 {ref['schedule']}: {r['fps'] / ref['fps']:.2f}x FPS "
                       f"({r['steady_fps'] / ref['steady_fps']:.2f}x steady)")
+    for ident in results["schedule_identity"]:
+        print(f"{ident['profile']}: batched vs sequential final latents of {ident['blocks']} blocks: "
+              + ("bit-identical" if ident["bit_identical"] else
+                 f"differ, max |d| {ident['max_abs_diff']:.3g}, max relative L2 {ident['max_rel_l2']:.3g}"))
     for tpp in results["tpp_ranks"]:
         if "error" in tpp:
             print(f"{tpp['label']}: error: {tpp['error'][:120]}")
