@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ def test_token_counts_match_the_brief():
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("size", SIZES)
 def test_plan_decisions_against_independent_bytes(name, size):
-    prof = Profile.from_name(name)
+    prof = Profile.from_name(name, schedule="sequential")  # one forward per call: the byte model below
     if (name, size) == ("12gb", (832, 480)):
         # with the measured W8A8 transients, 480p needs more than a 12 GB card: the error says what fits
         with pytest.raises(LowvramError, match="smallest budget that fits is"):
@@ -169,9 +170,13 @@ def test_budget_errors_say_what_fits():
     need = float(str(e.value).split("fits is ")[1].split(" GiB")[0])
     fits = make_plan(small.with_overrides(vram_budget_gib=need), FULL, 704, 384)
     assert fits.resident == () and fits.peak_bytes <= need * GIB
-    auto = make_plan(Profile.from_name("12gb"), FULL, 704, 384)
-    with pytest.raises(LowvramError, match=f"blocks_resident={len(auto.resident)} or auto"):
-        make_plan(Profile.from_name("12gb", blocks_resident=40), FULL, 704, 384)
+    for schedule in ("sequential", "batched"):  # the count it names fits (batched falls back to one per call)
+        with pytest.raises(LowvramError, match=r"blocks_resident=(\d+) or auto") as e:
+            make_plan(Profile.from_name("12gb", blocks_resident=40, schedule=schedule), FULL, 704, 384)
+        n = int(re.search(r"blocks_resident=(\d+)", str(e.value)).group(1))
+        auto = make_plan(Profile.from_name("12gb", schedule="sequential"), FULL, 704, 384)
+        assert n == len(auto.resident)
+        assert len(make_plan(Profile.from_name("12gb", blocks_resident=n, schedule=schedule), FULL, 704, 384).resident) == n
     with pytest.raises(LowvramError, match="has 40 blocks"):
         make_plan(Profile.from_name("4090", blocks_resident=41), FULL, 704, 384)
     with pytest.raises(LowvramError, match="use --set t5=int8, t5=nf4 or t5=cpu"):
@@ -249,7 +254,7 @@ def test_a_batched_schedule_plans_the_batch_and_shares_the_streamed_blocks():
     """schedule=batched: one DiT call runs a tick's 4 forwards; activations and KV windows are planned for 4,
     and a streamed block crosses PCIe once per call, so its bytes per forward are a quarter."""
     over = dict(vram_budget_gib=40.0, blocks_resident=20)
-    seq = make_plan(Profile.from_name("16gb", **over), FULL, 704, 384)
+    seq = make_plan(Profile.from_name("16gb", schedule="sequential", **over), FULL, 704, 384)
     bat = make_plan(Profile.from_name("16gb", schedule="batched", **over), FULL, 704, 384)
     assert (seq.batch, bat.batch, bat.schedule) == (1, 4, "batched") and seq.streamed == bat.streamed
     streamed = sum(seq.block_bytes[i] for i in seq.streamed)
@@ -262,7 +267,7 @@ def test_a_batched_schedule_plans_the_batch_and_shares_the_streamed_blocks():
     assert (seq.kv_slots, bat.kv_slots) == (2, 5) and win[4] - win[1] == 3 * window  # a layer's 4 windows + 1
     assert act[4] > 3 * act[1] and bat.generate_peak_bytes > seq.generate_peak_bytes
     # a rank of the timestep-forcing pipeline holds only its own step's cache
-    rank = make_plan(Profile.from_name("16gb", **over), FULL, 704, 384, steps=(2,))
+    rank = make_plan(Profile.from_name("16gb", schedule="sequential", **over), FULL, 704, 384, steps=(2,))
     host = {p.steps: next(it.nbytes for it in p.items if it.what.startswith("KV ring")) for p in (seq, rank)}
     assert rank.kv_caches == ("host",) and host[(2,)] * 4 == host[(0, 1, 2, 3)]
     assert "schedule batched: 4 forward(s) per DiT call" in render_plan(bat)
@@ -273,17 +278,18 @@ def test_plan_cli_shows_batched_and_sequential_bytes_and_the_batched_targets(ckp
     memory targets (4090 <= 22.0 GiB, 12gb <= 11.5 GiB) and move fewer bytes per forward than sequential ones."""
     import re
 
-    r = _run("--profile", "12gb", "--ckpt-dir", ckpt, "--size", "704*384")
+    r = _run("--profile", "12gb", "--ckpt-dir", ckpt, "--size", "704*384", "--set", "schedule=sequential")
     assert r.exit_code == 0, r.output
     seq_in = float(re.search(r"PCIe per forward: ([\d.]+) GB in", r.output).group(1))
     m = re.search(r"schedule batched instead \((\d) per call.*PCIe per forward ([\d.]+) GB in, expected peak "
                   r"([\d.]+) GiB", r.output)
     assert m, r.output
     assert int(m.group(1)) in (2, 4) and float(m.group(2)) < seq_in and float(m.group(3)) <= 11.5
-    r = _run("--profile", "4090", "--ckpt-dir", ckpt, "--size", "704*384", "--set", "schedule=batched")
+    r = _run("--profile", "4090", "--ckpt-dir", ckpt, "--size", "704*384")  # batched by default (measured faster)
     assert r.exit_code == 0 and "schedule batched: 4 forward(s)" in r.output
     assert "schedule sequential instead (1 per call" in r.output
     for name, target in (("4090", 22.0), ("16gb", 14.5), ("12gb", 11.5)):
-        seq = make_plan(Profile.from_name(name), FULL, 704, 384)
-        bat = make_plan(Profile.from_name(name, schedule="batched"), FULL, 704, 384)
+        seq = make_plan(Profile.from_name(name, schedule="sequential"), FULL, 704, 384)
+        bat = make_plan(Profile.from_name(name), FULL, 704, 384)
+        assert bat.schedule == "batched", name  # the profiles' default: faster in BENCHMARKS.md run F
         assert bat.batch > 1 and bat.peak_bytes <= target * GIB and bat.pcie_h2d_bytes < seq.pcie_h2d_bytes, name
