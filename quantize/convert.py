@@ -5,7 +5,20 @@ channel if it is one of the DiT's Linear weights (select.py), and write it at it
 shard (shards.py). Reading, the arithmetic and writing overlap on three threads, and the files are hashed on a
 pool beside them (stream.py); host RAM holds a few layers, whatever the checkpoint size.
 
-The output is byte-identical to the serial converter's (`overlap=False`, tests/test_quantize_stream.py).
+The arithmetic runs on `device`: a CUDA GPU when there is one ("auto"), else the CPU. Each tensor is read on
+the host, moved to the GPU, merged, quantized and measured there, and only the 8-bit values and the scales
+come back. What is and is not bit-identical between the two devices:
+- tensors that are neither quantized nor LoRA targets never leave the host: the bytes as stored;
+- the row quantizer (kernels/rowquant.py) gives the same codes and scales on both for the same input
+  (tools/check_rowquant_gpu.py, tests/test_kernels_rowquant.py), so weights without a LoRA pair match exactly;
+- the LoRA merge W + s * (B @ A) is fp32 on both (TF32 is turned off while converting), but cuBLAS sums the
+  rank-r products in another order than the CPU's BLAS, so a merged element can differ in its last fp32 bits
+  and so, after the cast to bf16, rarely by one bf16 ulp (at most 2^-7 relative). That moves its y = x / scale
+  by less than one quantum; the same change to a row's absmax moves the row's scale by as much and every y of
+  the row by less than one quantum. INT8 codes then differ by at most 1 (2 where both happen in one row),
+  e4m3 codes (steps of at least 2^-4 relative) by at most one step;
+- the SQNR in the manifest sums over the tensor in another order: its last digits can differ.
+On the CPU the output is byte-identical to the serial converter's (`overlap=False`, tests/test_quantize_stream.py).
 """
 
 from __future__ import annotations
@@ -16,6 +29,7 @@ import resource
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +41,7 @@ from lowvram import __version__
 from lowvram.errors import CheckpointError, LowvramError
 from lowvram.io.lora import LoraSet, check_alpha
 from lowvram.model.config import DiTConfig
+from lowvram.pipeline.options import resolve_device
 from lowvram.quantize.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -140,22 +155,38 @@ def _progress(console: Console | None, enabled: bool) -> Progress:
                     disable=not (enabled and console is not None and console.is_terminal))
 
 
-def _convert_tensor(item: _Item, t: torch.Tensor, pair, lora: LoraSet | None, scheme: str, layers: dict) -> dict:
-    """The output tensors of one source tensor; records the layer's SQNR when quantized. pair: t's LoRA (A, B)
-    or None."""
+def _convert_tensor(item: _Item, t: torch.Tensor, pair, lora: LoraSet | None, scheme: str, layers: dict,
+                    device: torch.device) -> dict:
+    """The output tensors of one source tensor t (on the host), on the host; records the layer's SQNR when
+    quantized. pair: t's LoRA (A, B) or None. The arithmetic runs on `device`."""
+    if item.module is None and pair is None:
+        return {item.key: t}  # stored as read: never leaves the host
+    w = t.to(device)  # [out, in]
     if pair is not None:
-        t = lora.merge(item.key, t, pair)  # [out, in], same dtype, fp32 merge
+        w = lora.merge(item.key, w, pair)  # same dtype, fp32 merge
     if item.module is None:
-        return {item.key: t}
-    q, scale, sqnr = quantize_weight_sqnr(t, scheme)
+        return {item.key: w.cpu()}
+    q, scale, sqnr = quantize_weight_sqnr(w, scheme)
     layers[item.module] = {"scheme": scheme, "shape": list(item.shape), "sqnr_db": round(sqnr, 3),
                            "lora": pair is not None}
-    return {f"{item.module}.qweight": q, f"{item.module}.scale": scale}
+    return {f"{item.module}.qweight": q.cpu(), f"{item.module}.scale": scale.cpu()}  # .cpu(): waits for the GPU
 
 
 def _write_all(writer: ShardWriter, tensors: dict) -> None:
     for name, tensor in tensors.items():
         writer.write(name, tensor)
+
+
+@contextmanager
+def _exact_fp32_matmul():
+    """fp32 matmuls in full fp32 while converting: a caller that allowed TF32 (10 mantissa bits) would
+    otherwise change the LoRA merge on a GPU far beyond the rounding order."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
 
 
 def planned_bytes(groups: list[list[_Item]], metadata: dict) -> int:
@@ -167,7 +198,7 @@ def planned_bytes(groups: list[list[_Item]], metadata: dict) -> int:
 
 def _convert_all(tmp: Path, bar: Progress, names: list[str], groups: list[list[_Item]], metadata: dict,
                  ckpt_dir: Path, lora_set: LoraSet | None, inputs: list[tuple[Path, str]], layers: dict,
-                 overlap: bool, busy: Busy) -> list[dict]:
+                 device: torch.device, overlap: bool, busy: Busy) -> list[dict]:
     """Convert every tensor into the shards `names` under tmp (reader thread -> this thread -> writer thread)
     while the input files and then each finished shard are hashed; returns the shards' hash records, then the
     inputs'. On any error every thread is stopped and every file closed before it propagates."""
@@ -204,7 +235,7 @@ def _convert_all(tmp: Path, bar: Progress, names: list[str], groups: list[list[_
             if gi == len(writers):
                 writers.append(ShardWriter(tmp / names[gi], {o: v for i in groups[gi] for o, v in i.outputs.items()},
                                            metadata))
-            writes.submit(write, writers[gi], convert_one(item, t, pair, lora_set, metadata["scheme"], layers))
+            writes.submit(write, writers[gi], convert_one(item, t, pair, lora_set, metadata["scheme"], layers, device))
             del t, pair
             if item is groups[gi][-1]:
                 writes.submit(finish, gi)
@@ -229,7 +260,7 @@ def _convert_all(tmp: Path, bar: Progress, names: list[str], groups: list[list[_
 
 def _write_output(tmp: Path, bar: Progress, ckpt_dir: Path, lora: Path | None, lora_set: LoraSet | None,
                   groups: list[list[_Item]], headers: dict, metadata: dict, keep: tuple, shard_size: int,
-                  overlap: bool) -> dict:
+                  device: torch.device, overlap: bool) -> dict:
     """Write the shards, index, config, component links and manifest into the staging directory `tmp`."""
     t0 = time.perf_counter()
     n = len(groups)
@@ -238,7 +269,8 @@ def _write_output(tmp: Path, bar: Progress, ckpt_dir: Path, lora: Path | None, l
     inputs = [(ckpt_dir / f, f) for f in source_names] + ([(lora, lora.name)] if lora is not None else [])
     layers: dict[str, dict] = {}
     busy = Busy()
-    records = _convert_all(tmp, bar, names, groups, metadata, ckpt_dir, lora_set, inputs, layers, overlap, busy)
+    records = _convert_all(tmp, bar, names, groups, metadata, ckpt_dir, lora_set, inputs, layers, device, overlap,
+                           busy)
     shards, sources = records[:n], records[n:n + len(source_names)]
     out_map = {k: name for name, g in zip(names, groups) for i in g for k in i.outputs}
     index = {"metadata": {"total_size": sum(s["size"] for s in shards), **metadata},
@@ -251,7 +283,7 @@ def _write_output(tmp: Path, bar: Progress, ckpt_dir: Path, lora: Path | None, l
     seconds = {"wall": round(time.perf_counter() - t0, 2), **{k: round(v, 2) for k, v in sorted(busy.seconds.items())}}
     manifest = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION, "scheme": metadata["scheme"],
-        "tool": {"name": "lowvram", "version": __version__, "torch": torch.__version__},
+        "tool": {"name": "lowvram", "version": __version__, "torch": torch.__version__, "device": device.type},
         "sources": sources, "lora": lora_rec, "components": components, "keep_bf16": list(keep),
         "shard_size": shard_size, "peak_rss_bytes": peak_rss_bytes(), "seconds": seconds, "shards": shards,
         "layers": dict(sorted(layers.items(), key=lambda kv: natural_key(kv[0]))),
@@ -262,12 +294,14 @@ def _write_output(tmp: Path, bar: Progress, ckpt_dir: Path, lora: Path | None, l
 
 def convert(ckpt_dir, out, scheme: str, lora=None, keep_bf16=(), lora_alpha: float | None = None,
             force: bool = False, shard_size=DEFAULT_SHARD_SIZE, progress: bool = True,
-            console: Console | None = None, overlap: bool = True) -> dict:
+            console: Console | None = None, device: str = "auto", overlap: bool = True) -> dict:
     """Convert a bf16 DiT checkpoint (+ optional LoRA) to a lowvram 8-bit directory; returns the manifest.
 
     scheme: "int8" or "fp8". keep_bf16: extra fnmatch patterns of module names left unquantized.
-    shard_size: output shard budget ("3GB", "500MB" or bytes). overlap=False reads, converts, writes and hashes
-    one step after the other on this thread: the reference the pipelined path is tested against.
+    shard_size: output shard budget ("3GB", "500MB" or bytes). device: where the merge, quantization and SQNR
+    run: "auto" (a CUDA GPU when one is visible, else the CPU), "cpu", "cuda" or "cuda:N" (the module docstring
+    says what may differ). overlap=False reads, converts, writes and hashes one step after the other on this
+    thread: the reference the pipelined path is tested against.
     User errors raise LowvramError/CheckpointError before or during the run, and leave nothing at `out`: --out
     is checked against the inputs and the free space against the planned size before anything is written; it
     is locked against a second run; a disk that fills up anyway removes the staging directory and raises one
@@ -279,6 +313,7 @@ def convert(ckpt_dir, out, scheme: str, lora=None, keep_bf16=(), lora_alpha: flo
     lora = Path(lora) if lora is not None else None
     shard_size = parse_bytes(shard_size)
     keep = tuple(keep_bf16)
+    dev = resolve_device(device, "auto")[0]
     console = console or Console(stderr=True)
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"--ckpt-dir {ckpt_dir} is not a directory; pass the Wan2.2-S2V-14B checkpoint folder")
@@ -303,9 +338,9 @@ def convert(ckpt_dir, out, scheme: str, lora=None, keep_bf16=(), lora_alpha: flo
             console.print(note, soft_wrap=True, markup=False, highlight=False)
         check_free_space(out, need)
         try:
-            with staged_dir(out) as tmp, _progress(console, progress) as bar:
+            with staged_dir(out) as tmp, _progress(console, progress) as bar, _exact_fp32_matmul():
                 manifest = _write_output(tmp, bar, ckpt_dir, lora, lora_set, groups, headers, metadata, keep,
-                                         shard_size, overlap)
+                                         shard_size, dev, overlap)
         except OSError as e:
             if e.errno in DISK_ERRNOS:  # staged_dir has removed the staging directory
                 raise disk_error(e, out, need, ckpt_dir) from None
@@ -317,7 +352,7 @@ def convert(ckpt_dir, out, scheme: str, lora=None, keep_bf16=(), lora_alpha: flo
                       soft_wrap=True, markup=False, highlight=False)
     worst = min((v["sqnr_db"] for v in layers.values()), default=float("nan"))
     console.print(f"wrote {out}: {len(layers)} {scheme} layers (lowest weight SQNR {worst:.1f} dB), "
-                  f"{len(shards)} shard(s), {sum(s['size'] for s in shards) / 1e9:.2f} GB; "
+                  f"{len(shards)} shard(s), {sum(s['size'] for s in shards) / 1e9:.2f} GB, converted on {dev}; "
                   f"peak host RAM {manifest['peak_rss_bytes'] / 2**30:.2f} GiB", soft_wrap=True, markup=False,
                   highlight=False)
     return manifest

@@ -1,5 +1,5 @@
-"""`lowvram quantize` on its threads (quantize/stream.py): the pipelined conversion writes the same bytes as the
-serial one, and errors on the reader thread end the run cleanly."""
+"""`lowvram quantize` on its threads (quantize/stream.py) and on a device: the pipelined conversion writes the
+same bytes as the serial one, errors on the reader thread end the run cleanly, --device is checked up front."""
 
 import hashlib
 import json
@@ -44,14 +44,14 @@ def test_pipelined_conversion_writes_the_serial_bytes(tiny_ckpt, tmp_path, schem
         out = tmp_path / f"{scheme}-{overlap}"
         # small shards and a kept-bf16 block: shard boundaries, merged bf16 weights and pass-through tensors
         convert(ckpt, out, scheme, lora=lora, shard_size="40KB", keep_bf16=["blocks.1.*"], progress=False,
-                overlap=overlap)
+                device="cpu", overlap=overlap)
         outs[overlap] = out
     serial, pipelined = _files(outs[False]), _files(outs[True])
     assert len([n for n in serial if n.endswith(".safetensors")]) >= 10
     assert serial.keys() == pipelined.keys()
     assert [n for n in serial if serial[n] != pipelined[n]] == []
     m_serial, m_pipelined = _manifest(outs[False]), _manifest(outs[True])
-    assert m_serial == m_pipelined
+    assert m_serial == m_pipelined and m_serial["tool"]["device"] == "cpu"
     # the hashes made on the pool are the files' hashes
     for rec in m_pipelined["shards"]:
         assert rec["sha256"] == hashlib.sha256((outs[True] / rec["file"]).read_bytes()).hexdigest()
@@ -139,9 +139,23 @@ def test_a_shard_truncated_mid_run_is_one_line_and_leaves_nothing(tiny_ckpt, tmp
 
     monkeypatch.setattr(convert_mod, "ShardReader", ShortensOnFirstRead)
     code, lines = _run("--ckpt-dir", src, "--lora", lora, "--scheme", "int8", "--out", tmp_path / "out",
-                       "--shard-size", "40KB")
+                       "--device", "cpu", "--shard-size", "40KB")
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"error: {shard} is truncated: ") and "ends at byte" in lines[0], lines
     assert lines[0].endswith("re-download the shard")
     assert threads == {"lowvram-read_0"}  # read on the reader thread, raised on the main one
     assert _nothing_left(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_device_cuda_without_a_gpu_is_refused_up_front(tiny_ckpt, tmp_path):
+    ckpt, lora = tiny_ckpt
+    code, lines = _run("--ckpt-dir", ckpt, "--lora", lora, "--scheme", "int8", "--out", tmp_path / "out",
+                       "--device", "cuda")
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0] == "error: --device cuda was asked for but no CUDA GPU is visible; use --device cpu"
+    code, lines = _run("--ckpt-dir", ckpt, "--scheme", "int8", "--out", tmp_path / "out", "--device", "tpu")
+    assert code == 2 and len(lines) == 1 and "--device 'tpu'" in lines[0], lines
+    assert _nothing_left(tmp_path)
+    code, lines = _run("--ckpt-dir", ckpt, "--scheme", "int8", "--out", tmp_path / "out")  # auto: the CPU
+    assert code == 0 and "converted on cpu" in lines[-1], lines
