@@ -1,7 +1,9 @@
 """`lowvram quantize` on its threads (quantize/stream.py) and on a device: the pipelined conversion writes the
-same bytes as the serial one, errors on the reader thread end the run cleanly, --device is checked up front."""
+same bytes as the serial one, errors on the reader thread end the run cleanly, --device is checked up front,
+and on a GPU the output matches the CPU's up to the LoRA merge's rounding."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import threading
@@ -159,3 +161,66 @@ def test_device_cuda_without_a_gpu_is_refused_up_front(tiny_ckpt, tmp_path):
     assert _nothing_left(tmp_path)
     code, lines = _run("--ckpt-dir", ckpt, "--scheme", "int8", "--out", tmp_path / "out")  # auto: the CPU
     assert code == 0 and "converted on cpu" in lines[-1], lines
+
+
+def _user_path():
+    path = Path(__file__).resolve().parent.parent / "tools" / "user_path.py"
+    spec = importlib.util.spec_from_file_location("user_path", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_compare_outputs_counts_quanta(tiny_ckpt, tmp_path, scheme):
+    """tools/user_path.py's comparison (the GPU check's): a directory against itself, then against a copy with
+    one 8-bit code moved by 2 quanta (FP8: 2 steps along the e4m3 grid) and one scale changed."""
+    from safetensors.torch import save_file
+
+    ckpt, lora = tiny_ckpt
+    up = _user_path()
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        convert(ckpt, out, scheme, lora=lora, progress=False, device="cpu")
+    same = up.compare_outputs(a, b)
+    assert same["tensors_differing"] == 0 and same["identical"] == same["tensors"] > 50 and same["codes_total"] > 0
+    shard = next(b.glob("*.safetensors"))
+    with safe_open(str(shard), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    q = tensors["blocks.0.ffn.0.qweight"].clone()
+    codes = q.view(torch.int8)  # INT8: the value; e4m3: sign and magnitude bits, magnitude 0..126 finite
+    step = 2 if codes[3, 5].abs() < 100 else -2
+    codes[3, 5] = codes[3, 5] + (step if codes[3, 5] >= 0 else -step)
+    s = tensors["blocks.0.ffn.0.scale"].clone()
+    s[7] *= 1.01
+    tensors.update({"blocks.0.ffn.0.qweight": q, "blocks.0.ffn.0.scale": s})
+    save_file(tensors, str(shard), metadata=meta)
+    diff = up.compare_outputs(a, b)
+    assert diff["tensors_differing"] == 2 and diff["codes_differing"] == 1 and diff["max_quanta"] == 2, diff
+    assert diff["scale_rows_differing"] == 1 and diff["max_scale_rel"] == pytest.approx(0.01, rel=1e-3)
+    assert diff["other_tensors_differing"] == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_cuda_conversion_matches_the_cpu_up_to_the_merge(tiny_ckpt, tmp_path, scheme):
+    """On a GPU: weights without a LoRA pair and every unquantized tensor are bit-identical to the CPU's; a
+    LoRA-merged weight's codes move by a quantum or two at most, its scales by at most a bf16 ulp of the absmax."""
+    ckpt, lora = tiny_ckpt
+    up = _user_path()
+    cpu, gpu = tmp_path / "cpu", tmp_path / "gpu"
+    convert(ckpt, cpu, scheme, lora=lora, progress=False, device="cpu")
+    man = convert(ckpt, gpu, scheme, lora=lora, progress=False, device="cuda")
+    assert man["tool"]["device"] == "cuda"
+    cmp = up.compare_outputs(cpu, gpu)
+    assert cmp["only_in_one"] == [] and cmp["other_tensors_differing"] == 0, cmp
+    # one bf16 ulp (<= 2^-7 relative) of a merged element moves its y = x / scale by < 1, of the row's absmax the
+    # scale by <= 2^-7 and every y of the row by < 1: INT8 codes by at most 2 with both, e4m3 (steps >= 2^-4) by 1
+    assert cmp["max_quanta"] <= (2 if scheme == "int8" else 1) and cmp["max_scale_rel"] <= 2.0 ** -7, cmp
+    assert cmp["codes_differing"] <= 0.01 * cmp["codes_total"], cmp
+    no_lora = {f"{m}.qweight" for m, v in man["layers"].items() if not v["lora"]}
+    assert no_lora and not no_lora & {r["key"] for r in cmp["differing"]}, cmp
+    cpu_layers = json.loads((cpu / "manifest.json").read_text())["layers"]
+    for name, layer in man["layers"].items():
+        assert layer["sqnr_db"] == pytest.approx(cpu_layers[name]["sqnr_db"], abs=0.01)
