@@ -6,8 +6,9 @@
     hashing pool:   SHA-256 of every source file from the start, of every output shard once it is closed
 
 Every hand-off is bounded, so what waits in host RAM besides the tensor being converted is at most `depth`
-source tensors and `depth` converted ones (at full size about 0.6 GB: the largest DiT weight is 141 MB in
-bf16). Reads, writes and hashlib release the GIL, so the threads overlap with torch on the main thread.
+source tensors and `depth` converted ones (at full size under 0.6 GB: the largest DiT weight is 141 MB in
+bf16), plus what glibc's heap keeps as the threads' allocations interleave (tests/test_quantize_ram.py).
+Reads, writes and hashlib release the GIL, so the threads overlap with torch on the main thread.
 An error on any thread is raised on the main thread (at its next hand-off), which then stops the others:
 what is queued is cancelled, a hash in progress gives up at its next chunk, a read or write in progress
 finishes. `depth=0` runs every step inline on the calling thread in the same order: the serial path that
@@ -26,6 +27,9 @@ from typing import Callable, Iterable
 from lowvram.quantize.format import sha256_file
 
 
+_END = object()
+
+
 def _done(fn: Callable, *args) -> Future:
     """fn(*args) run now, as a finished Future (the inline path: its error is raised here, at once)."""
     fut: Future = Future()
@@ -42,9 +46,9 @@ class ReadAhead:
         self._queue: deque[tuple[object, Future]] = deque()
 
     def _submit(self) -> None:
-        for item in self._items:
+        item = next(self._items, _END)
+        if item is not _END:
             self._queue.append((item, self._pool.submit(self._fn, item)))
-            return
 
     def __iter__(self):
         if self._pool is None:
