@@ -64,7 +64,7 @@ from lowvram.quantize.outdir import (
 )
 from lowvram.quantize.select import natural_key, quantized_module
 from lowvram.quantize.shards import NAME_DTYPES, ShardReader, ShardWriter, nbytes, read_header, shard_file_size
-from lowvram.quantize.stream import Busy, Hashes, ReadAhead, WriteBehind
+from lowvram.quantize.stream import BufferRing, Busy, Hashes, ReadAhead, WriteBehind
 
 DEFAULT_SHARD_SIZE = "3GB"
 AHEAD = 2  # source tensors read ahead of the one being converted, and converted ones waiting to be written
@@ -213,6 +213,10 @@ def _convert_all(tmp: Path, bar: Progress, names: list[str], groups: list[list[_
     hashes = Hashes(workers, on_bytes=lambda k: bar.update(hash_task, advance=k), busy=busy)
     input_records = [hashes.add(p, name) for p, name in inputs]  # read-only: hashed from the start
     readers = {shard: ShardReader(ckpt_dir / shard) for shard in sorted({i.shard for i in items})}
+    # every source tensor is read into one of these: the one being converted, `depth` read ahead, and `depth`
+    # waiting to be written (a tensor stored as read is written from its buffer), so the reader never waits
+    # on a buffer that only it could free
+    ring = BufferRing(2 * depth + 1, max(nbytes(i.shape, i.dtype) for i in items))
     writers: list[ShardWriter] = []
     shard_records: list = [None] * len(groups)
     order = [(gi, item) for gi, g in enumerate(groups) for item in g]
@@ -220,23 +224,37 @@ def _convert_all(tmp: Path, bar: Progress, names: list[str], groups: list[list[_
     def read(entry) -> tuple:  # on the reader thread
         item = entry[1]
         pair = lora_set.pair(item.key) if lora_set is not None else None
-        return readers[item.shard].read(item.key), pair
+        buf = ring.take()
+        try:
+            return readers[item.shard].read(item.key, into=buf), pair, buf
+        except BaseException:
+            ring.give(buf)
+            raise
+
+    def write(writer: ShardWriter, tensors: dict, buf) -> None:  # on the writer thread
+        _write_all(writer, tensors)
+        if buf is not None:
+            ring.give(buf)
 
     def finish(gi: int) -> None:  # on the writer thread, after the shard's last write
         writers[gi].close()
         shard_records[gi] = hashes.add(tmp / names[gi], names[gi])
 
-    write = busy.timed("writing", _write_all)
+    write = busy.timed("writing", write)
     convert_one = busy.timed("converting", _convert_tensor)
     reads, writes = ReadAhead(busy.timed("reading", read), order, depth), WriteBehind(depth)
     try:
         done = 0  # (no enumerate: it would hold the last source tensor while the next one is awaited)
-        for (gi, item), (t, pair) in reads:  # in natural-key order, `depth` read ahead
+        for (gi, item), (t, pair, buf) in reads:  # in natural-key order, `depth` read ahead
             if gi == len(writers):
                 writers.append(ShardWriter(tmp / names[gi], {o: v for i in groups[gi] for o, v in i.outputs.items()},
                                            metadata))
-            writes.submit(write, writers[gi], convert_one(item, t, pair, lora_set, metadata["scheme"], layers, device))
-            del t, pair
+            outputs = convert_one(item, t, pair, lora_set, metadata["scheme"], layers, device)
+            as_read = outputs.get(item.key) is t  # written from the buffer: it comes back after the write
+            if not as_read:
+                ring.give(buf)  # t was copied to the GPU (synchronously) or converted into new tensors
+            writes.submit(write, writers[gi], outputs, buf if as_read else None)
+            del t, pair, buf, outputs
             if item is groups[gi][-1]:
                 writes.submit(finish, gi)
             done += 1
@@ -244,6 +262,7 @@ def _convert_all(tmp: Path, bar: Progress, names: list[str], groups: list[list[_
         writes.wait()
         return [f.result() for f in shard_records] + [f.result() for f in input_records]
     except BaseException:
+        ring.close()  # a read waiting for a buffer gives up
         reads.close()
         writes.close()  # before the hashes: the writer thread submits the hash of each shard it closes
         hashes.close(stop=True)

@@ -121,11 +121,11 @@ class ShardWriter:
 
 
 class ShardReader:
-    """The tensors of one safetensors file, each read with positioned reads into a new host tensor.
+    """The tensors of one safetensors file, each read with positioned reads into host memory.
 
     Unlike safetensors' `get_tensor` (a view of a memory map, whose pages are read when first touched, by
-    whichever thread touches them), `read(key)` has read every byte when it returns, and the memory is an
-    ordinary allocation freed with the tensor: no file pages stay mapped. One thread at a time per reader.
+    whichever thread touches them), `read(key)` has read every byte when it returns, into a new tensor or
+    a buffer the caller reuses: no file pages stay mapped. One thread at a time per reader.
     """
 
     def __init__(self, path: Path):
@@ -136,15 +136,20 @@ class ShardReader:
         except OSError as e:
             raise CheckpointError(f"{self.path} cannot be read ({e.strerror or e}); check the file") from None
 
-    def read(self, key: str) -> torch.Tensor:
-        """Tensor `key` as stored (dtype, shape, bytes); CheckpointError if the file is short or unreadable."""
+    def nbytes(self, key: str) -> int:
+        begin, end = self.header[key]["data_offsets"]
+        return end - begin
+
+    def read(self, key: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `key` as stored (dtype, shape, bytes); CheckpointError if the file is short or unreadable.
+        into: a uint8 host buffer of at least nbytes(key) to read into (the result is a view of it)."""
         entry = self.header[key]
         begin, end = entry["data_offsets"]
         dtype, shape = NAME_DTYPES[entry["dtype"]], tuple(entry["shape"])
         if end - begin != nbytes(shape, dtype):
             raise CheckpointError(f"{self.path}: {key} holds {end - begin} bytes, its shape {list(shape)} "
                                   f"{entry['dtype']} needs {nbytes(shape, dtype)}; re-download the shard")
-        out = torch.empty(end - begin, dtype=torch.uint8)
+        out = torch.empty(end - begin, dtype=torch.uint8) if into is None else into[: end - begin]
         view, done = memoryview(out.numpy()), 0
         try:
             self._file.seek(self._data_start + begin)

@@ -1,13 +1,15 @@
 """The threads of `lowvram quantize`: reading ahead, writing behind, and hashing beside the arithmetic.
 
-    reader thread:  source tensor (+ its LoRA pair) read into host memory, up to `depth` tensors ahead
+    reader thread:  source tensor (+ its LoRA pair) read into a reused host buffer (BufferRing), up to
+                    `depth` tensors ahead
     main thread:    LoRA merge, row quantization, SQNR (on the CPU or a GPU), one tensor after the other
     writer thread:  each result written at its planned offset, up to `depth` results behind; a shard closed
     hashing pool:   SHA-256 of every source file from the start, of every output shard once it is closed
 
-Every hand-off is bounded, so what waits in host RAM besides the tensor being converted is at most `depth`
-source tensors and `depth` converted ones (at full size under 0.6 GB: the largest DiT weight is 141 MB in
-bf16), plus what glibc's heap keeps as the threads' allocations interleave (tests/test_quantize_ram.py).
+Every hand-off is bounded: the source tensors live in 2 * depth + 1 buffers of the largest one's size (at
+full size 5 x 141 MB, of which only those ever used are resident), the converted ones waiting to be written
+are at most `depth`, plus what glibc's heap keeps as the threads' allocations interleave
+(tests/test_quantize_ram.py).
 Reads, writes and hashlib release the GIL, so the threads overlap with torch on the main thread.
 An error on any thread is raised on the main thread (at its next hand-off), which then stops the others:
 what is queued is cancelled, a hash in progress gives up at its next chunk, a read or write in progress
@@ -24,10 +26,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
+import torch
+
 from lowvram.quantize.format import sha256_file
 
 
 _END = object()
+
+
+class _Stopped(Exception):
+    """Work given up because the conversion failed (a hash at its next chunk, a read waiting for a buffer)."""
 
 
 def _done(fn: Callable, *args) -> Future:
@@ -70,6 +78,39 @@ class ReadAhead:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         self._queue.clear()
+
+
+class BufferRing:
+    """`count` host buffers of `nbytes` bytes each, reused: take() waits for a free one, give() returns it.
+
+    Reading into memory that is already resident spares the page faults (and the kernel's zeroing) that a
+    fresh allocation costs on every 4 KiB of every tensor, and fixes what the reader can hold. The buffer
+    given back last is taken first: the hot ones are reused, and one that is never needed is never touched
+    (no RSS). close() makes a take() that waits, or comes later, raise: a reader blocked on a full ring stops
+    with the run."""
+
+    def __init__(self, count: int, nbytes: int):
+        self._free = [torch.empty(nbytes, dtype=torch.uint8) for _ in range(count)]
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def take(self) -> torch.Tensor:
+        with self._cond:
+            while not self._free and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                raise _Stopped("the buffer ring is closed")
+            return self._free.pop()
+
+    def give(self, buf: torch.Tensor) -> None:
+        with self._cond:
+            self._free.append(buf)
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
 
 class WriteBehind:
@@ -118,10 +159,6 @@ class Busy:
                     self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
 
         return run
-
-
-class _Stopped(Exception):
-    """A hash given up because the conversion failed."""
 
 
 class Hashes:

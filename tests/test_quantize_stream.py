@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,11 @@ from safetensors import safe_open
 
 from lowvram.errors import CheckpointError
 from lowvram.quantize import convert as convert_mod
+from lowvram.quantize import shards
 from lowvram.quantize.cli import quantize_cmd
 from lowvram.quantize.convert import convert
 from lowvram.quantize.shards import ShardReader
-from lowvram.quantize.stream import ReadAhead, WriteBehind
+from lowvram.quantize.stream import BufferRing, ReadAhead, WriteBehind
 
 
 def _files(folder: Path) -> dict:
@@ -41,6 +43,13 @@ def _manifest(folder: Path) -> dict:
 def test_pipelined_conversion_writes_the_serial_bytes(tiny_ckpt, tmp_path, scheme, monkeypatch):
     ckpt, lora = tiny_ckpt
     monkeypatch.setattr(convert_mod, "AHEAD", 3)  # deeper than the tiny shards: reads and writes cross them
+    real_pwrite = shards._pwrite
+
+    def slow_pwrite(fd, view, offset):  # the writer lags: reads run ahead into every buffer of the ring
+        time.sleep(0.002)
+        return real_pwrite(fd, view, offset)
+
+    monkeypatch.setattr(shards, "_pwrite", slow_pwrite)
     outs = {}
     for overlap in (False, True):
         out = tmp_path / f"{scheme}-{overlap}"
@@ -113,6 +122,18 @@ def test_read_ahead_and_write_behind_keep_order_and_raise_errors():
     writes.close()
 
 
+def test_a_closed_ring_stops_a_reader_waiting_for_a_buffer():
+    ring = BufferRing(1, 16)
+    buf = ring.take()
+    waiting = ReadAhead(lambda i: ring.take(), range(3), depth=1)
+    it = iter(waiting)
+    ring.close()  # as the main thread does on an error, before it waits for the reader
+    with pytest.raises(Exception, match="ring is closed"):
+        next(it)
+    waiting.close()
+    ring.give(buf)
+
+
 def _run(*args):
     res = CliRunner().invoke(quantize_cmd, [str(a) for a in args])
     return res.exit_code, [line for line in res.output.splitlines() if line.strip()]
@@ -133,11 +154,11 @@ def test_a_shard_truncated_mid_run_is_one_line_and_leaves_nothing(tiny_ckpt, tmp
     threads = set()
 
     class ShortensOnFirstRead(ShardReader):  # the up-front checks pass; the shard then shrinks under the reader
-        def read(self, key):
+        def read(self, key, into=None):
             threads.add(threading.current_thread().name)
             if self.path == shard and shard.stat().st_size == (ckpt / shard.name).stat().st_size:
                 os.truncate(shard, shard.stat().st_size - 1000)
-            return super().read(key)
+            return super().read(key, into)
 
     monkeypatch.setattr(convert_mod, "ShardReader", ShortensOnFirstRead)
     code, lines = _run("--ckpt-dir", src, "--lora", lora, "--scheme", "int8", "--out", tmp_path / "out",
