@@ -24,7 +24,10 @@ from lowvram.quantize.convert import DEFAULT_SHARD_SIZE, convert
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 @click.option("--shard-size", default=DEFAULT_SHARD_SIZE, show_default=True,
               help="Target size of each output shard (e.g. 2GB, 4GB, 500MB).")
-def quantize_cmd(ckpt_dir, lora, scheme, out, keep_bf16, lora_alpha, force, shard_size):
+@click.option("--device", default="auto", show_default=True,
+              help="Where the LoRA merge and the quantization run: cuda, cuda:N, cpu or auto (a CUDA GPU when "
+                   "there is one). The GPU's merge may round a few weights one step differently.")
+def quantize_cmd(ckpt_dir, lora, scheme, out, keep_bf16, lora_alpha, force, shard_size, device):
     """Merge the LoRA and quantize the DiT's Linear weights to 8 bits, once per checkpoint."""
     convert(ckpt_dir, out, scheme, lora=lora, keep_bf16=keep_bf16, lora_alpha=lora_alpha, force=force,
-            shard_size=shard_size)
+            shard_size=shard_size, device=device)

@@ -36,11 +36,14 @@ class QuantInfo:
     shards: tuple[str, ...]
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, on_chunk=None) -> str:
+    """Hex SHA-256 of a file, read in 16 MiB chunks; on_chunk(bytes) after each (progress, or raise to stop)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(HASH_CHUNK):
             h.update(chunk)
+            if on_chunk is not None:
+                on_chunk(len(chunk))
     return h.hexdigest()
 
 

@@ -4,7 +4,8 @@ A safetensors file is an 8-byte little-endian header length, a JSON header (`{na
 data_offsets: [begin, end)}, "__metadata__": {str: str}}`, padded with spaces to 8 bytes), then the raw
 little-endian bytes of the tensors back to back. `ShardWriter` plans the whole header from shapes and dtypes,
 writes it, then accepts tensors in any order and writes each at its offset, so the process never holds more
-than the tensor being written.
+than the tensor being written. `ShardReader` is the other direction: one tensor's bytes read with a plain
+positioned read into memory the process owns (no memory map), so the read happens on the thread that asks.
 """
 
 from __future__ import annotations
@@ -107,13 +108,65 @@ class ShardWriter:
         self._pending.discard(name)
 
     def close(self) -> None:
-        os.close(self._fd)
+        self.abort()
         if self._pending:
             raise RuntimeError(f"{self.path}: {len(self._pending)} planned tensors never written, "
                                f"e.g. {sorted(self._pending)[0]}")
 
     def abort(self) -> None:
-        os.close(self._fd)
+        """Close the file (again: a no-op), written or not; the caller removes it."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+class ShardReader:
+    """The tensors of one safetensors file, each read with positioned reads into host memory.
+
+    Unlike safetensors' `get_tensor` (a view of a memory map, whose pages are read when first touched, by
+    whichever thread touches them), `read(key)` has read every byte when it returns, into a new tensor or
+    a buffer the caller reuses: no file pages stay mapped. One thread at a time per reader.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.header, self._data_start = read_header_at(self.path)
+        try:
+            self._file = open(self.path, "rb", buffering=0)
+        except OSError as e:
+            raise CheckpointError(f"{self.path} cannot be read ({e.strerror or e}); check the file") from None
+
+    def nbytes(self, key: str) -> int:
+        begin, end = self.header[key]["data_offsets"]
+        return end - begin
+
+    def read(self, key: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor `key` as stored (dtype, shape, bytes); CheckpointError if the file is short or unreadable.
+        into: a uint8 host buffer of at least nbytes(key) to read into (the result is a view of it)."""
+        entry = self.header[key]
+        begin, end = entry["data_offsets"]
+        dtype, shape = NAME_DTYPES[entry["dtype"]], tuple(entry["shape"])
+        if end - begin != nbytes(shape, dtype):
+            raise CheckpointError(f"{self.path}: {key} holds {end - begin} bytes, its shape {list(shape)} "
+                                  f"{entry['dtype']} needs {nbytes(shape, dtype)}; re-download the shard")
+        out = torch.empty(end - begin, dtype=torch.uint8) if into is None else into[: end - begin]
+        view, done = memoryview(out.numpy()), 0
+        try:
+            self._file.seek(self._data_start + begin)
+            while done < len(view):  # a read returns at most ~2 GiB on Linux, and less at the end of the file
+                n = self._file.readinto(view[done:])
+                if not n:
+                    size = os.fstat(self._file.fileno()).st_size
+                    raise CheckpointError(f"{self.path} is truncated: {key} ends at byte "
+                                          f"{self._data_start + end}, the file has {size} now; re-download the shard")
+                done += n
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read {key} ({e.strerror or e}); check the disk or "
+                                  "re-download the shard") from None
+        return out.view(dtype).reshape(shape) if out.numel() else torch.empty(shape, dtype=dtype)
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _layout(entries: dict[str, tuple[tuple, torch.dtype]], metadata: dict[str, str]):

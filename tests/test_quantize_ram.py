@@ -44,6 +44,10 @@ def test_peak_rss_of_a_1gib_conversion(tmp_path):
     assert len(manifest["shards"]) == 3 and len(manifest["layers"]) == 16
     # the target (BENCHMARKS.md §2): one output shard + 3 GB
     assert rss["peak"] < SHARD + 3 * 10**9
-    # streaming: the growth is a few layer-sized buffers plus allocator slack (measured 410-445 MiB here),
-    # below the 1 GiB checkpoint and below one 512 MiB source shard + its 256 MiB output shard
-    assert grown < 640
+    # streaming: the growth is a few layer-sized buffers, below the 1 GiB checkpoint. Measured here: 410-445
+    # MiB with the serial converter (a mapped source tensor, merged, quantized, scratch); 445-800 MiB since
+    # the conversion is pipelined (quantize/stream.py): two 64 MiB source tensors read ahead and two 32 MiB
+    # results waiting to be written, ~200 MiB, plus glibc heap the main thread's arena keeps when the
+    # threads' allocations interleave (0-350 MiB from run to run; MALLOC_MMAP_THRESHOLD_=1048576 removes it,
+    # at the price of page faults on every 16 MiB scratch block of the CPU path)
+    assert grown < 1024

@@ -3,6 +3,7 @@
     python tools/user_path.py --stage write                  # the 47 GB synthetic checkpoint       ~1-3 min
     python tools/user_path.py --stage quantize --schemes int8  # lowvram quantize int8               ~2-4 min
     python tools/user_path.py --stage quantize --schemes fp8   # and fp8 (both in one call: ~4-7 min)  ~2-4 min
+    python tools/user_path.py --stage quantize --devices cuda,cpu  # each scheme on the GPU and the CPU, compared
     python tools/user_path.py --stage run --only 4090-cold,4090-warm,4090-5clip                    ~4-6 min
     python tools/user_path.py --stage run --only 12gb,h100-80                                       ~3-4 min
     python tools/user_path.py --stage bench                  # tools/bench.py, the 4090 profile      ~2-3 min
@@ -30,9 +31,12 @@ its record says so.
 Stages:
 - write: lowvram.demo.full.write_full with the random numbers made on the GPU; per-file time and peak RSS.
 - quantize: the plain read time of the input (DiT shards + LoRA, after eviction; disk read speed measured on
-  the T5 file as well), then `lowvram quantize` int8 and fp8: wall time, peak RSS (VmHWM polled, and the
-  manifest's own figure), bytes read/written (/proc/<pid>/io), against peak RSS <= one output shard + 3 GB and
-  time <= 2x the plain read.
+  the T5 file as well), then `lowvram quantize` int8 and fp8 with `--device` each of --devices: wall and CPU
+  time, peak RSS (VmHWM polled, and the manifest's own figure), bytes read/written (/proc/<pid>/io), against
+  peak RSS <= one output shard + 3 GB and time <= 2x the plain read. With several devices the first one's
+  output stays (ROOT/int8, ROOT/fp8); each other one is written beside it (16.7 GB more on the disk for a
+  while), compared with it tensor by tensor (compare_outputs: tensors, codes and scales that differ, and by how
+  much) and removed.
 - run: `lowvram run` at 704*384 with the carried portrait and speech (MEDIA/portrait.png, speech.wav,
   inputs.json from tools/make_user_inputs.py): 4090-cold (--profile 4090 --vram-cap-gib 24, page cache and
   prompt cache cold), 4090-warm (the same again: warm cache, prompt cache hit), 4090-5clip (--num-clip 5),
@@ -300,6 +304,63 @@ def _ensure_source(ctx: Ctx) -> dict | None:
     return stage_write(ctx)
 
 
+def compare_outputs(a: Path, b: Path) -> dict:
+    """Two `lowvram quantize` directories tensor by tensor (e.g. --device cuda against --device cpu): how many
+    tensors and elements differ, and by how much. 8-bit codes in quanta (INT8: integer steps; FP8: steps along
+    the e4m3 grid, ordered by sign and magnitude), other tensors (scales, bf16) as the largest relative change."""
+    import torch
+    from safetensors import safe_open
+
+    index = "diffusion_pytorch_model.safetensors.index.json"  # lowvram.constants.INDEX_FILE
+    maps = [json.loads((d / index).read_text())["weight_map"] for d in (a, b)]
+    keys = sorted(set(maps[0]) & set(maps[1]))
+    res = {"a": str(a), "b": str(b), "tensors": len(keys), "identical": 0,
+           "only_in_one": sorted(set(maps[0]) ^ set(maps[1])), "codes_total": 0, "codes_differing": 0,
+           "max_quanta": 0, "scale_rows_differing": 0, "max_scale_rel": 0.0,
+           "other_tensors_differing": 0, "differing": []}
+
+    def ordinal(q):  # codes as integers whose differences count quanta
+        if q.dtype == torch.int8:
+            return q.int()
+        u = q.view(torch.uint8).int()  # e4m3 bits: the sign, then 7 bits that grow with the magnitude
+        return torch.where(u >= 128, -(u & 0x7F), u & 0x7F)
+
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    for key in keys:
+        with safe_open(str(a / maps[0][key]), "pt") as fa, safe_open(str(b / maps[1][key]), "pt") as fb:
+            x, y = fa.get_tensor(key).reshape(-1), fb.get_tensor(key).reshape(-1)
+        if key.endswith(".qweight"):
+            res["codes_total"] += x.numel()
+        row = {"key": key, "dtype": str(x.dtype).replace("torch.", ""), "elements": x.numel()}
+        if x.shape != y.shape or x.dtype != y.dtype:
+            row["error"] = f"{x.numel()} {x.dtype} vs {y.numel()} {y.dtype}"
+            res["other_tensors_differing"] += 1
+            res["differing"].append(row)
+            continue
+        ne = x.view(bits[x.element_size()]) != y.view(bits[y.element_size()])  # bit for bit, element by element
+        row["differing"] = int(ne.sum())
+        if not row["differing"]:
+            res["identical"] += 1
+            continue
+        xs, ys = x[ne], y[ne]  # only the differing elements from here on
+        if key.endswith(".qweight"):
+            row["max_quanta"] = int((ordinal(xs) - ordinal(ys)).abs().max())
+            res["codes_differing"] += row["differing"]
+            res["max_quanta"] = max(res["max_quanta"], row["max_quanta"])
+        else:
+            xf, yf = xs.double(), ys.double()
+            row["max_rel"] = ((xf - yf).abs() / xf.abs().clamp_min(1e-30)).max().item()
+            if key.endswith(".scale"):
+                res["scale_rows_differing"] += row["differing"]
+                res["max_scale_rel"] = max(res["max_scale_rel"], row["max_rel"])
+            else:
+                res["other_tensors_differing"] += 1
+        res["differing"].append(row)
+    res["tensors_differing"] = len(res["differing"])
+    res["differing"] = sorted(res["differing"], key=lambda r: -r.get("differing", 0))[:20]  # the worst, for the log
+    return res
+
+
 def _quant_out(ctx: Ctx, scheme: str) -> Path:
     return ctx.root / scheme
 
@@ -316,36 +377,58 @@ def stage_quantize(ctx: Ctx) -> dict:
     disk = read_all([ctx.src / "models_t5_umt5-xxl-enc-bf16.pth"], limit=4 * 10**9)
     res = {"stage": "quantize", "input_bytes": in_bytes, "plain_read": plain, "disk_read_t5": disk,
            "rewrote_source": rewrite is not None, "schemes": []}
+    devices = [ctx.device() if d == "auto" else d for d in ctx.args.devices.split(",") if d]
+    res["devices"], res["compare"] = devices, []
     for scheme in ctx.args.schemes.split(","):
-        out = _quant_out(ctx, scheme)
-        need = 0.55 * in_bytes  # 8-bit weights and fp32 scales: ~0.51x of bf16
-        free = shutil.disk_usage(fs_of(out)["path"]).free + sum(f.stat().st_size for f in files_under(out)
-                                                                  if f.stat().st_nlink == 1)
-        if need > free:
-            res["schemes"].append({"scheme": scheme, "error": f"{free / GB:.1f} GB free for {out}, {need / GB:.1f} needed"})
-            continue
-        shutil.rmtree(out, ignore_errors=True)  # the conversion stages its output beside --out: make room first
-        evict(inputs)
-        cmd = ctx.py + ["-m", "lowvram.cli.main", "quantize", "--ckpt-dir", str(ctx.src), "--lora", str(ctx.lora),
-                        "--scheme", scheme, "--out", str(out), "--force"]
-        if ctx.quick:
-            cmd += ["--shard-size", "1MB"]
-        r = run_child(f"quantize-{scheme}", cmd, ctx.logs, timeout=ctx.args.timeout)
-        r["scheme"] = scheme
-        manifest = out / "manifest.json"  # lowvram.quantize.format.MANIFEST_NAME
-        man = json.loads(manifest.read_text()) if r["rc"] == 0 and manifest.is_file() else {}
-        shard_sizes = [s["size"] for s in man.get("shards", [])] or [f.stat().st_size for f in out.glob("*.safetensors")]
-        r["output_bytes"] = sum(shard_sizes)
-        r["largest_output_shard_bytes"] = max(shard_sizes, default=0)
-        r["manifest_peak_rss_bytes"] = man.get("peak_rss_bytes")
-        peak = max(v for v in (r.get("peak_rss_bytes"), r["manifest_peak_rss_bytes"], 0) if v is not None)
-        r["target_rss_bytes"] = r["largest_output_shard_bytes"] + 3 * 10**9
-        r["rss_ok"] = peak <= r["target_rss_bytes"]
-        r["time_ratio"] = round(r["wall_s"] / max(plain["seconds"], 1e-9), 2)
-        r["time_ratio_vs_disk_speed"] = round(r["wall_s"] / max(in_bytes / GB / max(disk["gb_per_s"], 1e-9), 1e-9), 2)
-        r["time_ok"] = r["time_ratio"] <= 2.0
-        res["schemes"].append(r)
+        outs = []
+        for k, device in enumerate(devices):  # the first device's output is the one the runs use
+            out = _quant_out(ctx, scheme) if k == 0 else ctx.root / f"{scheme}.{k}-{device.replace(':', '')}"
+            r = _quantize_once(ctx, scheme, device, out, inputs, in_bytes, plain, disk)
+            res["schemes"].append(r)
+            if r.get("rc") == 0:
+                outs.append(out)
+        for out in outs[1:]:  # against the first, then removed (the disk holds one output of each scheme)
+            print(f"[compare] {outs[0].name} against {out.name}", flush=True)
+            t0 = time.perf_counter()
+            cmp = compare_outputs(outs[0], out)
+            cmp.update(scheme=scheme, seconds=round(time.perf_counter() - t0, 1))
+            res["compare"].append(cmp)
+            shutil.rmtree(out, ignore_errors=True)
     return res
+
+
+def _quantize_once(ctx: Ctx, scheme: str, device: str, out: Path, inputs, in_bytes: int, plain: dict,
+                   disk: dict) -> dict:
+    """One `lowvram quantize --device device` into out, measured (wall, CPU, RSS, io) against the targets."""
+    need = 0.55 * in_bytes  # 8-bit weights and fp32 scales: ~0.51x of bf16
+    free = shutil.disk_usage(fs_of(out)["path"]).free + sum(f.stat().st_size for f in files_under(out)
+                                                              if f.stat().st_nlink == 1)
+    if need > free:
+        return {"scheme": scheme, "device": device,
+                "error": f"{free / GB:.1f} GB free for {out}, {need / GB:.1f} needed"}
+    shutil.rmtree(out, ignore_errors=True)  # the conversion stages its output beside --out: make room first
+    evict(inputs)
+    cmd = ctx.py + ["-m", "lowvram.cli.main", "quantize", "--ckpt-dir", str(ctx.src), "--lora", str(ctx.lora),
+                    "--scheme", scheme, "--out", str(out), "--force", "--device", device]
+    if ctx.quick:
+        cmd += ["--shard-size", "1MB"]
+    r = run_child(f"quantize-{scheme}-{device.replace(':', '')}", cmd, ctx.logs, timeout=ctx.args.timeout)
+    r.update(scheme=scheme, device=device)
+    manifest = out / "manifest.json"  # lowvram.quantize.format.MANIFEST_NAME
+    man = json.loads(manifest.read_text()) if r["rc"] == 0 and manifest.is_file() else {}
+    shard_sizes = [s["size"] for s in man.get("shards", [])] or [f.stat().st_size for f in out.glob("*.safetensors")]
+    r["output_bytes"] = sum(shard_sizes)
+    r["largest_output_shard_bytes"] = max(shard_sizes, default=0)
+    r["manifest_peak_rss_bytes"] = man.get("peak_rss_bytes")
+    r["busy_s"] = man.get("seconds")  # the conversion's wall time and each thread's busy seconds
+    r["lowest_sqnr_db"] = min((v["sqnr_db"] for v in man.get("layers", {}).values()), default=None)
+    peak = max(v for v in (r.get("peak_rss_bytes"), r["manifest_peak_rss_bytes"], 0) if v is not None)
+    r["target_rss_bytes"] = r["largest_output_shard_bytes"] + 3 * 10**9
+    r["rss_ok"] = peak <= r["target_rss_bytes"]
+    r["time_ratio"] = round(r["wall_s"] / max(plain["seconds"], 1e-9), 2)
+    r["time_ratio_vs_disk_speed"] = round(r["wall_s"] / max(in_bytes / GB / max(disk["gb_per_s"], 1e-9), 1e-9), 2)
+    r["time_ok"] = r["time_ratio"] <= 2.0
+    return r
 
 
 def _media(ctx: Ctx) -> dict:
@@ -589,19 +672,31 @@ def table(result: dict) -> str:
         p = result["plain_read"]
         rows.append(f"plain read of the input: {p['bytes'] / GB:.2f} GB in {p['seconds']} s ({p['gb_per_s']} GB/s); "
                     f"disk read of the T5 file {result['disk_read_t5']['gb_per_s']} GB/s")
-        rows.append("| scheme | rc | wall s | x plain read | x disk read | peak RSS GiB (polled / manifest) | "
-                    "target GiB | out GB | read GB | written GB |")
-        rows.append("|---|---|---|---|---|---|---|---|---|---|")
+        rows.append("| scheme | device | rc | wall s | CPU s | x plain read | x disk read | peak RSS GiB (polled / "
+                    "manifest) | target GiB | out GB | read GB | written GB |")
+        rows.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in result["schemes"]:
             if "error" in r and "rc" not in r:
-                rows.append(f"| {r['scheme']} | error: {r['error']} |")
+                rows.append(f"| {r['scheme']} | {r.get('device', '-')} | error: {r['error']} |")
                 continue
             io = r.get("io") or {}
-            rows.append(f"| {r['scheme']} | {r['rc']} | {r['wall_s']} | {r['time_ratio']} | "
-                        f"{r['time_ratio_vs_disk_speed']} | {_gib(r.get('peak_rss_bytes'))} / "
+            rows.append(f"| {r['scheme']} | {r.get('device', '-')} | {r['rc']} | {r['wall_s']} | "
+                        f"{r.get('cpu_s', '-')} | {r['time_ratio']} | {r['time_ratio_vs_disk_speed']} | "
+                        f"{_gib(r.get('peak_rss_bytes'))} / "
                         f"{_gib(r.get('manifest_peak_rss_bytes'))} | {_gib(r['target_rss_bytes'])} | "
                         f"{_fmt(r['output_bytes'] / GB, 2)} | {_fmt(io.get('read_bytes', 0) / GB, 2)} | "
                         f"{_fmt(io.get('write_bytes', 0) / GB, 2)} |")
+        for r in result["schemes"]:
+            if r.get("busy_s"):
+                rows.append(f"{r['scheme']} on {r['device']}, seconds busy (of {r['busy_s'].get('wall')} s "
+                            "converting): " + ", ".join(f"{k} {v}" for k, v in r["busy_s"].items() if k != "wall")
+                            + f"; lowest SQNR {r.get('lowest_sqnr_db')} dB")
+        for c in result.get("compare", []):
+            rows.append(f"{c['scheme']} {Path(c['a']).name} vs {Path(c['b']).name}: {c['tensors_differing']} of "
+                        f"{c['tensors']} tensors differ; codes {c['codes_differing']} of {c['codes_total']} differ, "
+                        f"by at most {c['max_quanta']} quanta; scales {c['scale_rows_differing']} rows, by at most "
+                        f"{c['max_scale_rel']:.2e} relative; other tensors differing: {c['other_tensors_differing']}"
+                        + (f"; only in one: {len(c['only_in_one'])}" if c["only_in_one"] else ""))
     elif st == "run":
         rows.append("| run | rc | wall s | TTFF s (report / mp4 growth) | s/clip | peak VRAM GiB (alloc / NVML) | "
                     "peak RSS GiB | frames | fps | video s | audio s | T5 cache |")
@@ -648,6 +743,10 @@ def main(argv=None):
     ap.add_argument("--media", default=None, help="folder with portrait.png, speech.wav, inputs.json (default .media)")
     ap.add_argument("--out", default=None, help="results folder (default $OUT)")
     ap.add_argument("--schemes", default="int8,fp8")
+    ap.add_argument("--devices", default="auto",
+                    help="quantize stage: `lowvram quantize --device` for each, comma-separated (auto: cuda when there "
+                         "is a GPU); the first one's output is kept for the runs, the others are compared with it and "
+                         "removed")
     ap.add_argument("--only", default=None, help=f"runs of --stage run, comma-separated: {','.join(RUNS)}")
     ap.add_argument("--clips", type=int, default=2, help="clips of each run but 4090-5clip")
     ap.add_argument("--size", default=None, help="pixel-area budget (default 704*384; 64*112 with --quick)")

@@ -212,15 +212,27 @@ class LoraSet:
                 raise CheckpointError(f"LoRA {self.path}: {b_key} gives a delta of shape [{r_out}, {r_in}] but "
                                       f"{key} is {list(want)}; this LoRA does not fit the checkpoint")
 
-    def merge(self, key: str, weight: torch.Tensor) -> torch.Tensor:
-        """W + scale * (B @ A), computed in float32 and cast back to weight.dtype; W itself if not a target."""
+    def pair(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A [r, in], B [out, r]) of the adapter on base weight `key`, read into fp32 host tensors (every byte
+        read on return, the file closed again); None if `key` is not a target."""
+        mod = self.targets.get(key)
+        if mod is None:
+            return None
+        a_key, b_key = self._pairs[mod]
+        with self._open(self.path) as f:  # opened per layer: the mapping (and its RSS) ends with the call
+            # copy=True: an fp32 file would otherwise give views of the memory map, read only when touched
+            return f.get_tensor(a_key).to(torch.float32, copy=True), f.get_tensor(b_key).to(torch.float32, copy=True)
+
+    def merge(self, key: str, weight: torch.Tensor, pair: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> torch.Tensor:
+        """W + scale * (B @ A), computed in float32 on weight's device and cast back to weight.dtype; W itself if
+        not a target. pair: this key's `pair(key)` when already read (the converter reads it on its reader thread)."""
         mod = self.targets.get(key)
         if mod is None:
             return weight
-        a_key, b_key = self._pairs[mod]
-        with self._open(self.path) as f:  # opened per layer: the mapping (and its RSS) ends with the call
-            a = f.get_tensor(a_key).to(device=weight.device, dtype=torch.float32)  # [r, in]
-            b = f.get_tensor(b_key).to(device=weight.device, dtype=torch.float32)  # [out, r]
+        a, b = pair if pair is not None else self.pair(key)
+        a = a.to(device=weight.device, dtype=torch.float32)  # [r, in]
+        b = b.to(device=weight.device, dtype=torch.float32)  # [out, r]
         alpha = self.alphas[mod] / self.ranks[mod]
         out = torch.empty_like(weight)  # [out, in]
         step = max(1, MERGE_CHUNK // max(weight.shape[1], 1))  # row blocks bound the fp32 scratch
