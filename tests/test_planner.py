@@ -187,6 +187,34 @@ def test_budget_errors_say_what_fits():
         make_plan(Profile.from_name("4090"), FULL, 700, 384)
 
 
+def test_triton8_with_host_caches_plans_kv8_windows_and_the_int8_bytes():
+    """attention=triton8 on a host-cache profile: the step caches stay in host memory in the 8-bit kernel's format,
+    with int8's bytes over PCIe and in host memory; on the device a ring of kv8 windows (half the bf16 ones, and
+    no quantization temporaries) and the caches' K means; the sink stays int8 as the profile's kv_dtype says."""
+    for schedule, slots in (("sequential", 2), ("batched", 5)):
+        int8 = make_plan(Profile.from_name("4090", attention="sdpa", schedule=schedule), FULL, 704, 384)
+        kv8 = make_plan(Profile.from_name("4090", attention="triton8", schedule=schedule), FULL, 704, 384)
+        assert (int8.kv_format, kv8.kv_format, kv8.attention) == ("int8", "kv8", "triton8")
+        assert kv8.kv_caches == ("host",) * 4 and kv8.kv_slots == slots and kv8.sink_dtype == "int8"
+        for p in (int8, kv8):
+            streamed = sum(p.block_bytes[i] for i in p.streamed)
+            assert p.pcie_h2d_bytes == streamed // p.batch + 40 * (12672 - 3168) * ref_kv_token("int8")
+            assert p.pcie_d2h_bytes == 40 * 3168 * ref_kv_token("int8")
+        host = {p.kv_format: next(it.nbytes for it in p.items if it.what.startswith("KV ring")) for p in (int8, kv8)}
+        assert host["kv8"] == host["int8"] == 4 * 40 * 12672 * ref_kv_token("int8")
+        ws = {p.kv_format: next(it.nbytes for it in p.items if it.what.startswith("KV working")) for p in (int8, kv8)}
+        window8 = 12672 * ref_kv_token("int8")  # K, V int8 + their fp32 scales, in the kernel's layout
+        assert ws["kv8"] == slots * window8 + (12672 + 3168) * (5120 + 2 * 40 * 4)  # + V and scales staged
+        assert ws["kv8"] < 0.5 * ws["int8"]
+        means = [it.nbytes for it in kv8.items if it.what.startswith("kv8 K smoothing")]
+        assert means == [4 * 40 * 40 * 128 * 4] and not any(it.what.startswith("kv8") for it in int8.items)
+        assert len(kv8.resident) >= len(int8.resident) and kv8.peak_bytes <= 22.0 * GIB
+    gpu = make_plan(Profile.from_name("4090", attention="triton8", kv_placement="gpu", kv_dtype="bf16",
+                                      vram_budget_gib=76.0), FULL, 704, 384)
+    assert gpu.kv_format == "kv8" and gpu.pcie_h2d_bytes == 0 and gpu.sink_dtype == "bf16"
+    assert [it.nbytes for it in gpu.items if it.what.startswith("kv8 K smoothing")] == [4 * 40 * 40 * 128 * 4]
+
+
 # ---- the CLI
 @pytest.fixture
 def ckpt(tmp_path):

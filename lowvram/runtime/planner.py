@@ -28,7 +28,7 @@ from lowvram.constants import ALIGN, FRAMES_PER_BLOCK, GIB, KV_FRAMES, NUM_STEPS
 from lowvram.errors import LowvramError
 from lowvram.model.attention import Attention
 from lowvram.model.config import DiTConfig, token_grid
-from lowvram.runtime.kv_cache import KVFormat, kv_token_bytes, kv_workspace_bytes, slots_for
+from lowvram.runtime.kv_cache import KVFormat, kv8_mean_bytes, kv_token_bytes, kv_workspace_bytes, slots_for
 from lowvram.runtime.offload import stream_order
 from lowvram.runtime.plan import Plan, PlanItem
 from lowvram.runtime.profile import Profile
@@ -149,11 +149,9 @@ def forward_activation_bytes(cfg: DiTConfig, lq: int, lk: int, sink: int, attent
 
 
 def kv_format_of(profile: Profile) -> KVFormat:
-    """How the step caches are stored: the 8-bit kernel's format on the GPU for triton8, else kv_dtype."""
+    """How the step caches are stored: for triton8 the 8-bit kernel's format, on the GPU or in host memory (the
+    same bytes over PCIe as int8; kv_dtype then only says how the sink is kept), else kv_dtype."""
     if profile.attention == Attention.TRITON8:
-        if profile.kv_placement == "host":
-            raise LowvramError(f"profile {profile.name}: attention triton8 reads 8-bit step caches on the GPU but "
-                               "kv_placement is host; use --set kv_placement=gpu kv_dtype=bf16 or --set attention=sdpa")
         return KVFormat.KV8
     return KVFormat(profile.kv_dtype)
 
@@ -202,12 +200,16 @@ def _fixed_items(m: _Model) -> list[PlanItem]:
     S, B = len(m.steps), m.batch
     if m.host_kv:
         slots = slots_for(B, KV_SLOTS)
+        note = {KVFormat.BF16: "bf16 windows", KVFormat.INT8: "bf16 windows + int8 staging",
+                KVFormat.KV8: "kv8 windows, read by the 8-bit kernel + V/scale staging"}[m.kv_format]
         items.append(PlanItem(f"KV working windows (a ring of {slots}: {B} forward(s) x 1 layer + 1)", "gpu",
-                              kv_workspace_bytes(cap, lq, H, D, m.kv_format, slots), "bf16 windows"
-                              + (" + int8 staging" if m.kv_format == KVFormat.INT8 else "")))
+                              kv_workspace_bytes(cap, lq, H, D, m.kv_format, slots), note))
     else:
         items.append(PlanItem(f"KV ring caches ({S} steps x {cap} tokens)", "gpu", S * L * cap * m.tok_kv,
                               m.kv_format.value))
+    if m.kv_format == KVFormat.KV8:  # each cache's per-layer K mean stays on the device (no PCIe bytes)
+        items.append(PlanItem(f"kv8 K smoothing means ({S} caches x {L} layers)", "gpu", S * kv8_mean_bytes(L, 1, H, D),
+                              "fp32"))
     if m.decode:
         items.append(vae_decoder_item(m.sizes, m.width, m.height))
     if m.profile.quant != "bf16":  # planned once, not per forward of a batched call (see the constant)
@@ -369,7 +371,7 @@ def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vr
     if tensor_bytes:
         sizes = replace(sizes, dit=dict(tensor_bytes), exact=True)
     kv_format = kv_format_of(profile)
-    sink = sink_dtype or ("int8" if kv_format == KVFormat.INT8 else "bf16")
+    sink = sink_dtype or profile.kv_dtype  # an int8 sink with kv8 host caches too (the 8-bit kernel takes bf16 layers)
     slab, rest = _weights(profile, cfg, sizes)
     steps = tuple(range(NUM_STEPS)) if steps is None else tuple(steps)
 

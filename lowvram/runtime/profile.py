@@ -56,7 +56,8 @@ class Profile:
     quant: str  # DiT Linear weights: int8 | fp8 (W8A8) | bf16
     attention: Attention  # sdpa (torch) | triton (bf16 kernel) | triton8 (8-bit QK/PV kernel)
     kv_placement: str  # the four step KV caches: gpu | host (pinned RAM, streamed per layer)
-    kv_dtype: str  # bf16 | int8 (per-token-per-head absmax; host placement only; the sink K/V follow it)
+    kv_dtype: str  # bf16 | int8 (per-token-per-head absmax; host placement only; the sink K/V follow it); with
+    #                 attention triton8 the step caches hold the 8-bit kernel's format (kv8) and this sets the sink
     t5: str  # umT5 while encoding the prompt: bf16 | int8 | nf4 on the GPU, or cpu
     vae_decode: str  # frame: the Wan VAE, one latent at a time, the reference's bits | fast: the same with
     #                   channels-last convs, the fused norm and CUDA graphs (bf16-close) | tiny: TAEHV (drafts)
