@@ -24,8 +24,8 @@ from lowvram.runtime.schedule import ticks
 HW = (16, 16)
 
 
-def _plan(model, schedule, **kw):
-    prof = Profile.from_name("12gb", quant="bf16", schedule=schedule, **kw)
+def _plan(model, schedule, **kw):  # sdpa unless said: the 12gb profile's "auto" is triton8 on its card
+    prof = Profile.from_name("12gb", quant="bf16", schedule=schedule, **{"attention": "sdpa", **kw})
     return make_plan(prof, model.cfg, HW[1] * 8, HW[0] * 8, sink_dtype="bf16")
 
 
