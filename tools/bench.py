@@ -17,7 +17,14 @@ throughput ratio), labelled as such. The runs walk the timestep-forcing ticks as
 `--tpp` measures one rank of the multi-GPU pipeline and projects 4- and 5-GPU throughput from it.
 Runs of one weight scheme share one random model. Prints a table last and writes JSON under --out.
 A profile's attention "auto" resolves by this GPU as `lowvram run` would (sdpa on an H200, triton8 on
-sm_86/sm_89): set attention= to measure another backend.
+sm_86/sm_89): set attention= to measure another backend. Issue 15's run (the last command above, in the
+profile's batched schedule; again with --set schedule=sequential for one forward per call) measures, for kv8
+host caches read by the 8-bit kernel against int8 host caches dequantized for SDPA, on the same H200 under the
+4090's 24 GiB cap: DiT s/clip, copy-stream busy fraction (kv8 relays V on the copy stream instead of
+dequantizing K and V), PCIe bytes per forward (the same KV bytes: the plans' 5.25 vs 5.42 GB batched, 6.13 vs
+6.48 sequential, differ only by the streamed blocks), and NVML peak against the plan (kv8's working windows:
+0.70 instead of 1.55 GiB batched, 0.33 instead of 0.82 sequential). On an H200 the 8-bit kernel is slower than
+cuDNN (0.55x, BENCHMARKS.md section 3), so its FPS there says nothing of a 4090's; that is a projection.
 """
 
 from __future__ import annotations
