@@ -29,6 +29,15 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def torch_attention(monkeypatch):
+    """The attention kernels' torch fallbacks on the CPU instead of Triton's interpreter (~5 s per tiny-model
+    forward with triton8 here): for whole-model tests whose subject is the caches and the engine, not the
+    kernels, which tests/test_kernels_attention.py and tests/test_kv_cache.py run interpreted."""
+    monkeypatch.setattr("lowvram.kernels.attention.triton_usable", lambda x: x.is_cuda)
+    monkeypatch.setattr("lowvram.kernels.attention8.triton_usable", lambda x: x.is_cuda)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_prompt_cache(tmp_path_factory):
     old = os.environ.get("LOWVRAM_CACHE")

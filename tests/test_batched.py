@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from lowvram.demo.tiny import tiny_config, tiny_dit_state_dict
 from lowvram.model.dit import build_model
-from lowvram.runtime.kv_cache import GpuKVCache, HostKVCache, KVWorkspace, begin_forwards, slots_for
+from lowvram.runtime.kv_cache import GpuKV8Cache, GpuKVCache, HostKVCache, KVWorkspace, begin_forwards, slots_for
 
 HW = (16, 16)
 TPF = (HW[0] // 2) * (HW[1] // 2)  # tokens per latent frame
@@ -147,25 +147,27 @@ def _call(caches, starts, new):
     for layer in range(L):
         for j, c in enumerate(caches):
             k, v = c.update(layer, *new[j][layer])
-            seen.append((k.clone(), v.clone()))
+            ts = (k, v) if v is not None else (k.k, k.k_scale, k.v, k.v_scale, k.k_mean)  # kv8: a KV8Cache view
+            seen.append(tuple(t.clone() for t in ts))
             c.done(layer)
     return seen
 
 
 @pytest.mark.parametrize("n_slots", [2, slots_for(4), 9])
-@pytest.mark.parametrize("kv_dtype", ["bf16", "int8"])
+@pytest.mark.parametrize("kv_dtype", ["bf16", "int8", "kv8"])
 def test_workspace_ring_serves_b_caches_per_call(n_slots, kv_dtype):
     """4 host caches, one call per tick with starts that differ per cache (windows of different lengths, ring
     wraps) against GPU caches: bf16 windows bit-identical, INT8 windows within the 8-bit error and this call's
-    chunk exact; traffic = each cache's window once per call."""
+    chunk exact, kv8 windows bit-identical to GpuKV8Cache's; traffic = each cache's window once per call."""
     from lowvram.metrics import sqnr_db
     from lowvram.runtime.kv_cache import kv_token_bytes
 
     g = torch.Generator().manual_seed(3)
     int8 = kv_dtype == "int8"
-    ws = KVWorkspace(RING, 1, H, D, "cpu", n_slots=n_slots, int8=int8, max_new=N_NEW)
+    ws = KVWorkspace(RING, 1, H, D, "cpu", n_slots=n_slots, kv_format=kv_dtype, max_new=N_NEW)
     hosts = [HostKVCache(L, RING, 1, H, D, kv_dtype, "cpu", workspace=ws) for _ in range(4)]
-    gpus = [GpuKVCache(L, RING, 1, H, D, device="cpu") for _ in range(4)]
+    gpu_cache = GpuKV8Cache if kv_dtype == "kv8" else GpuKVCache
+    gpus = [gpu_cache(L, RING, 1, H, D, device="cpu") for _ in range(4)]
     for tick in range(9):  # cache j holds block tick - j: the pipeline's steady state, filling and wrapping
         live = [j for j in range(4) if tick - j >= 0]
         starts = [(tick - j) * N_NEW for j in live]
@@ -173,15 +175,15 @@ def test_workspace_ring_serves_b_caches_per_call(n_slots, kv_dtype):
         want = _call([gpus[j] for j in live], starts, new)
         ws.engine.reset_stats()
         got = _call([hosts[j] for j in live], starts, new)
-        for (k1, v1), (k2, v2) in zip(want, got):
-            assert k1.shape == k2.shape
+        for w, h in zip(want, got):
+            assert [t.shape for t in w] == [t.shape for t in h]
             if int8:
-                assert sqnr_db(k1.float(), k2.float()) > 30 and sqnr_db(v1.float(), v2.float()) > 30
+                assert all(sqnr_db(a.float(), b.float()) > 30 for a, b in zip(w, h))
             else:
-                assert torch.equal(k1, k2) and torch.equal(v1, v2)
-        for j, (k2, _) in zip(live, got[-len(live):]):  # the chunk this call wrote is exact in every format
+                assert all(torch.equal(a, b) for a, b in zip(w, h))
+        for j, (k2, *_) in zip(live, got[-len(live):]):  # the chunk this call wrote is exact (bf16, int8)
             off = ((tick - j) * N_NEW) % RING
-            assert torch.equal(k2[:, off:off + N_NEW], new[live.index(j)][L - 1][0])
+            assert kv_dtype == "kv8" or torch.equal(k2[:, off:off + N_NEW], new[live.index(j)][L - 1][0])
         windows = sum(hosts[j].end - N_NEW for j in live) * L
         assert ws.engine.bytes_h2d == windows * kv_token_bytes(H, D, kv_dtype)
 

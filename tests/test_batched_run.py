@@ -24,8 +24,8 @@ from lowvram.runtime.schedule import ticks
 HW = (16, 16)
 
 
-def _plan(model, schedule, **kw):
-    prof = Profile.from_name("12gb", quant="bf16", schedule=schedule, **kw)
+def _plan(model, schedule, **kw):  # sdpa unless said: the 12gb profile's "auto" is triton8 on its card
+    prof = Profile.from_name("12gb", quant="bf16", schedule=schedule, **{"attention": "sdpa", **kw})
     return make_plan(prof, model.cfg, HW[1] * 8, HW[0] * 8, sink_dtype="bf16")
 
 
@@ -54,14 +54,17 @@ def _denoise(engine, num_blocks, drain=()):
     return done, calls
 
 
-@pytest.mark.parametrize("dtype, kv_dtype", [(torch.bfloat16, "bf16"), (torch.bfloat16, "int8"),
-                                             (torch.float32, "int8")])
-def test_run_works_batches_a_tick_and_streams_each_block_once_per_call(tiny_ckpt, dtype, kv_dtype):
-    """bf16 and fp32 models, 1 block resident (3 stream), host step caches: the batched engine's latents equal
-    the sequential engine's bit for bit over 7 blocks (fill, steady ticks of 4, ring wrap, drain), and the
-    streamer copies each streamed block once per DiT call instead of once per forward."""
-    seq = _engine(tiny_ckpt, "sequential", dtype, blocks_resident=1, kv_dtype=kv_dtype)
-    bat = _engine(tiny_ckpt, "batched", dtype, blocks_resident=1, kv_dtype=kv_dtype)
+@pytest.mark.parametrize("dtype, kv", [(torch.bfloat16, "bf16"), (torch.bfloat16, "int8"), (torch.float32, "int8"),
+                                       (torch.bfloat16, "kv8")])
+def test_run_works_batches_a_tick_and_streams_each_block_once_per_call(tiny_ckpt, dtype, kv, torch_attention):
+    """bf16 and fp32 models, 1 block resident (3 stream), host step caches (bf16, int8, and kv8 read by the 8-bit
+    attention; its torch fallback here): the batched engine's latents equal the sequential engine's bit for bit
+    over 7 blocks (fill, steady ticks of 4, ring wrap, drain), and the streamer copies each streamed block once
+    per DiT call instead of once per forward."""
+    ov = dict(kv_dtype="int8", attention="triton8") if kv == "kv8" else dict(kv_dtype=kv)
+    seq = _engine(tiny_ckpt, "sequential", dtype, blocks_resident=1, **ov)
+    bat = _engine(tiny_ckpt, "batched", dtype, blocks_resident=1, **ov)
+    assert seq.plan.kv_format == bat.plan.kv_format == kv
     assert (seq.plan.batch, bat.plan.batch) == (1, 4) and len(bat.streamer.streamed) == 3
     assert bat.kv[0].ws.n_slots == 5 and seq.kv[0].ws.n_slots == 2  # one layer's windows of the batch + 1
     for e in (seq, bat):
@@ -87,17 +90,22 @@ def test_a_smaller_batch_splits_the_tick_and_the_frames_stay(tiny_ckpt):
     assert calls == 14 and want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
-def test_the_planned_kv_workspace_is_the_allocated_one(tiny_ckpt):
+@pytest.mark.parametrize("attention", ["sdpa", "triton8"])
+def test_the_planned_kv_workspace_is_the_allocated_one(tiny_ckpt, attention):
     """`kv_workspace_bytes` in the plan = what the engine allocates for the plan's batch (INT8 host caches:
-    windows, staging and write-back chunk) plus the write-back's fp32 quantization temporaries."""
+    windows, staging and write-back chunk, plus the write-back's fp32 quantization temporaries; kv8: windows in
+    the kernel's format, V/scale staging and write-back chunk), and kv8's planned K means are the caches'."""
     for schedule in ("sequential", "batched"):
-        engine = _engine(tiny_ckpt, schedule, kv_dtype="int8")
+        engine = _engine(tiny_ckpt, schedule, kv_dtype="int8", attention=attention)
         plan, ws = engine.plan, engine.kv[0].ws
         item = next(it for it in plan.items if it.what.startswith("KV working windows"))
         hd = engine.model.cfg.num_heads * engine.model.cfg.head_dim
         assert ws.n_slots == plan.kv_slots == plan.batch + 1
-        assert item.nbytes == ws.nbytes() + 3 * ws.max_new * hd * 4
+        temps = 3 * ws.max_new * hd * 4 if attention == "sdpa" else 0
+        assert item.nbytes == ws.nbytes() + temps
         assert all(c.ws is ws for c in engine.kv)
+        means = [it.nbytes for it in plan.items if it.what.startswith("kv8 K smoothing")]
+        assert means == ([sum(c.k_mean.numel() * 4 for c in engine.kv)] if attention == "triton8" else [])
 
 
 # ------------------------------------------------------------------ whole runs

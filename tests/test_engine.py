@@ -35,8 +35,8 @@ def _run(model, engine, seed=0):
     return outs
 
 
-def _plan(model, **kw):
-    prof = Profile.from_name("12gb", quant="bf16", **kw)
+def _plan(model, **kw):  # sdpa unless said: the 12gb profile's "auto" is triton8 on its card
+    prof = Profile.from_name("12gb", quant="bf16", **{"attention": "sdpa", **kw})
     return make_plan(prof, model.cfg, HW[1] * 8, HW[0] * 8, sink_dtype="bf16")
 
 
@@ -72,6 +72,28 @@ def test_int8_host_kv_stays_close(tiny_ckpt):
     ref, approx = torch.stack(want), torch.stack(got)
     sqnr = 10 * torch.log10(ref.pow(2).sum() / (ref - approx).pow(2).sum())
     assert sqnr > 30, f"{sqnr:.1f} dB"
+
+
+@pytest.mark.parametrize("dtype, device", [(torch.float32, "cpu"), (torch.bfloat16, "cpu"),
+                                           pytest.param(torch.bfloat16, "cuda", marks=pytest.mark.cuda)])
+def test_triton8_host_caches_equal_the_device_caches(tiny_ckpt, dtype, device, torch_attention):
+    """attention=triton8: with the step caches in host memory (kv8 windows streamed to the device and read by the
+    8-bit attention as they land) the model computes, bit for bit, what it computes with them on the device in
+    the same format (5 blocks: the ring wraps; two step caches share the workspace; blocks streamed too). The
+    attention is the kernel's torch fallback on the CPU (tests/test_kv_cache.py runs the kernel itself over both
+    kinds of window), the compiled kernel on CUDA (with the copy streams and pinned memory)."""
+    ckpt, lora = tiny_ckpt
+    outs, kinds = [], []
+    for kw in (dict(kv_placement="gpu", kv_dtype="bf16", blocks_resident="all"),
+               dict(kv_placement="host", kv_dtype="int8", blocks_resident=1)):
+        model = load_dit(ckpt, lora=lora, dtype=dtype)
+        plan = _plan(model, attention="triton8", **kw)
+        assert plan.kv_format == "kv8" and set(plan.kv_caches) == {kw["kv_placement"]}
+        engine = Engine.build(model, plan, device)
+        outs.append(_run(model, engine))
+        kinds.append((type(engine.kv[0]).__name__, engine.stats().get("kv", {}).get("bytes_h2d", 0) > 0))
+    assert kinds == [("GpuKV8Cache", False), ("HostKVCache", True)]
+    assert all(torch.equal(a, b) for a, b in zip(*outs)) and outs[0][-1].abs().sum() > 0
 
 
 def test_oom_moves_one_more_block_to_streaming_and_retries(tiny_ckpt):

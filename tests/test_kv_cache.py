@@ -3,8 +3,10 @@ import math
 import pytest
 import torch
 
+from lowvram.kernels.attention8 import two_segment_attention8
 from lowvram.kernels.rowquant import dequantize_rows, quantize_rows_int8
 from lowvram.runtime.kv_cache import (
+    GpuKV8Cache,
     GpuKVCache,
     HostKVCache,
     KVWorkspace,
@@ -127,7 +129,7 @@ def test_quantize_roundtrip_and_workspace_bytes():
     assert q.dtype == torch.int8 and s.shape == x.shape[:-1] and int(q.abs().max()) == 127
     out = dequantize_rows(q, s, out=torch.empty_like(x))
     assert ((out - x).abs() <= s.unsqueeze(-1) / 2 + 1e-6).all()
-    ws = KVWorkspace(CAP, B, H, D, "cpu", n_slots=2, int8=True, max_new=N_NEW)
+    ws = KVWorkspace(CAP, B, H, D, "cpu", n_slots=2, kv_format="int8", max_new=N_NEW)
     held = sum(t.numel() * t.element_size() for t in (ws.kv, ws.stage_q, ws.stage_s, ws.wb_q, ws.wb_s))
     assert held + 3 * B * N_NEW * H * D * 4 == kv_workspace_bytes(CAP, N_NEW, H, D, "int8", 2, B)
 
@@ -141,6 +143,97 @@ def test_bad_chunks():
     ws = KVWorkspace(CAP, B, H, D, "cpu")
     with pytest.raises(ValueError, match="workspace"):
         HostKVCache(L, CAP, B, H, D, kv_dtype="int8", device="cpu", workspace=ws)
+    ws8 = KVWorkspace(CAP, B, H, D, "cpu", kv_format="int8", max_new=N_NEW)
+    with pytest.raises(ValueError, match="format"):
+        HostKVCache(L, CAP, B, H, D, kv_dtype="kv8", device="cpu", workspace=ws8)
+
+
+# ------------------------------------------------------------------ kv8: the 8-bit kernel's format in host memory
+D8 = 32  # a head dim the 8-bit kernel takes (the tiny model's)
+
+
+def _kv8_run(caches, starts, g, d=D8, device="cpu", attend=(), abort_at=None):
+    """Feed the same random chunks (bf16, with per-channel offsets as real keys have) to kv8 caches, one forward
+    per start; per cache, every window it returned (cloned: k, k_scale, v, v_scale, k_mean) and, for the starts
+    in `attend`, the 8-bit attention of random queries over each layer's window and a random sink.
+    abort_at: the forward of this start stops after layer 0 (a CUDA OOM) and runs again."""
+    seen, outs = [[] for _ in caches], [[] for _ in caches]
+    for start in starts:
+        new = [(torch.randn(B, N_NEW, H, d, generator=g) + 3 * torch.randn(1, 1, H, d, generator=g),
+                torch.randn(B, N_NEW, H, d, generator=g)) for _ in range(L)]
+        new = [tuple(t.bfloat16().to(device) for t in kv) for kv in new]
+        q = torch.randn(B, 2 * N_NEW, H, d, generator=g).bfloat16().to(device)
+        ks, vs = (torch.randn(B, 7, H, d, generator=g).bfloat16().to(device) for _ in range(2))
+        ang = torch.rand(7, d // 2, generator=g).to(device) * 6
+        for layers in ((1, L) if start == abort_at else (L,)):
+            for c in caches:
+                c.begin_forward(start, N_NEW)
+            for layer in range(layers):
+                for ci, c in enumerate(caches):
+                    win, none = c.update(layer, *new[layer])
+                    assert none is None and win.k.shape == (B, c.end, H, d)
+                    seen[ci].append((start, layer, [t.clone() for t in (win.k, win.k_scale, win.v, win.v_scale,
+                                                                         win.k_mean)]))
+                    if start in attend and layers == L:
+                        outs[ci].append(two_segment_attention8(q, win, ks, vs, ang.cos(), ang.sin()))
+                    c.done(layer)
+    return seen, outs
+
+
+def _same(a, b):
+    return len(a) == len(b) and all((s1, l1) == (s2, l2) and all(torch.equal(x, y) for x, y in zip(t1, t2))
+                                    for (s1, l1, t1), (s2, l2, t2) in zip(a, b))
+
+
+def test_host_kv8_equals_the_gpu_kv8_cache_bit_for_bit():
+    """Host kv8 caches (windows streamed through 2 slots) hold, window by window, the bytes GpuKV8Cache holds:
+    K, V, scales and the K mean fixed at the first write, across the ring's wrap, an aborted forward run again
+    and a reset (a new video, a new mean); the 8-bit kernel's outputs over them are bit-identical; the traffic
+    is int8's."""
+    g = torch.Generator().manual_seed(8)
+    gpu = GpuKV8Cache(L, CAP, B, H, D8, device="cpu")
+    host = HostKVCache(L, CAP, B, H, D8, kv_dtype="kv8", device="cpu", max_new=N_NEW)
+    starts = list(range(0, 9 * N_NEW, N_NEW))  # the ring wraps after 4
+    (a, b), (oa, ob) = _kv8_run([gpu, host], starts, g, attend=(2 * N_NEW, 5 * N_NEW, 7 * N_NEW), abort_at=5 * N_NEW)
+    assert _same(a, b) and len(a) == len(starts) * L + 1
+    assert len(oa) == len(ob) == 3 * L and all(torch.equal(x, y) and x.abs().sum() > 0 for x, y in zip(oa, ob))
+    first = [t[4] for _, layer, t in a[:L]]  # each layer's mean, from its first write
+    assert all(torch.equal(t[4], first[layer]) for _, layer, t in a)
+    for c in (gpu, host):
+        c.reset()
+    (a, b), _ = _kv8_run([gpu, host], [0, N_NEW], g)
+    assert _same(a, b) and not torch.equal(a[0][2][4], first[0])  # a new video: a new mean
+    host.reset_stats()
+    _kv8_run([host], [9 * N_NEW], g)  # one full-window forward: the window but the chunk in, the chunk out
+    tok = kv_token_bytes(H, D8, "kv8") * B * L
+    assert tok == kv_token_bytes(H, D8, "int8") * B * L
+    assert host.stats()["bytes_h2d"] == (CAP - N_NEW) * tok and host.stats()["bytes_d2h"] == N_NEW * tok
+
+
+def test_kv8_workspace_bytes_are_the_allocated_ones():
+    for slots, batch in ((2, 1), (5, 2)):
+        ws = KVWorkspace(CAP, batch, H, D8, "cpu", n_slots=slots, kv_format="kv8", max_new=N_NEW)
+        assert ws.nbytes() == kv_workspace_bytes(CAP, N_NEW, H, D8, "kv8", slots, batch)
+        assert not hasattr(ws, "kv")  # no bf16 windows
+    # at full size (2 slots): 0.35 GB against int8's 0.88 GB (bf16 windows, staging, quantization temporaries)
+    assert kv_workspace_bytes(12672, 3168, 40, 128, "kv8") < 0.45 * kv_workspace_bytes(12672, 3168, 40, 128, "int8")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_kv8_bit_identical_cuda():
+    """On the GPU (copy streams, events, pinned memory, the compiled 8-bit kernel), at the real head dim: host kv8
+    windows and attention outputs equal GpuKV8Cache's bit for bit."""
+    g = torch.Generator().manual_seed(9)
+    gpu = GpuKV8Cache(L, CAP, B, H, 128, device="cuda")
+    host = HostKVCache(L, CAP, B, H, 128, kv_dtype="kv8", device="cuda", max_new=N_NEW)
+    assert host.pinned
+    (a, b), (oa, ob) = _kv8_run([gpu, host], list(range(0, 9 * N_NEW, N_NEW)), g, 128, "cuda",
+                                attend=(3 * N_NEW, 8 * N_NEW), abort_at=6 * N_NEW)
+    assert _same(a, b) and len(oa) == 2 * L and all(torch.equal(x, y) for x, y in zip(oa, ob))
+    st = host.stats()
+    assert st["copy_busy_s"] > 0 and st["writeback_busy_s"] > 0
+    assert st["bytes_d2h"] == (9 * L + 1) * B * N_NEW * kv_token_bytes(H, 128, "kv8")  # + the aborted layer 0
 
 
 @pytest.mark.cuda

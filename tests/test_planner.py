@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from lowvram.cli.plan import plan_cmd, profiles_cmd, render_plan
 from lowvram.errors import LowvramError
 from lowvram.model.config import DiTConfig
+from lowvram.runtime.plan import plan_run
 from lowvram.runtime.planner import forward_activation_bytes, make_plan, token_counts
 from lowvram.runtime.profile import GIB, Profile
 
@@ -60,10 +61,10 @@ def test_token_counts_match_the_brief():
 def test_plan_decisions_against_independent_bytes(name, size):
     prof = Profile.from_name(name, schedule="sequential")  # one forward per call: the byte model below
     if (name, size) == ("12gb", (832, 480)):
-        # with the measured W8A8 transients, 480p needs more than a 12 GB card: the error says what fits
+        # with the measured W8A8 transients and sdpa's workspace (bf16 windows), 480p needs more than a 12 GB card:
+        # the error says what fits; the card's own attention ("auto": triton8, kv8 windows) fits
         with pytest.raises(LowvramError, match="smallest budget that fits is"):
-            make_plan(prof, FULL, *size)
-        prof = prof.with_overrides(vram_budget_gib=13.0, t5="nf4")
+            make_plan(prof.with_overrides(attention="sdpa"), FULL, *size)
     plan = make_plan(prof, FULL, *size)
     assert sorted(plan.resident + plan.streamed) == list(range(40)) and not set(plan.resident) & set(plan.streamed)
     for i, got in enumerate(plan.block_bytes):
@@ -187,6 +188,34 @@ def test_budget_errors_say_what_fits():
         make_plan(Profile.from_name("4090"), FULL, 700, 384)
 
 
+def test_triton8_with_host_caches_plans_kv8_windows_and_the_int8_bytes():
+    """attention=triton8 on a host-cache profile: the step caches stay in host memory in the 8-bit kernel's format,
+    with int8's bytes over PCIe and in host memory; on the device a ring of kv8 windows (half the bf16 ones, and
+    no quantization temporaries) and the caches' K means; the sink stays int8 as the profile's kv_dtype says."""
+    for schedule, slots in (("sequential", 2), ("batched", 5)):
+        int8 = make_plan(Profile.from_name("4090", attention="sdpa", schedule=schedule), FULL, 704, 384)
+        kv8 = make_plan(Profile.from_name("4090", attention="triton8", schedule=schedule), FULL, 704, 384)
+        assert (int8.kv_format, kv8.kv_format, kv8.attention) == ("int8", "kv8", "triton8")
+        assert kv8.kv_caches == ("host",) * 4 and kv8.kv_slots == slots and kv8.sink_dtype == "int8"
+        for p in (int8, kv8):
+            streamed = sum(p.block_bytes[i] for i in p.streamed)
+            assert p.pcie_h2d_bytes == streamed // p.batch + 40 * (12672 - 3168) * ref_kv_token("int8")
+            assert p.pcie_d2h_bytes == 40 * 3168 * ref_kv_token("int8")
+        host = {p.kv_format: next(it.nbytes for it in p.items if it.what.startswith("KV ring")) for p in (int8, kv8)}
+        assert host["kv8"] == host["int8"] == 4 * 40 * 12672 * ref_kv_token("int8")
+        ws = {p.kv_format: next(it.nbytes for it in p.items if it.what.startswith("KV working")) for p in (int8, kv8)}
+        window8 = 12672 * ref_kv_token("int8")  # K, V int8 + their fp32 scales, in the kernel's layout
+        assert ws["kv8"] == slots * window8 + (12672 + 3168) * (5120 + 2 * 40 * 4)  # + V and scales staged
+        assert ws["kv8"] < 0.5 * ws["int8"]
+        means = [it.nbytes for it in kv8.items if it.what.startswith("kv8 K smoothing")]
+        assert means == [4 * 40 * 40 * 128 * 4] and not any(it.what.startswith("kv8") for it in int8.items)
+        assert len(kv8.resident) >= len(int8.resident) and kv8.peak_bytes <= 22.0 * GIB
+    gpu = make_plan(Profile.from_name("4090", attention="triton8", kv_placement="gpu", kv_dtype="bf16",
+                                      vram_budget_gib=76.0), FULL, 704, 384)
+    assert gpu.kv_format == "kv8" and gpu.pcie_h2d_bytes == 0 and gpu.sink_dtype == "bf16"
+    assert [it.nbytes for it in gpu.items if it.what.startswith("kv8 K smoothing")] == [4 * 40 * 40 * 128 * 4]
+
+
 # ---- the CLI
 @pytest.fixture
 def ckpt(tmp_path):
@@ -198,10 +227,60 @@ def _run(*args):
     return CliRunner().invoke(plan_cmd, [str(a) for a in args])
 
 
+@pytest.mark.parametrize("cap, want", [((8, 9), "triton8"), ((8, 6), "triton8"), ((9, 0), "sdpa"), ((8, 0), "sdpa"),
+                                       ((12, 0), "sdpa")])
+def test_auto_attention_resolves_by_the_measured_gpu(ckpt, cap, want):
+    """attention = "auto" (the 24/16/12 GB profiles): the 8-bit kernel with kv8 host caches on sm_86/sm_89, where
+    INT8 tensor cores run >= 4x bf16; sdpa with int8 host caches on Hopper and elsewhere; the plan says why."""
+    from lowvram.runtime.machine import Machine
+
+    for name in ("4090", "3090", "16gb", "12gb"):
+        machine = Machine("cuda", capability=cap)  # what Machine.detect reads off a GPU; nothing else checked
+        plan = plan_run(ckpt, name, (), "704*384", machine=machine, device=torch.device("cuda"), dtype=torch.bfloat16)
+        assert (plan.attention, plan.kv_format) == (want, "kv8" if want == "triton8" else "int8"), name
+        assert plan.attention_why.startswith(f"auto on sm_{cap[0]}{cap[1]} (this GPU)")
+        assert plan.to_dict()["profile"]["attention"] == "auto" and plan.to_dict()["attention"] == want
+    assert "Hopper" in plan_run(ckpt, "4090", (), "704*384", machine=Machine("cuda", capability=(9, 0)),
+                                device=torch.device("cuda")).attention_why
+    # an explicit choice is never second-guessed
+    sm90 = plan_run(ckpt, "4090", ("attention=triton8",), "704*384", machine=Machine("cuda", capability=(9, 0)),
+                    device=torch.device("cuda"))
+    assert (sm90.attention, sm90.kv_format, sm90.attention_why) == ("triton8", "kv8", "set by the profile or an override")
+
+
+def test_auto_attention_without_a_measured_gpu():
+    """No GPU measured (`lowvram plan` on another machine, make_plan alone): the card the profile names; the CPU
+    device (the tiny checkpoint's runs): sdpa; a profile that names no card (the resident preset): sdpa."""
+    from lowvram.model.attention import CHOICES, attend_two_segments, check_backend
+    from lowvram.runtime.planner import resolve_attention
+
+    got = {n: resolve_attention(Profile.from_name(n, attention="auto"))[0] for n in NAMES}
+    assert got == {"12gb": "triton8", "16gb": "triton8", "3090": "triton8", "4090": "triton8", "a100-80": "sdpa",
+                   "h100-80": "sdpa"}
+    assert resolve_attention(Profile.from_name("4090"))[1] == ("auto on sm_89 (profile 4090's card, no GPU "
+                                                               "measured): INT8 tensor cores run >= 4x bf16 there")
+    assert resolve_attention(Profile.from_name("4090"), (8, 9), "cpu") == ("sdpa", "auto on the CPU: no INT8 tensor "
+                                                                           "cores to gain from")
+    assert resolve_attention(Profile.from_name("4090", compute_capability="9.0"))[0] == "sdpa"
+    assert resolve_attention(Profile.resident("int8", 24.0, attention="auto"))[0] == "sdpa"
+    p = make_plan(Profile.from_name("4090"), FULL, 704, 384)
+    assert (p.attention, p.kv_format, p.kv_caches) == ("triton8", "kv8", ("host",) * 4)
+    # "auto" is a profile's word: the model runs resolved backends only
+    check_backend("auto", CHOICES)
+    with pytest.raises(LowvramError, match="resolved by the planner"):
+        check_backend("auto")
+    with pytest.raises(LowvramError, match="resolved by the planner"):
+        attend_two_segments(*[torch.zeros(1, 2, 1, 8)] * 3, None, None, None, None, backend="auto")
+
+
 def test_plan_cli_prints_the_plan(ckpt):
     r = _run("--profile", "4090", "--ckpt-dir", ckpt, "--size", "704*384")
     assert r.exit_code == 0, r.output
     assert "blocks resident: " in r.output and "PCIe per forward" in r.output and "estimated" in r.output
+    # no GPU here: planned for the profile's card (sm_89), whose attention "auto" is the 8-bit kernel
+    assert "KV host kv8" in r.output and "attention triton8: auto on sm_89 (profile 4090's card" in r.output
+    r = _run("--profile", "4090", "--ckpt-dir", ckpt, "--size", "704*384", "--set", "compute_capability=9.0")
+    assert r.exit_code == 0 and "attention sdpa: auto on sm_90" in r.output and "KV host int8" in r.output
     r = _run("--profile", "12gb", "--ckpt-dir", ckpt, "--size", "832*480", "--set", "prefetch_blocks=2",
              "--set", "vram_budget_gib=13.0")
     assert r.exit_code == 0 and "(3 GPU buffers)" in r.output
@@ -250,10 +329,12 @@ def test_profiles_cmd_lists_one_line_each():
     assert [ln.split()[0] for ln in lines] == NAMES + ["auto"]
 
 
-def test_a_batched_schedule_plans_the_batch_and_shares_the_streamed_blocks():
-    """schedule=batched: one DiT call runs a tick's 4 forwards; activations and KV windows are planned for 4,
-    and a streamed block crosses PCIe once per call, so its bytes per forward are a quarter."""
-    over = dict(vram_budget_gib=40.0, blocks_resident=20)
+@pytest.mark.parametrize("attention", ["sdpa", "triton8"])
+def test_a_batched_schedule_plans_the_batch_and_shares_the_streamed_blocks(attention):
+    """schedule=batched: one DiT call runs a tick's 4 forwards; activations and KV windows (bf16, or kv8 for the
+    8-bit kernel) are planned for 4, and a streamed block crosses PCIe once per call, so its bytes per forward are
+    a quarter."""
+    over = dict(vram_budget_gib=40.0, blocks_resident=20, attention=attention)
     seq = make_plan(Profile.from_name("16gb", schedule="sequential", **over), FULL, 704, 384)
     bat = make_plan(Profile.from_name("16gb", schedule="batched", **over), FULL, 704, 384)
     assert (seq.batch, bat.batch, bat.schedule) == (1, 4, "batched") and seq.streamed == bat.streamed
@@ -261,9 +342,9 @@ def test_a_batched_schedule_plans_the_batch_and_shares_the_streamed_blocks():
     kv = 40 * (12672 - 3168) * ref_kv_token("int8")
     assert seq.pcie_h2d_bytes == streamed + kv and bat.pcie_h2d_bytes == streamed // 4 + kv
     assert bat.pcie_h2d_bytes_at(1) == seq.pcie_h2d_bytes and seq.pcie_h2d_bytes_at(4) == bat.pcie_h2d_bytes
-    act = {b: forward_activation_bytes(FULL, 3168, 12672 + 2640, 2640, "sdpa", b) for b in (1, 4)}
+    act = {b: forward_activation_bytes(FULL, 3168, 12672 + 2640, 2640, attention, b) for b in (1, 4)}
     win = {p.batch: next(it.nbytes for it in p.items if it.what.startswith("KV working")) for p in (seq, bat)}
-    window = 2 * 12672 * FULL.dim * 2  # one bf16 K+V window of the workspace ring
+    window = 12672 * (ref_kv_token("int8") if attention == "triton8" else ref_kv_token("bf16"))  # K+V of one slot
     assert (seq.kv_slots, bat.kv_slots) == (2, 5) and win[4] - win[1] == 3 * window  # a layer's 4 windows + 1
     assert act[4] > 3 * act[1] and bat.generate_peak_bytes > seq.generate_peak_bytes
     # a rank of the timestep-forcing pipeline holds only its own step's cache

@@ -29,6 +29,12 @@ def test_profile_contents_match_the_cards():
         assert (p[n].quant, p[n].kv_placement) == ("int8", "host") and p[n].t5 != "bf16"
     assert (p["a100-80"].quant, p["a100-80"].kv_placement) == ("int8", "gpu")
     assert (p["h100-80"].quant, p["h100-80"].kv_placement, p["h100-80"].kv_dtype) == ("fp8", "gpu", "bf16")
+    # the consumer cards' profiles pick the attention by the GPU; each profile names its card's capability
+    assert {n: p[n].attention for n in NAMES} == {**{n: "auto" for n in ("12gb", "16gb", "3090", "4090")},
+                                                  "a100-80": "sdpa", "h100-80": "sdpa"}
+    caps = {n: p[n].card_capability() for n in NAMES}
+    assert caps == {"12gb": (8, 9), "16gb": (8, 9), "3090": (8, 6), "4090": (8, 9), "a100-80": (8, 0), "h100-80": (9, 0)}
+    assert Profile.resident("bf16", 80.0).card_capability() is None
 
 
 def test_overrides_and_parse_set():
@@ -39,6 +45,8 @@ def test_overrides_and_parse_set():
     p = Profile.from_name("4090", **over)
     assert p.blocks_resident == 12 and p.kv_dtype == "bf16"
     assert parse_set(["blocks_resident=auto"]) == {"blocks_resident": "auto"}
+    assert parse_set(["attention=auto", "compute_capability=9.0"]) == {"attention": "auto", "compute_capability": "9.0"}
+    assert Profile.from_name("h100-80", attention="auto").attention == "auto"
     assert p.with_overrides(t5="cpu").t5 == "cpu"
 
 
@@ -64,6 +72,9 @@ def test_parse_set_errors_are_one_line(items, match):
     ({"quant": "int4"}, "quant"),
     ({"kv_placement": "gpu"}, "needs kv_placement=host"),  # 4090 keeps int8 KV
     ({"description": "two\nlines"}, "one non-empty line"),
+    ({"compute_capability": "sm_89"}, "MAJOR.MINOR"),
+    ({"compute_capability": 8.9}, "MAJOR.MINOR"),
+    ({"attention": "fast"}, "attention='fast' is not one of sdpa, triton, triton8, auto"),
     ({"colour": "red"}, "unknown key"),
 ])
 def test_validation_says_how_to_fix(over, match):

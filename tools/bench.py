@@ -4,6 +4,8 @@
     python tools/bench.py --quick --device cpu       # a scaled-down dry run of the same code
     python tools/bench.py --out $OUT --skip-accuracy --no-resident --profiles 4090,16gb,12gb \
         --schedules sequential,batched --tpp --clips 2   # issue 11: batched vs sequential, one TPP rank
+    python tools/bench.py --out $OUT --skip-accuracy --no-resident --profiles 4090 \
+        --set attention=triton8 --variant attention=sdpa --clips 2   # issue 15: host kv8 + 8-bit kernel vs sdpa
 
 Part 1, accuracy: SQNR of whole DiT forwards at 704x384 (int8 and fp8 W8A8 against bf16, same
 random weights, same inputs). Part 2, memory and speed: for each profile under its allocator cap, at least
@@ -14,6 +16,15 @@ throughput ratio), labelled as such. The runs walk the timestep-forcing ticks as
 (`--schedules sequential,batched` runs each profile both ways: a batched tick is one DiT call), and
 `--tpp` measures one rank of the multi-GPU pipeline and projects 4- and 5-GPU throughput from it.
 Runs of one weight scheme share one random model. Prints a table last and writes JSON under --out.
+A profile's attention "auto" resolves by this GPU as `lowvram run` would (sdpa on an H200, triton8 on
+sm_86/sm_89): set attention= to measure another backend. Issue 15's run (the last command above, in the
+profile's batched schedule; again with --set schedule=sequential for one forward per call) measures, for kv8
+host caches read by the 8-bit kernel against int8 host caches dequantized for SDPA, on the same H200 under the
+4090's 24 GiB cap: DiT s/clip, copy-stream busy fraction (kv8 relays V on the copy stream instead of
+dequantizing K and V), PCIe bytes per forward (the same KV bytes: the plans' 5.25 vs 5.42 GB batched, 6.13 vs
+6.48 sequential, differ only by the streamed blocks), and NVML peak against the plan (kv8's working windows:
+0.70 instead of 1.55 GiB batched, 0.33 instead of 0.82 sequential). On an H200 the 8-bit kernel is slower than
+cuDNN (0.55x, BENCHMARKS.md section 3), so its FPS there says nothing of a 4090's; that is a projection.
 """
 
 from __future__ import annotations
@@ -216,6 +227,13 @@ def _cap(device, cap_gib):
     return Machine.detect(device, cap_gib).free_vram_bytes if cap_gib else None
 
 
+def _gpu(device) -> dict:
+    """make_plan's view of the GPU, as `lowvram run` measures it: the profiles' attention "auto" resolves by it
+    (on this H200, sm_90: sdpa; --set attention=triton8 measures the 8-bit kernel with kv8 caches)."""
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return dict(capability=cap, device_type=device.type)
+
+
 def _overrides(scheme_override, overrides, device):
     ov = dict(overrides or {})
     if scheme_override:
@@ -239,7 +257,7 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
 
     prof = Profile.from_name(name, **_overrides(scheme_override, overrides, device))
     free = _cap(device, cap_gib)
-    plan = make_plan(prof, cfg, w * 8, h * 8, free_vram_bytes=free)
+    plan = make_plan(prof, cfg, w * 8, h * 8, free_vram_bytes=free, **_gpu(device))
     log(f"[{name} {plan.schedule}] {plan.headline()}")
     t0 = time.perf_counter()
     model = models.get(prof.quant) if models is not None else random_model(cfg, prof.quant, device, "cpu")
@@ -287,8 +305,8 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
     h2d = blk.get("bytes_h2d", 0) + kvs.get("bytes_h2d", 0)
     busy = blk.get("copy_busy_s", 0.0) + kvs.get("copy_busy_s", 0.0)
     res = dict(profile=name, cap_gib=cap_gib, scheme=plan.quant, gemm=plan.gemm, attention=str(plan.attention),
-               sink=plan.sink_dtype, schedule=plan.schedule, batch=plan.batch,
-               resident=len(plan.resident), streamed=len(plan.streamed), kv=f"{plan.kv_caches[0]}/{plan.kv_dtype}",
+               attention_why=plan.attention_why, sink=plan.sink_dtype, schedule=plan.schedule, batch=plan.batch,
+               resident=len(plan.resident), streamed=len(plan.streamed), kv=f"{plan.kv_caches[0]}/{plan.kv_format}",
                build_s=round(build_s, 1), s_per_clip=round(per_clip, 3), dit_s_per_clip=round(dit, 3),
                vae_s_per_clip=round(dec, 3), fps=round(48 / per_clip, 2),
                steady_fps=round(12 / (block_dit + dec / 4), 2), steady_dit_s_per_block=round(block_dit, 3),
@@ -341,7 +359,8 @@ def tpp_rank_run(cfg, h, w, device, log, vae=None, models=None, forwards=6, cap_
 
     free = _cap(device, cap_gib)
     ov = {**TPP_VARIANTS[variant], **_overrides(None, None, device)}
-    plan = make_plan(Profile.from_name("4090", **ov), cfg, w * 8, h * 8, free_vram_bytes=free, steps=(TPP_STEP,))
+    plan = make_plan(Profile.from_name("4090", **ov), cfg, w * 8, h * 8, free_vram_bytes=free, steps=(TPP_STEP,),
+                     **_gpu(device))
     log(f"[tpp rank {variant}] {plan.headline()}")
     model = models.get(plan.quant) if models is not None else random_model(cfg, plan.quant, device, "cpu")
     engine = Engine.build(model, plan, device, vae=vae, log=log)

@@ -18,7 +18,7 @@ import torch
 from lowvram.cli.clickutil import Command
 from lowvram.constants import GIB
 from lowvram.errors import LowvramError
-from lowvram.model.attention import BACKENDS
+from lowvram.model.attention import CHOICES as ATTENTION_CHOICES
 from lowvram.pipeline.options import MAX_STEPS
 from lowvram.runtime.plan import Plan
 from lowvram.runtime.profile import Profile
@@ -47,6 +47,7 @@ def render_plan(plan: Plan, other: Plan | str | None = None) -> str:
     lines = [
         f"weights {plan.quant}, attention {plan.attention}, GEMM {plan.gemm}, T5 {plan.t5}, "
         f"KV {plan.kv_caches[0]} {plan.kv_format}, sink {plan.sink_dtype}",
+        f"attention {plan.attention}: {plan.attention_why}",
         f"blocks resident: {_ranges(plan.resident) or 'none'}; streamed: {_ranges(plan.streamed) or 'none'} "
         f"({plan.n_buffers} GPU buffers)",
         f"schedule {plan.schedule}: {plan.batch} forward(s) per DiT call, step caches {list(plan.steps)}",
@@ -99,7 +100,8 @@ def _ranges(ix: tuple[int, ...]) -> str:
 @click.option("--image", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The portrait, for its aspect ratio.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a profile field (repeatable).")
-@click.option("--attention", type=click.Choice(BACKENDS), default=None, help="Self-attention backend.")
+@click.option("--attention", type=click.Choice(ATTENTION_CHOICES), default=None,
+              help="Self-attention backend; auto: triton8 on sm_86/sm_89 GPUs, else sdpa.")
 @click.option("--t5", type=click.Choice(["bf16", "int8", "nf4", "cpu"]), default=None, help="Text-encoder mode.")
 @click.option("--device", default="auto", show_default=True, help="cuda, cuda:N, cpu or auto.")
 @click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")

@@ -3,8 +3,10 @@
 `sdpa`: ropes the un-roped sink keys in torch, concatenates them after the window and calls
 torch SDPA (the reference's path, cuDNN/flash on CUDA). `triton`: the two-segment Triton kernel
 reads both segments in place and ropes sink keys in registers (lowvram.kernels.attention).
-`triton8`: the step caches hold lowvram.kernels.attention8's 8-bit format (GpuKV8Cache) and the 8-bit
-kernel reads the window from it directly (the sink stays bf16 and is roped in the kernel).
+`triton8`: the step caches hold lowvram.kernels.attention8's 8-bit format (GpuKV8Cache, or a host cache's
+kv8 window) and the 8-bit kernel reads the window from it directly (the sink stays bf16 and is roped in the
+kernel). A profile may also say `auto`: the planner picks one of these by the GPU
+(lowvram.runtime.planner.resolve_attention); the model only ever runs a resolved backend.
 """
 
 from __future__ import annotations
@@ -23,24 +25,29 @@ class Attention(str, Enum):
     SDPA = "sdpa"
     TRITON = "triton"
     TRITON8 = "triton8"
+    AUTO = "auto"  # a profile's choice, resolved by the planner from the GPU; never the model's
 
     def __str__(self) -> str:
         return self.value
 
 
-BACKENDS = tuple(a.value for a in Attention)
+BACKENDS = tuple(a.value for a in Attention if a != Attention.AUTO)  # what the model runs
+CHOICES = BACKENDS + (Attention.AUTO.value,)  # what a profile, --set attention= and --attention may say
 
 
 def sdpa(q, k, v):  # q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
-def check_backend(backend: str) -> None:
-    """Refuse a backend that cannot run (one line, what to use instead)."""
+def check_backend(backend: str, choices: tuple[str, ...] = BACKENDS) -> None:
+    """Refuse a backend that cannot run, or a choice outside `choices` (one line, what to use instead)."""
     from lowvram.errors import LowvramError
 
-    if backend not in BACKENDS:
-        raise LowvramError(f"unknown attention backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend == Attention.AUTO and backend not in choices:
+        raise LowvramError("attention 'auto' is resolved by the planner (a plan's attention is the model's); "
+                           f"give the model one of {', '.join(BACKENDS)}")
+    if backend not in choices:
+        raise LowvramError(f"unknown attention backend {backend!r}; use one of {', '.join(choices)}")
 
 
 def attend_two_segments(q, k_win, v_win, k_sink, v_sink, sink_cos, sink_sin, backend: str = "sdpa"):

@@ -140,7 +140,7 @@ def check_inputs(opts: RunOptions, log=print) -> Inputs:
     from lowvram.io.media import load_audio, load_image, parse_area
     from lowvram.io.paths import refuse_clashing_outputs, refuse_out_as_input
     from lowvram.io.video_writer import check_output_path
-    from lowvram.model.attention import check_backend
+    from lowvram.model.attention import CHOICES, check_backend
     from lowvram.runtime.profile import Profile, parse_set
 
     area = parse_area(opts.size)
@@ -152,7 +152,7 @@ def check_inputs(opts: RunOptions, log=print) -> Inputs:
     if not 0 <= opts.seed <= MAX_SEED:
         raise LowvramError(f"--seed must be between 0 and {MAX_SEED} (got {opts.seed})")
     if opts.attention is not None:
-        check_backend(opts.attention)
+        check_backend(opts.attention, CHOICES)
     sets = parse_set(opts.plan_overrides())  # a bad --set is refused before any work is reported
     if opts.profile not in (None, "auto"):
         Profile.from_name(opts.profile, **sets)

@@ -64,10 +64,9 @@ def make_kv_caches(model, plan: Plan, device: torch.device, tokens_per_frame: in
             else:
                 caches.append(GpuKVCache(*shape, model.dtype, device))
             continue
-        int8 = plan.kv_format == KVFormat.INT8
         if ws is None:  # plan.kv_slots windows: the plan's batch of one layer and one more (kv_cache.slots_for)
             ws = KVWorkspace(cap, 1, cfg.num_heads, cfg.head_dim, device, plan.kv_slots or slots_for(plan.batch),
-                             int8, max_new=FRAMES_PER_BLOCK * tokens_per_frame)
+                             plan.kv_format, max_new=FRAMES_PER_BLOCK * tokens_per_frame)
         caches.append(HostKVCache(*shape, plan.kv_format, device, workspace=ws, pinned=i < plan.pinned_kv_caches))
     return caches
 

@@ -17,9 +17,22 @@ call begins (all of a window but the chunk the forward writes); after `done` of 
 stream writes its new chunk back (PCIe is full duplex) and the first fetches window p + n_slots into
 the freed slot. B = 1 is the unbatched forward (slot = layer % n_slots); `n_slots` = B + 1 keeps one
 layer's windows and the next one in flight.
-With kv_dtype "int8" the host holds per-token-per-head absmax INT8 (fp32 scales, kernels/rowquant.py),
-halving the traffic; windows are dequantized to bf16 on the device after the copy, through one staging
-buffer on the copy stream (its copies run one after another, so one buffer serves every window).
+Host formats (HostKVCache's kv_dtype, a KVFormat value):
+- bf16: the windows are copied as they are.
+- int8: per-token-per-head absmax INT8 (fp32 scales, kernels/rowquant.py), halving the traffic; windows are
+  dequantized to bf16 on the device after the copy, through one staging buffer on the copy stream (its copies
+  run one after another, so one buffer serves every window).
+- kv8: the 8-bit attention kernel's format (kernels/attention8.py, attention "triton8"), the same bytes over PCIe
+  as int8; a window lands in a slot that the kernel reads as it is, with no dequantization. The host keeps K and
+  V token-major with their scales, as int8 does (so a window's token ranges are contiguous copies; the kernel's
+  V layout, [B, H, D, L], would make each range H*D strided rows, which torch copies only through a contiguous
+  temporary). K is copied straight into the slot (the kernel's K is token-major too); V and the two scales go
+  through one staging buffer and are relaid on the copy stream into the kernel's token-contiguous layout: a
+  byte transpose of V, a third of the device traffic of int8's dequantization. The write-back relays the new
+  chunk's V and scales back to token-major on the write-back stream. Each layer's K smoothing mean is fixed
+  at the cache's first write, as GpuKV8Cache does, and stays on the device (L x B x H x D fp32, 0.8 MB a
+  cache at full size: no PCIe bytes), so host and GPU kv8 caches fed the same chunks hold the same bytes and
+  the kernel's outputs are bit-identical (tests/test_kv_cache.py).
 """
 
 from __future__ import annotations
@@ -31,7 +44,7 @@ import torch
 from lowvram.kernels.rowquant import dequantize_rows, quantize_rows_int8
 from lowvram.runtime.offload import ALIGN, CopyEngine, alloc_host
 
-SCALE_BYTES = 4  # fp32 per-token-per-head scale of the INT8 cache
+SCALE_BYTES = 4  # fp32 per-token-per-head scale of the INT8 and kv8 caches
 
 
 class KVFormat(str, Enum):
@@ -39,25 +52,37 @@ class KVFormat(str, Enum):
 
     BF16 = "bf16"  # the compute dtype (GPU caches, host caches of bf16 profiles)
     INT8 = "int8"  # per-(token, head) absmax INT8 + fp32 scales (host caches; the INT8 sink)
-    KV8 = "kv8"  # the 8-bit attention kernel's format on the GPU: INT8 K smoothed by a fixed mean, INT8 V
+    KV8 = "kv8"  # the 8-bit attention kernel's (GPU and host caches): INT8 K smoothed by a fixed mean, INT8 V
 
     def __str__(self) -> str:
         return self.value
 
 
 def kv_token_bytes(heads: int, head_dim: int, kv_format: str) -> int:
-    """K + V bytes of one token of one layer (kv8's per-cache K mean is negligible)."""
+    """K + V bytes of one token of one layer (kv8's per-layer K mean: kv8_mean_bytes)."""
     if KVFormat(kv_format) in (KVFormat.INT8, KVFormat.KV8):
         return 2 * (heads * head_dim + heads * SCALE_BYTES)
     return 2 * heads * head_dim * 2
 
 
+def kv8_mean_bytes(num_layers: int, batch: int, heads: int, head_dim: int) -> int:
+    """Device bytes of one kv8 cache's K smoothing means: fp32 [B, H, D] per layer, on the device wherever the
+    cache lives."""
+    return num_layers * batch * heads * head_dim * 4
+
+
 def kv_workspace_bytes(capacity: int, max_new: int, heads: int, head_dim: int, kv_dtype: str,
                        n_slots: int = 2, batch: int = 1) -> int:
-    """Device bytes of a KVWorkspace of `n_slots` windows of `batch` samples (= KVWorkspace's allocation): bf16
-    windows, and for INT8 one staging buffer and one write-back chunk (used by one copy at a time on their
-    streams, whatever the number of caches in a call) and the fp32 temporaries of quantizing that chunk."""
+    """Device bytes of a KVWorkspace of `n_slots` windows of `batch` samples (= KVWorkspace's allocation).
+    bf16: bf16 windows. int8: bf16 windows, one staging buffer and one write-back chunk (used by one copy at a
+    time on their streams, whatever the number of caches in a call) and the fp32 temporaries of quantizing that
+    chunk. kv8: windows in the kernel's format and one staging buffer and one write-back chunk of V and the two
+    scales (their relayouts are copies, with no temporaries)."""
     hd = heads * head_dim
+    if KVFormat(kv_dtype) == KVFormat.KV8:
+        staged = hd + 2 * heads * SCALE_BYTES  # V int8 and the K and V scales of one token, token-major
+        return (n_slots * batch * capacity * kv_token_bytes(heads, head_dim, kv_dtype)
+                + batch * (capacity + max_new) * staged)
     total = n_slots * 2 * batch * capacity * hd * 2
     if KVFormat(kv_dtype) == KVFormat.INT8:
         total += batch * (capacity + max_new) * kv_token_bytes(heads, head_dim, "int8")
@@ -112,24 +137,42 @@ class GpuKVCache(_Ring):
 
 
 class KVWorkspace:
-    """A ring of `n_slots` device windows (and the INT8 staging) shared by the host caches of one model; one
-    DiT call at a time, over one or several of those caches (see the module docstring for the order)."""
+    """A ring of `n_slots` device windows (and the staging of the 8-bit formats) shared by the host caches of one
+    model, all of one format; one DiT call at a time, over one or several of those caches (see the module
+    docstring for the order and the formats)."""
 
     def __init__(self, capacity: int, batch: int, heads: int, head_dim: int, device, n_slots: int = 2,
-                 int8: bool = False, max_new: int | None = None, copy_stream=None, engine: CopyEngine | None = None):
+                 kv_format: str = "bf16", max_new: int | None = None, copy_stream=None,
+                 engine: CopyEngine | None = None):
         self.engine = engine or CopyEngine(device, copy_stream)  # host -> device windows
         self.wb = CopyEngine(device)  # device -> host write-back, on its own stream
         dev = self.engine.device
         self.shape = (batch, capacity, heads, head_dim)
-        self.n_slots, self.int8 = n_slots, int8
+        self.n_slots, self.fmt = n_slots, KVFormat(kv_format)
         self.max_new = max_new or capacity
-        # window in slot s: kv[s, 0] = K, kv[s, 1] = V, each [B, capacity, H, D] bf16
-        self.kv = torch.empty(n_slots, 2, *self.shape, dtype=torch.bfloat16, device=dev)
-        if int8:
-            self.stage_q = torch.empty(2, *self.shape, dtype=torch.int8, device=dev)
-            self.stage_s = torch.empty(2, *self.shape[:3], dtype=torch.float32, device=dev)
-            self.wb_q = torch.empty(2, batch, self.max_new, heads, head_dim, dtype=torch.int8, device=dev)
-            self.wb_s = torch.empty(2, batch, self.max_new, heads, dtype=torch.float32, device=dev)
+        B, H, D, n = batch, heads, head_dim, self.max_new
+        i8, f32 = torch.int8, torch.float32
+        if self.fmt == KVFormat.KV8:
+            # slot s in the kernel's layout: K k8[s] [B, cap, H, D], V v8[s] [B, H, D, cap], the K and V scales
+            # s8[s] [2, B, H, cap]; staged token-major (the host's layout): a window's V and scales, a chunk's
+            self.k8 = torch.empty(n_slots, B, capacity, H, D, dtype=i8, device=dev)
+            self.v8 = torch.empty(n_slots, B, H, D, capacity, dtype=i8, device=dev)
+            self.s8 = torch.empty(n_slots, 2, B, H, capacity, dtype=f32, device=dev)
+            self.stage_v = torch.empty(B, capacity, H, D, dtype=i8, device=dev)
+            self.stage_s = torch.empty(2, B, capacity, H, dtype=f32, device=dev)
+            self.wb_v = torch.empty(B, n, H, D, dtype=i8, device=dev)
+            self.wb_s = torch.empty(2, B, n, H, dtype=f32, device=dev)
+            self._held = [self.k8, self.v8, self.s8, self.stage_v, self.stage_s, self.wb_v, self.wb_s]
+        else:
+            # window in slot s: kv[s, 0] = K, kv[s, 1] = V, each [B, capacity, H, D] bf16
+            self.kv = torch.empty(n_slots, 2, *self.shape, dtype=torch.bfloat16, device=dev)
+            self._held = [self.kv]
+        if self.fmt == KVFormat.INT8:
+            self.stage_q = torch.empty(2, *self.shape, dtype=i8, device=dev)
+            self.stage_s = torch.empty(2, *self.shape[:3], dtype=f32, device=dev)
+            self.wb_q = torch.empty(2, B, n, H, D, dtype=i8, device=dev)
+            self.wb_s = torch.empty(2, B, n, H, dtype=f32, device=dev)
+            self._held += [self.stage_q, self.stage_s, self.wb_q, self.wb_s]
         self.loaded = [self.engine.event() for _ in range(n_slots)]  # window copy into slot s finished
         self.freed = [self.engine.event() for _ in range(n_slots)]  # attention reading slot s finished
         self.read = [self.engine.event() for _ in range(n_slots)]  # write-back reading slot s finished
@@ -138,9 +181,8 @@ class KVWorkspace:
         self.group: list[HostKVCache] = []  # the host caches of the call in flight, in sample order
 
     def nbytes(self) -> int:
-        """Device bytes held (kv_workspace_bytes plans these plus the write-back's temporaries)."""
-        ts = [self.kv] + ([self.stage_q, self.stage_s, self.wb_q, self.wb_s] if self.int8 else [])
-        return sum(t.numel() * t.element_size() for t in ts)
+        """Device bytes held (kv_workspace_bytes plans these plus int8's write-back temporaries)."""
+        return sum(t.numel() * t.element_size() for t in self._held)
 
     def begin(self, caches: list["HostKVCache"]) -> None:
         """A DiT call over `caches` (their rings already advanced): order it after earlier calls and fetch
@@ -163,6 +205,12 @@ class KVWorkspace:
             raise ValueError("a host cache was used in a call it did not begin (begin_forward/begin_forwards)")
         return (layer * len(self.group) + j) % self.n_slots
 
+    def window8(self, s: int, k_mean: torch.Tensor, mean_ready: bool):
+        """Slot s as a kernels.attention8.KV8Cache of `capacity` tokens with a cache's K mean of one layer."""
+        from lowvram.kernels.attention8 import KV8Cache
+
+        return KV8Cache(self.k8[s], self.s8[s, 0], self.v8[s], self.s8[s, 1], k_mean, mean_ready)
+
     def _prefetch(self, p: int) -> None:
         """Window p of the call (layer p // B of cache p % B) into slot p % n_slots, on the copy stream."""
         layer, j = divmod(p, len(self.group))
@@ -172,18 +220,33 @@ class KVWorkspace:
             e.copy_waits(self.read[s])  # orders: the write-back that last read slot s before overwriting it
             with e.timed():
                 for x, y in c._ranges():
-                    for kv in range(2):
-                        for b in range(self.shape[0]):
-                            if c.int8:
-                                self.stage_q[kv, b, x:y].copy_(c.host_q[layer, kv, b, x:y], non_blocking=True)
-                                self.stage_s[kv, b, x:y].copy_(c.host_s[layer, kv, b, x:y], non_blocking=True)
-                            else:
-                                self.kv[s, kv, b, x:y].copy_(c.host[layer, kv, b, x:y], non_blocking=True)
-                    if c.int8:  # on the copy stream, right behind its copy (the next copy into stage waits for it)
-                        dequantize_rows(self.stage_q[:, :, x:y], self.stage_s[:, :, x:y], out=self.kv[s, :, :, x:y])
+                    self._fetch(c, layer, s, x, y)
             e.record_copy(self.loaded[s])
         tok = sum(y - x for x, y in c._ranges())
-        e.bytes_h2d += tok * self.shape[0] * kv_token_bytes(self.shape[2], self.shape[3], "int8" if c.int8 else "bf16")
+        e.bytes_h2d += tok * self.shape[0] * kv_token_bytes(self.shape[2], self.shape[3], self.fmt)
+
+    def _fetch(self, c: "HostKVCache", layer: int, s: int, x: int, y: int) -> None:
+        """Tokens [x, y) of c's window of `layer` into slot s, enqueued on the copy stream."""
+        B = self.shape[0]
+        if self.fmt == KVFormat.BF16:
+            for kv in range(2):
+                for b in range(B):
+                    self.kv[s, kv, b, x:y].copy_(c.host[layer, kv, b, x:y], non_blocking=True)
+        elif self.fmt == KVFormat.INT8:
+            for kv in range(2):
+                for b in range(B):
+                    self.stage_q[kv, b, x:y].copy_(c.host_q[layer, kv, b, x:y], non_blocking=True)
+                    self.stage_s[kv, b, x:y].copy_(c.host_s[layer, kv, b, x:y], non_blocking=True)
+            # on the copy stream, right behind its copy (the next copy into stage waits for it)
+            dequantize_rows(self.stage_q[:, :, x:y], self.stage_s[:, :, x:y], out=self.kv[s, :, :, x:y])
+        else:  # kv8: K straight into the slot; V and the scales through the staging, relaid for the kernel
+            for b in range(B):
+                self.k8[s, b, x:y].copy_(c.host_q[layer, 0, b, x:y], non_blocking=True)
+                self.stage_v[b, x:y].copy_(c.host_q[layer, 1, b, x:y], non_blocking=True)
+                for kv in range(2):
+                    self.stage_s[kv, b, x:y].copy_(c.host_s[layer, kv, b, x:y], non_blocking=True)
+            self.v8[s, ..., x:y].copy_(self.stage_v[:, x:y].permute(0, 2, 3, 1))  # [B, n, H, D] -> [B, H, D, n]
+            self.s8[s, ..., x:y].copy_(self.stage_s[:, :, x:y].transpose(2, 3))  # [2, B, n, H] -> [2, B, H, n]
 
     def done(self, cache: "HostKVCache", layer: int) -> None:
         """The attention of window (layer, cache) is enqueued: write its new chunk back, fetch the window
@@ -195,42 +258,62 @@ class KVWorkspace:
         with wb.copying():
             wb.copy_waits(self.freed[s])
             with wb.timed():
-                if cache.int8:
-                    q, sc = quantize_rows_int8(self.kv[s, :, :, a:a + n])
-                    self.wb_q[:, :, :n].copy_(q)
-                    self.wb_s[:, :, :n].copy_(sc)
-                    wb.record_copy(self.read[s])  # slot s may be refilled once its chunk is quantized
-                for kv in range(2):
-                    for b in range(self.shape[0]):
-                        if cache.int8:
-                            cache.host_q[layer, kv, b, a:a + n].copy_(self.wb_q[kv, b, :n], non_blocking=True)
-                            cache.host_s[layer, kv, b, a:a + n].copy_(self.wb_s[kv, b, :n], non_blocking=True)
-                        else:
-                            cache.host[layer, kv, b, a:a + n].copy_(self.kv[s, kv, b, a:a + n], non_blocking=True)
-                if not cache.int8:
-                    wb.record_copy(self.read[s])
-        wb.bytes_d2h += n * self.shape[0] * kv_token_bytes(self.shape[2], self.shape[3], "int8" if cache.int8 else "bf16")
+                self._write_back(cache, layer, s, a, n)
+        wb.bytes_d2h += n * self.shape[0] * kv_token_bytes(self.shape[2], self.shape[3], self.fmt)
         if p + self.n_slots < cache.num_layers * len(self.group):
             self._prefetch(p + self.n_slots)
 
+    def _write_back(self, c: "HostKVCache", layer: int, s: int, a: int, n: int) -> None:
+        """Tokens [a, a + n) of slot s into c's host memory, enqueued on the write-back stream; records read[s]
+        as soon as the slot itself has been read."""
+        B, wb = self.shape[0], self.wb
+        if self.fmt == KVFormat.BF16:
+            for kv in range(2):
+                for b in range(B):
+                    c.host[layer, kv, b, a:a + n].copy_(self.kv[s, kv, b, a:a + n], non_blocking=True)
+            wb.record_copy(self.read[s])
+            return
+        if self.fmt == KVFormat.INT8:
+            q, sc = quantize_rows_int8(self.kv[s, :, :, a:a + n])
+            self.wb_q[:, :, :n].copy_(q)
+            self.wb_s[:, :, :n].copy_(sc)
+            wb.record_copy(self.read[s])  # slot s may be refilled once its chunk is quantized
+            for kv in range(2):
+                for b in range(B):
+                    c.host_q[layer, kv, b, a:a + n].copy_(self.wb_q[kv, b, :n], non_blocking=True)
+                    c.host_s[layer, kv, b, a:a + n].copy_(self.wb_s[kv, b, :n], non_blocking=True)
+            return
+        # kv8: V and the scales relaid token-major for the host, K straight from the slot
+        self.wb_v[:, :n].copy_(self.v8[s, ..., a:a + n].permute(0, 3, 1, 2))  # [B, H, D, n] -> [B, n, H, D]
+        self.wb_s[:, :, :n].copy_(self.s8[s, ..., a:a + n].transpose(2, 3))  # [2, B, H, n] -> [2, B, n, H]
+        for b in range(B):
+            c.host_q[layer, 0, b, a:a + n].copy_(self.k8[s, b, a:a + n], non_blocking=True)
+        wb.record_copy(self.read[s])  # slot s may be refilled once its chunk is relaid and its K copied out
+        for b in range(B):
+            c.host_q[layer, 1, b, a:a + n].copy_(self.wb_v[b, :n], non_blocking=True)
+            for kv in range(2):
+                c.host_s[layer, kv, b, a:a + n].copy_(self.wb_s[kv, b, :n], non_blocking=True)
+
 
 class HostKVCache(_Ring):
-    """All layers in host memory (one allocation); windows streamed through a KVWorkspace."""
+    """All layers in host memory (one allocation); windows streamed through a KVWorkspace of the same format.
+    kv_dtype: the format (module docstring); with kv8, update returns the window as a KV8Cache view and None."""
 
     def __init__(self, num_layers: int, capacity: int, batch: int, heads: int, head_dim: int,
                  kv_dtype: str = "bf16", device="cuda", workspace: KVWorkspace | None = None, n_slots: int = 2,
                  pinned: bool = True, max_new: int | None = None):
-        if kv_dtype not in ("bf16", "int8"):
-            raise ValueError(f"kv_dtype must be bf16 or int8, not {kv_dtype!r}")
-        self.int8 = kv_dtype == "int8"
-        self.ws = workspace or KVWorkspace(capacity, batch, heads, head_dim, device, n_slots, self.int8, max_new)
-        if self.ws.shape != (batch, capacity, heads, head_dim) or (self.int8 and not self.ws.int8):
-            raise ValueError("the workspace was built for another cache shape or without INT8 staging")
+        if kv_dtype not in tuple(KVFormat):
+            raise ValueError(f"kv_dtype must be bf16, int8 or kv8, not {kv_dtype!r}")
+        self.fmt = KVFormat(kv_dtype)
+        self.ws = workspace or KVWorkspace(capacity, batch, heads, head_dim, device, n_slots, self.fmt, max_new)
+        if self.ws.shape != (batch, capacity, heads, head_dim) or self.ws.fmt != self.fmt:
+            raise ValueError(f"the workspace was built for another cache shape or format ({self.ws.fmt}, not "
+                             f"{self.fmt})")
         self.engine = self.ws.engine
         self._sample = 0  # this cache's place in the workspace's call in flight
         full = (num_layers, 2, batch, capacity, heads)
         n_q = num_layers * 2 * batch * capacity * heads * head_dim
-        if self.int8:
+        if self.fmt != KVFormat.BF16:  # int8 and kv8: one layout (K, V token-major), K smoothed in kv8
             q_bytes = -(-n_q // ALIGN) * ALIGN
             raw, self.pinned = alloc_host(q_bytes + n_q // head_dim * 4, pinned and self.engine.cuda)
             self.host_q = raw[:n_q].view(torch.int8).view(*full, head_dim)  # [L, 2, B, cap, H, D]
@@ -239,7 +322,15 @@ class HostKVCache(_Ring):
             raw, self.pinned = alloc_host(n_q * 2, pinned and self.engine.cuda)
             self.host = raw.view(torch.bfloat16).view(*full, head_dim)  # [L, 2, B, cap, H, D]
         self.nbytes = raw.numel()
+        if self.fmt == KVFormat.KV8:  # the K smoothing mean of each layer, on the device (module docstring)
+            self.k_mean = torch.zeros(num_layers, batch, heads, head_dim, dtype=torch.float32,
+                                      device=self.engine.device)
         super().__init__(num_layers, capacity)
+
+    def reset(self) -> None:
+        """Empty the cache; with kv8 the next first write of each layer fixes a new smoothing mean."""
+        super().reset()
+        self.mean_ready = [False] * self.num_layers
 
     def _ranges(self) -> list[tuple[int, int]]:
         """Token ranges of the window to fetch: all of [0, end) but the chunk this forward writes."""
@@ -248,7 +339,7 @@ class HostKVCache(_Ring):
 
     def _advance(self, start: int, n_new: int) -> None:
         super().begin_forward(start, n_new)
-        if self.n_new > self.ws.max_new and self.int8:
+        if self.n_new > self.ws.max_new and self.fmt != KVFormat.BF16:
             raise ValueError(f"n_new {n_new} exceeds the workspace's max_new {self.ws.max_new}")
 
     def begin_forward(self, start: int, n_new: int) -> None:
@@ -257,10 +348,17 @@ class HostKVCache(_Ring):
         self.ws.begin([self])
 
     def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
-        # k_new, v_new: [B, n_new, H, D] -> windows [B, end, H, D] bf16 on the device
+        # k_new, v_new: [B, n_new, H, D] -> windows [B, end, H, D] bf16 on the device (kv8: a KV8Cache, None)
         ws = self.ws
         s = ws.slot(self, layer)
-        self.engine.compute_waits(ws.loaded[s])  # orders: the window's copy (and dequantization) before use
+        self.engine.compute_waits(ws.loaded[s])  # orders: the window's copy (and dequantization, relayout) before use
+        if self.fmt == KVFormat.KV8:
+            from lowvram.kernels.attention8 import kv8_window, kv8_write
+
+            win = ws.window8(s, self.k_mean[layer], self.mean_ready[layer])
+            kv8_write(win, self.off, k_new, v_new)  # the first write of a layer fixes its mean, as GpuKV8Cache
+            self.mean_ready[layer] = True
+            return kv8_window(win, self.end), None
         a, b = self.off, self.off + self.n_new
         ws.kv[s, 0, :, a:b].copy_(k_new)
         ws.kv[s, 1, :, a:b].copy_(v_new)

@@ -74,6 +74,7 @@ class Plan:
     steps: tuple[int, ...] = (0, 1, 2, 3)  # the denoising steps whose caches this plan holds
     batch: int = 1  # forwards per DiT call (the profile's schedule: 1 sequential, len(steps) batched)
     streamed_bytes_per_call: int = 0  # host->GPU bytes of the streamed blocks, once per DiT call
+    attention_why: str = ""  # how `attention` was chosen (the profile's "auto" resolved by the GPU, or set)
 
     @property
     def schedule(self) -> str:
@@ -271,4 +272,5 @@ def plan_run(ckpt, profile: str | None = None, overrides: Mapping | Sequence[str
     width, height = resolve_size(size, image)
     return make_plan(prof, src.dit_config(), width, height, free_vram_bytes=machine.free_vram_bytes,
                      host_ram_bytes=machine.host_ram_bytes, sizes=component_sizes(src, dtype),
-                     steps=range(steps) if held is None else held, decode=decode, encode=encode)
+                     steps=range(steps) if held is None else held, decode=decode, encode=encode,
+                     capability=machine.capability, device_type=device.type)

@@ -28,7 +28,7 @@ from lowvram.constants import ALIGN, FRAMES_PER_BLOCK, GIB, KV_FRAMES, NUM_STEPS
 from lowvram.errors import LowvramError
 from lowvram.model.attention import Attention
 from lowvram.model.config import DiTConfig, token_grid
-from lowvram.runtime.kv_cache import KVFormat, kv_token_bytes, kv_workspace_bytes, slots_for
+from lowvram.runtime.kv_cache import KVFormat, kv8_mean_bytes, kv_token_bytes, kv_workspace_bytes, slots_for
 from lowvram.runtime.offload import stream_order
 from lowvram.runtime.plan import Plan, PlanItem
 from lowvram.runtime.profile import Profile
@@ -58,6 +58,11 @@ ACT_MARGIN = 1.1  # activations: headroom over the measured bf16 forward (W8A8 a
 # Unmeasured for batch > 1: tools/bench.py prints NVML minus the plan for the batched runs (refit from those).
 W8A8_UNATTRIBUTED_BYTES_PER_QUERY = int(2.0 * GIB / 3168)
 HOST_RESERVE = 8 * GIB  # host RAM for the OS, Python, torch and the loader besides the plan's buffers
+# attention "auto": the 8-bit kernel where INT8 tensor cores run >= 4x bf16 with fp32 accumulation, the GeForce
+# cards of the profiles (sm_86: 3090 284 TOPS vs 71 TFLOP/s; sm_89: 4090 660 vs 165; data sheets, not measured
+# here); SDPA elsewhere: on Hopper (sm_90) cuDNN's bf16 attention is faster than our 8-bit kernel (0.55x,
+# BENCHMARKS.md §3), and on A100 (sm_80) and H100 INT8 is only 2x bf16.
+EIGHT_BIT_ATTENTION_SM = ((8, 6), (8, 9))
 
 
 def align(n: int) -> int:
@@ -148,12 +153,36 @@ def forward_activation_bytes(cfg: DiTConfig, lq: int, lk: int, sink: int, attent
     return int(ACT_MARGIN * block)
 
 
-def kv_format_of(profile: Profile) -> KVFormat:
-    """How the step caches are stored: the 8-bit kernel's format on the GPU for triton8, else kv_dtype."""
-    if profile.attention == Attention.TRITON8:
-        if profile.kv_placement == "host":
-            raise LowvramError(f"profile {profile.name}: attention triton8 reads 8-bit step caches on the GPU but "
-                               "kv_placement is host; use --set kv_placement=gpu kv_dtype=bf16 or --set attention=sdpa")
+def resolve_attention(profile: Profile, capability: tuple[int, int] | None = None,
+                      device_type: str = "cuda") -> tuple[Attention, str]:
+    """The profile's attention backend with "auto" resolved by the GPU, and why (the plan records both).
+
+    capability: the measured GPU's (major, minor); None plans for the card the profile is for (its
+    compute_capability), as make_plan without a machine does. device_type "cpu" (the tiny checkpoint's runs):
+    auto is sdpa there, the CPU having no INT8 tensor cores (triton8's CPU path dequantizes its window)."""
+    if profile.attention != Attention.AUTO:
+        return profile.attention, "set by the profile or an override"
+    if device_type != "cuda":
+        return Attention.SDPA, "auto on the CPU: no INT8 tensor cores to gain from"
+    where = "this GPU"
+    if capability is None:
+        capability, where = profile.card_capability(), f"profile {profile.name}'s card, no GPU measured"
+        if capability is None:
+            return Attention.SDPA, "auto with no GPU measured and no card named by the profile"
+    sm = f"sm_{capability[0]}{capability[1]}"
+    if tuple(capability) in EIGHT_BIT_ATTENTION_SM:
+        return Attention.TRITON8, f"auto on {sm} ({where}): INT8 tensor cores run >= 4x bf16 there"
+    if tuple(capability) == (9, 0):
+        return Attention.SDPA, (f"auto on {sm} ({where}): cuDNN's bf16 attention beats the 8-bit kernel on Hopper "
+                                "(0.55x, BENCHMARKS.md section 3)")
+    return Attention.SDPA, f"auto on {sm} ({where}): triton8 is picked on sm_86 and sm_89 only"
+
+
+def kv_format_of(profile: Profile, attention: Attention | None = None) -> KVFormat:
+    """How the step caches are stored: for triton8 (`attention`, resolved; default the profile's) the 8-bit
+    kernel's format, on the GPU or in host memory (the same bytes over PCIe as int8; kv_dtype then only says how
+    the sink is kept), else kv_dtype."""
+    if (attention or profile.attention) == Attention.TRITON8:
         return KVFormat.KV8
     return KVFormat(profile.kv_dtype)
 
@@ -164,6 +193,7 @@ class _Model:
     """The quantities every step of make_plan reads."""
 
     profile: Profile
+    attention: Attention  # the profile's, resolved (resolve_attention)
     cfg: DiTConfig
     width: int
     height: int
@@ -202,12 +232,16 @@ def _fixed_items(m: _Model) -> list[PlanItem]:
     S, B = len(m.steps), m.batch
     if m.host_kv:
         slots = slots_for(B, KV_SLOTS)
+        note = {KVFormat.BF16: "bf16 windows", KVFormat.INT8: "bf16 windows + int8 staging",
+                KVFormat.KV8: "kv8 windows, read by the 8-bit kernel + V/scale staging"}[m.kv_format]
         items.append(PlanItem(f"KV working windows (a ring of {slots}: {B} forward(s) x 1 layer + 1)", "gpu",
-                              kv_workspace_bytes(cap, lq, H, D, m.kv_format, slots), "bf16 windows"
-                              + (" + int8 staging" if m.kv_format == KVFormat.INT8 else "")))
+                              kv_workspace_bytes(cap, lq, H, D, m.kv_format, slots), note))
     else:
         items.append(PlanItem(f"KV ring caches ({S} steps x {cap} tokens)", "gpu", S * L * cap * m.tok_kv,
                               m.kv_format.value))
+    if m.kv_format == KVFormat.KV8:  # each cache's per-layer K mean stays on the device (no PCIe bytes)
+        items.append(PlanItem(f"kv8 K smoothing means ({S} caches x {L} layers)", "gpu", S * kv8_mean_bytes(L, 1, H, D),
+                              "fp32"))
     if m.decode:
         items.append(vae_decoder_item(m.sizes, m.width, m.height))
     if m.profile.quant != "bf16":  # planned once, not per forward of a batched call (see the constant)
@@ -231,8 +265,8 @@ def vae_activation_bytes(sizes: Sizes, vae_decode: str, width: int, height: int)
 
 def _activations(m: _Model) -> PlanItem:
     tk = m.tokens
-    act_dit = forward_activation_bytes(m.cfg, tk["query"], tk["capacity"] + tk["sink"], tk["sink"],
-                                       m.profile.attention, m.batch)
+    act_dit = forward_activation_bytes(m.cfg, tk["query"], tk["capacity"] + tk["sink"], tk["sink"], m.attention,
+                                       m.batch)
     act_vae = vae_activation_bytes(m.sizes, m.profile.vae_decode, m.width, m.height) if m.decode else 0
     if not m.decode:
         return PlanItem("activations: one DiT forward", "gpu", act_dit, f"DiT {act_dit / GIB:.2f} (no VAE here)")
@@ -341,7 +375,8 @@ def _host_memory(m: _Model, streamed: set[int], host_ram_bytes: int | None) -> _
 def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vram_bytes: int | None = None,
               host_ram_bytes: int | None = None, tensor_bytes: Mapping[str, int] | None = None,
               sink_dtype: str | None = None, sizes: Sizes | None = None, steps: Sequence[int] | None = None,
-              decode: bool = True, encode: bool = True) -> Plan:
+              decode: bool = True, encode: bool = True, capability: tuple[int, int] | None = None,
+              device_type: str = "cuda") -> Plan:
     """Decide residency, KV placement and format, and buffers for `profile` at width x height; raise
     LowvramError if nothing fits.
 
@@ -358,6 +393,8 @@ def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vr
     tensor_bytes: DiT tensor name -> bytes from a checkpoint's shard headers (exact weights; else the meta
     model's); sizes: the encoders' and VAE's sizes read from the checkpoint (else the released model's);
     sink_dtype: how the model stores the sink K/V ("bf16" | "int8"; default: the profile's kv_dtype).
+    capability, device_type: the GPU's compute capability (None: the card the profile names) and the device
+    type, for the profile's attention "auto" (resolve_attention).
     """
     name, budget = profile.name, int(profile.vram_budget_gib * GIB)
     tk = token_counts(cfg, width, height)
@@ -368,14 +405,15 @@ def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vr
     sizes = sizes or Sizes()
     if tensor_bytes:
         sizes = replace(sizes, dit=dict(tensor_bytes), exact=True)
-    kv_format = kv_format_of(profile)
-    sink = sink_dtype or ("int8" if kv_format == KVFormat.INT8 else "bf16")
+    attention, why = resolve_attention(profile, capability, device_type)
+    kv_format = kv_format_of(profile, attention)
+    sink = sink_dtype or profile.kv_dtype  # an int8 sink with kv8 host caches too (the 8-bit kernel takes bf16 layers)
     slab, rest = _weights(profile, cfg, sizes)
     steps = tuple(range(NUM_STEPS)) if steps is None else tuple(steps)
 
     def plan_at(batch: int) -> Plan:
-        m = _Model(profile, cfg, width, height, tk, slab, rest, kv_format, sink, sizes, steps, batch, decode)
-        return _plan(m, budget, host_ram_bytes, encode)
+        m = _Model(profile, attention, cfg, width, height, tk, slab, rest, kv_format, sink, sizes, steps, batch, decode)
+        return replace(_plan(m, budget, host_ram_bytes, encode), attention_why=why)
 
     if profile.schedule == "batched":
         fits = []
@@ -413,5 +451,5 @@ def _plan(m: _Model, budget: int, host_ram_bytes: int | None, encode: bool = Tru
                 pcie_d2h_bytes=L * lq * m.tok_kv if m.host_kv else 0,
                 host_pinned_bytes=host.pinned, host_pageable_bytes=host.pageable, pinned_kv_caches=host.pinned_caches,
                 pinned_blocks=tuple(host.pinned_blocks), exact_bytes=m.sizes.exact, sink_dtype=m.sink_dtype,
-                quant=profile.quant, attention=profile.attention, gemm=profile.gemm, t5=profile.t5,
+                quant=profile.quant, attention=m.attention, gemm=profile.gemm, t5=profile.t5,
                 host_reserve_bytes=HOST_RESERVE)

@@ -23,6 +23,7 @@ from importlib import resources
 
 from lowvram.constants import GIB
 from lowvram.errors import LowvramError
+from lowvram.model.attention import CHOICES as ATTENTION_CHOICES
 from lowvram.model.attention import Attention
 
 if sys.version_info >= (3, 11):
@@ -33,7 +34,7 @@ else:  # Python 3.10 ships no TOML reader; tomli is the same parser under its Py
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "quant": ("int8", "fp8", "bf16"),
-    "attention": tuple(a.value for a in Attention),
+    "attention": ATTENTION_CHOICES,
     "kv_placement": ("gpu", "host"),
     "kv_dtype": ("bf16", "int8"),
     "t5": ("bf16", "int8", "nf4", "cpu"),
@@ -54,9 +55,11 @@ class Profile:
     description: str  # one line, shown by `lowvram profiles`
     vram_budget_gib: float  # the planner keeps the expected peak (NVML) under this
     quant: str  # DiT Linear weights: int8 | fp8 (W8A8) | bf16
-    attention: Attention  # sdpa (torch) | triton (bf16 kernel) | triton8 (8-bit QK/PV kernel)
+    attention: Attention  # sdpa (torch) | triton (bf16 kernel) | triton8 (8-bit QK/PV kernel) | auto (by the GPU:
+    #                       lowvram.runtime.planner.resolve_attention)
     kv_placement: str  # the four step KV caches: gpu | host (pinned RAM, streamed per layer)
-    kv_dtype: str  # bf16 | int8 (per-token-per-head absmax; host placement only; the sink K/V follow it)
+    kv_dtype: str  # bf16 | int8 (per-token-per-head absmax; host placement only; the sink K/V follow it); with
+    #                 attention triton8 the step caches hold the 8-bit kernel's format (kv8) and this sets the sink
     t5: str  # umT5 while encoding the prompt: bf16 | int8 | nf4 on the GPU, or cpu
     vae_decode: str  # frame: the Wan VAE, one latent at a time, the reference's bits | fast: the same with
     #                   channels-last convs, the fused norm and CUDA graphs (bf16-close) | tiny: TAEHV (drafts)
@@ -65,6 +68,8 @@ class Profile:
     prefetch_blocks: int  # streamed blocks copied ahead of use (GPU buffers = this + 1)
     gemm: str  # QuantLinear's W8A8 matmul: auto (CUDA: triton, else int_mm / scaled_mm by scheme) | int_mm | scaled_mm | triton | reference
     schedule: str  # sequential: one forward per DiT call | batched: a tick's (block, step) pairs in one call
+    compute_capability: str  # "8.9": the card this profile is for ("" none); attention "auto" goes by it where no
+    #                          GPU is measured (`lowvram plan` on another machine); a measured GPU's own wins
 
     def __post_init__(self) -> None:
         where = f"profile {self.name}"
@@ -91,9 +96,17 @@ class Profile:
                                                           and 0 <= self.prefetch_blocks <= 8):
             raise LowvramError(f"{where}: prefetch_blocks={self.prefetch_blocks!r} must be an integer in 0..8; "
                                "use --set prefetch_blocks=1")
+        if not isinstance(self.compute_capability, str) or (self.compute_capability and self.card_capability() is None):
+            raise LowvramError(f"{where}: compute_capability={self.compute_capability!r} must be a string MAJOR.MINOR, "
+                               'e.g. "8.9", or ""; use --set compute_capability=8.9')
         if self.kv_dtype == "int8" and self.kv_placement == "gpu":
             raise LowvramError(f"{where}: kv_dtype=int8 exists to halve PCIe traffic and needs kv_placement=host; "
                                "use --set kv_dtype=bf16 or --set kv_placement=host")
+
+    def card_capability(self) -> tuple[int, int] | None:
+        """compute_capability as (major, minor); None when empty (or malformed, which __post_init__ refuses)."""
+        major, dot, minor = self.compute_capability.partition(".")
+        return (int(major), int(minor)) if dot and major.isdigit() and minor.isdigit() else None
 
     # ------------------------------------------------------------------ loading
     @staticmethod
@@ -132,7 +145,7 @@ class Profile:
         base = dict(description="everything resident on the device, in the checkpoint's precision",
                     vram_budget_gib=float(vram_budget_gib), quant=quant, attention=Attention.SDPA, kv_placement="gpu",
                     kv_dtype="bf16", t5="bf16", vae_decode="frame", blocks_resident="all", pinned_budget_gib=0.0,
-                    prefetch_blocks=1, gemm="auto", schedule="sequential")
+                    prefetch_blocks=1, gemm="auto", schedule="sequential", compute_capability="")
         _check_keys(overrides, "overrides")
         return cls(name=RESIDENT, **{**base, **overrides})
 
