@@ -219,6 +219,14 @@ def test_user_path_reads_reports_and_mp4s(tmp_path):
     assert s["ttff_s"] == 31.0 and s["steady_s_per_clip"] == 5.0 and s["pinned"] == {"pinned_bytes": 7 << 30}
     assert "nested" not in s["plan"] and up.summarize_report({}) == {}
     assert up.summarize_report({"clips": 2, "seconds": 10.0})["mean_s_per_clip"] == 5.0
+    from lowvram.pipeline.options import RunResult  # the report `lowvram run --report` writes
+
+    real = RunResult(tmp_path / "o.mp4", 237, 5, 20, 26.8, phases=rep["phases"][:1], plan={"batch": 4},
+                     timings={"setup_s": 18.2, "first_frame_s": 25.1, "clip_s": [7.4, 4.4, 4.5, 4.3, 4.6]},
+                     host={"peak_rss_bytes": 29 << 30, "pinned_bytes": 25 << 30}).to_dict()
+    got = up.summarize_report(real)
+    assert (got["ttff_s"], got["setup_s"], got["steady_s_per_clip"], got["peak_rss_bytes"]) == (25.1, 18.2, 4.45, 29 << 30)
+    assert got["pinned"]["pinned_bytes"] == 25 << 30
 
     mp4 = tmp_path / "v.mp4"
     wave = np.sin(np.arange(16000 * 2) / 16000 * 2 * np.pi * 220).astype(np.float32) * 0.3

@@ -499,9 +499,12 @@ def summarize_report(rep: dict) -> dict:
     clips = [p.get("seconds") for n, p in by.items() if n.lower().startswith("clip") and p.get("seconds") is not None]
     out = {k: rep.get(k) for k in ("frames", "clips", "blocks", "seconds", "fps", "peak_vram", "interrupted")
            if k in rep}
+    timings = rep.get("timings") or {}  # RunResult.timings: setup_s, first_frame_s, dit_s, vae_s, write_s, clip_s
     for k in ("ttff_s", "time_to_first_frame_s", "first_frame_s"):
-        if k in rep:
-            out["ttff_s"] = rep[k]
+        if k in rep or k in timings:
+            out["ttff_s"] = rep.get(k, timings.get(k))
+    out.update({k: timings[k] for k in ("setup_s", "dit_s", "vae_s", "write_s", "total_s") if k in timings})
+    clips = clips or [c for c in timings.get("clip_s") or [] if isinstance(c, (int, float))]
     first = next((p for n, p in by.items() if "first" in n.lower()), None)
     if first is not None and "ttff_s" not in out:
         out["ttff_s"] = first.get("seconds")
@@ -513,7 +516,10 @@ def summarize_report(rep: dict) -> dict:
                      for p in phases if isinstance(p, dict)]
     plan = rep.get("plan") or {}
     out["plan"] = {k: v for k, v in plan.items() if isinstance(v, (int, float, str, bool))}
-    pinned = {k: v for d in (rep, plan) for k, v in d.items() if "pinned" in k.lower() and isinstance(v, (int, float))}
+    host = rep.get("host") or {}
+    pinned = {k: v for d in (rep, plan, host) for k, v in d.items() if "pinned" in k.lower() and isinstance(v, (int, float))}
+    if "peak_rss_bytes" in host:
+        out["peak_rss_bytes"] = host["peak_rss_bytes"]
     if pinned:
         out["pinned"] = pinned
     return out
