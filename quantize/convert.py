@@ -49,6 +49,7 @@ from lowvram.quantize.format import (
     MANIFEST_NAME,
     detect_format,
     read_index,
+    write_stamp,
 )
 from lowvram.quantize.linear import SCHEMES, check_scheme, quantize_weight_sqnr
 from lowvram.io.locks import lock_output
@@ -308,6 +309,9 @@ def _write_output(tmp: Path, bar: Progress, ckpt_dir: Path, lora: Path | None, l
         "layers": dict(sorted(layers.items(), key=lambda kv: natural_key(kv[0]))),
     }
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    # the shards were hashed here once closed: a run need not hash them again (renaming the directory keeps
+    # each file's identity, which verified.json records)
+    write_stamp(tmp, shards)
     return manifest
 
 

@@ -25,9 +25,10 @@ from lowvram.quantize.stream import BufferRing, ReadAhead, WriteBehind
 
 
 def _files(folder: Path) -> dict:
-    """name -> bytes of every file but the manifest (whose peak RSS and seconds differ from run to run)."""
+    """name -> bytes of every file but the manifest (whose peak RSS and seconds differ from run to run) and the
+    verification stamp (each shard's inode and mtime)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != "manifest.json"}
+            if p.is_file() and p.name not in ("manifest.json", "verified.json")}
 
 
 def _manifest(folder: Path) -> dict:
