@@ -327,6 +327,9 @@ def test_profiles_cmd_lists_one_line_each():
     assert r.exit_code == 0
     lines = r.output.strip().splitlines()
     assert [ln.split()[0] for ln in lines] == NAMES + ["auto"]
+    line = {ln.split()[0]: ln for ln in lines}
+    assert line["4090"].split()[4:8] == ["KV", "host/kv8", "attention", "triton8"] and "batched" in line["4090"]  # auto, sm_89
+    assert line["h100-80"].split()[4:8] == ["KV", "gpu/bf16", "attention", "sdpa"]
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "triton8"])

@@ -180,6 +180,10 @@ def _plan_gpus(opts, gpus: int, machine, dev, dt, described: bool, as_json: bool
 @click.command("profiles", cls=Command)
 def profiles_cmd():
     """List the hardware profiles, one line each."""
+    from lowvram.runtime.planner import kv_format_of, resolve_attention
+
     for name in Profile.names():
-        click.echo(Profile.from_name(name).summary())
+        prof = Profile.from_name(name)
+        attention, _ = resolve_attention(prof)  # "auto" as on the profile's own card
+        click.echo(prof.summary(str(attention), str(kv_format_of(prof, attention))))
     click.echo(f"{'auto':<8} picks one of the above from GPU 0's memory and compute capability")

@@ -154,10 +154,12 @@ class Profile:
         _check_keys(overrides, "overrides")
         return replace(self, **overrides)
 
-    def summary(self) -> str:
-        """One line for `lowvram profiles`."""
+    def summary(self, attention: str | None = None, kv_format: str | None = None) -> str:
+        """One line for `lowvram profiles`: attention and KV format as resolved for the profile's own card when
+        given (planner.resolve_attention), else as the profile sets them."""
         return (f"{self.name:<8} {self.vram_budget_gib:5.1f} GiB  {self.quant:<4} KV {self.kv_placement}/"
-                f"{self.kv_dtype:<4}  {self.description}")
+                f"{kv_format or self.kv_dtype:<4}  attention {attention or self.attention:<7}  {self.schedule:<10}  "
+                f"{self.description}")
 
 
 def _check_keys(raw: dict, where: str) -> None:
