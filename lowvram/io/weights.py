@@ -81,22 +81,17 @@ def _open(path: Path):
                               "re-download it") from None
 
 
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-           "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
-
 def mapped_tensors(path: Path) -> dict:
     """Every tensor of a safetensors file as a view of one private memory map: no copy is made, and
     pages are read only when touched (moving a tensor to the GPU reads it once)."""
-    from lowvram.quantize.shards import read_header_at
+    from lowvram.quantize.shards import NAME_DTYPES, read_header_at
 
     header, base = read_header_at(path)  # checked against the file's size: a truncated shard is refused
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
     out = {}
     for k in (k for k in header if k != "__metadata__"):
         info = header[k]
-        dtype = _DTYPES.get(info["dtype"])
+        dtype = NAME_DTYPES.get(info["dtype"])
         if dtype is None:
             raise CheckpointError(f"{path}: tensor {k} has dtype {info['dtype']} that lowvram does not read")
         start, end = info["data_offsets"]
