@@ -105,3 +105,16 @@ def enospc(monkeypatch):
         monkeypatch.setattr(module, name, write)
 
     return inject
+
+
+@pytest.fixture(scope="session")
+def user_path():
+    """tools/user_path.py as a module (the GPU driver's pieces that need no GPU)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "user_path.py"
+    spec = importlib.util.spec_from_file_location("user_path", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

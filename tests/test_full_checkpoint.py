@@ -193,23 +193,12 @@ def test_staged_source_gives_the_pool_bytes():
     pool.close()
 
 
-def _user_path():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "tools" / "user_path.py"
-    spec = importlib.util.spec_from_file_location("user_path", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_user_path_reads_reports_and_mp4s(tmp_path):
+def test_user_path_reads_reports_and_mp4s(tmp_path, user_path):
     """The GPU driver's pieces that need no GPU: the --report summary (missing fields tolerated), the mp4
     check, the page-cache eviction and the tables."""
     from lowvram.io.video_writer import VideoWriter
 
-    up = _user_path()
+    up = user_path
     rep = {"frames": 93, "clips": 2, "blocks": 8, "seconds": 12.0, "peak_vram": 20 * 2**30, "fps": 7.7,
            "phases": [{"name": "t5", "seconds": 9.5, "peak_allocated": 11 * 2**30, "peak_reserved": 12 * 2**30},
                       {"name": "first frame", "seconds": 31.0}, {"name": "clip 0", "seconds": 6.0},

@@ -3,7 +3,6 @@ same bytes as the serial one, errors on the reader thread end the run cleanly, -
 and on a GPU the output matches the CPU's up to the LoRA merge's rounding."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import threading
@@ -185,22 +184,14 @@ def test_device_cuda_without_a_gpu_is_refused_up_front(tiny_ckpt, tmp_path):
     assert code == 0 and "converted on cpu" in lines[-1], lines
 
 
-def _user_path():
-    path = Path(__file__).resolve().parent.parent / "tools" / "user_path.py"
-    spec = importlib.util.spec_from_file_location("user_path", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])
-def test_compare_outputs_counts_quanta(tiny_ckpt, tmp_path, scheme):
+def test_compare_outputs_counts_quanta(tiny_ckpt, tmp_path, scheme, user_path):
     """tools/user_path.py's comparison (the GPU check's): a directory against itself, then against a copy with
     one 8-bit code moved by 2 quanta (FP8: 2 steps along the e4m3 grid) and one scale changed."""
     from safetensors.torch import save_file
 
     ckpt, lora = tiny_ckpt
-    up = _user_path()
+    up = user_path
     a, b = tmp_path / "a", tmp_path / "b"
     for out in (a, b):
         convert(ckpt, out, scheme, lora=lora, progress=False, device="cpu")
@@ -226,11 +217,11 @@ def test_compare_outputs_counts_quanta(tiny_ckpt, tmp_path, scheme):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])
-def test_cuda_conversion_matches_the_cpu_up_to_the_merge(tiny_ckpt, tmp_path, scheme):
+def test_cuda_conversion_matches_the_cpu_up_to_the_merge(tiny_ckpt, tmp_path, scheme, user_path):
     """On a GPU: weights without a LoRA pair and every unquantized tensor are bit-identical to the CPU's; a
     LoRA-merged weight's codes move by a quantum or two at most, its scales by at most a bf16 ulp of the absmax."""
     ckpt, lora = tiny_ckpt
-    up = _user_path()
+    up = user_path
     cpu, gpu = tmp_path / "cpu", tmp_path / "gpu"
     convert(ckpt, cpu, scheme, lora=lora, progress=False, device="cpu")
     man = convert(ckpt, gpu, scheme, lora=lora, progress=False, device="cuda")
