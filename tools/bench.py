@@ -318,7 +318,7 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
                peak_allocated_gib=round(torch.cuda.max_memory_allocated(device) / GIB, 2) if device.type == "cuda" else 0,
                peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / GIB, 2) if device.type == "cuda" else 0,
                peak_nvml_gib=round(nv.peak / GIB, 2), raw_stats=stats)
-    res["_finals"] = finals  # not written to bench.json: see schedule_identity
+    res["_finals"] = finals  # taken out by main for schedule_identity: not written to bench.json
     res["nvml_minus_plan_gib"] = round(res["peak_nvml_gib"] - res["expected_peak_gib"], 2) if nv.ok else None
     # projection onto a 4090 (labelled): PCIe traffic at 23 GB/s
     res["projected_4090_pcie_s_per_forward"] = round(h2d / forwards / 23e9, 3)
@@ -415,15 +415,12 @@ def tpp_rank_run(cfg, h, w, device, log, vae=None, models=None, forwards=6, cap_
     return res
 
 
-def schedule_identity(runs: list[dict]) -> list[dict]:
-    """For each profile run under both schedules: are the final latents of every block the same (same model,
-    inputs and seed), and if not, how far apart (max |difference| and the relative L2 norm)."""
-    by = {}
-    for r in runs:
-        if "_finals" in r:
-            by.setdefault(r["profile"], {})[r["schedule"]] = r["_finals"]
+def schedule_identity(finals: dict) -> list[dict]:
+    """finals: profile -> schedule -> the final latents of every block, from the `--schedules` runs only (a
+    `--variant` run changes more than the schedule). For each profile run under both schedules: are they the
+    same (same model, inputs and seed), and if not, how far apart (max |difference| and the relative L2 norm)."""
     out = []
-    for name, got in by.items():
+    for name, got in finals.items():
         a, b = got.get("sequential"), got.get("batched")
         if not a or not b or a.keys() != b.keys():
             continue
@@ -473,9 +470,13 @@ def main(argv=None):
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
                "size": f"{w * 8}x{h * 8}"}
+
+    def save():  # after every part, so that a later failure keeps what was measured
+        (out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
+
     if not args.skip_accuracy:
         results["accuracy"] = accuracy(cfg, h, w, device, log)
-        (out / "bench.json").write_text(json.dumps(results, indent=1))
+        save()
     from lowvram.model.vae import VAEConfig, WanVAE
 
     with torch.device(device):
@@ -498,6 +499,7 @@ def main(argv=None):
         extra = parse_set([kv for kv in var.split(",") if kv])
         runs += [(n, CAPS.get(n), {**common, **extra}, f"{n} {var}") for n in names]
     results["profiles"] = []
+    latents = {}  # profile -> schedule -> final latents of every block, for schedule_identity
     models = SharedModel(cfg, device)
     for name, cap, ov, label in runs:
         try:
@@ -512,12 +514,12 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.empty_cache()
         r["label"] = label
+        finals = r.pop("_finals", None)
+        if finals and label == f"{name} {r['schedule']}":  # a --schedules run
+            latents.setdefault(name, {})[r["schedule"]] = finals
         results["profiles"].append(r)
-        public = [{k: v for k, v in p.items() if k != "_finals"} for p in results["profiles"]]
-        (out / "bench.json").write_text(json.dumps({**results, "profiles": public}, indent=1, default=str))
-    results["schedule_identity"] = schedule_identity(results["profiles"])
-    for r in results["profiles"]:
-        r.pop("_finals", None)
+        save()
+    results["schedule_identity"] = schedule_identity(latents)
     results["tpp_ranks"] = []
     for variant in TPP_VARIANTS if args.tpp else ():
         try:
@@ -532,8 +534,8 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.empty_cache()
         results["tpp_ranks"].append(r)
-        (out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "bench.json").write_text(json.dumps(results, indent=1, default=str))
+        save()
+    save()
     (out / "bench.log").write_text("\n".join(logs))
     print("\n| run | scheme | attn | batch | resident | KV | s/clip | DiT s | VAE s | FPS | steady FPS | PCIe GB/fwd "
           "(plan; seq. plan) | copy busy | expected GiB | allocated GiB | reserved GiB | NVML GiB |")
