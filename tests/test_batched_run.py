@@ -173,3 +173,16 @@ def test_a_stop_ends_a_batched_run_at_a_block_boundary(sequential, tiny_ckpt, in
     frames = _frames(res.out)
     assert frames.shape[0] == 5 * 12 - 3 == res.frames
     assert np.array_equal(frames, _frames(sequential.out)[:frames.shape[0]])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_overlapped_decode_writes_the_serial_frames(tiny_ckpt, inputs, tmp_path, device):
+    """vae_overlap on (on CUDA each block decodes on its own stream beside the next DiT call, uint8 frames back to
+    the host) and off (between DiT calls) write the same frames; one clip: the first block's dropped frames."""
+    runs = {}
+    for mode in ("on", "off"):
+        res = run(_opts(tiny_ckpt, inputs, tmp_path / f"{mode}.mp4", num_clip=1, device=device,
+                        overrides=("schedule=batched", f"vae_overlap={mode}")), log=lambda *a: None)
+        assert res.plan["vae_overlap"] == (mode == "on") and res.blocks == 4 and res.frames == 48 - 3
+        runs[mode] = _frames(res.out)
+    assert runs["on"].shape[0] == 45 and np.array_equal(runs["on"], runs["off"])

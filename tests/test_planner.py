@@ -74,10 +74,12 @@ def test_plan_decisions_against_independent_bytes(name, size):
         assert want <= got < want + n * ALIGN_SLACK
     assert plan.peak_bytes <= prof.vram_budget_gib * GIB
     assert plan.generate_peak_bytes == sum(it.nbytes for it in plan.items if it.where == "gpu")
-    # residency is maximal: one more resident block would break the budget
+    # residency is maximal: one more resident block would break the budget (with the decode overlap decided;
+    # "auto" would otherwise buy the block back by decoding serially)
     if plan.streamed:
         with pytest.raises(LowvramError, match="over the"):
-            make_plan(prof.with_overrides(blocks_resident=len(plan.resident) + 1), FULL, *size)
+            make_plan(prof.with_overrides(blocks_resident=len(plan.resident) + 1,
+                                          vae_overlap="on" if plan.vae_overlap else "off"), FULL, *size)
         assert plan.n_buffers == min(prof.prefetch_blocks + 1, len(plan.streamed))
     # PCIe and host bytes per forward
     _, q, cap, _ = ref_tokens(*size)
@@ -377,3 +379,25 @@ def test_plan_cli_shows_batched_and_sequential_bytes_and_the_batched_targets(ckp
         bat = make_plan(Profile.from_name(name), FULL, 704, 384)
         assert bat.schedule == "batched", name  # the profiles' default: faster in BENCHMARKS.md run F
         assert bat.batch > 1 and bat.peak_bytes <= target * GIB and bat.pcie_h2d_bytes < seq.pcie_h2d_bytes, name
+
+
+def test_vae_overlap_plans_both_activations_and_auto_falls_back():
+    """on: the decode's activations beside the DiT's (their sum); off: the larger; auto: on where it fits, else off
+    (12gb at 832x480 fits only serially); a process without the decoder never overlaps."""
+    def act(plan):
+        return next(it for it in plan.items if it.what.startswith("activations"))
+
+    on = make_plan(Profile.from_name("4090", vae_overlap="on"), FULL, 704, 384)
+    off = make_plan(Profile.from_name("4090", vae_overlap="off"), FULL, 704, 384)
+    auto = make_plan(Profile.from_name("4090"), FULL, 704, 384)
+    assert on.vae_overlap and not off.vae_overlap and auto.vae_overlap
+    dit = forward_activation_bytes(FULL, 3168, 12672 + 2640, 2640, on.attention, on.batch)
+    assert act(on).nbytes > act(off).nbytes == max(dit, act(on).nbytes - dit) and "overlapped" in act(on).what
+    assert len(on.resident) <= len(off.resident) and on.peak_bytes <= 21.5 * GIB
+    assert auto.resident == on.resident and auto.batch == on.batch
+    with pytest.raises(LowvramError, match="smallest budget that fits"):
+        make_plan(Profile.from_name("12gb", vae_overlap="on"), FULL, 832, 480)
+    tight = make_plan(Profile.from_name("12gb"), FULL, 832, 480)
+    assert not tight.vae_overlap and tight.peak_bytes <= 11.2 * GIB
+    rank = make_plan(Profile.from_name("4090", vae_overlap="on"), FULL, 704, 384, decode=False)
+    assert not rank.vae_overlap

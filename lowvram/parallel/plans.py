@@ -82,7 +82,9 @@ def _plan(opts, role: Role, machine, device, dtype, extra=()) -> Plan:
     from lowvram.runtime.plan import plan_run
 
     image = Path(opts.image) if opts.image is not None else None
-    return plan_run(opts.ckpt_dir, opts.profile, opts.plan_overrides() + tuple(extra), opts.size, image, machine,
+    # a rank decodes between its ticks (rank.py's BlockWriter), never beside them: no overlapped decode planned
+    return plan_run(opts.ckpt_dir, opts.profile, opts.plan_overrides() + tuple(extra) + ("vae_overlap=off",),
+                    opts.size, image, machine,
                     device, dtype, steps=opts.steps, held=role.steps, decode=role.writes, encode=role.encodes)
 
 

@@ -6,13 +6,15 @@ prompt embedding (disk cache, else umT5) -> wav2vec2 features -> VAE encode of r
 DiT loaded and placed by the plan (reused when the checkpoint and the plan are the same) -> sink
 prefill -> the ticks of the timestep-forcing schedule (4 blocks per clip x `steps` Euler steps; one
 forward per tick in block order, or with a batched plan one DiT call per tick) -> each finished block
-decoded by the streaming VAE and written to the mp4 at once. While an engine is placed, a prompt missing from the cache is
+decoded by the streaming VAE (on its own CUDA stream beside the next DiT call when the profile says
+vae_overlap = "on") and written to the mp4 as soon as its frames are back, in order. While an engine is placed, a prompt missing from the cache is
 encoded on the CPU (umT5 would not fit beside the DiT); `encode_prompts` does a batch's prompts first.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,13 +251,56 @@ class Session:
         dit_s = vae_s = write_s = 0.0
         clip0_frames, clip_s, ref = [], [], None
         latents: dict[BlockIndex, torch.Tensor] = {}  # blocks in flight: their latents after the last step run
+        # finished blocks decode in order behind a queue, on their own stream when the plan overlaps them with
+        # the DiT; float frames when clip 0's are re-encoded for the sink refresh, else uint8 (4x fewer bytes)
+        queue, decoding = engine.decode_queue(to_uint8=not refresh), deque()  # decoding: the queue's blocks
         t_gen = t_clip = time.perf_counter()
         with BackgroundWriter(VideoWriter(str(opts.out), job.inputs.width, job.inputs.height, fps=FPS,
                                           audio=muxed_audio(job.inputs.wave, job.clips), audio_rate=AUDIO_RATE,
                                           final=not opts.partial_out)) as writer:  # encodes beside the DiT
+
+            def write(done: list) -> bool:
+                """Write decoded blocks (oldest first); True when should_stop asks to end the run."""
+                nonlocal write_s, t_clip
+                for frames in done:
+                    clip, b = decoding.popleft()
+                    video = frames if queue.to_uint8 else frames[0]  # uint8 [12, H, W, 3] | float [3, 12, H, W]
+                    if clip == 0 and b == 0:
+                        video = video[DROPPED_FRAMES:] if queue.to_uint8 else video[:, DROPPED_FRAMES:]
+                    t2 = time.perf_counter()
+                    g.frames += writer.write(video)
+                    t3 = time.perf_counter()
+                    write_s += t3 - t2
+                    g.timings.setdefault("first_frame_s", t3 - t_start)
+                    g.blocks += 1
+                    if refresh and clip == 0:
+                        clip0_frames.append(video.float().cpu())
+                    if b == BLOCKS_PER_CLIP - 1:
+                        clip_s.append(t3 - t_clip)
+                        t_clip = t3
+                    peak, now = _peak(device), time.perf_counter() - t_gen
+                    if progress is not None:
+                        progress.block_done(clip, b, g.frames, now, peak)
+                    if on_block is not None:
+                        on_block(BlockEvent(clip, b, g.blocks, total, g.frames, now, peak,
+                                            str(writer.partial_path or opts.out)))
+                    if should_stop is not None and should_stop():
+                        g.interrupted = True
+                        return True
+                return False
+
+            def waited(fn):  # the queue's frames, the time spent waiting for them counted as VAE time
+                nonlocal vae_s
+                t1 = time.perf_counter()
+                out = fn()
+                vae_s += time.perf_counter() - t1
+                return out
+
             try:
                 for tick in ticks(total, steps, drain_before=drain):
                     if refresh and any(w.step == 0 and w.idx == BlockIndex(1, 0) for w in tick):
+                        if write(waited(queue.drain)):  # clip 0's frames, all of them, before the refresh
+                            break
                         motion = reencode_motion(job.vae, job.inputs.image.to(device),
                                                  torch.cat(clip0_frames, dim=1).to(device))
                         engine.refresh_sink(ref, motion)
@@ -268,40 +313,21 @@ class Session:
                         if w.step < steps - 1:
                             latents[w.idx] = lat
                             continue
-                        clip, b = w.idx.clip, w.idx.block  # the block is done: decode and write it
-                        t1 = time.perf_counter()
-                        video = engine.decode(lat)                                         # [3, 12, H, W]
-                        if clip == 0 and b == 0:
-                            video = video[:, DROPPED_FRAMES:]
-                        _sync(device)
-                        t2 = time.perf_counter()
-                        g.frames += writer.write(video)
-                        t3 = time.perf_counter()
-                        vae_s, write_s = vae_s + t2 - t1, write_s + t3 - t2
-                        g.timings.setdefault("first_frame_s", t3 - t_start)
-                        g.blocks += 1
-                        if refresh and clip == 0:
-                            clip0_frames.append(video.float().cpu())
-                            ref = lat[:, :, :1] if b == 0 else ref
-                        if b == BLOCKS_PER_CLIP - 1:
-                            clip_s.append(t3 - t_clip)
-                            t_clip = t3
-                        peak, now = _peak(device), time.perf_counter() - t_gen
-                        if progress is not None:
-                            progress.block_done(clip, b, g.frames, now, peak)
-                        if on_block is not None:
-                            on_block(BlockEvent(clip, b, g.blocks, total, g.frames, now, peak,
-                                                str(writer.partial_path or opts.out)))
-                        if should_stop is not None and should_stop():
-                            g.interrupted = True
-                            break
-                    if g.interrupted:
+                        if refresh and w.idx == BlockIndex(0, 0):
+                            ref = lat[:, :, :1]  # the first generated latent becomes the refreshed sink's ref
+                        decoding.append((w.idx.clip, w.idx.block))  # the block is done: decode it, then write
+                        waited(lambda: queue.submit(lat.to(job.vae.dtype)))
+                    if write(queue.ready()):
                         break
+                else:
+                    write(waited(queue.drain))
             except LowvramError as e:  # the writer keeps the finished blocks in its partial file
                 if isinstance(e, VideoWriteError) or not writer.frames_written:
                     raise
                 raise LowvramError(f"{e} (the {writer.frames_written} frames written so far are in "
                                    f"{writer.partial_path})") from e
+            finally:
+                queue.drain()  # a stop or a fault drops the decodes in flight, after they have finished
         g.seconds = time.perf_counter() - t_gen
         g.timings.update(dit_s=dit_s, vae_s=vae_s, write_s=write_s, clip_s=clip_s)
         return g
@@ -351,8 +377,8 @@ def _host_stats(engine) -> dict:
 
 
 def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # orders: the block's kernels before the host reads the clock
+    if device.type == "cuda":  # orders: the tick's kernels before the host reads the clock; only this stream,
+        torch.cuda.current_stream(device).synchronize()  # a decode on its own stream keeps running
 
 
 def _peak(device) -> int:

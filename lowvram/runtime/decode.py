@@ -92,17 +92,18 @@ class OverlappedDecoder:
     Frames are what `decoder.decode` returns ([B, 3, F, H, W] float32), or with `to_uint8` the
     writer's uint8 [F, H, W, 3] (B must be 1), converted on the device (4x fewer bytes to copy).
     At most `max_pending` decodes are in flight: `submit` waits for the oldest beyond that.
-    On the CPU every call is synchronous.
+    On the CPU, or with `overlap=False` (a profile's `vae_overlap = "off"`), every call is synchronous on
+    the caller's stream and the frames stay on the decoder's device.
     """
 
-    def __init__(self, decoder, to_uint8: bool = False, max_pending: int = 2) -> None:
+    def __init__(self, decoder, to_uint8: bool = False, max_pending: int = 2, overlap: bool = True) -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self.decoder = decoder
         self.to_uint8 = to_uint8
         self.max_pending = max_pending
         device = decoder.vae.device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" and overlap else None
         self._queue: deque[tuple[torch.cuda.Event | None, torch.Tensor]] = deque()
 
     def _frames(self, latents: torch.Tensor) -> torch.Tensor:

@@ -183,6 +183,14 @@ class Engine:
         """[1, 16, 3, h, w] -> frames [3, 12, H, W] in [-1, 1]."""
         return self.decoder.decode(latents.to(self.vae.dtype))[0]
 
+    def decode_queue(self, to_uint8: bool = False):
+        """The started decoder behind a queue (runtime.decode.OverlappedDecoder): `submit(latents)` of finished
+        blocks in order, frames back in that order; on its own CUDA stream beside the DiT when the plan says so
+        (plan.vae_overlap: the planner then holds both activations), else synchronous."""
+        from lowvram.runtime.decode import OverlappedDecoder
+
+        return OverlappedDecoder(self.decoder, to_uint8=to_uint8, overlap=self.plan.vae_overlap)
+
     # ------------------------------------------------------------------ the OOM guard, statistics, teardown
     def guarded(self, forward):
         """Run forward(); on CUDA OOM stream one more block and retry (a LowvramError when none is left)."""

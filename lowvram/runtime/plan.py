@@ -75,6 +75,8 @@ class Plan:
     batch: int = 1  # forwards per DiT call (the profile's schedule: 1 sequential, len(steps) batched)
     streamed_bytes_per_call: int = 0  # host->GPU bytes of the streamed blocks, once per DiT call
     attention_why: str = ""  # how `attention` was chosen (the profile's "auto" resolved by the GPU, or set)
+    vae_overlap: bool = False  # a finished block decodes on its own stream beside the next DiT call (the
+    #                            profile's vae_overlap resolved: its activations are planned beside the DiT's)
 
     @property
     def schedule(self) -> str:

@@ -10,8 +10,8 @@ activation and allocator terms, to calibrate against the benchmark's measured pe
 Peak = the larger of two phases:
 - encode: umT5 (per the profile's t5 mode) or wav2vec2, before the DiT is placed;
 - generate: resident DiT weights + streamed-block buffers + KV (GPU caches, or the working
-  buffers of host caches) + sink K/V + VAE decoder and its time cache + the larger of one DiT
-  forward's activations and one latent frame's VAE decode activations,
+  buffers of host caches) + sink K/V + VAE decoder and its time cache + one DiT forward's activations
+  and one latent frame's VAE decode activations (their sum when the decode overlaps the DiT, else the larger),
 plus the CUDA context and allocator slack.
 """
 
@@ -206,6 +206,7 @@ class _Model:
     steps: tuple[int, ...]  # the denoising steps whose caches this plan holds
     batch: int  # forwards per DiT call: 1 (sequential) or one per held step (batched ticks)
     decode: bool = True  # this process holds the VAE decoder (a pipeline rank that only denoises does not)
+    overlap: bool = False  # the decode runs beside the DiT: both activations at once
 
     @property
     def host_kv(self) -> bool:
@@ -270,8 +271,11 @@ def _activations(m: _Model) -> PlanItem:
     act_vae = vae_activation_bytes(m.sizes, m.profile.vae_decode, m.width, m.height) if m.decode else 0
     if not m.decode:
         return PlanItem("activations: one DiT forward", "gpu", act_dit, f"DiT {act_dit / GIB:.2f} (no VAE here)")
-    return PlanItem("activations: max(DiT forward, VAE decode of one latent frame)", "gpu", max(act_dit, act_vae),
-                    f"DiT {act_dit / GIB:.2f}, VAE {act_vae / GIB:.2f} ({m.profile.vae_decode})")
+    why = f"DiT {act_dit / GIB:.2f}, VAE {act_vae / GIB:.2f} ({m.profile.vae_decode})"
+    if m.overlap:  # the decode of block b runs on its own stream beside block b+1's forward
+        return PlanItem("activations: DiT forward + VAE decode of one latent frame (overlapped)", "gpu",
+                        act_dit + act_vae, why)
+    return PlanItem("activations: max(DiT forward, VAE decode of one latent frame)", "gpu", max(act_dit, act_vae), why)
 
 
 def _generate_peak(m: _Model, fixed: list[PlanItem], act: PlanItem, streamed: set[int]) -> tuple[int, list[PlanItem]]:
@@ -411,20 +415,43 @@ def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vr
     slab, rest = _weights(profile, cfg, sizes)
     steps = tuple(range(NUM_STEPS)) if steps is None else tuple(steps)
 
-    def plan_at(batch: int) -> Plan:
-        m = _Model(profile, attention, cfg, width, height, tk, slab, rest, kv_format, sink, sizes, steps, batch, decode)
-        return replace(_plan(m, budget, host_ram_bytes, encode), attention_why=why)
+    def plan_at(batch: int, overlap: bool) -> Plan:
+        m = _Model(profile, attention, cfg, width, height, tk, slab, rest, kv_format, sink, sizes, steps, batch, decode,
+                   overlap)
+        return replace(_plan(m, budget, host_ram_bytes, encode), attention_why=why, vae_overlap=overlap)
 
-    if profile.schedule == "batched":
-        fits = []
-        for batch in (c for c in range(len(steps), 1, -1) if len(steps) % c == 0):
-            try:
-                fits.append(plan_at(batch))
-            except LowvramError:
-                continue
-        if fits:
-            return min(fits, key=lambda p: (p.pcie_h2d_bytes, -p.batch))
-    return plan_at(1)
+    def best(overlap: bool) -> Plan:
+        if profile.schedule == "batched":
+            fits = []
+            for batch in (c for c in range(len(steps), 1, -1) if len(steps) % c == 0):
+                try:
+                    fits.append(plan_at(batch, overlap))
+                except LowvramError:
+                    continue
+            if fits:
+                return min(fits, key=lambda p: (p.pcie_h2d_bytes, -p.batch))
+        return plan_at(1, overlap)
+
+    # vae_overlap: "on" and "off" as said (a process without the decoder never overlaps); "auto" prefers the
+    # overlapped plan even when it streams more blocks (one 704x384 block's decode is ~0.12 s on an H200, one
+    # more streamed block ~0.4 GB over PCIe per call), unless only a smaller batch fits with it (batching is
+    # worth more: 1.11-1.27x, BENCHMARKS.md run F) or it does not fit at all
+    if not decode or profile.vae_overlap == "off":
+        return best(False)
+    if profile.vae_overlap == "on":
+        return best(True)
+    try:
+        overlapped = best(True)
+    except LowvramError as e:  # where neither fits, the overlapped plan's error says what would ("auto"'s choice)
+        try:
+            return best(False)
+        except LowvramError:
+            raise e from None
+    try:
+        serial = best(False)
+    except LowvramError:
+        return overlapped
+    return overlapped if overlapped.batch >= serial.batch else serial
 
 
 def _plan(m: _Model, budget: int, host_ram_bytes: int | None, encode: bool = True) -> Plan:

@@ -41,6 +41,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "vae_decode": ("frame", "fast", "tiny"),
     "gemm": ("auto", "int_mm", "scaled_mm", "triton", "reference"),
     "schedule": ("sequential", "batched"),
+    "vae_overlap": ("auto", "on", "off"),
 }
 # Fields a file or `--set` may not change: the name is the file's stem.
 FIXED = ("name",)
@@ -68,6 +69,9 @@ class Profile:
     prefetch_blocks: int  # streamed blocks copied ahead of use (GPU buffers = this + 1)
     gemm: str  # QuantLinear's W8A8 matmul: auto (CUDA: triton, else int_mm / scaled_mm by scheme) | int_mm | scaled_mm | triton | reference
     schedule: str  # sequential: one forward per DiT call | batched: a tick's (block, step) pairs in one call
+    vae_overlap: str  # on: a finished block decodes on a CUDA stream of its own while the DiT works on the next
+    #                    (the plan holds both activations at once) | off: decode between DiT calls | auto: on
+    #                    where a plan fits with it (even one with more blocks streamed), else off
     compute_capability: str  # "8.9": the card this profile is for ("" none); attention "auto" goes by it where no
     #                          GPU is measured (`lowvram plan` on another machine); a measured GPU's own wins
 
@@ -145,7 +149,8 @@ class Profile:
         base = dict(description="everything resident on the device, in the checkpoint's precision",
                     vram_budget_gib=float(vram_budget_gib), quant=quant, attention=Attention.SDPA, kv_placement="gpu",
                     kv_dtype="bf16", t5="bf16", vae_decode="frame", blocks_resident="all", pinned_budget_gib=0.0,
-                    prefetch_blocks=1, gemm="auto", schedule="sequential", compute_capability="")
+                    prefetch_blocks=1, gemm="auto", schedule="sequential", vae_overlap="auto",
+                    compute_capability="")
         _check_keys(overrides, "overrides")
         return cls(name=RESIDENT, **{**base, **overrides})
 
