@@ -86,6 +86,29 @@ def subset(inp, nq, heads):
     return out
 
 
+def attention_candidates(row, q, k, v):
+    """8-bit attentions from other libraries at the same shape (issue 15), each where it installs: cuDNN's FP8
+    SDPA through nvidia-cudnn-frontend (kernels/cudnn8.py: with its per-call quantization of bf16 Q/K/V, and
+    the kernel alone on pre-quantized inputs) and SageAttention 1 (INT8 QK^T, fp16 PV, Triton; PyPI 1.0.6).
+    q [B, Lq, H, D], k / v [B, Lk, H, D] bf16 (the window and the roped sink concatenated)."""
+    from lowvram.kernels import cudnn8
+
+    why = cudnn8.unavailable(q.device)
+    if why is None:
+        x = cudnn8.quantize_qkv(q, k, v)
+        row("cand cuDNN FP8 SDPA, quantization included", lambda: cudnn8.fp8_sdpa(q, k, v), "cand")
+        row("cand cuDNN FP8 SDPA, kernel alone", lambda: cudnn8.fp8_sdpa_quantized(
+            x["q"], x["k"], x["v"], x["sq"], x["sk"], x["sv"]), "cand")
+    else:
+        row("cand cuDNN FP8 SDPA", lambda: (_ for _ in ()).throw(RuntimeError(why)), "cand")
+
+    def sage():
+        from sageattention import sageattn
+
+        return sageattn(q, k, v, tensor_layout="NHD", smooth_k=True)
+    row("cand SageAttention 1 (INT8 QK, fp16 PV)", sage, "cand")
+
+
 def bench_attention_shape(B, Lq, Lw, Ls, H, D, dev, sweep):
     inp = attention_inputs(B, Lq, Lw, Ls, H, D, dev)
     cache = A8.kv8_alloc(B, Lw, H, D, dev)
@@ -110,16 +133,19 @@ def bench_attention_shape(B, Lq, Lw, Ls, H, D, dev, sweep):
             rows.append(dict(group=group, variant=name, check=why))
             return
         o, (ref_, base_) = out[:, :nq, heads], refs
-        if kind == "8bit":
+        if kind in ("8bit", "cand"):
             db = sqnr_db(ref_, o)
             check, ok = f"SQNR {db:.1f} dB (>= 30)", db >= 30
+            out_ok = ok
+            ok = ok or kind == "cand"  # another library's kernel: timed whatever its accuracy, which is reported
         else:
             err = R.rel_error(o, ref_)
             check, ok = f"err {err:.1e} (<= {2 * base_ + 1e-3:.1e})", err <= 2 * base_ + 1e-3
         ms = timed(fn) if ok else None
         fl = flops * n_keys / (Lw + Ls)
+        passed = out_ok if kind in ("8bit", "cand") else ok
         rows.append(dict(group=group, variant=name, ms=ms, tflops=fl / ms / 1e9 if ms else None,
-                         check=check + ("" if ok else " FAILED")))
+                         check=check + ("" if passed else " FAILED")))
 
     row("ours bf16 (triton)", lambda: two_segment_attention(**inp), "bf16")
     row("  ours bf16, pointer loads (tma=False)", lambda: two_segment_attention(**inp, tma=False), "bf16")
@@ -133,11 +159,12 @@ def bench_attention_shape(B, Lq, Lw, Ls, H, D, dev, sweep):
                 with sdpa_kernel(be):
                     return F.scaled_dot_product_attention(qt, k_cat, v_cat).transpose(1, 2)
             row(name, sdpa, "bf16")
+        attention_candidates(row, inp["q"], k_cat.transpose(1, 2), v_cat.transpose(1, 2))
     else:
         row("torch SDPA (cpu)", lambda: F.scaled_dot_product_attention(qt, k_cat, v_cat).transpose(1, 2), "bf16")
     sdpa_ms = [r["ms"] for r in rows if r["variant"].startswith("torch SDPA") and r.get("ms")]
     for r in rows:
-        if r["variant"].startswith("ours") and r.get("ms") and sdpa_ms:
+        if r["variant"].startswith(("ours", "cand")) and r.get("ms") and sdpa_ms:
             r["speedup"] = min(sdpa_ms) / r["ms"]
     # diagnosis: each segment alone (where does the time go: the window loop or the roped sink loop?)
     for seg, keep in (("window only", "win"), ("sink only", "sink")):
