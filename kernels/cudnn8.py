@@ -101,22 +101,25 @@ def _graph(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor):
     return _GRAPHS[key]
 
 
-def fp8_sdpa_quantized(q8, k8, v8, sq, sk, sv) -> torch.Tensor:
+def fp8_sdpa_quantized(q8, k8, v8, sq, sk, sv, so=None, amax_o=None) -> torch.Tensor:
     """Attention of e4m3 q8 [B, Lq, H, D] against k8 / v8 [B, Lk, H, D] with their fp32 [1, 1, 1, 1] scales
-    (value = e4m3 * scale); bf16 [B, Lq, H, D] out."""
+    (value = e4m3 * scale); bf16 [B, Lq, H, D] out. so: the output's scale (default sv: |O| <= amax(V) =
+    448 sv, never overflows, but an average of many rows is far smaller than amax(V) and lands in e4m3's
+    subnormals); a calibrated one is amax(O) / 448 from an earlier call, whose amax cuDNN writes into
+    `amax_o` ([1, 1, 1, 1] fp32) when given (delayed scaling)."""
     import cudnn
 
-    g, (tq, tk, tv), sc, (o, amax_s, amax_o), ws, handle = _graph(q8, k8, v8)
+    g, (tq, tk, tv), sc, (o, t_amax_s, t_amax_o), ws, handle = _graph(q8, k8, v8)
     dev = q8.device
     cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(dev).cuda_stream)
     out8 = torch.empty(q8.shape, device=dev, dtype=torch.float8_e4m3fn)  # [B, Lq, H, D], strides as set above
-    s_o = sv  # the output's scale: |O| <= amax(V) = 448 * sv, so O / sv fits e4m3
+    so = sv if so is None else so
     one = torch.ones(1, 1, 1, 1, device=dev, dtype=torch.float32)
     pack = {tq: q8, tk: k8, tv: v8, sc["descale_q"]: sq, sc["descale_k"]: sk, sc["descale_v"]: sv,
-            sc["descale_s"]: one / FP8_MAX, sc["scale_s"]: one * FP8_MAX, sc["scale_o"]: s_o.reciprocal(),
-            o: out8, amax_s: torch.empty_like(one), amax_o: torch.empty_like(one)}
+            sc["descale_s"]: one / FP8_MAX, sc["scale_s"]: one * FP8_MAX, sc["scale_o"]: so.reciprocal(),
+            o: out8, t_amax_s: torch.empty_like(one), t_amax_o: amax_o if amax_o is not None else torch.empty_like(one)}
     g.execute(pack, ws, handle=handle)
-    return (out8.float() * s_o.view(1)).to(torch.bfloat16)
+    return (out8.float() * so.view(1)).to(torch.bfloat16)
 
 
 def fp8_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

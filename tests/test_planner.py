@@ -389,7 +389,8 @@ def test_vae_overlap_plans_both_activations_and_auto_falls_back():
 
     on = make_plan(Profile.from_name("4090", vae_overlap="on"), FULL, 704, 384)
     off = make_plan(Profile.from_name("4090", vae_overlap="off"), FULL, 704, 384)
-    auto = make_plan(Profile.from_name("4090"), FULL, 704, 384)
+    auto = make_plan(Profile.from_name("4090", vae_overlap="auto"), FULL, 704, 384)
+    assert not make_plan(Profile.from_name("4090"), FULL, 704, 384).vae_overlap  # the profiles' default: off
     assert on.vae_overlap and not off.vae_overlap and auto.vae_overlap
     dit = forward_activation_bytes(FULL, 3168, 12672 + 2640, 2640, on.attention, on.batch)
     assert act(on).nbytes > act(off).nbytes == max(dit, act(on).nbytes - dit) and "overlapped" in act(on).what
@@ -397,7 +398,7 @@ def test_vae_overlap_plans_both_activations_and_auto_falls_back():
     assert auto.resident == on.resident and auto.batch == on.batch
     with pytest.raises(LowvramError, match="smallest budget that fits"):
         make_plan(Profile.from_name("12gb", vae_overlap="on"), FULL, 832, 480)
-    tight = make_plan(Profile.from_name("12gb"), FULL, 832, 480)
+    tight = make_plan(Profile.from_name("12gb", vae_overlap="auto"), FULL, 832, 480)
     assert not tight.vae_overlap and tight.peak_bytes <= 11.2 * GIB
     rank = make_plan(Profile.from_name("4090", vae_overlap="on"), FULL, 704, 384, decode=False)
     assert not rank.vae_overlap

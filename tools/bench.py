@@ -300,6 +300,8 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
             t = time.perf_counter()
             queue.submit(lat.to(vae.dtype))
             queue.ready()
+            if not plan.vae_overlap:
+                _sync(device)  # a serial decode ran on this stream: its time is the decode's, not the next tick's
             dec += (time.perf_counter() - t) if timed else 0.0
     t = time.perf_counter()
     queue.drain()

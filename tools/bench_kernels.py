@@ -99,6 +99,21 @@ def attention_candidates(row, q, k, v):
         row("cand cuDNN FP8 SDPA, quantization included", lambda: cudnn8.fp8_sdpa(q, k, v), "cand")
         row("cand cuDNN FP8 SDPA, kernel alone", lambda: cudnn8.fp8_sdpa_quantized(
             x["q"], x["k"], x["v"], x["sq"], x["sk"], x["sv"]), "cand")
+        amax = torch.zeros(1, 1, 1, 1, device=q.device)
+        cudnn8.fp8_sdpa_quantized(x["q"], x["k"], x["v"], x["sq"], x["sk"], x["sv"], amax_o=amax)  # calibration
+        so = amax / cudnn8.FP8_MAX
+        row("cand cuDNN FP8 SDPA, kernel alone, output scale calibrated", lambda: cudnn8.fp8_sdpa_quantized(
+            x["q"], x["k"], x["v"], x["sq"], x["sk"], x["sv"], so=so), "cand")
+        diag = {k: x[k] for k in ("q", "k", "v")}
+        for name in ("q", "k", "v"):  # which quantization costs the accuracy: one operand 8-bit at a time
+            def one(name=name):
+                t = {n: (x[n].float() * x["s" + n].view(1)).to(torch.bfloat16) if n == name else None
+                     for n in diag}
+                qq, kk, vv = (t["q"] if t["q"] is not None else q, t["k"] if t["k"] is not None else k,
+                              t["v"] if t["v"] is not None else v)
+                return F.scaled_dot_product_attention(qq.transpose(1, 2), kk.transpose(1, 2),
+                                                      vv.transpose(1, 2)).transpose(1, 2)
+            row(f"  diag: only {name.upper()} in e4m3 (per tensor), cuDNN bf16", one, "cand")
     else:
         row("cand cuDNN FP8 SDPA", lambda: (_ for _ in ()).throw(RuntimeError(why)), "cand")
 

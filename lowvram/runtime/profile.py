@@ -149,7 +149,7 @@ class Profile:
         base = dict(description="everything resident on the device, in the checkpoint's precision",
                     vram_budget_gib=float(vram_budget_gib), quant=quant, attention=Attention.SDPA, kv_placement="gpu",
                     kv_dtype="bf16", t5="bf16", vae_decode="frame", blocks_resident="all", pinned_budget_gib=0.0,
-                    prefetch_blocks=1, gemm="auto", schedule="sequential", vae_overlap="auto",
+                    prefetch_blocks=1, gemm="auto", schedule="sequential", vae_overlap="off",
                     compute_capability="")
         _check_keys(overrides, "overrides")
         return cls(name=RESIDENT, **{**base, **overrides})
