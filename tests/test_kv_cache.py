@@ -275,3 +275,48 @@ def test_host_int8_cuda_sqnr():
     assert 10 * math.log10(sig / err) > 40.0
     st = host.stats()
     assert st["bytes_d2h"] == 9 * L * B * N_NEW * kv_token_bytes(H, 128, "int8") and st["writeback_busy_s"] > 0
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8"])
+def test_joined_is_the_window_then_the_sink_and_leaves_the_cache_unchanged(fmt):
+    """HostKVCache.joined writes the (roped) sink behind the window in the window's own slot: the same tensor as
+    torch.cat([window, sink]) at every fill level and after the ring wraps, for several caches sharing a
+    workspace; the windows of later forwards are the ones a workspace without sink room gives (the sink tokens
+    never leak into a window or its write-back). No room (kv8, a sink longer than the room): None."""
+    ls = 7
+    g = torch.Generator().manual_seed(11)
+    ws = KVWorkspace(CAP, B, H, D, "cpu", n_slots=3, kv_format=fmt, max_new=N_NEW, sink=ls)
+    ws0 = KVWorkspace(CAP, B, H, D, "cpu", n_slots=3, kv_format=fmt, max_new=N_NEW)
+    assert ws.nbytes() - ws0.nbytes() == 3 * 2 * B * ls * H * D * 2
+    assert ws.nbytes() + (3 * B * N_NEW * H * D * 4 if fmt == "int8" else 0) == kv_workspace_bytes(
+        CAP, N_NEW, H, D, fmt, 3, B, sink=ls)
+    with_room = [HostKVCache(L, CAP, B, H, D, fmt, device="cpu", workspace=ws) for _ in range(2)]
+    without = [HostKVCache(L, CAP, B, H, D, fmt, device="cpu", workspace=ws0) for _ in range(2)]
+    for start in range(0, 7 * N_NEW, N_NEW):  # fill (end 5..20), then wrap
+        new = [_chunks(g, L) for _ in with_room]
+        sinks = [(torch.randn(B, ls, H, D, generator=g).bfloat16(), torch.randn(B, ls, H, D, generator=g).bfloat16())
+                 for _ in range(L)]
+        for group in (with_room, without):
+            for c in group:
+                c._advance(start, N_NEW)
+            group[0].ws.begin(group)
+        for layer in range(L):
+            for j, (c, c0) in enumerate(zip(with_room, without)):
+                kw, vw = c.update(layer, *new[j][layer])
+                k0, v0 = c0.update(layer, *new[j][layer])
+                assert torch.equal(kw, k0) and torch.equal(vw, v0)
+                k, v = c.joined(layer, *sinks[layer])
+                assert torch.equal(k, torch.cat([k0, sinks[layer][0]], 1))
+                assert torch.equal(v, torch.cat([v0, sinks[layer][1]], 1))
+                assert c0.joined(layer, *sinks[layer]) is None
+                c.done(layer)
+                c0.done(layer)
+    longer = torch.randn(B, ls + 1, H, D).bfloat16()
+    c = with_room[0]
+    c.begin_forward(7 * N_NEW, N_NEW)
+    c.update(0, *_chunks(g, 1)[0])
+    assert c.joined(0, longer, longer) is None
+    ws8 = KVWorkspace(CAP, B, H, D, "cpu", kv_format="kv8", max_new=N_NEW, sink=ls)
+    assert ws8.sink == 0
+    c.update(0, *_chunks(g, 1)[0]) if False else None
+    assert c.joined(0, longer[:, :ls].float(), longer[:, :ls].float()) is None  # an fp32 model's sink: torch.cat

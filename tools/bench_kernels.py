@@ -174,6 +174,26 @@ def bench_attention_shape(B, Lq, Lw, Ls, H, D, dev, sweep):
                 with sdpa_kernel(be):
                     return F.scaled_dot_product_attention(qt, k_cat, v_cat).transpose(1, 2)
             row(name, sdpa, "bf16")
+        # what the model's sdpa path pays per layer around that kernel: the sink roped and concatenated behind
+        # the window (torch.cat of both, attend_two_segments), or roped and written behind the window in the
+        # window's own buffer (HostKVCache.joined: the host-cache profiles)
+        k_sink, v_sink, cs = inp["k_sink"], inp["v_sink"], (inp["sink_cos"], inp["sink_sin"])
+        buf_k = torch.empty(B, Lw + Ls, H, D, dtype=BF, device=dev)
+        buf_v = torch.empty_like(buf_k)
+        buf_k[:, :Lw], buf_v[:, :Lw] = inp["k_win"], inp["v_win"]
+
+        def cat_path():
+            ks = R.rope_sink_keys(k_sink, *cs)
+            return F.scaled_dot_product_attention(inp["q"].transpose(1, 2), torch.cat([inp["k_win"], ks], 1).transpose(1, 2),
+                                                  torch.cat([inp["v_win"], v_sink], 1).transpose(1, 2)).transpose(1, 2)
+
+        def joined_path():
+            buf_k[:, Lw:].copy_(R.rope_sink_keys(k_sink, *cs))
+            buf_v[:, Lw:].copy_(v_sink)
+            return F.scaled_dot_product_attention(inp["q"].transpose(1, 2), buf_k.transpose(1, 2),
+                                                  buf_v.transpose(1, 2)).transpose(1, 2)
+        row("  torch SDPA (default) + sink roped and concatenated per call", cat_path, "bf16")
+        row("  torch SDPA (default) + sink roped and written behind the window", joined_path, "bf16")
         attention_candidates(row, inp["q"], k_cat.transpose(1, 2), v_cat.transpose(1, 2))
     else:
         row("torch SDPA (cpu)", lambda: F.scaled_dot_product_attention(qt, k_cat, v_cat).transpose(1, 2), "bf16")

@@ -50,16 +50,21 @@ def check_backend(backend: str, choices: tuple[str, ...] = BACKENDS) -> None:
         raise LowvramError(f"unknown attention backend {backend!r}; use one of {', '.join(choices)}")
 
 
-def attend_two_segments(q, k_win, v_win, k_sink, v_sink, sink_cos, sink_sin, backend: str = "sdpa"):
+def attend_two_segments(q, k_win, v_win, k_sink, v_sink, sink_cos, sink_sin, backend: str = "sdpa", join=None):
     """Attention of roped q against the roped window keys and the sink keys roped by sink_cos/sink_sin.
 
     k_win/v_win may be None (the sink prefill attends only to the sink). sink_cos, sink_sin [Ls, D/2]: the
     sink's multipliers (rope.sink_rope_tables of the sink positions), the same in every layer of a forward
-    (gathered once by the caller)."""
+    (gathered once by the caller). join(k_sink_roped, v_sink): for sdpa, the window's cache writing the sink
+    behind the window in its own buffer (HostKVCache.joined) instead of torch.cat making a copy of both; the
+    same keys in the same order, so the same result; None where it cannot."""
     if backend == "sdpa":
         ks = rope_apply(k_sink, sink_cos, sink_sin)
         if k_win is None:
             return sdpa(q, ks, v_sink)
+        kv = join(ks, v_sink) if join is not None else None
+        if kv is not None:
+            return sdpa(q, *kv)
         return sdpa(q, torch.cat([k_win, ks], dim=1), torch.cat([v_win, v_sink], dim=1))
     if backend == "triton8" and k_win is not None:  # the window is an 8-bit KV8Cache view (GpuKV8Cache)
         from lowvram.kernels.attention8 import two_segment_attention8

@@ -8,6 +8,7 @@ so the real state dict loads with no remapping. All sizes come from `DiTConfig`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -213,8 +214,9 @@ class LiveAvatarDiT(nn.Module):
                 outs = []
                 for j, c in enumerate(kvs):  # each sample over its own window (its own length) and the sink
                     k_win, v_win = c.update(i, k[j:j + 1], v[j:j + 1])
+                    join = partial(c.joined, i) if hasattr(c, "joined") else None  # the sink behind the window
                     outs.append(attend_two_segments(q[j:j + 1], k_win, v_win, k_sink, v_sink, *sinks[j],
-                                                    self.attention))
+                                                    self.attention, join))
                     c.done(i)
                 return outs[0] if b == 1 else torch.cat(outs)
             h = block(h, e0, context, attend, frames, rope=(cos, sin))

@@ -20,6 +20,7 @@ import torch
 
 from lowvram.constants import FRAMES_PER_BLOCK, KV_FRAMES, LATENT_FRAMES
 from lowvram.runtime.kv_cache import GpuKV8Cache, GpuKVCache, HostKVCache, KVFormat, KVWorkspace, slots_for
+from lowvram.runtime.planner import workspace_sink_tokens
 from lowvram.runtime.offload import BlockStreamer, apply_block_streaming, retry_on_oom
 from lowvram.runtime.plan import Plan
 from lowvram.runtime.schedule import BlockIndex, Work, euler_step, flow_sigmas, model_timesteps, ref_shift
@@ -66,7 +67,8 @@ def make_kv_caches(model, plan: Plan, device: torch.device, tokens_per_frame: in
             continue
         if ws is None:  # plan.kv_slots windows: the plan's batch of one layer and one more (kv_cache.slots_for)
             ws = KVWorkspace(cap, 1, cfg.num_heads, cfg.head_dim, device, plan.kv_slots or slots_for(plan.batch),
-                             plan.kv_format, max_new=FRAMES_PER_BLOCK * tokens_per_frame)
+                             plan.kv_format, max_new=FRAMES_PER_BLOCK * tokens_per_frame,
+                             sink=workspace_sink_tokens(plan))
         caches.append(HostKVCache(*shape, plan.kv_format, device, workspace=ws, pinned=i < plan.pinned_kv_caches))
     return caches
 

@@ -72,18 +72,19 @@ def kv8_mean_bytes(num_layers: int, batch: int, heads: int, head_dim: int) -> in
 
 
 def kv_workspace_bytes(capacity: int, max_new: int, heads: int, head_dim: int, kv_dtype: str,
-                       n_slots: int = 2, batch: int = 1) -> int:
+                       n_slots: int = 2, batch: int = 1, sink: int = 0) -> int:
     """Device bytes of a KVWorkspace of `n_slots` windows of `batch` samples (= KVWorkspace's allocation).
-    bf16: bf16 windows. int8: bf16 windows, one staging buffer and one write-back chunk (used by one copy at a
-    time on their streams, whatever the number of caches in a call) and the fp32 temporaries of quantizing that
-    chunk. kv8: windows in the kernel's format and one staging buffer and one write-back chunk of V and the two
-    scales (their relayouts are copies, with no temporaries)."""
+    bf16: bf16 windows (each with `sink` more tokens for the sink behind it, HostKVCache.joined). int8: the
+    same, one staging buffer and one write-back chunk (used by one copy at a time on their streams, whatever
+    the number of caches in a call) and the fp32 temporaries of quantizing that chunk. kv8: windows in the
+    kernel's format and one staging buffer and one write-back chunk of V and the two scales (their relayouts
+    are copies, with no temporaries; the kernel reads the sink where it is, so no sink tokens)."""
     hd = heads * head_dim
     if KVFormat(kv_dtype) == KVFormat.KV8:
         staged = hd + 2 * heads * SCALE_BYTES  # V int8 and the K and V scales of one token, token-major
         return (n_slots * batch * capacity * kv_token_bytes(heads, head_dim, kv_dtype)
                 + batch * (capacity + max_new) * staged)
-    total = n_slots * 2 * batch * capacity * hd * 2
+    total = n_slots * 2 * batch * (capacity + sink) * hd * 2
     if KVFormat(kv_dtype) == KVFormat.INT8:
         total += batch * (capacity + max_new) * kv_token_bytes(heads, head_dim, "int8")
         total += 3 * batch * max_new * hd * 4  # fp32 temporaries of quantizing the new chunk
@@ -143,12 +144,13 @@ class KVWorkspace:
 
     def __init__(self, capacity: int, batch: int, heads: int, head_dim: int, device, n_slots: int = 2,
                  kv_format: str = "bf16", max_new: int | None = None, copy_stream=None,
-                 engine: CopyEngine | None = None):
+                 engine: CopyEngine | None = None, sink: int = 0):
         self.engine = engine or CopyEngine(device, copy_stream)  # host -> device windows
         self.wb = CopyEngine(device)  # device -> host write-back, on its own stream
         dev = self.engine.device
         self.shape = (batch, capacity, heads, head_dim)
         self.n_slots, self.fmt = n_slots, KVFormat(kv_format)
+        self.sink = 0  # sink tokens a bf16 window slot has room for behind the window (kv8: none)
         self.max_new = max_new or capacity
         B, H, D, n = batch, heads, head_dim, self.max_new
         i8, f32 = torch.int8, torch.float32
@@ -164,8 +166,10 @@ class KVWorkspace:
             self.wb_s = torch.empty(2, B, n, H, dtype=f32, device=dev)
             self._held = [self.k8, self.v8, self.s8, self.stage_v, self.stage_s, self.wb_v, self.wb_s]
         else:
-            # window in slot s: kv[s, 0] = K, kv[s, 1] = V, each [B, capacity, H, D] bf16
-            self.kv = torch.empty(n_slots, 2, *self.shape, dtype=torch.bfloat16, device=dev)
+            # window in slot s: kv[s, 0] = K, kv[s, 1] = V, each [B, capacity + sink, H, D] bf16; the last `sink`
+            # tokens hold the sink behind a window for one SDPA call (HostKVCache.joined)
+            self.sink = sink
+            self.kv = torch.empty(n_slots, 2, B, capacity + sink, H, D, dtype=torch.bfloat16, device=dev)
             self._held = [self.kv]
         if self.fmt == KVFormat.INT8:
             self.stage_q = torch.empty(2, *self.shape, dtype=i8, device=dev)
@@ -363,6 +367,22 @@ class HostKVCache(_Ring):
         ws.kv[s, 0, :, a:b].copy_(k_new)
         ws.kv[s, 1, :, a:b].copy_(v_new)
         return ws.kv[s, 0, :, :self.end], ws.kv[s, 1, :, :self.end]
+
+    def joined(self, layer: int, k_sink: torch.Tensor, v_sink: torch.Tensor):
+        """After update(layer): the window followed by the sink in the window's own slot, K and V [B, end + Ls, H,
+        D] views for one SDPA call without concatenating them (the same keys in the same order as
+        torch.cat([window, sink])). k_sink: roped, [B, Ls, H, D]. None where the slot has no room for Ls tokens
+        (kv8, or a workspace built without sink tokens) or the sink is not in the windows' dtype (bf16: an fp32
+        model's attention runs on the concatenation, which torch.cat promotes to fp32)."""
+        ls, ws = k_sink.shape[1], self.ws
+        if self.fmt == KVFormat.KV8 or ls > ws.sink or k_sink.dtype != ws.kv.dtype or v_sink.dtype != ws.kv.dtype:
+            return None
+        s, e = ws.slot(self, layer), self.end
+        # on the compute stream after update's wait for the slot's window; the tokens [end, end + Ls) are no
+        # part of any window copy or write-back of this use of the slot, and the next use's copies wait for done
+        ws.kv[s, 0, :, e:e + ls].copy_(k_sink)
+        ws.kv[s, 1, :, e:e + ls].copy_(v_sink)
+        return ws.kv[s, 0, :, :e + ls], ws.kv[s, 1, :, :e + ls]
 
     def done(self, layer: int) -> None:
         self.ws.done(self, layer)

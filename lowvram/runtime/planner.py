@@ -235,8 +235,10 @@ def _fixed_items(m: _Model) -> list[PlanItem]:
         slots = slots_for(B, KV_SLOTS)
         note = {KVFormat.BF16: "bf16 windows", KVFormat.INT8: "bf16 windows + int8 staging",
                 KVFormat.KV8: "kv8 windows, read by the 8-bit kernel + V/scale staging"}[m.kv_format]
+        sink_room = _sink_room(m.attention, m.kv_format, sink)
+        note += f", each with the sink behind it ({sink_room} tokens)" if sink_room else ""
         items.append(PlanItem(f"KV working windows (a ring of {slots}: {B} forward(s) x 1 layer + 1)", "gpu",
-                              kv_workspace_bytes(cap, lq, H, D, m.kv_format, slots), note))
+                              kv_workspace_bytes(cap, lq, H, D, m.kv_format, slots, sink=sink_room), note))
     else:
         items.append(PlanItem(f"KV ring caches ({S} steps x {cap} tokens)", "gpu", S * L * cap * m.tok_kv,
                               m.kv_format.value))
@@ -249,6 +251,18 @@ def _fixed_items(m: _Model) -> list[PlanItem]:
         items.append(PlanItem("W8A8 transients + fragmentation (measured on H200)", "gpu",
                               W8A8_UNATTRIBUTED_BYTES_PER_QUERY * lq, "tools/bench.py"))
     return items
+
+
+def _sink_room(attention: Attention, kv_format: KVFormat, sink: int) -> int:
+    """Sink tokens behind each bf16 window slot of a host-cache workspace: sdpa then reads [window; sink] from
+    one buffer instead of concatenating them per layer (HostKVCache.joined); none for kv8 (its kernel reads
+    the sink where it is) or the Triton kernels."""
+    return sink if attention == Attention.SDPA and kv_format != KVFormat.KV8 else 0
+
+
+def workspace_sink_tokens(plan) -> int:
+    """The sink tokens a plan's host-cache workspace holds behind each window (the planner's own rule)."""
+    return _sink_room(plan.attention, KVFormat(plan.kv_format), plan.tokens["sink"])
 
 
 def vae_decoder_item(sizes: Sizes, width: int, height: int) -> PlanItem:
