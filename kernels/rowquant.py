@@ -30,6 +30,9 @@ Under the interpreter, whose own fp32 -> e4m3 cast rounds wrongly, FP8 values ar
 e4m3 grid by the same additions with the constant moved to y's binade (its ulp is e4m3's step there),
 after which that cast is exact.
 
+`QuantRows` carries one activation quantized by this rule to every W8A8 layer that reads it (quantize once,
+feed many: lowvram.quantize.fuse).
+
 Used by the KV caches and the INT8 sink (runtime.kv_cache, model.dit), the 8-bit attention (its cache and
 its Q tiles, kernels.attention8), the GEMM backends (quantize.backends, kernels.gemm), the weight quantizer
 (quantize.linear) and the kernels' references.
@@ -109,7 +112,8 @@ class QuantRows(NamedTuple):
     def split(self, rows: int) -> list["QuantRows"]:
         """Chunks of `rows` consecutive rows (the last may be shorter), as x.reshape(-1, K).split(rows)."""
         k = self.q.shape[-1]
-        return [QuantRows(q, s, (q.shape[0], k), self.dtype) for q, s in zip(self.q.split(rows), self.scale.split(rows))]
+        return [QuantRows(q, s, (q.shape[0], k), self.dtype)
+                for q, s in zip(self.q.split(rows), self.scale.split(rows))]
 
 
 if triton is not None:
