@@ -124,7 +124,6 @@ class Block(nn.Module):
         The norm + modulation and gate + residual chains are one pass each (kernels/fused.py on the
         GPU, the same eager arithmetic on the CPU)."""
         dt = x.dtype
-        b, L, c = x.shape
         m = self.modulation.float().unsqueeze(1) + e0                   # [B, F, 6, C]
         shift1, scale1, gate1, shift2, scale2, gate2 = m.unbind(2)    # each [B, F, C]
         eps = self.norm1.eps
@@ -138,15 +137,19 @@ class Block(nn.Module):
                        out_dtype=dt)
         x = x + self.cross_attn(h, context)
         h = self._norm((self.ffn[0],), x, self.norm2.eps, shift=shift2, scale=scale2, frames=frames, out_dtype=dt)
-        # FFN_CHUNK_FRAMES latent frames of tokens at a time (its comment says why)
+        return fused.gated_residual(x, self.ffn_chunks(h, frames), gate2, frames, out_dtype=dt)
+
+    def ffn_chunks(self, h, frames: int):
+        """The FFN of h [B, L, C] (or its QuantRows) over FFN_CHUNK_FRAMES latent frames of tokens at a time (its
+        comment says why) -> [B, L, C]."""
+        b, L, c = h.shape
         rows = max(1, L // frames) * FFN_CHUNK_FRAMES
         if isinstance(h, QuantRows):  # [B*L, C] 8-bit rows: B frames' rows per chunk, as below
-            y = torch.cat([self._ffn(r) for r in h.split(b * rows)]).view(b, L, -1)
-        elif b == 1:
-            y = torch.cat([self._ffn(c) for c in h.split(rows, dim=1)], dim=1)
-        else:  # a batch: B frames' rows per chunk, contiguous (a strided [B, rows, C] slice computes otherwise)
-            y = torch.cat([self._ffn(r) for r in h.reshape(b * L, c).split(b * rows)]).view(b, L, -1)
-        return fused.gated_residual(x, y, gate2, frames, out_dtype=dt)
+            return torch.cat([self._ffn(r) for r in h.split(b * rows)]).view(b, L, -1)
+        if b == 1:
+            return torch.cat([self._ffn(part) for part in h.split(rows, dim=1)], dim=1)
+        # a batch: B frames' rows per chunk, contiguous (a strided [B, rows, C] slice computes otherwise)
+        return torch.cat([self._ffn(r) for r in h.reshape(b * L, c).split(b * rows)]).view(b, L, -1)
 
     def _norm(self, layers, x, eps, *affine, **kw):
         """fused.layer_norm_mod of x [B, L, C] for `layers`, which all read it: written as their shared 8-bit
