@@ -40,6 +40,8 @@ GELU_KAPPA = 0.044715
 
 if triton is not None:
     _INTERPRETED = tl.constexpr(configs.interpreting())  # read at import, as Triton itself decides
+    _BETA = tl.constexpr(GELU_BETA)  # (a jit function reads only constexpr globals)
+    _KAPPA = tl.constexpr(GELU_KAPPA)
 
     @triton.jit
     def _tanh(u):
@@ -54,7 +56,7 @@ if triton is not None:
     @triton.jit
     def _gelu_tanh(x):
         # nn.GELU(approximate="tanh") in fp32, torch's expression order: 0.5 x (1 + tanh(beta (x + kappa x^3)))
-        inner = GELU_BETA * (x + GELU_KAPPA * (x * x * x))
+        inner = _BETA * (x + _KAPPA * (x * x * x))
         return 0.5 * x * (1.0 + _tanh(inner))
 
     @triton.jit
