@@ -9,6 +9,9 @@ in one pass, computing in fp32 and rounding exactly where the eager code rounds:
   (cos, sin) given, the interleaved-pair RoPE of every head (fp32, one rounding).
 - `layer_norm_mod`: WanLayerNorm (fp32, optional affine, optionally on an input first rounded to
   bf16; rounded to its input's dtype) then per-frame `h * (1 + scale) + shift`.
+  `layer_norm_mod_quant` also (or only) writes the next GEMM's input: the row rounded to out_dtype, then
+  quantized by kernels/rowquant.py's rule (rowquant.QuantRows), bit-identical to layer_norm_mod followed
+  by kernels.gemm.quantize_rows, with no second pass over the row.
 - `gated_residual`: x + y * gate[frame] in fp32, written in the output dtype.
 
 Each has a torch twin (the eager code) for CPU runs; results agree to fp32 reduction order.
@@ -22,10 +25,13 @@ import torch.nn.functional as F
 
 from lowvram.kernels import configs
 from lowvram.kernels.reference import rope_apply
+from lowvram.kernels.rowquant import FP8_MAX, INT8_MAX, QuantRows
 
 try:
     import triton
     import triton.language as tl
+
+    from lowvram.kernels.rowquant import round_8bit, scale_of
 except ImportError:  # CPU-only installs: the torch twins serve
     triton = None
 
@@ -73,9 +79,12 @@ if triton is not None:
         tl.store(O + row * so + cols, y, mask=m)
 
     @triton.jit
-    def _ln_mod_kernel(X, W, B, SHIFT, SCALE, O, sx, so, C, rows_per_frame, eps,
+    def _ln_mod_kernel(X, W, B, SHIFT, SCALE, O, Q, S, sx, so, C, rows_per_frame, eps,
                        BLOCK: tl.constexpr, ROUND_IN: tl.constexpr, AFFINE: tl.constexpr,
-                       MOD: tl.constexpr):
+                       MOD: tl.constexpr, STORE_H: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
+                       FP8: tl.constexpr):
+        # QUANT: Q [rows, C] and S [rows] get the row rounded to O's dtype and quantized (rowquant's rule);
+        # STORE_H: O gets that row too
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         m = cols < C
@@ -98,7 +107,14 @@ if triton is not None:
             sc = tl.load(SCALE + bf * C + cols, mask=m, other=0.0)
             sh = tl.load(SHIFT + bf * C + cols, mask=m, other=0.0)
             h = h * (1.0 + sc) + sh
-        tl.store(O + row * so + cols, h.to(O.dtype.element_ty), mask=m)
+        h = h.to(O.dtype.element_ty)
+        if STORE_H:
+            tl.store(O + row * so + cols, h, mask=m)
+        if QUANT:  # the rounded row, as kernels.gemm.quantize_rows would read it back
+            hf = tl.where(m, h.to(tl.float32), 0.0)
+            scale, inv = scale_of(tl.max(tl.abs(hf), 0), QMAX)
+            tl.store(Q + row * C + cols, round_8bit(hf * inv, QMAX, FP8, Q.dtype.element_ty), mask=m)
+            tl.store(S + row, scale)
 
     @triton.jit
     def _gate_kernel(X, Y, G, O, sx, sy, so, C, rows_per_frame, BLOCK: tl.constexpr):
@@ -176,19 +192,46 @@ def layer_norm_mod(x, eps, weight=None, bias=None, shift=None, scale=None, frame
     h * (1 + scale) + shift over F frames of L / F tokens. Returns out_dtype (x.dtype by default)."""
     if not use_triton(x, backend):
         return layer_norm_mod_torch(x, eps, weight, bias, shift, scale, frames, round_in, out_dtype)
+    return _ln_mod(x, eps, weight, bias, shift, scale, frames, round_in, out_dtype, True, None)[0]
+
+
+def _ln_mod(x, eps, weight, bias, shift, scale, frames, round_in, out_dtype, keep_h: bool, fp8: bool | None):
+    # the kernel's launch -> (h [B, L, C] or None, (q [B*L, C], scale [B*L]) or None)
     b, L, c = x.shape
     x2 = _rows(x)
-    out = torch.empty(b, L, c, dtype=out_dtype or x.dtype, device=x.device)
+    dt = out_dtype or x.dtype
+    # without h: a one-element O stands for its dtype (never written)
+    out = torch.empty((b, L, c) if keep_h else (1,), dtype=dt, device=x.device)
+    quant = fp8 is not None
+    q = torch.empty(b * L, c, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=x.device) if quant else out
+    s = torch.empty(b * L, dtype=torch.float32, device=x.device) if quant else out
     block = triton.next_power_of_2(c)
     mod = shift is not None
     dummy = x2
     sh = shift.contiguous().float() if mod else dummy
     sc = scale.contiguous().float() if mod else dummy
     _ln_mod_kernel[(x2.shape[0],)](x2, weight if weight is not None else dummy, bias if bias is not None else dummy,
-                                   sh, sc, out, x2.stride(0), c, c, L // frames, eps, BLOCK=block,
-                                   ROUND_IN=round_in, AFFINE=weight is not None, MOD=mod,
+                                   sh, sc, out, q, s, x2.stride(0), c, c, L // frames, eps, BLOCK=block,
+                                   ROUND_IN=round_in, AFFINE=weight is not None, MOD=mod, STORE_H=keep_h,
+                                   QUANT=quant, QMAX=FP8_MAX if fp8 else INT8_MAX, FP8=bool(fp8),
                                    num_warps=_warps(block))
-    return out
+    return (out if keep_h else None), (q, s) if quant else None
+
+
+def layer_norm_mod_quant(x, eps, weight=None, bias=None, shift=None, scale=None, frames=1, round_in=False,
+                         out_dtype=None, fp8=False, keep_h=False, backend="auto"):
+    """layer_norm_mod (the same arguments) whose rows also come out quantized for the next W8A8 GEMM (INT8, or
+    FP8 e4m3 with fp8): -> (h [B, L, C] in out_dtype, or None without keep_h; rowquant.QuantRows of h).
+
+    The quantization reads h rounded to out_dtype, as kernels.gemm.quantize_rows reads the stored h, so the
+    8-bit rows and scales are bit-identical to layer_norm_mod followed by quantize_rows (the torch twin: by
+    rowquant's torch functions), from the whole row the kernel holds anyway (C up to 16384)."""
+    dt = out_dtype or x.dtype
+    if not use_triton(x, backend):
+        h = layer_norm_mod_torch(x, eps, weight, bias, shift, scale, frames, round_in, out_dtype)
+        return (h if keep_h else None), QuantRows.of(h, fp8)
+    h, (q, s) = _ln_mod(x, eps, weight, bias, shift, scale, frames, round_in, out_dtype, keep_h, fp8)
+    return h, QuantRows(q, s, tuple(x.shape), dt)
 
 
 def gated_residual(x, y, gate, frames, out_dtype=None, backend="auto"):

@@ -7,9 +7,12 @@ ties to even; bit-identical to rowquant's torch functions); one read of x, one w
 M for L2 reuse, int32 (INT8) or fp32 (FP8) accumulation, the scales and bias applied in the
 epilogue, bf16 out. The weight stays [N, K] (K contiguous), which is the K-major operand layout
 8-bit tensor cores want.
-Limits: x is 2-D with a contiguous last dim; FP8 needs sm_89+. On Hopper, FP8 goes through
-cuBLAS (`torch._scaled_mm`, row-wise) after our quantization kernel, because it is the faster
-GEMM there (configs.FP8_ENGINE says which engine runs where).
+Limits: x is 2-D with a contiguous last dim; FP8 needs sm_89+. FP8 can instead go through cuBLAS
+(`torch._scaled_mm`, row-wise) after our quantization kernel (configs.FP8_ENGINE says which engine runs where).
+Quantize once, feed many: `w8a8_linear` runs the GEMM on rows quantized already (rowquant.QuantRows, e.g. one
+copy for q, k and v, or written by kernels/fused.py's norm); `gelu_linear` is the FFN's first GEMM with
+tanh-GELU in its epilogue and each row's absmax of the result accumulated by atomic max, so that the second
+GEMM's quantization is one pass (`quantize_rows(g, amax=...)`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from lowvram.kernels.rowquant import FP8_MAX, INT8_MAX
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 
     from lowvram.kernels.rowquant import round_8bit, scale_of
 
@@ -31,12 +35,45 @@ except ImportError as e:  # CPU-only installs: the torch references serve
     triton = None
     TRITON_ERROR = f"{type(e).__name__}: {e}"  # why, for the GEMM backend's error message
 
+GELU_BETA = 0.7978845608028654  # sqrt(2 / pi), torch's kBeta = M_SQRT2 * M_2_SQRTPI * 0.5 (the same fp32)
+GELU_KAPPA = 0.044715
+
 if triton is not None:
+    _INTERPRETED = tl.constexpr(configs.interpreting())  # read at import, as Triton itself decides
+    _BETA = tl.constexpr(GELU_BETA)  # (a jit function reads only constexpr globals)
+    _KAPPA = tl.constexpr(GELU_KAPPA)
 
     @triton.jit
-    def _quant_rows(X, Q, S, K, stride_x, stride_q, QMAX: tl.constexpr, FP8: tl.constexpr,
-                    BLOCK: tl.constexpr, SINGLE: tl.constexpr):
-        # SINGLE: the whole row fits one block and is read once; else two passes (absmax, quantize)
+    def _tanh(u):
+        if _INTERPRETED:  # no libdevice on the CPU: exp in float64, rounded once to fp32 (|u| > 20: exactly
+            # +-1 in fp32 either way, and no overflow)
+            e = tl.exp(2.0 * tl.minimum(tl.maximum(u.to(tl.float64), -20.0), 20.0))
+            t = (1.0 - 2.0 / (e + 1.0)).to(tl.float32)
+        else:
+            t = libdevice.tanh(u)  # __nv_tanhf; torch's CUDA GELU calls tanhf
+        return t
+
+    @triton.jit
+    def _gelu_tanh(x):
+        # nn.GELU(approximate="tanh") in fp32, torch's expression order: 0.5 x (1 + tanh(beta (x + kappa x^3)))
+        inner = _BETA * (x + _KAPPA * (x * x * x))
+        return 0.5 * x * (1.0 + _tanh(inner))
+
+    @triton.jit
+    def _bf16_rne(y):
+        # fp32 -> bf16 rounded to nearest, ties to even, as torch rounds; the interpreter's own cast truncates,
+        # so there the bits are rounded first (the carry may run into the exponent: that is the rounding too)
+        if _INTERPRETED:
+            bits = y.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            y = bits.to(tl.float32, bitcast=True)
+        return y.to(tl.bfloat16)
+
+    @triton.jit
+    def _quant_rows(X, Q, S, AMAX, K, stride_x, stride_q, QMAX: tl.constexpr, FP8: tl.constexpr,
+                    BLOCK: tl.constexpr, SINGLE: tl.constexpr, GIVEN: tl.constexpr):
+        # SINGLE: the whole row fits one block and is read once; GIVEN: each row's absmax is given (AMAX [M]),
+        # one pass of BLOCK columns; else two passes (absmax, quantize)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         if SINGLE:
@@ -45,11 +82,15 @@ if triton is not None:
             scale, inv = scale_of(tl.max(tl.abs(x), 0), QMAX)
             tl.store(Q + row * stride_q + cols, round_8bit(x * inv, QMAX, FP8, Q.dtype.element_ty), mask=mask)
         else:
-            amax = tl.zeros([BLOCK], tl.float32)
-            for start in range(0, K, BLOCK):
-                x = tl.load(X + row * stride_x + start + cols, mask=start + cols < K, other=0.0)
-                amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-            scale, inv = scale_of(tl.max(amax, 0), QMAX)
+            if GIVEN:
+                amax = tl.load(AMAX + row)
+            else:
+                acc = tl.zeros([BLOCK], tl.float32)
+                for start in range(0, K, BLOCK):
+                    x = tl.load(X + row * stride_x + start + cols, mask=start + cols < K, other=0.0)
+                    acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
+                amax = tl.max(acc, 0)
+            scale, inv = scale_of(amax, QMAX)
             for start in range(0, K, BLOCK):
                 mask = start + cols < K
                 y = tl.load(X + row * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32) * inv
@@ -57,11 +98,12 @@ if triton is not None:
         tl.store(S + row, scale)
 
     @triton.jit
-    def _w8a8_gemm(A, W, C, AS, WS, BIAS, M, N, K, stride_am, stride_wn, stride_cm, M_KEY,
-                   HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, INT8: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    def _w8a8_gemm(A, W, C, AS, WS, BIAS, AMAX, M, N, K, stride_am, stride_wn, stride_cm, M_KEY,
+                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, EVEN_K: tl.constexpr, INT8: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         # A: [M, K] 8-bit, W: [N, K] 8-bit, C: [M, N] bf16; M_KEY (M rounded up to a power of
-        # two) is unused here: it is the autotune key, so varying token counts reuse one tuning
+        # two) is unused here: it is the autotune key, so varying token counts reuse one tuning.
+        # GELU: C = GELU(C) and AMAX [M] (zeroed by the caller) = max |C| of each row, by atomic max over N tiles
         pid = tl.program_id(0)
         grid_m = tl.cdiv(M, BLOCK_M)
         grid_n = tl.cdiv(N, BLOCK_N)
@@ -100,8 +142,14 @@ if triton is not None:
         out = acc.to(tl.float32) * a_s[:, None] * w_s[None, :]
         if HAS_BIAS:
             out += tl.load(BIAS + rbn).to(tl.float32)[None, :]
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        out = out.to(C.dtype.element_ty)
+        if GELU:  # on the bf16 product, as the unfused GEMM -> bf16 -> nn.GELU; rounded as torch's GELU rounds
+            out = _bf16_rne(_gelu_tanh(out.to(tl.float32)))
+            row_max = tl.max(tl.where(mask, tl.abs(out.to(tl.float32)), 0.0), 1)  # [BLOCK_M]
+            tl.atomic_max(AMAX + rm, row_max, mask=rm < M, sem="relaxed")  # any order: a max
         c_ptr = C + rm[:, None].to(tl.int64) * stride_cm + rn[None, :]
-        tl.store(c_ptr, out.to(C.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+        tl.store(c_ptr, out, mask=mask)
 
 _TUNED: dict = {}
 
@@ -121,42 +169,49 @@ def triton_usable(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or configs.interpreter_ready())
 
 
-def quantize_rows(x: torch.Tensor, fp8: bool = False, single: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, fp8: bool = False, single: bool | None = None,
+                  amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token quantization x [M, K] -> (int8 or float8_e4m3fn [M, K], fp32 scale [M]) in one kernel,
     bit-identical to rowquant.quantize_rows_int8 / quantize_rows_fp8.
 
     single: read each row once (rows up to configs.QUANT_ROWS["SINGLE_MAX"] columns; the default
-    when they fit) or in two passes (any K)."""
+    when they fit) or in two passes (any K). amax: each row's max |x| as fp32 [M], known already
+    (gelu_linear's): then one pass of BLOCK columns and no reduction (the same bits, given that absmax)."""
     M, K = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     q = torch.empty(M, K, device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
     s = torch.empty(M, device=x.device, dtype=torch.float32)
     cfg = configs.QUANT_ROWS_INTERP if configs.interpreting() else configs.QUANT_ROWS
-    single = K <= cfg["SINGLE_MAX"] if single is None else single
+    given = amax is not None
+    single = False if given else (K <= cfg["SINGLE_MAX"] if single is None else single)
     block = triton.next_power_of_2(K) if single else min(cfg["BLOCK"], triton.next_power_of_2(K))
     warps = cfg["num_warps"] if block <= 4096 else 16
-    _quant_rows[(M,)](x, q, s, K, x.stride(0), q.stride(0), QMAX=FP8_MAX if fp8 else INT8_MAX, FP8=fp8,
-                      BLOCK=block, SINGLE=single, num_warps=warps)
+    _quant_rows[(M,)](x, q, s, amax if given else s, K, x.stride(0), q.stride(0), QMAX=FP8_MAX if fp8 else INT8_MAX,
+                      FP8=fp8, BLOCK=block, SINGLE=single, GIVEN=given, num_warps=warps)
     return q, s
 
 
-def _gemm(xq, xs, qweight, w_scale, bias, block: dict | None, out=None):
+def _gemm(xq, xs, qweight, w_scale, bias, block: dict | None, out=None, amax=None):
+    # amax: fp32 [M] zeros -> the GELU epilogue runs and accumulates each row's absmax there
     M, K = xq.shape
     N = qweight.shape[0]
     if out is None:
         out = torch.empty(M, N, device=xq.device, dtype=torch.bfloat16)
     has_bias = bias is not None
+    gelu = amax is not None
     int8 = xq.dtype == torch.int8
-    args = (xq, qweight, out, xs, w_scale, bias if has_bias else w_scale, M, N, K,
+    # the dummies are w_scale (fp32): the autotuner's cache key holds the tensors' dtypes, so a GELU call
+    # and a plain one of the same shape share one tuning (one tile config, hence the same FP8 accumulation)
+    args = (xq, qweight, out, xs, w_scale, bias if has_bias else w_scale, amax if gelu else w_scale, M, N, K,
             xq.stride(0), qweight.stride(0), out.stride(0), triton.next_power_of_2(M))
     if block is not None:
         grid = (triton.cdiv(M, block["BLOCK_M"]) * triton.cdiv(N, block["BLOCK_N"]),)
-        _w8a8_gemm[grid](*args, HAS_BIAS=has_bias, EVEN_K=K % block["BLOCK_K"] == 0, INT8=int8,
+        _w8a8_gemm[grid](*args, HAS_BIAS=has_bias, GELU=gelu, EVEN_K=K % block["BLOCK_K"] == 0, INT8=int8,
                          num_warps=block.get("num_warps", 4), num_stages=block.get("num_stages", 1),
                          **{k: block[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")})
     else:
         grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
-        _gemm_kernel(configs.arch_family(xq.device))[grid](*args, HAS_BIAS=has_bias, INT8=int8)
+        _gemm_kernel(configs.arch_family(xq.device))[grid](*args, HAS_BIAS=has_bias, GELU=gelu, INT8=int8)
     return out
 
 
@@ -212,6 +267,13 @@ def _scaled_mm_rowwise(xq, xs, qweight, w_scale, bias):
     return y if bias is None else y.add_(bias)
 
 
+def fp8_engine(xq: torch.Tensor, qweight: torch.Tensor, engine: str | None = None) -> str:
+    """The engine an FP8 GEMM of xq [M, K] by qweight [N, K] runs on: `engine`, else configs.FP8_ENGINE's for
+    the device; "triton" where torch._scaled_mm cannot (K or N not divisible by 16; our GEMM masks any shape)."""
+    how = engine or configs.FP8_ENGINE[configs.arch_family(xq.device)]
+    return "triton" if xq.shape[1] % 16 or qweight.shape[0] % 16 else how
+
+
 def fp8_linear(x, qweight, w_scale, bias=None, backend: str = "auto", engine: str | None = None,
                block: dict | None = None, out: torch.Tensor | None = None):
     """FP8 W8A8 linear: x bf16 [M, K], qweight float8_e4m3fn [N, K], w_scale fp32 [N], bias -> bf16 [M, N].
@@ -220,16 +282,41 @@ def fp8_linear(x, qweight, w_scale, bias=None, backend: str = "auto", engine: st
     or "scaled_mm" (torch._scaled_mm row-wise after our quantization kernel); None picks the
     device's faster one from configs.FP8_ENGINE. backend, block, out: as int8_linear.
     """
-    def matmul(x2, xq, xs, out):
-        how = engine or configs.FP8_ENGINE[configs.arch_family(x2.device)]
-        if how == "scaled_mm" and (x2.shape[1] % 16 or qweight.shape[0] % 16):
-            how = "triton"  # torch._scaled_mm needs K and N divisible by 16; our GEMM masks any shape
-        if how == "scaled_mm":
-            y = _scaled_mm_rowwise(xq, xs, qweight, w_scale, bias)
-            return y if out is None else out.copy_(y)
-        return _gemm(xq, xs, qweight, w_scale, bias, block, out)
+    return _w8a8(x, qweight, w_scale, bias, backend, out, True,
+                 lambda x2, xq, xs, out: w8a8_linear(xq, xs, qweight, w_scale, bias, engine, block, out))
 
-    return _w8a8(x, qweight, w_scale, bias, backend, out, True, matmul)
+
+def w8a8_linear(xq, xs, qweight, w_scale, bias=None, engine: str | None = None, block: dict | None = None,
+                out: torch.Tensor | None = None):
+    """The GEMM of int8_linear / fp8_linear on rows quantized already: xq [M, K] int8 or float8_e4m3fn (as
+    qweight [N, K]) and xs fp32 [M] by rowquant's rule -> bf16 [M, N]. The same kernels as those functions after
+    their quantization, so the same bits as they give for the x that (xq, xs) came from.
+    engine (FP8): as fp8_linear; block, out: as int8_linear."""
+    _check(xq, qweight, w_scale)
+    if xq.dtype != qweight.dtype or xs.shape != (xq.shape[0],):
+        raise ValueError(f"quantized rows {xq.dtype} [{xq.shape[0]}] scales {tuple(xs.shape)} do not fit a "
+                         f"{qweight.dtype} weight")
+    if xq.dtype == torch.float8_e4m3fn and fp8_engine(xq, qweight, engine) == "scaled_mm":
+        y = _scaled_mm_rowwise(xq, xs, qweight, w_scale, bias)
+        return y if out is None else out.copy_(y)
+    return _gemm(xq, xs, qweight, w_scale, bias, block, out)
+
+
+def gelu_linear(xq, xs, qweight, w_scale, bias=None, block: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FFN's first GEMM with its nn.GELU(approximate="tanh") in the epilogue, on quantized rows xq [M, K], xs [M]:
+    -> (g bf16 [M, N], amax fp32 [M]) with g = GELU(the bf16 GEMM output w8a8_linear gives) and amax = max |g|
+    of each row, accumulated across the N tiles by atomic max, for the next GEMM's one-pass quantization
+    (quantize_rows(g, amax=amax)).
+
+    GELU runs in fp32 in torch's expression order, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), and is
+    rounded to nearest as torch rounds; the tanh is libdevice's (torch's CUDA kernel calls tanhf; under the
+    interpreter a float64 exp), so an element may differ from the unfused GEMM -> nn.GELU by one bf16 unit
+    where the two tanh differ in their last fp32 bits near a bf16 rounding boundary (tests bound it).
+    Always our GEMM (for FP8 too, whatever configs.FP8_ENGINE says: callers that want the unfused path's
+    bits check fp8_engine first). The overwrite of g and the max are idempotent, so autotuning re-runs are harmless."""
+    _check(xq, qweight, w_scale)
+    amax = torch.zeros(xq.shape[0], device=xq.device, dtype=torch.float32)
+    return _gemm(xq, xs, qweight, w_scale, bias, block, amax=amax), amax
 
 
 def bench_gemm(M=3168, K=5120, N=5120, fp8=False, device="cuda") -> dict:

@@ -30,12 +30,17 @@ Under the interpreter, whose own fp32 -> e4m3 cast rounds wrongly, FP8 values ar
 e4m3 grid by the same additions with the constant moved to y's binade (its ulp is e4m3's step there),
 after which that cast is exact.
 
+`QuantRows` carries one activation quantized by this rule to every W8A8 layer that reads it (quantize once,
+feed many: lowvram.quantize.fuse).
+
 Used by the KV caches and the INT8 sink (runtime.kv_cache, model.dit), the 8-bit attention (its cache and
 its Q tiles, kernels.attention8), the GEMM backends (quantize.backends, kernels.gemm), the weight quantizer
 (quantize.linear) and the kernels' references.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -82,6 +87,33 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | No
         q = q.to(out.dtype) if q.dtype == torch.float8_e4m3fn else q
         return torch.mul(q, scale.unsqueeze(-1), out=out)
     return (q.float() * scale.unsqueeze(-1)).to(dtype)
+
+
+class QuantRows(NamedTuple):
+    """An activation x [..., K] already quantized by this rule, ready for a W8A8 GEMM (quantize once, feed many):
+    q [M, K] int8 or float8_e4m3fn and scale [M] fp32 over x's M = prod(shape[:-1]) rows, with x's shape and
+    dtype (what a linear fed by it returns: shape[:-1] + [N] in dtype)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    shape: tuple
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, x: torch.Tensor, fp8: bool) -> "QuantRows":
+        """x [..., K] quantized by the torch functions below (kernels.gemm.quantize_rows is the kernel)."""
+        q, s = (quantize_rows_fp8 if fp8 else quantize_rows_int8)(x.reshape(-1, x.shape[-1]))
+        return cls(q, s, tuple(x.shape), x.dtype)
+
+    @property
+    def scheme(self) -> str:
+        return "fp8" if self.q.dtype == torch.float8_e4m3fn else "int8"
+
+    def split(self, rows: int) -> list["QuantRows"]:
+        """Chunks of `rows` consecutive rows (the last may be shorter), as x.reshape(-1, K).split(rows)."""
+        k = self.q.shape[-1]
+        return [QuantRows(q, s, (q.shape[0], k), self.dtype)
+                for q, s in zip(self.q.split(rows), self.scale.split(rows))]
 
 
 if triton is not None:

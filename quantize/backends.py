@@ -8,7 +8,11 @@ float8_e4m3fn, w_scale: [N] fp32, bias: [N] or None, y: [M, N] in x.dtype.
                torch._int_mm (int32 accumulate), scales and bias applied in fp32.
 - "scaled_mm": W8A8. Per-token dynamic FP8 e4m3 activations (absmax / 448 per row, kernels/rowquant.py),
                torch._scaled_mm with row-wise scales and bf16 output (CUDA sm_89+; recent CPU builds too).
-- "triton":    the fused kernels of `lowvram.kernels.gemm`, registered when Triton is installed.
+- "triton":    the fused kernels of `lowvram.kernels.gemm`, registered when Triton is installed; an explicit
+               "triton" runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (tests), as kernels/fused.py's.
+The W8A8 backends also take rows quantized already (`Backend.quantized(xq, xs, qweight, w_scale, bias, out_dtype)`,
+a rowquant.QuantRows' q and scale): each quantizes by kernels/rowquant.py's rule, so a copy shared by several
+layers gives each the bits of its own quantization (lowvram.quantize.fuse).
 "auto" picks per call: CPU -> reference; CUDA -> triton where it loads (activation quantization, scales and
 bias fused: in the 4090 profile at 704x384 on an H200 the DiT ran 1.70x faster than with int_mm, 5.89 vs 10.02
 s per clip, tools/bench.py 2026-11-22), else int8 -> int_mm, fp8 on sm_89+ -> scaled_mm, else reference.
@@ -33,14 +37,16 @@ class Backend:
     name: str
     fn: Callable
     supports: Callable[[torch.Tensor, torch.Tensor], bool]  # (x, qweight) -> can this backend run it
+    quantized: Callable | None = None  # the matmul on quantized rows (W8A8 backends; module docstring)
 
 
 _REGISTRY: dict[str, Backend] = {}
 
 
-def register_backend(name: str, fn: Callable, supports: Callable | None = None) -> None:
+def register_backend(name: str, fn: Callable, supports: Callable | None = None,
+                     quantized: Callable | None = None) -> None:
     """Add or replace a backend (see the module docstring for the calling convention)."""
-    _REGISTRY[name] = Backend(name, fn, supports or (lambda x, w: True))
+    _REGISTRY[name] = Backend(name, fn, supports or (lambda x, w: True), quantized)
 
 
 def reference_linear(x, qweight, w_scale, bias):
@@ -49,15 +55,19 @@ def reference_linear(x, qweight, w_scale, bias):
 
 
 def int_mm_linear(x, qweight, w_scale, bias):
-    m = x.shape[0]
     xq, x_scale = quantize_rows_int8(x)  # [M, K] int8, [M]
-    if x.is_cuda and m <= 16:  # cuBLAS int8 GEMM needs M > 16: pad with zero rows
+    return int_mm_quantized(xq, x_scale, qweight, w_scale, bias, x.dtype)
+
+
+def int_mm_quantized(xq, x_scale, qweight, w_scale, bias, out_dtype):
+    m = xq.shape[0]
+    if xq.is_cuda and m <= 16:  # cuBLAS int8 GEMM needs M > 16: pad with zero rows
         xq = F.pad(xq, (0, 0, 0, 17 - m))
     acc = torch._int_mm(xq, qweight.t())[:m]  # [M, N] int32
     y = acc.float() * x_scale[:, None] * w_scale.float()[None, :]
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype)
+    return y.to(out_dtype)
 
 
 def _int_mm_supports(x, qweight):
@@ -70,9 +80,13 @@ def _int_mm_supports(x, qweight):
 
 def scaled_mm_linear(x, qweight, w_scale, bias):
     xq, x_scale = quantize_rows_fp8(x)  # [M, K] fp8, [M]
+    return scaled_mm_quantized(xq, x_scale, qweight, w_scale, bias, x.dtype)
+
+
+def scaled_mm_quantized(xq, x_scale, qweight, w_scale, bias, out_dtype):
     y = torch._scaled_mm(xq, qweight.t(), scale_a=x_scale[:, None], scale_b=w_scale.float()[None, :],
                          bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16)
-    return y.to(x.dtype)  # [M, N]
+    return y.to(out_dtype)  # [M, N]
 
 
 def _scaled_mm_supports(x, qweight):
@@ -101,15 +115,21 @@ def triton_linear(x, qweight, w_scale, bias):
     return fn(x, qweight, w_scale, bias)
 
 
+def triton_quantized(xq, x_scale, qweight, w_scale, bias, out_dtype):
+    """gemm.w8a8_linear: the GEMM of triton_linear on quantized rows (bf16 out, as triton_linear)."""
+    return gemm.w8a8_linear(xq, x_scale, qweight, w_scale, bias)
+
+
 def _triton_supports(x, qweight):
-    return qweight.dtype in (torch.int8, torch.float8_e4m3fn) and x.is_cuda and gemm.triton_usable(x)
+    # CUDA, or the CPU under the interpreter when asked for by name ("auto" keeps the reference on the CPU)
+    return qweight.dtype in (torch.int8, torch.float8_e4m3fn) and gemm.triton_usable(x)
 
 
 register_backend("reference", reference_linear)
-register_backend("int_mm", int_mm_linear, _int_mm_supports)
-register_backend("scaled_mm", scaled_mm_linear, _scaled_mm_supports)
+register_backend("int_mm", int_mm_linear, _int_mm_supports, int_mm_quantized)
+register_backend("scaled_mm", scaled_mm_linear, _scaled_mm_supports, scaled_mm_quantized)
 if gemm.triton is not None:
-    register_backend("triton", triton_linear, _triton_supports)
+    register_backend("triton", triton_linear, _triton_supports, triton_quantized)
 
 
 def available_backends() -> list[str]:

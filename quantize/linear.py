@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from lowvram.errors import LowvramError
-from lowvram.kernels.rowquant import quantize_rows_fp8, quantize_rows_int8
+from lowvram.kernels.rowquant import QuantRows, quantize_rows_fp8, quantize_rows_int8
 from lowvram.metrics import power_ratio_db
 from lowvram.quantize.backends import available_backends, check_backend, resolve
 
@@ -123,8 +123,17 @@ class QuantLinear(nn.Module):
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return dequantize_weight(self.qweight, self.scale, dtype)
 
-    def forward(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-        """backend: this call's matmul backend instead of self.backend (tests, benchmarks)."""
+    def forward(self, x: torch.Tensor | QuantRows, backend: str | None = None) -> torch.Tensor:
+        """x: [..., in], or a rowquant.QuantRows of such an x (its 8-bit copy shared with other layers, in this
+        layer's scheme: the backend must be a W8A8 one, see lowvram.quantize.fuse) -> [..., out].
+        backend: this call's matmul backend instead of self.backend (tests, benchmarks)."""
+        if isinstance(x, QuantRows):
+            mm = resolve(x.q, self.qweight, backend or self.backend)
+            if mm.quantized is None or x.scheme != self.scheme:
+                raise ValueError(f"{x.scheme} quantized rows cannot feed a {self.scheme} layer on the {mm.name} "
+                                 "backend; pass the activation itself (quantize.fuse.input_scheme says when)")
+            y = mm.quantized(x.q, x.scale, self.qweight, self.scale, self.bias, x.dtype)  # [M, out]
+            return y.reshape(*x.shape[:-1], self.out_features)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # [M, in]
         y = resolve(x2, self.qweight, backend or self.backend).fn(x2, self.qweight, self.scale, self.bias)  # [M, out]

@@ -15,7 +15,8 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from lowvram.kernels import fused  # noqa: E402
+from lowvram.kernels import fused, gemm  # noqa: E402
+from lowvram.kernels import rowquant as RQ  # noqa: E402
 from lowvram.kernels.configs import INTERPRETER_WHY, interpreter_ready  # noqa: E402
 from lowvram.model.rope import RopeTable, grid_positions  # noqa: E402
 
@@ -78,15 +79,39 @@ def test_rms_norm_rope(dtype, rope):
 def test_layer_norm_mod(case):
     dtype = BF if case == "norm1" else torch.float32
     x, _, shift, scale = shapes_and_inputs("cpu", dtype)
-    kw = dict(out_dtype=BF)
-    if case == "norm3":  # affine, on x rounded to bf16, no modulation
-        kw.update(weight=1 + 0.1 * torch.randn(96, generator=gen(4)), bias=0.1 * torch.randn(96, generator=gen(5)),
-                  round_in=True)
-    else:
-        kw.update(shift=shift, scale=scale, frames=3)
+    kw = norm_kwargs(case, shift, scale)
     out = fused.layer_norm_mod(x, 1e-6, backend="triton", **kw)
     ref = fused.layer_norm_mod(x, 1e-6, backend="torch", **kw)
     same_rounding(out, ref, BF)
+
+
+def norm_kwargs(case, shift, scale):
+    """layer_norm_mod's keywords as the block calls it for norm1 / norm2 (modulated) and norm3 (affine)."""
+    if case == "norm3":  # affine, on x rounded to bf16, no modulation
+        return dict(weight=1 + 0.1 * torch.randn(96, generator=gen(4)), bias=0.1 * torch.randn(96, generator=gen(5)),
+                    round_in=True, out_dtype=BF)
+    return dict(shift=shift, scale=scale, frames=3, out_dtype=BF)
+
+
+@on_cpu
+@pytest.mark.parametrize("case,fp8,keep_h", [("norm1", False, True), ("norm1", True, False), ("norm3", False, False),
+                                             ("norm2", True, True)])
+def test_layer_norm_mod_quant_is_the_norm_then_the_quantizer(case, fp8, keep_h):
+    # bit-identical to layer_norm_mod followed by the GEMM's quantization kernel: the same rounded row
+    x, _, shift, scale = shapes_and_inputs("cpu", BF if case == "norm1" else torch.float32, seed=7 + fp8)
+    kw = norm_kwargs(case, shift, scale)
+    h, qr = fused.layer_norm_mod_quant(x, 1e-6, fp8=fp8, keep_h=keep_h, backend="triton", **kw)
+    want = fused.layer_norm_mod(x, 1e-6, backend="triton", **kw)
+    q, s = gemm.quantize_rows(want.reshape(-1, 96), fp8=fp8)
+    assert qr.shape == (2, 33, 96) and qr.dtype == BF and qr.scheme == ("fp8" if fp8 else "int8")
+    assert torch.equal(qr.q.view(torch.uint8), q.view(torch.uint8)) and torch.equal(qr.scale, s)
+    assert (h is None) != keep_h and (h is None or torch.equal(h, want))
+    # the torch twin: layer_norm_mod's twin, then rowquant's torch functions
+    h, qr = fused.layer_norm_mod_quant(x, 1e-6, fp8=fp8, keep_h=True, backend="torch", **kw)
+    want = fused.layer_norm_mod(x, 1e-6, backend="torch", **kw)
+    q, s = (RQ.quantize_rows_fp8 if fp8 else RQ.quantize_rows_int8)(want.reshape(-1, 96))
+    assert torch.equal(h, want) and torch.equal(qr.q.view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(qr.scale, s)
 
 
 @on_cpu
@@ -121,6 +146,11 @@ def test_kernels_at_model_width_on_gpu():
     a = fused.gated_residual(x, y, shift, 3, backend="triton")
     b = fused.gated_residual(x, y, shift, 3, backend="torch")
     same_rounding(a, b, torch.float32)
+    h = fused.layer_norm_mod(x, 1e-6, shift=shift, scale=scale, frames=3, backend="triton")
+    for fp8 in (False, True) if torch.cuda.get_device_capability() >= (8, 9) else (False,):
+        _, qr = fused.layer_norm_mod_quant(x, 1e-6, shift=shift, scale=scale, frames=3, fp8=fp8, backend="triton")
+        q, s = gemm.quantize_rows(h.reshape(-1, 5120), fp8=fp8)
+        assert torch.equal(qr.q.view(torch.uint8), q.view(torch.uint8)) and torch.equal(qr.scale, s)
 
 
 @cuda

@@ -111,6 +111,45 @@ def test_bad_shapes_rejected():
         gemm.int8_linear(x, wq, ws.double())
 
 
+def gelu_close(g, want, y):
+    """g vs want = torch's GELU(tanh) of the same bf16 y, elementwise: both compute in fp32 from y and round to
+    nearest; their tanh may differ in the last fp32 bits (libdevice vs torch's tanhf; a float64 exp under the
+    interpreter), which moves an element by at most one bf16 unit (2^-7 relative) where it sits near a rounding
+    boundary, or, where 1 + tanh cancels (large negative y), by 0.5 |y| times a few fp32 units of 1 (|y| 2^-22)."""
+    g, want, y = g.float(), want.float(), y.float()
+    assert g.shape == want.shape and torch.isfinite(g).all()
+    assert ((g - want).abs() <= 2.0 ** -7 * want.abs() + 2.0 ** -22 * y.abs()).all()
+    assert (g == want).float().mean() >= 0.99  # a boundary within a few fp32 units is rare (~2^-14 per unit)
+
+
+@on_cpu
+@pytest.mark.parametrize("fp8,block", [(False, None), (True, None), (True, SMALL)])
+def test_w8a8_linear_on_quantized_rows_is_bit_identical(fp8, block):
+    x, w, b = make(21 + fp8, 33, 200, 37)
+    wq, ws = (RQ.quantize_rows_fp8 if fp8 else RQ.quantize_rows_int8)(w)
+    xq, xs = gemm.quantize_rows(x, fp8=fp8)
+    linear = gemm.fp8_linear if fp8 else gemm.int8_linear
+    assert torch.equal(gemm.w8a8_linear(xq, xs, wq, ws, b, block=block), linear(x, wq, ws, b, block=block))
+    with pytest.raises(ValueError, match="do not fit"):
+        gemm.w8a8_linear(xq, xs, *(RQ.quantize_rows_int8 if fp8 else RQ.quantize_rows_fp8)(w), b)
+
+
+@on_cpu
+@pytest.mark.parametrize("fp8,bias,block", [(False, True, None), (True, True, SMALL), (False, False, SMALL)])
+def test_gelu_epilogue_and_its_row_absmax(fp8, bias, block):
+    # M 33 and N 37: wrapped rows and masked columns must stay out of the absmax; K 200: a masked K tail
+    x, w, b = make(31 + fp8, 33, 200, 37, bias)
+    x[3] *= 8  # large |y| too: tanh saturates, 1 + tanh cancels on the negative side
+    wq, ws = (RQ.quantize_rows_fp8 if fp8 else RQ.quantize_rows_int8)(w)
+    xq, xs = gemm.quantize_rows(x, fp8=fp8)
+    y = gemm.w8a8_linear(xq, xs, wq, ws, b, block=block)  # the unfused path: the bf16 GEMM output, then nn.GELU
+    g, amax = gemm.gelu_linear(xq, xs, wq, ws, b, block=block)
+    assert g.dtype == torch.bfloat16 and amax.dtype == torch.float32 and amax.shape == (33,)
+    gelu_close(g, torch.nn.functional.gelu(y, approximate="tanh"), y)
+    assert torch.equal(amax, g.float().abs().amax(1))  # exact: a max of the stored values
+    assert (y.float().min() < -4) and (y.float().max() > 4)
+
+
 @cuda
 @needs_cuda
 @pytest.mark.parametrize("M,K,N", [(333, 1024, 768), (3168, 5120, 1000)])
@@ -137,6 +176,26 @@ def test_gpu_int8_and_fp8(M, K, N):
         ref = R.fp8_linear_reference(x, wq, ws, b)
         for engine in ("triton", "scaled_mm"):
             check(gemm.fp8_linear(x, wq, ws, b, engine=engine), ref, full, 25.0)
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_quantized_rows_and_gelu_epilogue(fp8):
+    if fp8 and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs sm_89+")
+    x, w, b = make(41, 3168, 5120, 13824, device="cuda")  # ffn.0's shape
+    wq, ws = (RQ.quantize_rows_fp8 if fp8 else RQ.quantize_rows_int8)(w)
+    xq, xs = gemm.quantize_rows(x, fp8=fp8)
+    y = gemm.w8a8_linear(xq, xs, wq, ws, b, engine="triton")  # (engine: FP8 only)
+    linear = (lambda *a: gemm.fp8_linear(*a, engine="triton")) if fp8 else gemm.int8_linear  # noqa: E731
+    assert torch.equal(y, linear(x, wq, ws, b))
+    g, amax = gemm.gelu_linear(xq, xs, wq, ws, b)
+    gelu_close(g, torch.nn.functional.gelu(y, approximate="tanh"), y)
+    assert torch.equal(amax, g.float().abs().amax(1))
+    q, s = gemm.quantize_rows(g, fp8=fp8, amax=amax)
+    qr, sr = gemm.quantize_rows(g, fp8=fp8)
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr)
 
 
 @on_cpu

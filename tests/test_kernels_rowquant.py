@@ -122,6 +122,30 @@ def test_gemm_quantization_kernel_is_bit_identical(fp8, single, M, K):
     assert torch.equal(s, sr)
 
 
+@on_cpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gemm_quantization_with_the_absmax_given_is_bit_identical(fp8):
+    # gelu_linear's absmax (exact: a max of the stored bf16 values) replaces the kernel's first pass
+    x = tricky_rows(29 + fp8, 37, 200, fp8)
+    q, s = gemm.quantize_rows(x, fp8=fp8, amax=x.float().abs().amax(1))
+    qr, sr = (RQ.quantize_rows_fp8 if fp8 else RQ.quantize_rows_int8)(x)
+    assert_bit_equal(q, qr)
+    assert torch.equal(s, sr)
+
+
+def test_quant_rows_of_any_rank_and_split():
+    x = tricky_rows(5, 12, 33, False).view(2, 6, 33)
+    qr = RQ.QuantRows.of(x, fp8=False)
+    q, s = RQ.quantize_rows_int8(x.reshape(12, 33))
+    assert qr.shape == (2, 6, 33) and qr.dtype == torch.bfloat16 and qr.scheme == "int8"
+    assert_bit_equal(qr.q, q)
+    assert torch.equal(qr.scale, s)
+    parts = qr.split(5)
+    assert [p.shape for p in parts] == [(5, 33), (5, 33), (2, 33)]
+    assert_bit_equal(torch.cat([p.q for p in parts]), q)
+    assert RQ.QuantRows.of(x, fp8=True).scheme == "fp8"
+
+
 @triton.jit
 def _tiles(X, Q, S, M, K, QMAX: tl.constexpr, FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     # rowquant.quantize_tile on [BLOCK_M, BLOCK_K] tiles of x [M, K], as the 8-bit attention runs it on Q

@@ -137,13 +137,15 @@ def test_triton_backend_plugs_in_when_the_kernels_import(monkeypatch):
     for tag in ("int8", "fp8"):
         monkeypatch.setattr(gemm, f"{tag}_linear",
                             lambda x, q, s, b, tag=tag: calls.append(tag) or backends.reference_linear(x, q, s, b))
-    monkeypatch.setattr(gemm, "triton_usable", lambda x: True)
     assert "triton" in backends.available_backends()
     ql = QuantLinear.from_linear(nn.Linear(16, 8).bfloat16(), "int8")
     x = torch.randn(5, 16, generator=_gen(3)).bfloat16()
-    # CPU tensors: the triton backend declines and the reference runs
+    # where the kernels cannot run (a CPU without the interpreter) the triton backend declines, the reference runs
+    monkeypatch.setattr(gemm, "triton_usable", lambda x: False)
     assert backends.resolve(x, ql.qweight, "triton").name == "reference"
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    # where they can (CUDA, or the CPU under the interpreter) it runs when named; auto keeps the CPU's reference
+    monkeypatch.setattr(gemm, "triton_usable", lambda x: True)
+    assert backends.resolve(x, ql.qweight).name == "reference"
     b = backends.resolve(x, ql.qweight, "triton")
     assert b.name == "triton"
     b.fn(x, ql.qweight, ql.scale, ql.bias)

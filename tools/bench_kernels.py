@@ -11,6 +11,7 @@ included vs bare torch._int_mm / torch._scaled_mm (row-wise), bf16 cuBLAS, optim
 bitsandbytes INT8 layers. Every variant is checked for correctness at the real shape before it is
 timed (median of CUDA-event timings after warm-up, triton.testing.do_bench). Prints a table last;
 writes bench_kernels.json under --out (default $OUT or the working directory).
+One DiT block's non-attention work fused vs unfused (shared 8-bit inputs, GELU epilogue): tools/bench_block.py.
 """
 
 from __future__ import annotations

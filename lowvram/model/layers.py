@@ -3,6 +3,9 @@
 Numerics follow LiveAvatar under bf16 autocast without using autocast: Linear layers run in
 the weights' dtype (bf16 on GPU, fp32 in CPU tests), norms compute in fp32 and round where the
 reference rounds, modulation and gated residuals are fp32.
+W8A8 layers (QuantLinear) of one scheme that read the same activation share one 8-bit copy of it, written
+by the norm before them where there is one (lowvram.quantize.fuse); the FFN's GELU runs in its first GEMM.
+`fuse = False` on a module (set_fuse) keeps each layer quantizing its own input and the GELU separate.
 """
 
 from __future__ import annotations
@@ -14,6 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lowvram.kernels import fused
+from lowvram.kernels.rowquant import QuantRows
+from lowvram.quantize import fuse
+
+# latent frames of tokens per FFN chunk (per sample): the [B * rows, ffn_dim] hidden of one chunk (and a W8A8
+# layer's int32/fp32 temporaries) is the forward's largest activation; rows are independent, so any size is exact
+# and larger chunks run larger GEMMs (tools/bench_block.py measures it). The planner's activation fit assumes 1.
+FFN_CHUNK_FRAMES = 1
 
 
 class RMSNorm(nn.Module):
@@ -59,12 +69,15 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
+        self.fuse = True  # q, k, v read one 8-bit copy of x where they can (module docstring)
 
     def forward(self, x, attend: Callable, rope=None):
-        """x: [B, L, C]; rope: (cos, sin) of x's tokens, [L, D/2] or per sample [B*L, D/2], applied to q and k
-        with their norms (one fused pass on the GPU); without it attend gets un-roped q and k."""
+        """x: [B, L, C] (or its rowquant.QuantRows, written by the norm before); rope: (cos, sin) of x's tokens,
+        [L, D/2] or per sample [B*L, D/2], applied to q and k with their norms (one fused pass on the GPU);
+        without it attend gets un-roped q and k."""
         b, s = x.shape[:2]
         n = self.num_heads
+        x = fuse.shared(x, (self.q, self.k, self.v)) if self.fuse else x
         q = self._norm_rope(self.norm_q, self.q(x), rope).view(b, s, n, self.head_dim)
         k = self._norm_rope(self.norm_k, self.k(x), rope).view(b, s, n, self.head_dim)
         v = self.v(x).view(b, s, n, self.head_dim)
@@ -80,9 +93,10 @@ class SelfAttention(nn.Module):
 class CrossAttention(SelfAttention):
     """Text (and audio) cross-attention: queries from x, keys/values from a context, no RoPE."""
 
-    def forward(self, x, context):  # x: [B, L1, C], context: [B, L2, C] or [1, L2, C] shared by the batch
+    def forward(self, x, context):  # x: [B, L1, C] or its QuantRows; context: [B, L2, C] or [1, L2, C] (shared)
         b, bc = x.shape[0], context.shape[0]
         n, d = self.num_heads, self.head_dim
+        context = fuse.shared(context, (self.k, self.v)) if self.fuse else context
         q = self.norm_q(self.q(x)).view(b, -1, n, d)
         k = self.norm_k(self.k(context)).view(bc, -1, n, d).expand(b, -1, -1, -1)  # the context's K/V once
         v = self.v(context).view(bc, -1, n, d).expand(b, -1, -1, -1)
@@ -102,6 +116,7 @@ class Block(nn.Module):
         self.norm2 = LayerNorm(dim, eps)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
+        self.fuse = True  # the norms write their W8A8 consumers' 8-bit input; the FFN's GELU in its first GEMM
 
     def forward(self, x, e0, context, attend: Callable, frames: int, rope=None):
         """x: [B, L, C] in the compute dtype; e0: [B, frames, 6, C] fp32 time projection of each
@@ -109,26 +124,54 @@ class Block(nn.Module):
         The norm + modulation and gate + residual chains are one pass each (kernels/fused.py on the
         GPU, the same eager arithmetic on the CPU)."""
         dt = x.dtype
-        b, L, c = x.shape
         m = self.modulation.float().unsqueeze(1) + e0                   # [B, F, 6, C]
         shift1, scale1, gate1, shift2, scale2, gate2 = m.unbind(2)    # each [B, F, C]
         eps = self.norm1.eps
 
-        h = fused.layer_norm_mod(x, eps, shift=shift1, scale=scale1, frames=frames, out_dtype=dt)
+        q, k, v = self.self_attn.q, self.self_attn.k, self.self_attn.v
+        h = self._norm((q, k, v), x, eps, shift=shift1, scale=scale1, frames=frames, out_dtype=dt)
         y = self.self_attn(h, attend, rope)
         x = fused.gated_residual(x, y, gate1, frames)                   # fp32 from here
         # the reference rounds the cross-attention's input to bf16 whatever the compute dtype
-        h = fused.layer_norm_mod(x, self.norm3.eps, self.norm3.weight, self.norm3.bias, round_in=True, out_dtype=dt)
+        h = self._norm((self.cross_attn.q,), x, self.norm3.eps, self.norm3.weight, self.norm3.bias, round_in=True,
+                       out_dtype=dt)
         x = x + self.cross_attn(h, context)
-        h = fused.layer_norm_mod(x, self.norm2.eps, shift=shift2, scale=scale2, frames=frames, out_dtype=dt)
-        # one latent frame of tokens at a time: the [tokens, ffn_dim] hidden (and a W8A8 layer's int32/fp32
-        # temporaries) is the largest activation of the forward; rows are independent, so this is exact
-        rows = max(1, L // frames)
+        h = self._norm((self.ffn[0],), x, self.norm2.eps, shift=shift2, scale=scale2, frames=frames, out_dtype=dt)
+        return fused.gated_residual(x, self.ffn_chunks(h, frames), gate2, frames, out_dtype=dt)
+
+    def ffn_chunks(self, h, frames: int):
+        """The FFN of h [B, L, C] (or its QuantRows) over FFN_CHUNK_FRAMES latent frames of tokens at a time (its
+        comment says why) -> [B, L, C]."""
+        b, L, c = h.shape
+        rows = max(1, L // frames) * FFN_CHUNK_FRAMES
+        if isinstance(h, QuantRows):  # [B*L, C] 8-bit rows: B frames' rows per chunk, as below
+            return torch.cat([self._ffn(r) for r in h.split(b * rows)]).view(b, L, -1)
         if b == 1:
-            y = torch.cat([self.ffn(c) for c in h.split(rows, dim=1)], dim=1)
-        else:  # a batch: B frames' rows per chunk, contiguous (a strided [B, rows, C] slice computes otherwise)
-            y = torch.cat([self.ffn(r) for r in h.reshape(b * L, c).split(b * rows)]).view(b, L, -1)
-        return fused.gated_residual(x, y, gate2, frames, out_dtype=dt)
+            return torch.cat([self._ffn(part) for part in h.split(rows, dim=1)], dim=1)
+        # a batch: B frames' rows per chunk, contiguous (a strided [B, rows, C] slice computes otherwise)
+        return torch.cat([self._ffn(r) for r in h.reshape(b * L, c).split(b * rows)]).view(b, L, -1)
+
+    def _norm(self, layers, x, eps, *affine, **kw):
+        """fused.layer_norm_mod of x [B, L, C] for `layers`, which all read it: written as their shared 8-bit
+        input (QuantRows of [B, L, C]) where they can take one, else h [B, L, C]."""
+        scheme = fuse.input_scheme(x, layers) if self.fuse else None
+        if scheme is None:
+            return fused.layer_norm_mod(x, eps, *affine, **kw)
+        return fused.layer_norm_mod_quant(x, eps, *affine, fp8=scheme == "fp8", **kw)[1]
+
+    def _ffn(self, h):  # h: [..., C] or its QuantRows -> [..., C]
+        return fuse.ffn(self.ffn, h) if self.fuse else self.ffn(h)
+
+
+def set_fuse(model: nn.Module, on: bool) -> int:
+    """Turn the shared 8-bit inputs and the FFN's fused GELU on or off in every module of `model` that has them
+    (`fuse`, the unfused path when off); returns how many were set."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, (SelfAttention, Block)):
+            m.fuse = on
+            count += 1
+    return count
 
 
 class Head(nn.Module):

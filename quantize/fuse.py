@@ -1,0 +1,84 @@
+"""Quantize once, feed many: one 8-bit copy of an activation for every QuantLinear that reads it, and the FFN with
+its GELU in the first GEMM's epilogue (issue 15).
+
+Every W8A8 backend quantizes its input per token by kernels/rowquant.py's rule, so layers of one scheme that read
+the same x can share one rowquant.QuantRows of it (self_attn.q/k/v; cross-attention's k/v of the context; a
+norm's output, written by kernels/fused.py's layer_norm_mod_quant) and each gets the bits of quantizing x itself.
+Where sharing cannot give today's bits (a bf16 nn.Linear, schemes that differ, the weight-only reference backend,
+which "auto" runs on the CPU) `input_scheme` says None and callers keep the unfused path.
+
+The FFN (`ffn`): ffn.0 on our GEMM with tanh-GELU and each row's absmax in its epilogue (gemm.gelu_linear), then
+ffn.2's quantization in one pass from that absmax. Versus ffn.0 -> nn.GELU -> ffn.2 this saves the GELU's read
+and write of the [tokens, ffn_dim] hidden and the quantizer's reduction. Quantizing ffn.2's A tiles inside its GEMM
+instead would redo the rounding once per N tile (5120 / BLOCK_N = 20 times) in the tensor-core loop and read the
+hidden in bf16 there, for the one 3-byte pass it saves. The GELU's tanh may differ from torch's in its last fp32
+bits: an element of the hidden then moves by one bf16 unit (gemm.gelu_linear), and its row's codes with it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from lowvram.kernels import gemm
+from lowvram.kernels.rowquant import QuantRows
+from lowvram.quantize.backends import resolve
+from lowvram.quantize.linear import QuantLinear
+
+
+def _on(x) -> torch.Tensor:  # a tensor on x's device (the backends choose by device)
+    return x.q if isinstance(x, QuantRows) else x
+
+
+def input_scheme(x, layers) -> str | None:
+    """The scheme ("int8" or "fp8") in which every one of `layers` can read one quantized copy of x [..., K] (a
+    tensor or QuantRows): each is a QuantLinear of that scheme whose backend for x's device is a W8A8 one.
+    None otherwise (an nn.Linear among them, two schemes, the reference backend)."""
+    if not layers or not all(isinstance(m, QuantLinear) for m in layers):
+        return None
+    schemes = {m.scheme for m in layers}
+    if len(schemes) != 1 or any(resolve(_on(x), m.qweight, m.backend).quantized is None for m in layers):
+        return None
+    return schemes.pop()
+
+
+def quantize_input(x: torch.Tensor, fp8: bool, backend: str = "auto") -> QuantRows:
+    """x [..., K] -> its QuantRows: gemm.quantize_rows' kernel on CUDA ("triton": also on the CPU under the
+    interpreter), rowquant's torch functions elsewhere ("torch"); the same bits either way
+    (tests/test_kernels_rowquant.py)."""
+    kernel = backend == "triton" or (backend == "auto" and x.is_cuda and gemm.triton_usable(x))
+    if not kernel:
+        return QuantRows.of(x, fp8)
+    q, s = gemm.quantize_rows(x.reshape(-1, x.shape[-1]), fp8=fp8)
+    return QuantRows(q, s, tuple(x.shape), x.dtype)
+
+
+def shared(x, layers):
+    """x as `layers` (which all read it) will take it: its one quantized copy when they can share it, else x
+    itself (already QuantRows, or not shareable)."""
+    if isinstance(x, QuantRows):
+        return x
+    scheme = input_scheme(x, layers)
+    return x if scheme is None else quantize_input(x, scheme == "fp8")
+
+
+def _gelu_fusable(seq: nn.Sequential, x) -> bool:
+    first, act, second = seq
+    return (isinstance(act, nn.GELU) and act.approximate == "tanh" and isinstance(first, QuantLinear)
+            and resolve(_on(x), first.qweight, first.backend).name == "triton"
+            and input_scheme(x, [second]) is not None)
+
+
+def ffn(seq: nn.Sequential, x):
+    """nn.Sequential(Linear, GELU(tanh), Linear) on x [..., C] or its QuantRows -> [..., C]: with ffn.0 a QuantLinear
+    on the Triton backend (for FP8: on our GEMM, gemm.fp8_engine) and ffn.2 one on a W8A8 backend, GELU runs in
+    ffn.0's epilogue and ffn.2 reads the hidden quantized in one pass (module docstring); else seq(x)."""
+    if len(seq) != 3 or not _gelu_fusable(seq, x):
+        return seq(x)
+    first, act, second = seq
+    xr = x if isinstance(x, QuantRows) else quantize_input(x, first.scheme == "fp8")
+    if xr.scheme != first.scheme or (first.scheme == "fp8" and gemm.fp8_engine(xr.q, first.qweight) != "triton"):
+        return second(act(first(xr)))  # (a mismatched scheme raises there, as it would unfused)
+    g, amax = gemm.gelu_linear(xr.q, xr.scale, first.qweight, first.scale, first.bias)  # [M, F] bf16, [M]
+    q, s = gemm.quantize_rows(g, fp8=second.scheme == "fp8", amax=amax)
+    return second(QuantRows(q, s, tuple(xr.shape[:-1]) + (g.shape[-1],), g.dtype))
