@@ -318,5 +318,4 @@ def test_joined_is_the_window_then_the_sink_and_leaves_the_cache_unchanged(fmt):
     assert c.joined(0, longer, longer) is None
     ws8 = KVWorkspace(CAP, B, H, D, "cpu", kv_format="kv8", max_new=N_NEW, sink=ls)
     assert ws8.sink == 0
-    c.update(0, *_chunks(g, 1)[0]) if False else None
     assert c.joined(0, longer[:, :ls].float(), longer[:, :ls].float()) is None  # an fp32 model's sink: torch.cat
