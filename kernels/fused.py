@@ -117,6 +117,22 @@ if triton is not None:
             tl.store(S + row, scale)
 
     @triton.jit
+    def _rope_kernel(X, COS, SIN, O, sx, so, C, L, HALF: tl.constexpr, BLOCK: tl.constexpr):
+        # one token row of C = H * D channels; pairs (2i, 2i + 1) of every head rotated by the token's (cos, sin)
+        row = tl.program_id(0)
+        tok = row % L
+        pair = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        pm = pair < C // 2
+        i = pair % HALF  # frequency index within the head
+        a = tl.load(X + row * sx + 2 * pair, mask=pm, other=0.0).to(tl.float32)
+        b = tl.load(X + row * sx + 2 * pair + 1, mask=pm, other=0.0).to(tl.float32)
+        c = tl.load(COS + tok * HALF + i, mask=pm, other=0.0).to(tl.float32)
+        s = tl.load(SIN + tok * HALF + i, mask=pm, other=0.0).to(tl.float32)
+        # bf16 x fp16 products are exact in fp32, so each sum is rounded once, as rope_apply's
+        tl.store(O + row * so + 2 * pair, (a * c - b * s).to(O.dtype.element_ty), mask=pm)
+        tl.store(O + row * so + 2 * pair + 1, (a * s + b * c).to(O.dtype.element_ty), mask=pm)
+
+    @triton.jit
     def _gate_kernel(X, Y, G, O, sx, sy, so, C, rows_per_frame, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -246,4 +262,19 @@ def gated_residual(x, y, gate, frames, out_dtype=None, backend="auto"):
     _gate_kernel[(x2.shape[0], triton.cdiv(c, block))](x2, y2, gate.contiguous().float(), out, x2.stride(0),
                                                         y2.stride(0), c, c, L // frames, BLOCK=block,
                                                         num_warps=4)
+    return out
+
+
+def rope(x, cos, sin, backend="auto"):
+    """The interleaved-pair RoPE of x [B, L, H, D] by per-token (cos, sin) [L, D/2] in one pass (kernels.reference.
+    rope_apply, its torch twin, for fp32 inputs, which rotate in float64, and off CUDA); x.dtype out. The sink's
+    keys, roped per layer for the sdpa path (model.attention)."""
+    if x.dtype == torch.float32 or x.shape[1] == 0 or not use_triton(x, backend):
+        return rope_apply(x, cos.to(x.device), sin.to(x.device))
+    b, L, h, d = x.shape
+    x2 = x.reshape(b * L, h * d) if x.is_contiguous() else x.contiguous().view(b * L, h * d)
+    out = torch.empty(b, L, h, d, dtype=x.dtype, device=x.device)
+    block = min(1024, triton.next_power_of_2(h * d // 2))
+    _rope_kernel[(b * L, triton.cdiv(h * d // 2, block))](x2, cos.contiguous(), sin.contiguous(), out, x2.stride(0),
+                                                           h * d, h * d, L, HALF=d // 2, BLOCK=block, num_warps=4)
     return out

@@ -13,6 +13,10 @@ and write of the [tokens, ffn_dim] hidden and the quantizer's reduction. Quantiz
 instead would redo the rounding once per N tile (5120 / BLOCK_N = 20 times) in the tensor-core loop and read the
 hidden in bf16 there, for the one 3-byte pass it saves. The GELU's tanh may differ from torch's in its last fp32
 bits: an element of the hidden then moves by one bf16 unit (gemm.gelu_linear), and its row's codes with it.
+
+`GELU_EPILOGUE` is off: on the H200 the FFN with the epilogue ran 0.83-0.87x the separate GEMM -> GELU ->
+quantize (tools/bench_block.py, INT8 and FP8, B 1 and 4; the epilogue's GELU and row absmax cost the GEMM more
+than the pass they save), so ffn.0 reads its norm's shared 8-bit input and GELU stays a pass of its own.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import torch.nn as nn
 from lowvram.kernels import gemm
 from lowvram.kernels.rowquant import QuantRows
 from lowvram.quantize.backends import resolve
+
+GELU_EPILOGUE = False  # the FFN's GELU in ffn.0's epilogue (module docstring: measured slower on the H200)
 from lowvram.quantize.linear import QuantLinear
 
 
@@ -73,7 +79,7 @@ def ffn(seq: nn.Sequential, x):
     """nn.Sequential(Linear, GELU(tanh), Linear) on x [..., C] or its QuantRows -> [..., C]: with ffn.0 a QuantLinear
     on the Triton backend (for FP8: on our GEMM, gemm.fp8_engine) and ffn.2 one on a W8A8 backend, GELU runs in
     ffn.0's epilogue and ffn.2 reads the hidden quantized in one pass (module docstring); else seq(x)."""
-    if len(seq) != 3 or not _gelu_fusable(seq, x):
+    if len(seq) != 3 or not GELU_EPILOGUE or not _gelu_fusable(seq, x):
         return seq(x)
     first, act, second = seq
     xr = x if isinstance(x, QuantRows) else quantize_input(x, first.scheme == "fp8")

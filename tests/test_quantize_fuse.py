@@ -101,6 +101,7 @@ def ffn_seq(s0, s2, backend="triton", seed=5, hidden=200):
 @on_cpu
 @pytest.mark.parametrize("s0,s2,quantized_in", [("int8", "int8", False), ("fp8", "fp8", True), ("int8", "fp8", True)])
 def test_ffn_with_gelu_in_the_first_gemm(s0, s2, quantized_in, monkeypatch):
+    monkeypatch.setattr(fuse, "GELU_EPILOGUE", True)
     seq = ffn_seq(s0, s2)
     x = (torch.randn(33, 96, generator=gen(6)) * 2).to(BF)
     calls = []
@@ -165,6 +166,7 @@ def run(blk, inputs, on):
 def test_block_fused_equals_block_unfused(scheme, b, kernels, monkeypatch):
     if kernels:  # the norm kernels too (layer_norm_mod_quant's Triton path), not only the GEMMs
         monkeypatch.setattr(fused, "use_triton", lambda x, backend: backend != "torch")
+    monkeypatch.setattr(fuse, "GELU_EPILOGUE", True)  # the epilogue too (off by default: slower on the H200)
     blk, inputs = make_block(scheme), block_inputs(b)
     calls = []
     count_calls(monkeypatch, fused, "layer_norm_mod_quant", calls)
@@ -178,6 +180,10 @@ def test_block_fused_equals_block_unfused(scheme, b, kernels, monkeypatch):
     # larger FFN chunks (bigger GEMMs) give the same rows
     monkeypatch.setattr(layers, "FFN_CHUNK_FRAMES", 3)
     assert torch.equal(run(blk, inputs, True), unfused) and calls.count("gelu_linear") == 4
+    # the default: shared 8-bit inputs, GELU a pass of its own
+    monkeypatch.setattr(fuse, "GELU_EPILOGUE", False)
+    assert torch.equal(run(blk, inputs, True), unfused) and calls.count("gelu_linear") == 4
+    assert calls.count("layer_norm_mod_quant") == 9
 
 
 def test_cpu_auto_blocks_run_the_unfused_path(monkeypatch):

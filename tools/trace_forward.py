@@ -53,6 +53,9 @@ def main(argv=None):
     ap.add_argument("--forwards", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="scaled-down model on the CPU (a dry run of the code)")
     ap.add_argument("--chrome", action="store_true", help="also write a Chrome trace (large)")
+    ap.add_argument("--fuse", default="quant", choices=["quant", "all", "off"],
+                    help="quant: shared 8-bit inputs written by the norms (the default); all: and the FFN's GELU in "
+                         "ffn.0's epilogue; off: every layer quantizes its own input (lowvram.quantize.fuse)")
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.quick else "cuda")
     cfg = DiTConfig.from_dict(QUICK if args.quick else FULL)
@@ -65,6 +68,11 @@ def main(argv=None):
     from lowvram.runtime.profile import Profile
 
     model = random_model(cfg, args.scheme, device, device)
+    from lowvram.model.layers import set_fuse
+    from lowvram.quantize import fuse
+
+    set_fuse(model, args.fuse != "off")
+    fuse.GELU_EPILOGUE = args.fuse == "all"
     # everything resident, the GPU step caches in bf16: the engine applies the backends to this model only
     plan = make_plan(Profile.resident(args.scheme, 1024.0, gemm=args.gemm, attention=args.attention), cfg,
                      w * 8, h * 8)
@@ -117,11 +125,11 @@ def main(argv=None):
     busy = sum(kinds.values())
     res = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command=" ".join(sys.argv),
-               scheme=args.scheme, gemm=args.gemm, attention=args.attention, wall_ms_per_forward=wall * 1e3,
+               scheme=args.scheme, gemm=args.gemm, attention=args.attention, fuse=args.fuse, wall_ms_per_forward=wall * 1e3,
                kernel_ms_per_forward=busy, kinds=dict(kinds),
                kernels=[dict(name=n, ms=ms, calls=c) for n, ms, c in per_kernel[:60]])
     (out / "trace_forward.json").write_text(json.dumps(res, indent=1))
-    print(f"\ntop kernels per forward ({args.scheme}, gemm={args.gemm}, attention={args.attention}):")
+    print(f"\ntop kernels per forward ({args.scheme}, gemm={args.gemm}, attention={args.attention}, fuse={args.fuse}):")
     for name, ms, calls in per_kernel[:25]:
         print(f"  {ms:8.2f} ms {calls:5d}x  {kind_of(name):18s} {name[:90]}")
     print(f"\nwall {wall * 1e3:.1f} ms per forward; kernels busy {busy:.1f} ms:")

@@ -16,7 +16,7 @@ from enum import Enum
 import torch
 import torch.nn.functional as F
 
-from lowvram.model.rope import rope_apply
+from lowvram.kernels import fused
 
 
 class Attention(str, Enum):
@@ -59,7 +59,7 @@ def attend_two_segments(q, k_win, v_win, k_sink, v_sink, sink_cos, sink_sin, bac
     behind the window in its own buffer (HostKVCache.joined) instead of torch.cat making a copy of both; the
     same keys in the same order, so the same result; None where it cannot."""
     if backend == "sdpa":
-        ks = rope_apply(k_sink, sink_cos, sink_sin)
+        ks = fused.rope(k_sink, sink_cos, sink_sin)  # one pass on the GPU (rope_apply's bits)
         if k_win is None:
             return sdpa(q, ks, v_sink)
         kv = join(ks, v_sink) if join is not None else None
