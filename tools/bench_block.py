@@ -130,11 +130,12 @@ def bench_case(scheme, b, s, dev, backend, norm_backend):
 
     def ffn(on, chunk):
         layers.set_fuse(blk, on)
-        layers.FFN_CHUNK_FRAMES = chunk
+        layers.FFN_CHUNK_FRAMES, rows = chunk, layers.FFN_MIN_ROWS
+        layers.FFN_MIN_ROWS = 0  # exactly `chunk` frames per chunk
         try:
             return blk.ffn_chunks(blk._norm((blk.ffn[0],), x, eps, **norm2), frames)
         finally:
-            layers.FFN_CHUNK_FRAMES = 1
+            layers.FFN_CHUNK_FRAMES, layers.FFN_MIN_ROWS = 1, rows
 
     def block(on):
         layers.set_fuse(blk, on)

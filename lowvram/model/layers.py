@@ -24,6 +24,10 @@ from lowvram.quantize import fuse
 # layer's int32/fp32 temporaries) is the forward's largest activation; rows are independent, so any size is exact
 # and larger chunks run larger GEMMs (tools/bench_block.py measures it). The planner's activation fit assumes 1.
 FFN_CHUNK_FRAMES = 1
+# ... but at least this many rows per chunk (of all samples): at B = 1 the FFN's GEMMs then run at M = 3168 instead
+# of 3 x 1056 (H200, INT8: 1.03 vs 1.20 ms a block's FFN, bench_block "chunk 3" vs "chunk 1"); a hidden of 3168
+# rows is 0.15 GB more than one frame's at 704x384, and B >= 3 already chunks B x 1056 rows
+FFN_MIN_ROWS = 3168
 
 
 class RMSNorm(nn.Module):
@@ -143,7 +147,7 @@ class Block(nn.Module):
         """The FFN of h [B, L, C] (or its QuantRows) over FFN_CHUNK_FRAMES latent frames of tokens at a time (its
         comment says why) -> [B, L, C]."""
         b, L, c = h.shape
-        rows = max(1, L // frames) * FFN_CHUNK_FRAMES
+        rows = min(L, max(max(1, L // frames) * FFN_CHUNK_FRAMES, -(-FFN_MIN_ROWS // b)))  # per sample
         if isinstance(h, QuantRows):  # [B*L, C] 8-bit rows: B frames' rows per chunk, as below
             return torch.cat([self._ffn(r) for r in h.split(b * rows)]).view(b, L, -1)
         if b == 1:
