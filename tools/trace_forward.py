@@ -98,6 +98,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         for _ in range(args.forwards):
             forward(4)
+        launched = (time.perf_counter() - t0) / args.forwards  # the host's time to enqueue a forward
         sync()
         wall = (time.perf_counter() - t0) / args.forwards
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
@@ -126,13 +127,23 @@ def main(argv=None):
     res = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command=" ".join(sys.argv),
                scheme=args.scheme, gemm=args.gemm, attention=args.attention, fuse=args.fuse, wall_ms_per_forward=wall * 1e3,
+               host_enqueue_ms_per_forward=launched * 1e3,
                kernel_ms_per_forward=busy, kinds=dict(kinds),
                kernels=[dict(name=n, ms=ms, calls=c) for n, ms, c in per_kernel[:60]])
     (out / "trace_forward.json").write_text(json.dumps(res, indent=1))
     print(f"\ntop kernels per forward ({args.scheme}, gemm={args.gemm}, attention={args.attention}, fuse={args.fuse}):")
     for name, ms, calls in per_kernel[:25]:
         print(f"  {ms:8.2f} ms {calls:5d}x  {kind_of(name):18s} {name[:90]}")
-    print(f"\nwall {wall * 1e3:.1f} ms per forward; kernels busy {busy:.1f} ms:")
+    # the host's side: where a forward whose wall time exceeds its kernels' spends its CPU time
+    cpu = sorted(((e.key, e.self_cpu_time_total / 1e3 / args.forwards, e.count // args.forwards) for e in events
+                  if e.device_type == torch.autograd.DeviceType.CPU), key=lambda r: -r[1])
+    res["cpu_ops"] = [dict(name=n, ms=ms, calls=c) for n, ms, c in cpu[:40]]
+    (out / "trace_forward.json").write_text(json.dumps(res, indent=1))
+    print(f"\ntop CPU ops per forward (self time; the profiler's own overhead included):")
+    for name, ms, calls in cpu[:12]:
+        print(f"  {ms:8.2f} ms {calls:5d}x  {name[:100]}")
+    print(f"\nwall {wall * 1e3:.1f} ms per forward ({args.forwards} forwards, unprofiled; the host enqueued one in "
+          f"{launched * 1e3:.1f} ms); kernels busy {busy:.1f} ms:")
     for k, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
         print(f"  {k:18s} {ms:8.2f} ms  {100 * ms / busy:5.1f}%")
 
