@@ -293,6 +293,8 @@ class Session:
                 nonlocal vae_s
                 t1 = time.perf_counter()
                 out = fn()
+                if not engine.plan.vae_overlap:
+                    _sync(device)  # a serial decode ran on this stream: its time is the VAE's, not the next tick's
                 vae_s += time.perf_counter() - t1
                 return out
 
