@@ -105,15 +105,10 @@ def attention_candidates(row, q, k, v):
         so = amax / cudnn8.FP8_MAX
         row("cand cuDNN FP8 SDPA, kernel alone, output scale calibrated", lambda: cudnn8.fp8_sdpa_quantized(
             x["q"], x["k"], x["v"], x["sq"], x["sk"], x["sv"], so=so), "cand")
-        diag = {k: x[k] for k in ("q", "k", "v")}
         for name in ("q", "k", "v"):  # which quantization costs the accuracy: one operand 8-bit at a time
-            def one(name=name):
-                t = {n: (x[n].float() * x["s" + n].view(1)).to(torch.bfloat16) if n == name else None
-                     for n in diag}
-                qq, kk, vv = (t["q"] if t["q"] is not None else q, t["k"] if t["k"] is not None else k,
-                              t["v"] if t["v"] is not None else v)
-                return F.scaled_dot_product_attention(qq.transpose(1, 2), kk.transpose(1, 2),
-                                                      vv.transpose(1, 2)).transpose(1, 2)
+            def one(name=name):  # (K smoothed: the same attention)
+                ops = {"q": q, "k": k, "v": v, name: (x[name].float() * x["s" + name].view(1)).to(torch.bfloat16)}
+                return F.scaled_dot_product_attention(*(ops[n].transpose(1, 2) for n in "qkv")).transpose(1, 2)
             row(f"  diag: only {name.upper()} in e4m3 (per tensor), cuDNN bf16", one, "cand")
     else:
         row("cand cuDNN FP8 SDPA", lambda: (_ for _ in ()).throw(RuntimeError(why)), "cand")
@@ -363,17 +358,22 @@ def resource_report() -> list[str]:
 
 
 
-def fmt_table(rows) -> str:
+# (row key, header, width, format, shown when the row has no value)
+KERNEL_COLUMNS = (("ms", "ms", 8, ".3f", "-"), ("tflops", "TFLOP/s", 8, ".1f", "-"), ("speedup", "speed-up", 8, ".2f", ""))
+
+
+def fmt_table(rows, label=("variant", "variant", 34), columns=KERNEL_COLUMNS) -> str:
+    """rows under a heading line per "group": the label column (row key, header, width), then the columns, then
+    the row's check (tools/bench_block.py prints its table with this too)."""
+    key, header, width = label
     lines, group = [], None
     for r in rows:
         if r["group"] != group:
             group = r["group"]
             lines.append(f"\n{group}")
-            lines.append(f"  {'variant':34s} {'ms':>8s} {'TFLOP/s':>8s} {'speed-up':>8s}  check")
-        ms = f"{r['ms']:8.3f}" if r.get("ms") else f"{'-':>8s}"
-        tf = f"{r['tflops']:8.1f}" if r.get("tflops") else f"{'-':>8s}"
-        sp = f"{r['speedup']:8.2f}" if r.get("speedup") else f"{'':8s}"
-        lines.append(f"  {r['variant']:34s} {ms} {tf} {sp}  {r.get('check', '')}")
+            lines.append(f"  {header:{width}s} " + " ".join(f"{h:>{w}s}" for _, h, w, _, _ in columns) + "  check")
+        cells = [f"{r[k]:{w}{f}}" if r.get(k) else f"{blank:>{w}s}" for k, _, w, f, blank in columns]
+        lines.append(f"  {r[key]:{width}s} " + " ".join(cells) + f"  {r.get('check', '')}")
     return "\n".join(lines)
 
 
