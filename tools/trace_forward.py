@@ -130,15 +130,14 @@ def main(argv=None):
                host_enqueue_ms_per_forward=launched * 1e3,
                kernel_ms_per_forward=busy, kinds=dict(kinds),
                kernels=[dict(name=n, ms=ms, calls=c) for n, ms, c in per_kernel[:60]])
-    (out / "trace_forward.json").write_text(json.dumps(res, indent=1))
-    print(f"\ntop kernels per forward ({args.scheme}, gemm={args.gemm}, attention={args.attention}, fuse={args.fuse}):")
-    for name, ms, calls in per_kernel[:25]:
-        print(f"  {ms:8.2f} ms {calls:5d}x  {kind_of(name):18s} {name[:90]}")
     # the host's side: where a forward whose wall time exceeds its kernels' spends its CPU time
     cpu = sorted(((e.key, e.self_cpu_time_total / 1e3 / args.forwards, e.count // args.forwards) for e in events
                   if e.device_type == torch.autograd.DeviceType.CPU), key=lambda r: -r[1])
     res["cpu_ops"] = [dict(name=n, ms=ms, calls=c) for n, ms, c in cpu[:40]]
     (out / "trace_forward.json").write_text(json.dumps(res, indent=1))
+    print(f"\ntop kernels per forward ({args.scheme}, gemm={args.gemm}, attention={args.attention}, fuse={args.fuse}):")
+    for name, ms, calls in per_kernel[:25]:
+        print(f"  {ms:8.2f} ms {calls:5d}x  {kind_of(name):18s} {name[:90]}")
     print(f"\ntop CPU ops per forward (self time; the profiler's own overhead included):")
     for name, ms, calls in cpu[:12]:
         print(f"  {ms:8.2f} ms {calls:5d}x  {name[:100]}")
