@@ -28,7 +28,7 @@ try:
     import triton.language as tl
     from triton.language.extra import libdevice
 
-    from lowvram.kernels.rowquant import round_8bit, scale_of
+    from lowvram.kernels.rowquant import _INTERPRETED, round_8bit, scale_of
 
     TRITON_ERROR = None
 except ImportError as e:  # CPU-only installs: the torch references serve
@@ -39,7 +39,6 @@ GELU_BETA = 0.7978845608028654  # sqrt(2 / pi), torch's kBeta = M_SQRT2 * M_2_SQ
 GELU_KAPPA = 0.044715
 
 if triton is not None:
-    _INTERPRETED = tl.constexpr(configs.interpreting())  # read at import, as Triton itself decides
     _BETA = tl.constexpr(GELU_BETA)  # (a jit function reads only constexpr globals)
     _KAPPA = tl.constexpr(GELU_KAPPA)
 

@@ -27,9 +27,9 @@ import torch.nn as nn
 from lowvram.kernels import gemm
 from lowvram.kernels.rowquant import QuantRows
 from lowvram.quantize.backends import resolve
+from lowvram.quantize.linear import QuantLinear
 
 GELU_EPILOGUE = False  # the FFN's GELU in ffn.0's epilogue (module docstring: measured slower on the H200)
-from lowvram.quantize.linear import QuantLinear
 
 
 def _on(x) -> torch.Tensor:  # a tensor on x's device (the backends choose by device)

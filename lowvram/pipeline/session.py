@@ -6,8 +6,8 @@ prompt embedding (disk cache, else umT5) -> wav2vec2 features -> VAE encode of r
 DiT loaded and placed by the plan (reused when the checkpoint and the plan are the same) -> sink
 prefill -> the ticks of the timestep-forcing schedule (4 blocks per clip x `steps` Euler steps; one
 forward per tick in block order, or with a batched plan one DiT call per tick) -> each finished block
-decoded by the streaming VAE (on its own CUDA stream beside the next DiT call when the profile says
-vae_overlap = "on") and written to the mp4 as soon as its frames are back, in order. While an engine is placed, a prompt missing from the cache is
+decoded by the streaming VAE (on its own CUDA stream beside the next DiT call when the plan overlaps them:
+the profile's vae_overlap) and written to the mp4 as soon as its frames are back, in order. While an engine is placed, a prompt missing from the cache is
 encoded on the CPU (umT5 would not fit beside the DiT); `encode_prompts` does a batch's prompts first.
 """
 
