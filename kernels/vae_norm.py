@@ -7,9 +7,16 @@ this in ~6 passes over an fp32 copy of every frame, in row bands (dozens of laun
 reduces the squares over C in fp32, and writes SiLU(x / max(||x||, 1e-12) · scale · gamma) in
 out's dtype; x and out may have any strides (NCDHW, NDHWC, or a view inside a padded buffer).
 
+Two arithmetics (the kernel's FAST switch, module default `FAST`): exact divisions (x / ||x||, then
+SiLU as x / (1 + exp(-x)), IEEE `div_rn`, as the eager code divides), or one reciprocal per pixel
+multiplied into gamma · scale and SiLU through Triton's fast division: a few instructions per element
+instead of two IEEE divisions, which otherwise make the kernel instruction-bound rather than
+memory-bound.
+
 Limits: C up to 1024 (the VAE has 96..384). Not bit-equal to the eager code: the sum of squares
-is reduced in another order, and exp is Triton's; the results agree to fp32 rounding before the
-cast to out's dtype (tests/test_kernels_vae_norm.py), so a bf16 element differs by at most one unit.
+is reduced in another order, and exp is Triton's; the exact arithmetic agrees to fp32 rounding before
+the cast to out's dtype, the fast one to a few fp32 units (tests/test_kernels_vae_norm.py), so a bf16
+element differs by at most one unit either way.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ try:
 except ImportError:  # CPU-only installs: the torch twin serves
     triton = None
 
+FAST = True  # the fast arithmetic (module docstring); False: IEEE divisions
 TILE = 4096  # elements of one program's [BLOCK_H = 1, BLOCK_W, BLOCK_C] tile on the GPU
 INTERP_TILE = 1 << 16  # and under Triton's interpreter (several rows per program)
 MAX_C = 1024
@@ -36,7 +44,8 @@ if triton is not None:
 
     @triton.jit
     def _norm_silu_kernel(X, G, O, T, H, W, C, sxb, sxc, sxt, sxh, sxw, sob, soc, sot, soh, sow, scale, eps,
-                          BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                          BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+                          FAST: tl.constexpr):
         nh = tl.cdiv(H, BLOCK_H)
         r = tl.program_id(0).to(tl.int64)  # BLOCK_H rows of pixels of one (b, t) frame
         hs = (r % nh) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -48,10 +57,15 @@ if triton is not None:
         m = (h3 < H) & (w3 < W) & (c3 < C)
         xp = X + b * sxb + t * sxt + h3 * sxh + w3 * sxw + c3 * sxc
         x = tl.load(xp, mask=m, other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_W, BLOCK_C]
-        n = tl.maximum(tl.sqrt_rn(tl.sum(x * x, 2)), eps)  # [BLOCK_H, BLOCK_W]
         g = tl.load(G + cs, mask=cs < C, other=0.0).to(tl.float32)
-        y = tl.div_rn(x, n[:, :, None]) * scale * g[None, None, :]
-        y = tl.div_rn(y, 1.0 + tl.exp(-y))  # SiLU as torch's kernel: x / (1 + exp(-x))
+        if FAST:
+            inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, 2)), eps)  # [BLOCK_H, BLOCK_W]: one division a pixel
+            y = x * inv[:, :, None] * (g * scale)[None, None, :]
+            y = y / (1.0 + tl.exp(-y))  # Triton's fast fp32 division
+        else:
+            n = tl.maximum(tl.sqrt_rn(tl.sum(x * x, 2)), eps)  # [BLOCK_H, BLOCK_W]
+            y = tl.div_rn(x, n[:, :, None]) * scale * g[None, None, :]
+            y = tl.div_rn(y, 1.0 + tl.exp(-y))  # SiLU as torch's kernel: x / (1 + exp(-x))
         op = O + b * sob + t * sot + h3 * soh + w3 * sow + c3 * soc
         tl.store(op, y.to(O.dtype.element_ty), mask=m)
 
@@ -63,26 +77,27 @@ def norm_silu_torch(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: tor
     out.copy_(F.silu(y, inplace=True))
 
 
-def _tiles(c: int, h: int, w: int, channels_contiguous: bool) -> tuple[int, int, int, int]:
+def _tiles(c: int, h: int, w: int, channels_contiguous: bool, tile: int = TILE) -> tuple[int, int, int, int]:
     block_c = triton.next_power_of_2(c)
     # channels-last: a pixel's C values are one contiguous run; otherwise take >= 32 pixels of a row
     # so each channel's loads are 64 contiguous bytes (bf16)
-    block_w = max(1, TILE // block_c) if channels_contiguous else max(32, TILE // block_c)
+    block_w = max(1, tile // block_c) if channels_contiguous else max(32, tile // block_c)
     block_w = min(block_w, triton.next_power_of_2(w))
     block_h = 1
     if interpreting():  # the interpreter runs programs one by one: few large ones are faster
         block_w = triton.next_power_of_2(w)
         block_h = max(1, min(triton.next_power_of_2(h), INTERP_TILE // (block_w * block_c)))
-    return block_h, block_w, block_c, 8 if block_w * block_c > TILE else 4
+    return block_h, block_w, block_c, 8 if block_w * block_c > 4096 else 4
 
 
 def norm_silu_into(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch.Tensor,
-                   backend: str = "auto") -> None:
+                   backend: str = "auto", fast: bool | None = None, tile: int = TILE) -> None:
     """out[:] = SiLU(x / max(||x||_C, 1e-12) · scale · gamma), computed in fp32, cast to out's dtype.
 
     x: [B, C, T, H, W] of any strides; out: the same shape, any strides (a view into a padded
     buffer is the intended use); gamma: C elements (any shape that flattens to C).
-    backend: "auto" (kernel on CUDA, torch elsewhere), "triton", "torch".
+    backend: "auto" (kernel on CUDA, torch elsewhere), "triton", "torch". fast: the kernel's arithmetic
+    (default `FAST`); tile: elements of a program's tile on the GPU (default `TILE`).
     """
     if x.shape != out.shape or x.ndim != 5:
         raise ValueError(f"norm_silu_into needs x and out of one 5-D shape, got {list(x.shape)} and {list(out.shape)}")
@@ -95,24 +110,30 @@ def norm_silu_into(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torc
     g = gamma.reshape(-1)
     if g.numel() != c:
         raise ValueError(f"gamma has {g.numel()} elements for {c} channels")
-    block_h, block_w, block_c, warps = _tiles(c, h, w, x.stride(1) == 1)
+    block_h, block_w, block_c, warps = _tiles(c, h, w, x.stride(1) == 1, tile)
     grid = (b * t * triton.cdiv(h, block_h), triton.cdiv(w, block_w))
     _norm_silu_kernel[grid](x, g.contiguous(), out, t, h, w, c, *x.stride(), *out.stride(), float(scale), EPS,
-                            BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+                            BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c, FAST=FAST if fast is None else fast,
+                            num_warps=warps)
 
 
 def bench_norm_silu(shape=(1, 96, 4, 384, 704), dtype=torch.bfloat16, channels_last: bool = True,
-                    iters: int = 20) -> dict:
-    """ms per call of the kernel and of the torch twin on one CUDA tensor of `shape` (into a padded buffer)."""
+                    iters: int = 20, tiles=(4096, 8192, 16384)) -> dict:
+    """ms per call (and GB/s of the bytes read and written) of the torch twin and of the kernel with each
+    arithmetic and tile size, on one CUDA tensor of `shape` written into a padded buffer."""
     b, c, t, h, w = shape
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     x = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=fmt)
     buf = torch.zeros((b, c, t + 2, h + 2, w + 2), device="cuda", dtype=dtype).contiguous(memory_format=fmt)
     out = buf[:, :, 2:, 1:-1, 1:-1]
     gamma = torch.rand(c, device="cuda", dtype=dtype) + 0.5
+    fns = {"torch": lambda: norm_silu_torch(x, gamma, c ** 0.5, out)}
+    for fast in (False, True):
+        for tile in tiles:
+            fns[f"{'fast' if fast else 'exact'}_{tile}"] = (
+                lambda fast=fast, tile=tile: norm_silu_into(x, gamma, c ** 0.5, out, "triton", fast, tile))
     res = {}
-    for name, fn in (("triton", lambda: norm_silu_into(x, gamma, c ** 0.5, out, "triton")),
-                     ("torch", lambda: norm_silu_torch(x, gamma, c ** 0.5, out))):
+    for name, fn in fns.items():
         fn()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -120,5 +141,6 @@ def bench_norm_silu(shape=(1, 96, 4, 384, 704), dtype=torch.bfloat16, channels_l
             fn()
         end.record()
         end.synchronize()
-        res[name] = start.elapsed_time(end) / iters
+        ms = start.elapsed_time(end) / iters
+        res[name] = {"ms": round(ms, 4), "GB/s": round(2 * x.numel() * x.element_size() / ms / 1e6)}
     return res
