@@ -229,6 +229,8 @@ FAST = {
     "fused_norm_twin": DecodeOptions(fused_norm=True, norm_backend="torch"),
     "split_time": DecodeOptions(split_time=True),
     "group3": DecodeOptions(group=3),
+    "subpixel": DecodeOptions(subpixel=True),
+    "cl+subpixel": DecodeOptions(channels_last=True, subpixel=True),
     "all_kernel": DecodeOptions(channels_last=True, fused_norm=True, norm_backend="triton", split_time=True, group=3),
 }
 
@@ -252,6 +254,29 @@ def test_fast_options_track_the_exact_path(tiny_path, vae, name):
     assert err_fast.mean() <= 1.5 * err_exact.mean() + 1e-4 and err_fast.max() <= 2 * err_exact.max() + 1e-3
     # the default decoder afterwards is the exact one again (the switches are per decoder, set at each call)
     assert torch.equal(StreamingDecoder(vae).decode(z), exact)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_subpixel_conv_is_upsample_then_conv(fmt):
+    """fp64: the one conv on the low-resolution image + pixel shuffle equals nearest 2x + the 3x3 conv (odd sizes,
+    every border); the weights rebuilt when the conv's weights change."""
+    from lowvram.model.vae_blocks import Resample
+
+    g = torch.Generator().manual_seed(24)
+    r = Resample(6, "upsample2d").double()
+    with torch.no_grad():
+        r.resample[1].weight.copy_(torch.randn(r.resample[1].weight.shape, generator=g, dtype=torch.float64))
+        r.resample[1].bias.copy_(torch.randn(3, generator=g, dtype=torch.float64))
+    r.resample[1].weight.data = r.resample[1].weight.data.contiguous(memory_format=fmt)
+    x = torch.randn(2, 6, 2, 5, 7, generator=g, dtype=torch.float64)
+    want = r(x)
+    r.subpixel = True
+    got = r(x)
+    assert got.shape == want.shape == (2, 3, 2, 10, 14)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        r.resample[1].weight.mul_(-2)
+    torch.testing.assert_close(r(x), -2 * want + 3 * r.resample[1].bias.view(1, 3, 1, 1, 1), rtol=1e-12, atol=1e-12)
 
 
 def test_group_decode_steps_and_pieces(vae):
@@ -285,8 +310,11 @@ def test_configure_decoder_touches_only_the_decoder(tiny_path):
     assert model.decoder.upsamples[3].resample[1].weight.is_contiguous(memory_format=torch.channels_last)
     assert model.encoder.conv1.weight.is_contiguous()
     assert all(m.fused == "auto" for m in model.decoder.modules() if hasattr(m, "fused"))
+    ups = [m for m in model.decoder.modules() if hasattr(m, "subpixel")]
+    assert ups and all(m.subpixel for m in ups)
     assert torch.equal(model.encode(video), before)
     configure_decoder(model, DecodeOptions())
+    assert not any(m.subpixel for m in ups)
     assert w.is_contiguous() and model.decoder.upsamples[3].resample[1].weight.is_contiguous()
     with pytest.raises(LowvramError, match="group"):
         DecodeOptions(group=0)

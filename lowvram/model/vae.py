@@ -196,6 +196,8 @@ class DecodeOptions:
     - fused_norm: RMS norm + SiLU in one Triton kernel (kernels/vae_norm.py) on CUDA;
       norm_backend "triton" forces it (Triton's interpreter on the CPU), "torch" its twin.
     - split_time: each 3x3x3 conv as three 2-D convs over shifted frames, summed.
+    - subpixel: each spatial up-sampling and its 3x3 conv as one conv on the low-resolution frames and a
+      pixel shuffle (vae_blocks.Resample), never writing the 4x larger up-sampled frames.
     - group: latent frames per decoder step (the first latent of a video always runs alone).
     - cudnn_benchmark: let cuDNN time its algorithms for each conv shape (first call slower).
     """
@@ -204,6 +206,7 @@ class DecodeOptions:
     fused_norm: bool = False
     norm_backend: str = "auto"
     split_time: bool = False
+    subpixel: bool = False
     group: int = 1
     cudnn_benchmark: bool = False
 
@@ -215,8 +218,9 @@ class DecodeOptions:
 
     @classmethod
     def fast(cls, group: int = 1) -> "DecodeOptions":
-        """Channels-last convs and the fused norm (bounded against the exact path, not bit-equal)."""
-        return cls(channels_last=True, fused_norm=True, group=group)
+        """Channels-last convs, the fused norm and the sub-pixel up-sampling (bounded against the exact path, not
+        bit-equal; H200, tools/bench_vae.py: 96 ms a 12-frame block at 704x384 against 179 exact)."""
+        return cls(channels_last=True, fused_norm=True, subpixel=True, group=group)
 
 
 def configure_decoder(vae: WanVAE, opts: DecodeOptions) -> None:
@@ -229,6 +233,8 @@ def configure_decoder(vae: WanVAE, opts: DecodeOptions) -> None:
     for m in vae.decoder.modules():
         if isinstance(m, RMS_norm):
             m.fused = opts.norm_backend if opts.fused_norm else None
+        if isinstance(m, Resample):
+            m.subpixel = opts.subpixel
         if isinstance(m, CausalConv3d):
             if m.memory_format != conv_fmt or m.split_time != opts.split_time:
                 m._weights_2d = None

@@ -243,12 +243,37 @@ class Upsample(nn.Module):
         return F.interpolate(x, scale_factor=(2.0, 2.0), mode="nearest-exact")
 
 
+def subpixel_weight(w: torch.Tensor) -> torch.Tensor:
+    """The 3x3 conv after a nearest 2x upsampling as one 3x3 conv on the low-resolution input.
+
+    w: [O, C, 3, 3] -> [4·O, C, 3, 3], output channel o·4 + 2a + b giving the pixels (2i + a, 2j + b)
+    (F.pixel_shuffle's order). Upsampled row 2i + a + u (u = -1, 0, 1) is input row i + floor((a + u) / 2):
+    for a = 0 the taps u = 0, 1 both read row i, for a = 1 the taps u = -1, 0; so each phase is a 2x2
+    kernel whose taps are sums of the original ones. Summed in fp32 (or w's wider dtype), cast to w's dtype once.
+    """
+    acc = torch.promote_types(w.dtype, torch.float32)
+    # m[a][offset, u]: tap u of the original kernel lands on input offset (-1, 0, +1) for phase a
+    m = w.new_zeros(2, 3, 3, dtype=acc)
+    m[0, 0, 0] = m[0, 1, 1] = m[0, 1, 2] = 1
+    m[1, 1, 0] = m[1, 1, 1] = m[1, 2, 2] = 1
+    w4 = torch.einsum("apu,ocuv,bqv->oabcpq", m, w.to(acc), m)  # [O, 2, 2, C, 3, 3]
+    return w4.reshape(4 * w.shape[0], *w.shape[1:]).to(w.dtype)
+
+
 class Resample(nn.Module):
-    """Spatial 2x up/down sampling, optionally with a temporal 2x through `time_conv`."""
+    """Spatial 2x up/down sampling, optionally with a temporal 2x through `time_conv`.
+
+    `subpixel` (up-sampling only, set by configure_decoder): the nearest up-sampling and its 3x3 conv as
+    one 3x3 conv with 4x the output channels on the low-resolution frames, then a pixel shuffle
+    (`subpixel_weight`): the 4x larger up-sampled input is never written. The same maths; the summed
+    taps round once to the weight dtype, so not the same bits.
+    """
 
     def __init__(self, dim: int, mode: str) -> None:
         super().__init__()
         self.mode = mode
+        self.subpixel = False
+        self._w4 = None
         if mode in ("upsample2d", "upsample3d"):
             self.resample = nn.Sequential(Upsample(), nn.Conv2d(dim, dim // 2, 3, padding=1))
             if mode == "upsample3d":
@@ -299,7 +324,26 @@ class Resample(nn.Module):
         """
         # x: [B, C, T, H, W] -> [B, C', T, H', W']
         conv = self.resample[1]
+        if self.subpixel and self.mode in ("upsample2d", "upsample3d"):
+            return images_to_frames(self._subpixel(frames_to_images(x.to(conv.weight.dtype)), conv), x.shape[2])
         return images_to_frames(conv(self.resample[0](frames_to_images(x.to(conv.weight.dtype)))), x.shape[2])
+
+    def _subpixel(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        # x: [N, C, H, W] -> [N, O, 2H, 2W], in x's memory format
+        w = conv.weight
+        key = (w.data_ptr(), w.dtype, w.device, w._version, conv.bias.data_ptr(), conv.bias._version)
+        if self._w4 is None or self._w4[0] != key:  # rebuilt when the weights move, change or change layout
+            fmt = torch.channels_last if w.is_contiguous(memory_format=torch.channels_last) and w.shape[1] > 1 \
+                else torch.contiguous_format
+            self._w4 = (key, subpixel_weight(w).contiguous(memory_format=fmt), conv.bias.repeat_interleave(4))
+        y = F.conv2d(x, self._w4[1], self._w4[2], padding=1)  # [N, 4·O, H, W]
+        n, o4, h, wd = y.shape
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 \
+            else torch.contiguous_format
+        out = torch.empty((n, o4 // 4, 2 * h, 2 * wd), dtype=y.dtype, device=y.device, memory_format=fmt)
+        # out[n, o, 2i + a, 2j + b] = y[n, 4o + 2a + b, i, j]
+        out.view(n, o4 // 4, h, 2, wd, 2).copy_(y.view(n, o4 // 4, 2, 2, h, wd).permute(0, 1, 4, 2, 5, 3))
+        return out
 
     def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
         # x: [B, C, T, H, W]
