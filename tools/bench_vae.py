@@ -40,8 +40,9 @@ from lowvram.model.vae import DecodeOptions, StreamingDecoder, VAEConfig, WanVAE
 from lowvram.runtime.decode import GraphedDecoder, OverlappedDecoder  # noqa: E402
 
 GIB = 1024 ** 3
-CL, FN, G3 = dict(channels_last=True), dict(fused_norm=True), dict(group=3)
-# name -> (decoder class, options); "tiny*" are TAEHV
+CL, FN, G3, SP = dict(channels_last=True), dict(fused_norm=True), dict(group=3), dict(subpixel=True)
+# name -> (decoder class, options); "tiny*" are TAEHV; "/exact": the fused norm with its IEEE divisions
+# (kernels/vae_norm.FAST off) instead of the default fast arithmetic
 VARIANTS = {
     "base": (StreamingDecoder, {}),
     "cudnn_benchmark": (StreamingDecoder, dict(cudnn_benchmark=True)),
@@ -56,6 +57,10 @@ VARIANTS = {
     "all": (GraphedDecoder, dict(CL, **FN, **G3)),
     "all+cudnn_benchmark": (GraphedDecoder, dict(CL, **FN, **G3, cudnn_benchmark=True)),
     "all+split_time": (GraphedDecoder, dict(CL, **FN, **G3, split_time=True)),
+    "cl+fused+graphs/exact": (GraphedDecoder, dict(CL, **FN)),
+    "cl+fused+graphs+subpixel": (GraphedDecoder, dict(CL, **FN, **SP)),
+    "all+subpixel": (GraphedDecoder, dict(CL, **FN, **G3, **SP)),
+    "all+split_time+subpixel": (GraphedDecoder, dict(CL, **FN, **G3, **SP, split_time=True)),
     "tiny": (TinyStreamingDecoder, dict(group=1)),
     "tiny_group3": (TinyStreamingDecoder, dict(group=3)),
 }
@@ -113,7 +118,30 @@ def compare(out, ref) -> dict:
     return dict(max_abs=d.abs().max().item(), sqnr_db=sqnr, bit_equal=bool(torch.equal(out, ref)))
 
 
+def norm_arithmetic(name):
+    """Context: kernels/vae_norm.FAST as the variant's name says ("/exact": off)."""
+    import contextlib
+
+    from lowvram.kernels import vae_norm
+
+    @contextlib.contextmanager
+    def cm():
+        old = vae_norm.FAST
+        vae_norm.FAST = not name.endswith("/exact")
+        try:
+            yield
+        finally:
+            vae_norm.FAST = old
+    return cm()
+
+
 def run_variant(name, vae, tae, warm, blocks, n_warm, dev, ref=None) -> tuple[dict, list]:
+    """Decode warm + blocks with a fresh decoder (the norm's arithmetic as its name says)."""
+    with norm_arithmetic(name):
+        return _run_variant(name, vae, tae, warm, blocks, n_warm, dev, ref)
+
+
+def _run_variant(name, vae, tae, warm, blocks, n_warm, dev, ref=None) -> tuple[dict, list]:
     """Decode warm + blocks with a fresh decoder; time the blocks after the first n_warm."""
     gc.collect()
     if dev.type == "cuda":
@@ -224,6 +252,11 @@ def profile_breakdown(name, vae, tae, warm, block, dev) -> dict:
     """GPU kernel time of one block by kind, and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
 
+    with norm_arithmetic(name):
+        return _profile_breakdown(name, vae, tae, warm, block, dev, profile, ProfilerActivity)
+
+
+def _profile_breakdown(name, vae, tae, warm, block, dev, profile, ProfilerActivity) -> dict:
     dec = make(name, vae, tae)
     dec.decode(warm)
     dec.decode(block)
@@ -283,6 +316,10 @@ def main():
     ap.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run these variants (base always runs)")
     ap.add_argument("--dit-ms", type=float, default=250.0, help="length of the stand-in DiT block in the overlap run")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_vae.json")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["norm_kernel", "overlap", "profile"],
+                    help="leave out these measurements after the variants")
+    ap.add_argument("--profile", nargs="*", choices=list(VARIANTS),
+                    help="variants whose kernels are broken down (default: base and the fastest)")
     a = ap.parse_args()
     t_start = time.time()
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.quick else "cpu")
@@ -316,12 +353,17 @@ def main():
     timed = [r for r in rows if "error" not in r and not r["variant"].startswith("tiny")]
     best = min(timed, key=lambda r: r["ms"])["variant"] if timed else "base"
     for key, fn in (
-            ("norm_kernel", lambda: __import__("lowvram.kernels.vae_norm", fromlist=["x"]).bench_norm_silu(
-                (1, 96, 4, h, w)) if dev.type == "cuda" else "cuda only"),
+            ("norm_kernel", lambda: {  # the decoder's widths at their resolutions (4 frames each)
+                f"{c}x{h // d}x{w // d}": __import__("lowvram.kernels.vae_norm", fromlist=["x"]).bench_norm_silu(
+                    (1, c, 4, h // d, w // d)) for c, d in ((96, 1), (192, 2), (384, 4))}
+             if dev.type == "cuda" else "cuda only"),
             ("overlap", lambda: [bench_overlap(n, vae, tae, warm, blocks[:3], dev, a.dit_ms)
                                  for n in dict.fromkeys(["base", best, "tiny"])]),
-            ("profile", lambda: [profile_breakdown(n, vae, tae, warm, blocks[0], dev) for n in dict.fromkeys(["base", best])]
+            ("profile", lambda: [profile_breakdown(n, vae, tae, warm, blocks[0], dev)
+                                 for n in (a.profile or dict.fromkeys(["base", best]))]
              if dev.type == "cuda" else "cuda only")):
+        if key in a.skip:
+            continue
         try:
             extra[key] = fn()
         except Exception as e:  # noqa: BLE001
