@@ -7,6 +7,9 @@ this in ~6 passes over an fp32 copy of every frame, in row bands (dozens of laun
 reduces the squares over C in fp32, and writes SiLU(x / max(||x||, 1e-12) · scale · gamma) in
 out's dtype; x and out may have any strides (NCDHW, NDHWC, or a view inside a padded buffer).
 
+The norm can add the producing conv's bias first (torch adds a cuDNN conv's bias in a pass of its own), and
+`bias_residual_` adds a conv's bias and a residual block's shortcut in one pass (ResidualBlock's fused path).
+
 Two arithmetics (the kernel's FAST switch, module default `FAST`): exact divisions (x / ||x||, then
 SiLU as x / (1 + exp(-x)), IEEE `div_rn`, as the eager code divides), or one reciprocal per pixel
 multiplied into gamma · scale and SiLU through Triton's fast division: a few instructions per element
@@ -43,9 +46,9 @@ EPS = 1e-12  # F.normalize's clamp of the norm
 if triton is not None:
 
     @triton.jit
-    def _norm_silu_kernel(X, G, O, T, H, W, C, sxb, sxc, sxt, sxh, sxw, sob, soc, sot, soh, sow, scale, eps,
+    def _norm_silu_kernel(X, G, Bv, O, T, H, W, C, sxb, sxc, sxt, sxh, sxw, sob, soc, sot, soh, sow, scale, eps,
                           BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
-                          FAST: tl.constexpr):
+                          FAST: tl.constexpr, HAS_BIAS: tl.constexpr):
         nh = tl.cdiv(H, BLOCK_H)
         r = tl.program_id(0).to(tl.int64)  # BLOCK_H rows of pixels of one (b, t) frame
         hs = (r % nh) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -57,6 +60,8 @@ if triton is not None:
         m = (h3 < H) & (w3 < W) & (c3 < C)
         xp = X + b * sxb + t * sxt + h3 * sxh + w3 * sxw + c3 * sxc
         x = tl.load(xp, mask=m, other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_W, BLOCK_C]
+        if HAS_BIAS:  # the producing conv's bias, added here instead of in a pass of its own
+            x = tl.where(m, x + tl.load(Bv + cs, mask=cs < C, other=0.0).to(tl.float32)[None, None, :], 0.0)
         g = tl.load(G + cs, mask=cs < C, other=0.0).to(tl.float32)
         if FAST:
             inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, 2)), eps)  # [BLOCK_H, BLOCK_W]: one division a pixel
@@ -70,10 +75,32 @@ if triton is not None:
         tl.store(op, y.to(O.dtype.element_ty), mask=m)
 
 
-def norm_silu_torch(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch.Tensor) -> None:
-    """The eager arithmetic on the whole tensor at once (the CPU fallback)."""
-    # x, out: [B, C, T, H, W]; gamma: C elements
-    y = F.normalize(x.float(), dim=1).mul_(scale).mul_(gamma.float().reshape(1, -1, 1, 1, 1))
+    @triton.jit
+    def _bias_residual_kernel(Y, Bv, R, T, H, W, C, syb, syc, syt, syh, syw, srb, src, srt, srh, srw,
+                              BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        # Y += bias + R in fp32, one rounding to Y's dtype; the tiles of _norm_silu_kernel
+        nh = tl.cdiv(H, BLOCK_H)
+        r = tl.program_id(0).to(tl.int64)
+        hs = (r % nh) * BLOCK_H + tl.arange(0, BLOCK_H)
+        t = (r // nh) % T
+        b = r // (nh * T)
+        ws = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        cs = tl.arange(0, BLOCK_C)
+        h3, w3, c3 = hs[:, None, None], ws[None, :, None], cs[None, None, :]
+        m = (h3 < H) & (w3 < W) & (c3 < C)
+        yp = Y + b * syb + t * syt + h3 * syh + w3 * syw + c3 * syc
+        y = tl.load(yp, mask=m, other=0.0).to(tl.float32)
+        res = tl.load(R + b * srb + t * srt + h3 * srh + w3 * srw + c3 * src, mask=m, other=0.0).to(tl.float32)
+        bias = tl.load(Bv + cs, mask=cs < C, other=0.0).to(tl.float32)
+        tl.store(yp, (y + bias[None, None, :] + res).to(Y.dtype.element_ty), mask=m)
+
+
+def norm_silu_torch(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> None:
+    """The eager arithmetic on the whole tensor at once (the CPU fallback); bias added in fp32 first."""
+    # x, out: [B, C, T, H, W]; gamma, bias: C elements
+    xf = x.float() if bias is None else x.float() + bias.float().reshape(1, -1, 1, 1, 1)
+    y = F.normalize(xf, dim=1).mul_(scale).mul_(gamma.float().reshape(1, -1, 1, 1, 1))
     out.copy_(F.silu(y, inplace=True))
 
 
@@ -91,8 +118,10 @@ def _tiles(c: int, h: int, w: int, channels_contiguous: bool, tile: int = TILE) 
 
 
 def norm_silu_into(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torch.Tensor,
-                   backend: str = "auto", fast: bool | None = None, tile: int = TILE) -> None:
-    """out[:] = SiLU(x / max(||x||_C, 1e-12) · scale · gamma), computed in fp32, cast to out's dtype.
+                   backend: str = "auto", fast: bool | None = None, tile: int = TILE,
+                   bias: torch.Tensor | None = None) -> None:
+    """out[:] = SiLU(x / max(||x||_C, 1e-12) · scale · gamma), computed in fp32, cast to out's dtype; with `bias`
+    (C elements, the producing conv's) x + bias in fp32 in place of x.
 
     x: [B, C, T, H, W] of any strides; out: the same shape, any strides (a view into a padded
     buffer is the intended use); gamma: C elements (any shape that flattens to C).
@@ -102,8 +131,10 @@ def norm_silu_into(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torc
     if x.shape != out.shape or x.ndim != 5:
         raise ValueError(f"norm_silu_into needs x and out of one 5-D shape, got {list(x.shape)} and {list(out.shape)}")
     b, c, t, h, w = x.shape
+    if bias is not None and bias.numel() != c:
+        raise ValueError(f"bias has {bias.numel()} elements for {c} channels")
     if not use_triton(x, backend) or c > MAX_C:
-        norm_silu_torch(x, gamma, scale, out)
+        norm_silu_torch(x, gamma, scale, out, bias)
         return
     if x.numel() == 0:
         return
@@ -112,9 +143,31 @@ def norm_silu_into(x: torch.Tensor, gamma: torch.Tensor, scale: float, out: torc
         raise ValueError(f"gamma has {g.numel()} elements for {c} channels")
     block_h, block_w, block_c, warps = _tiles(c, h, w, x.stride(1) == 1, tile)
     grid = (b * t * triton.cdiv(h, block_h), triton.cdiv(w, block_w))
-    _norm_silu_kernel[grid](x, g.contiguous(), out, t, h, w, c, *x.stride(), *out.stride(), float(scale), EPS,
+    bv = g if bias is None else bias.reshape(-1).contiguous()
+    _norm_silu_kernel[grid](x, g.contiguous(), bv, out, t, h, w, c, *x.stride(), *out.stride(), float(scale), EPS,
                             BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c, FAST=FAST if fast is None else fast,
-                            num_warps=warps)
+                            HAS_BIAS=bias is not None, num_warps=warps)
+
+
+def bias_residual_(y: torch.Tensor, bias: torch.Tensor, res: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """y += bias + res in one pass (fp32 sum, one rounding to y's dtype): a conv's bias and a residual block's
+    shortcut, which torch would add in two passes of two roundings. y, res: [B, C, T, H, W], any strides;
+    bias: C elements. Returns y."""
+    if y.shape != res.shape or y.ndim != 5:
+        raise ValueError(f"bias_residual_ needs y and res of one 5-D shape, got {list(y.shape)} and {list(res.shape)}")
+    b, c, t, h, w = y.shape
+    if bias.numel() != c:
+        raise ValueError(f"bias has {bias.numel()} elements for {c} channels")
+    if not use_triton(y, backend) or c > MAX_C:
+        y.copy_(y.float() + bias.float().reshape(1, -1, 1, 1, 1) + res.float())
+        return y
+    if y.numel() == 0:
+        return y
+    block_h, block_w, block_c, warps = _tiles(c, h, w, y.stride(1) == 1)
+    grid = (b * t * triton.cdiv(h, block_h), triton.cdiv(w, block_w))
+    _bias_residual_kernel[grid](y, bias.reshape(-1).contiguous(), res, t, h, w, c, *y.stride(), *res.stride(),
+                                BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps)
+    return y
 
 
 def bench_norm_silu(shape=(1, 96, 4, 384, 704), dtype=torch.bfloat16, channels_last: bool = True,

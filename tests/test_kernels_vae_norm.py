@@ -96,3 +96,39 @@ def test_kernel_on_gpu_real_widths(fmt, c, fast):
     # fp32 on the GPU: the fast arithmetic within a few units of the twin (the hardware's fast division,
     # exp and reciprocal: what the interpreter, computing them exactly, cannot check)
     check((1, c, 2, 48, 88), torch.float32, fmt, seed=5, device="cuda", fast=fast)
+
+
+@on_cpu
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
+def test_norm_adds_the_conv_bias_first(fmt):
+    """With bias: the norm of x + bias (fp32), as the twin computes it; the padding untouched."""
+    x, gamma, buf = inputs((1, 24, 3, 5, 37), torch.float32, fmt, seed=6)
+    bias = torch.randn(24, generator=torch.Generator().manual_seed(7))
+    out = buf[:, :, 2:, 1:-1, 1:-1]
+    vae_norm.norm_silu_into(x, gamma, 24 ** 0.5, out, backend="triton", bias=bias)
+    want = torch.empty_like(out)
+    vae_norm.norm_silu_torch(x + bias.view(1, -1, 1, 1, 1), gamma, 24 ** 0.5, want)
+    torch.testing.assert_close(out, want, rtol=2e-6, atol=1e-6)
+    assert torch.isnan(buf[:, :, :2]).all() and torch.isnan(buf[:, :, 2:, 0]).all()
+    with pytest.raises(ValueError, match="bias has 5 elements"):
+        vae_norm.norm_silu_into(x, gamma, 1.0, out, bias=bias[:5])
+
+
+@on_cpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bias_residual_one_pass_into_a_strided_view(backend):
+    """y += bias + res: y a channel slice of a wider channels-last tensor (out_align's view), res contiguous;
+    bf16 within one rounding of the fp32 sum, the channels beyond the view untouched."""
+    g = torch.Generator().manual_seed(8)
+    wide = torch.randn(1, 32, 3, 5, 37, generator=g).to(torch.bfloat16).contiguous(memory_format=CL)
+    y = wide[:, :24]
+    before = wide.clone()
+    res = torch.randn(1, 24, 3, 5, 37, generator=g).to(torch.bfloat16)
+    bias = torch.randn(24, generator=g).to(torch.bfloat16)
+    want = before[:, :24].float() + bias.float().view(1, -1, 1, 1, 1) + res.float()
+    got = vae_norm.bias_residual_(y, bias, res, backend=backend)
+    assert got is y
+    assert ((y.float() - want).abs() <= 2 ** -7 * want.abs() + 1e-6).all()
+    assert torch.equal(wide[:, 24:], before[:, 24:])
+    with pytest.raises(ValueError, match="one 5-D shape"):
+        vae_norm.bias_residual_(y, bias, res[:, :, 1:], backend=backend)
