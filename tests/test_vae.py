@@ -231,6 +231,7 @@ FAST = {
     "group3": DecodeOptions(group=3),
     "subpixel": DecodeOptions(subpixel=True),
     "cl+subpixel": DecodeOptions(channels_last=True, subpixel=True),
+    "cl+out_align": DecodeOptions(channels_last=True, out_align=24),  # bf16: the tiny VAE's 8/16-wide convs padded
     "all_kernel": DecodeOptions(channels_last=True, fused_norm=True, norm_backend="triton", split_time=True, group=3),
 }
 
@@ -263,7 +264,7 @@ def test_subpixel_conv_is_upsample_then_conv(fmt):
     from lowvram.model.vae_blocks import Resample
 
     g = torch.Generator().manual_seed(24)
-    r = Resample(6, "upsample2d").double()
+    r = Resample(6, "upsample2d").double().requires_grad_(False)  # the decoder runs without autograd
     with torch.no_grad():
         r.resample[1].weight.copy_(torch.randn(r.resample[1].weight.shape, generator=g, dtype=torch.float64))
         r.resample[1].bias.copy_(torch.randn(3, generator=g, dtype=torch.float64))
@@ -277,6 +278,49 @@ def test_subpixel_conv_is_upsample_then_conv(fmt):
     with torch.no_grad():
         r.resample[1].weight.mul_(-2)
     torch.testing.assert_close(r(x), -2 * want + 3 * r.resample[1].bias.view(1, 3, 1, 1, 1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last_3d])
+def test_out_align_computes_the_same_channels(fmt):
+    """bf16 (the path out_align takes): the padded conv's first channels are the conv's, as a view; refreshed when
+    the weights change."""
+    from lowvram.model.vae_blocks import CausalConv3d
+
+    g = torch.Generator().manual_seed(25)
+    conv = CausalConv3d(8, 12, 3, padding=1).to(torch.bfloat16).requires_grad_(False)
+    conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+    conv.weight.data = conv.weight.data.contiguous(memory_format=fmt)
+    conv.memory_format = fmt
+    x = torch.randn(1, 8, 6, 7, 9, generator=g).to(torch.bfloat16).contiguous(memory_format=fmt)
+    want = conv.conv_padded(x)
+    conv.out_align = 16
+    got = conv.conv_padded(x)
+    assert got.shape == want.shape == (1, 12, 4, 5, 7)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+    conv.weight.mul_(-1)
+    torch.testing.assert_close(conv.conv_padded(x).float(), (2 * conv.bias.view(1, -1, 1, 1, 1) - want).float(),
+                               rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_padded_history_same_bits(vae, monkeypatch, graphs):
+    """Channels-last: the history kept padded (block copies) gives the frames of the unpadded history bit for bit,
+    in the static cache of the graphed decoder too (whose slots it sizes)."""
+    from lowvram.model import vae_blocks
+    from lowvram.runtime.decode import GraphedDecoder
+
+    cls = GraphedDecoder if graphs else StreamingDecoder
+    z = torch.randn(1, 16, 6, 3, 5, generator=torch.Generator().manual_seed(26))
+    opts = DecodeOptions(channels_last=True)
+    dec = cls(vae, opts)
+    padded = torch.cat([dec.decode(z[:, :, :1]), dec.decode(z[:, :, 1:3]), dec.decode(z[:, :, 3:])], dim=2)
+    padded_slot = lambda d: any(s.shape[-2:] == (5, 7) for s in d.state_tensors())  # noqa: E731 - 3x5 + borders
+    assert padded_slot(dec)
+    monkeypatch.setattr(vae_blocks, "PADDED_HISTORY", False)
+    dec = cls(vae, opts)
+    plain = torch.cat([dec.decode(z[:, :, :1]), dec.decode(z[:, :, 1:3]), dec.decode(z[:, :, 3:])], dim=2)
+    assert not padded_slot(dec)
+    assert torch.equal(padded, plain)
 
 
 def test_group_decode_steps_and_pieces(vae):

@@ -196,6 +196,8 @@ class DecodeOptions:
     - fused_norm: RMS norm + SiLU in one Triton kernel (kernels/vae_norm.py) on CUDA;
       norm_backend "triton" forces it (Triton's interpreter on the CPU), "torch" its twin.
     - split_time: each 3x3x3 conv as three 2-D convs over shifted frames, summed.
+    - out_align: > 0 computes each 3x3x3 conv's output channels rounded up to a multiple of it (zero
+      weights, cut off as a view), for cuDNN's wider tiles (the 96-channel convs at full size).
     - subpixel: each spatial up-sampling and its 3x3 conv as one conv on the low-resolution frames and a
       pixel shuffle (vae_blocks.Resample), never writing the 4x larger up-sampled frames.
     - group: latent frames per decoder step (the first latent of a video always runs alone).
@@ -207,6 +209,7 @@ class DecodeOptions:
     norm_backend: str = "auto"
     split_time: bool = False
     subpixel: bool = False
+    out_align: int = 0
     group: int = 1
     cudnn_benchmark: bool = False
 
@@ -238,7 +241,7 @@ def configure_decoder(vae: WanVAE, opts: DecodeOptions) -> None:
         if isinstance(m, CausalConv3d):
             if m.memory_format != conv_fmt or m.split_time != opts.split_time:
                 m._weights_2d = None
-            m.memory_format, m.split_time = conv_fmt, opts.split_time
+            m.memory_format, m.split_time, m.out_align = conv_fmt, opts.split_time, opts.out_align
         if isinstance(m, (nn.Conv3d, nn.Conv2d)):
             fmt = conv_fmt if isinstance(m, nn.Conv3d) else img_fmt
             if not m.weight.is_contiguous(memory_format=fmt):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 CACHE_T = 2  # time slices each causal conv keeps from the previous chunk
 BAND_ELEMENTS = 1 << 23  # elements of fp32 scratch per step of the frame-wise norm
+PADDED_HISTORY = True  # channels-last batch-1 convs keep their history padded (CausalConv3d.padded_input)
 REP = "Rep"  # marker: the temporal up-sampler has seen its first chunk, history counts as zeros
 
 
@@ -98,8 +99,10 @@ class CausalConv3d(nn.Conv3d):
         self.memory_format = torch.contiguous_format  # of the padded buffers and kept history
         self.split_time = False  # run a 3-frame kernel as three 2-D convs (see conv_split_time)
         self._weights_2d = None
+        self.out_align = 0  # > 0: compute the output channels rounded up to a multiple of this (see conv_padded)
+        self._padded_w = None
 
-    def conv_split_time(self, x: torch.Tensor) -> torch.Tensor:
+    def conv_split_time(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """The conv as kt 2-D convs over shifted frame windows, summed in the weight dtype.
 
         Same maths as the 3-D conv; each partial sum is rounded before the adds, so not the
@@ -114,48 +117,75 @@ class CausalConv3d(nn.Conv3d):
             self._weights_2d = [self.weight[:, :, k].contiguous(memory_format=fmt) for k in range(kt)]
         out = None
         for k in range(kt):
-            y = F.conv2d(frames_to_images(x[:, :, k:k + t]), self._weights_2d[k], self.bias if k == 0 else None,
+            y = F.conv2d(frames_to_images(x[:, :, k:k + t]), self._weights_2d[k], self.bias if k == 0 and bias else None,
                          self.stride[1:])
             out = y if out is None else out.add_(y)
         return images_to_frames(out, t)
 
-    def conv_padded(self, x: torch.Tensor) -> torch.Tensor:
-        """The bare convolution of an already padded input."""
+    def conv_padded(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """The bare convolution of an already padded input; bias=False leaves the bias to the consumer (the
+        fused norm or bias_residual_ add it in their pass)."""
         if self.split_time and self.kernel_size[0] > 1 and self.stride[0] == 1:
-            return self.conv_split_time(x)
+            return self.conv_split_time(x, bias)
+        b = self.bias if bias else None
         if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
             # for thin chunks PyTorch's heuristic picks the slow im2col conv3d; oneDNN is ~5x faster
-            return torch.mkldnn_convolution(x, self.weight, self.bias, (0, 0, 0), self.stride,
+            return torch.mkldnn_convolution(x, self.weight, b, (0, 0, 0), self.stride,
                                             self.dilation, self.groups)
-        return super().forward(x)
+        o = self.out_channels
+        if self.out_align and o % self.out_align and self.kernel_size[0] > 1:
+            # zero output channels up to the alignment: cuDNN picks a wider (faster) tile for them; the extra
+            # channels are cut off as a view (the consumers take any strides)
+            w, b = self.weight, self.bias
+            key = (w.data_ptr(), w.dtype, w._version, b.data_ptr(), b._version, self.out_align)
+            if self._padded_w is None or self._padded_w[0] != key:
+                pad = -o % self.out_align
+                fmt = self.memory_format if w.is_contiguous(memory_format=self.memory_format) else \
+                    torch.contiguous_format
+                self._padded_w = (key, torch.cat([w, w.new_zeros(pad, *w.shape[1:])]).contiguous(memory_format=fmt),
+                                  torch.cat([b, b.new_zeros(pad)]))
+            return F.conv3d(x, self._padded_w[1], self._padded_w[2] if bias else None, self.stride)[:, :o]
+        return F.conv3d(x, self.weight, b, self.stride, self.padding, self.dilation, self.groups)
 
     def padded_input(self, x: torch.Tensor, history: torch.Tensor | None = None,
-                     norm: "RMS_norm | None" = None):
+                     norm: "RMS_norm | None" = None, bias: torch.Tensor | None = None):
         """The padded conv input for one chunk after `history`, and the new history.
 
-        x: [B, C, T, H, W]; history: [B, C, <=CACHE_T, H, W] (conv inputs, already normed).
-        Returns (buf [B, C, 2 + T, H + 2ph, W + 2pw], its last CACHE_T unpadded slices as a view).
+        x: [B, C, T, H, W]; history: [B, C, <=CACHE_T, H, W] (conv inputs, already normed); bias: the
+        producing conv's bias, not yet added to x (added by the norm).
+        Returns (buf [B, C, 2 + T, H + 2ph, W + 2pw], the new history: a view of buf's last CACHE_T slices).
+        With channels-last buffers of batch 1 each padded slice is one contiguous block of memory, so the
+        history is kept padded (its zero borders included: [B, C, <=CACHE_T, H + 2ph, W + 2pw]) and both its
+        copies (into the cache, back into the next buffer) are plain block copies rather than strided ones;
+        otherwise it is the unpadded slices. The buffers hold the same values either way.
         """
         b, c, t, h, w = x.shape
         ph, pw = self.space_pad
+        hp, wp = h + 2 * ph, w + 2 * pw
         nh = 0 if history is None else history.shape[2]
         zt = self.time_pad - nh  # time slices that stay zero
-        buf = torch.empty((b, c, zt + nh + t, h + 2 * ph, w + 2 * pw), dtype=self.weight.dtype,
+        buf = torch.empty((b, c, zt + nh + t, hp, wp), dtype=self.weight.dtype,
                           device=x.device, memory_format=self.memory_format)
+        padded = PADDED_HISTORY and b == 1 and self.memory_format == torch.channels_last_3d
+        filled = zt + nh if nh and history.shape[-2:] == (hp, wp) else zt  # slices written whole
         buf[:, :, :zt].zero_()
+        if filled > zt:
+            buf[:, :, zt:filled].copy_(history)
         if ph:
-            buf[:, :, zt:, :ph].zero_()
-            buf[:, :, zt:, -ph:].zero_()
+            buf[:, :, filled:, :ph].zero_()
+            buf[:, :, filled:, -ph:].zero_()
         if pw:
-            buf[:, :, zt:, :, :pw].zero_()
-            buf[:, :, zt:, :, -pw:].zero_()
+            buf[:, :, filled:, :, :pw].zero_()
+            buf[:, :, filled:, :, -pw:].zero_()
         inner = buf[:, :, zt:, ph:ph + h, pw:pw + w]  # [B, C, nh + T, H, W]
-        if nh:
+        if nh and filled == zt:
             inner[:, :, :nh].copy_(history)
         if norm is None:
-            inner[:, :, nh:].copy_(x)
+            inner[:, :, nh:].copy_(x if bias is None else x + bias.view(-1, 1, 1, 1))
         else:
-            norm.silu_into(x, inner[:, :, nh:])
+            norm.silu_into(x, inner[:, :, nh:], bias)
+        if padded:
+            return buf, buf[:, :, max(zt, buf.shape[2] - CACHE_T):]
         return buf, inner[:, :, -CACHE_T:]
 
     def forward(self, x: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,10 +195,10 @@ class CausalConv3d(nn.Conv3d):
         return self.conv_padded(self.padded_input(x, history)[0])
 
     def cached_input(self, x: torch.Tensor, cache: TimeCache | None,
-                     norm: "RMS_norm | None" = None) -> torch.Tensor:
-        """The padded input of one chunk (after norm + SiLU if given); updates this conv's slot."""
+                     norm: "RMS_norm | None" = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The padded input of one chunk (after bias and norm + SiLU if given); updates this conv's slot."""
         prev = cache.peek() if cache is not None else None
-        buf, tail = self.padded_input(x, prev, norm)
+        buf, tail = self.padded_input(x, prev, norm, bias)
         if cache is not None:
             cache.put_history(tail, self.memory_format)
         return buf
@@ -193,18 +223,21 @@ class RMS_norm(nn.Module):
         y = F.normalize(x.float(), dim=1)
         return y.mul_(self.scale).mul_(self.gamma)
 
-    def silu_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+    def silu_into(self, x: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """out[:] = SiLU(self(x)) cast to out's dtype, a band of rows of one frame at a time.
 
         Same arithmetic as F.normalize (x / max(||x||, eps)) and `forward` (on the GPU the same
-        bits; on CPU a vector loop's scalar tail may round an element 1 ulp apart).
+        bits; on CPU a vector loop's scalar tail may round an element 1 ulp apart). bias: C elements added
+        to x first (the fused kernel in fp32; the eager path as torch adds a conv's bias, in x's dtype).
         """
         # x, out: [B, C, T, H, W]
         if self.fused is not None:
             from lowvram.kernels.vae_norm import norm_silu_into
 
-            norm_silu_into(x, self.gamma, self.scale, out, backend=self.fused)
+            norm_silu_into(x, self.gamma, self.scale, out, backend=self.fused, bias=bias)
             return
+        if bias is not None:
+            x = x + bias.view(-1, 1, 1, 1)
         if x.device.type == "cpu":  # same math, 5x faster there than vector_norm's strided reduction
             denom = x.float().square().sum(1, keepdim=True).sqrt_()
         else:  # the bits of F.normalize under autocast
@@ -331,18 +364,19 @@ class Resample(nn.Module):
     def _subpixel(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         # x: [N, C, H, W] -> [N, O, 2H, 2W], in x's memory format
         w = conv.weight
-        key = (w.data_ptr(), w.dtype, w.device, w._version, conv.bias.data_ptr(), conv.bias._version)
+        key = (w.data_ptr(), w.dtype, w.device, w._version)
         if self._w4 is None or self._w4[0] != key:  # rebuilt when the weights move, change or change layout
             fmt = torch.channels_last if w.is_contiguous(memory_format=torch.channels_last) and w.shape[1] > 1 \
                 else torch.contiguous_format
-            self._w4 = (key, subpixel_weight(w).contiguous(memory_format=fmt), conv.bias.repeat_interleave(4))
-        y = F.conv2d(x, self._w4[1], self._w4[2], padding=1)  # [N, 4·O, H, W]
+            self._w4 = (key, subpixel_weight(w).contiguous(memory_format=fmt))
+        y = F.conv2d(x, self._w4[1], None, padding=1)  # [N, 4·O, H, W]
         n, o4, h, wd = y.shape
         fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 \
             else torch.contiguous_format
         out = torch.empty((n, o4 // 4, 2 * h, 2 * wd), dtype=y.dtype, device=y.device, memory_format=fmt)
-        # out[n, o, 2i + a, 2j + b] = y[n, 4o + 2a + b, i, j]
-        out.view(n, o4 // 4, h, 2, wd, 2).copy_(y.view(n, o4 // 4, 2, 2, h, wd).permute(0, 1, 4, 2, 5, 3))
+        # out[n, o, 2i + a, 2j + b] = y[n, 4o + 2a + b, i, j] + bias[o]: the shuffle adds the bias in its pass
+        torch.add(y.view(n, o4 // 4, 2, 2, h, wd).permute(0, 1, 4, 2, 5, 3), conv.bias.view(1, -1, 1, 1, 1, 1),
+                  out=out.view(n, o4 // 4, h, 2, wd, 2))
         return out
 
     def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
@@ -371,6 +405,13 @@ class ResidualBlock(nn.Module):
         # x: [B, C_in, T, H, W] -> [B, C_out, T, H, W]
         r = self.residual
         h = self.shortcut(x)
+        if r[3].fused is not None:  # the convs' biases in the fused passes: the norm's, bias + shortcut in one
+            from lowvram.kernels.vae_norm import bias_residual_
+
+            y = r[2].conv_padded(r[2].cached_input(x, cache, norm=r[0]), bias=False)
+            buf = r[6].cached_input(y, cache, norm=r[3], bias=r[2].bias)
+            del y
+            return bias_residual_(r[6].conv_padded(buf, bias=False), r[6].bias, h, backend=r[3].fused)
         y = r[2].cached(x, cache, norm=r[0])
         buf = r[6].cached_input(y, cache, norm=r[3])
         del y  # its normed copy is in buf: free it before the conv allocates its output
