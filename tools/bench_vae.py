@@ -42,7 +42,8 @@ from lowvram.runtime.decode import GraphedDecoder, OverlappedDecoder  # noqa: E4
 GIB = 1024 ** 3
 CL, FN, G3, SP = dict(channels_last=True), dict(fused_norm=True), dict(group=3), dict(subpixel=True)
 # name -> (decoder class, options); "tiny*" are TAEHV; "/exact": the fused norm with its IEEE divisions
-# (kernels/vae_norm.FAST off) instead of the default fast arithmetic
+# (kernels/vae_norm.FAST off) instead of the default fast arithmetic; "/plainhist": the causal convs' time
+# history unpadded (vae_blocks.PADDED_HISTORY off)
 VARIANTS = {
     "base": (StreamingDecoder, {}),
     "cudnn_benchmark": (StreamingDecoder, dict(cudnn_benchmark=True)),
@@ -60,6 +61,9 @@ VARIANTS = {
     "cl+fused+graphs/exact": (GraphedDecoder, dict(CL, **FN)),
     "cl+fused+graphs+subpixel": (GraphedDecoder, dict(CL, **FN, **SP)),
     "all+subpixel": (GraphedDecoder, dict(CL, **FN, **G3, **SP)),
+    "cl+fused+graphs+subpixel+out128": (GraphedDecoder, dict(CL, **FN, **SP, out_align=128)),
+    "cl+fused+graphs+subpixel+out128/plainhist": (GraphedDecoder, dict(CL, **FN, **SP, out_align=128)),
+    "all+subpixel+out128": (GraphedDecoder, dict(CL, **FN, **G3, **SP, out_align=128)),
     "all+split_time+subpixel": (GraphedDecoder, dict(CL, **FN, **G3, **SP, split_time=True)),
     "tiny": (TinyStreamingDecoder, dict(group=1)),
     "tiny_group3": (TinyStreamingDecoder, dict(group=3)),
@@ -119,19 +123,21 @@ def compare(out, ref) -> dict:
 
 
 def norm_arithmetic(name):
-    """Context: kernels/vae_norm.FAST as the variant's name says ("/exact": off)."""
+    """Context: kernels/vae_norm.FAST and vae_blocks.PADDED_HISTORY as the variant's name says ("/exact": the
+    norm's IEEE divisions, "/plainhist": the time caches' unpadded history)."""
     import contextlib
 
     from lowvram.kernels import vae_norm
+    from lowvram.model import vae_blocks
 
     @contextlib.contextmanager
     def cm():
-        old = vae_norm.FAST
-        vae_norm.FAST = not name.endswith("/exact")
+        old = vae_norm.FAST, vae_blocks.PADDED_HISTORY
+        vae_norm.FAST, vae_blocks.PADDED_HISTORY = "/exact" not in name, "/plainhist" not in name
         try:
             yield
         finally:
-            vae_norm.FAST = old
+            vae_norm.FAST, vae_blocks.PADDED_HISTORY = old
     return cm()
 
 
@@ -276,10 +282,85 @@ def _profile_breakdown(name, vae, tae, warm, block, dev, profile, ProfilerActivi
             continue
         kind = next((k for k, keys in kinds.items() if any(s in ev.key.lower() for s in keys)), "other")
         by_kind[kind] = by_kind.get(kind, 0) + us / 1e3
-        top.append((us / 1e3, ev.count, ev.key[:90]))
+        top.append((us / 1e3, ev.count, ev.key[:140]))
     top.sort(reverse=True)
+    ops = []
+    cls, kw = VARIANTS[name]
+    if cls is not TinyStreamingDecoder:  # the same options without graphs: which torch op (and shape) costs what
+        dec = StreamingDecoder(vae, DecodeOptions(**kw))
+        dec.decode(warm)
+        dec.decode(block)
+        sync(dev)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            dec.decode(block)
+            sync(dev)
+        for ev in prof.key_averages(group_by_input_shape=True):
+            us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+            if us > 0 and ev.key.startswith("aten::"):
+                ops.append((round(us / 1e3, 2), ev.count, ev.key, str(ev.input_shapes)[:120]))
+        ops.sort(reverse=True)
     return dict(variant=name, ms_by_kind={k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-                top=[dict(ms=round(ms, 2), calls=c, kernel=k) for ms, c, k in top[:10]])
+                top=[dict(ms=round(ms, 2), calls=c, kernel=k) for ms, c, k in top[:25]],
+                ops=[dict(ms=ms, calls=c, op=k, shapes=sh) for ms, c, k, sh in ops[:30]])
+
+
+def bench_convs(h, w, frames=4, iters=10) -> dict:
+    """One 3x3x3 causal conv of the decoder at each stage's width (its padded input of frames + 2 slices, bf16,
+    channels-last), in several formulations: ms and TFLOP/s of each (cuDNN picks a kernel per shape)."""
+    import torch.nn.functional as F
+
+    res = {}
+    for c, d in ((96, 1), (192, 2), (384, 4)):
+        hh, ww = h // d, w // d
+        x = torch.randn(1, c, frames + 2, hh + 2, ww + 2, device="cuda", dtype=torch.bfloat16)
+        xcl = x.contiguous(memory_format=torch.channels_last_3d)
+        wt = torch.randn(c, c, 3, 3, 3, device="cuda", dtype=torch.bfloat16) / math.sqrt(27 * c)
+        flop = 2 * frames * hh * ww * c * c * 27
+        pad = -c % 128 or 0
+        w128 = torch.cat([wt, wt.new_zeros(pad, c, 3, 3, 3)]) if pad else wt
+        w2 = [wt[:, :, k].contiguous(memory_format=torch.channels_last) for k in range(3)]
+        wst = wt.permute(0, 2, 1, 3, 4).reshape(c, 3 * c, 3, 3).contiguous(memory_format=torch.channels_last)
+
+        def split():
+            out = None
+            for k in range(3):
+                fr = xcl[:, :, k:k + frames].transpose(1, 2).reshape(frames, c, hh + 2, ww + 2)
+                y = F.conv2d(fr, w2[k])
+                out = y if out is None else out.add_(y)
+            return out
+
+        def stacked():  # the 3 input slices of each output frame as 3C channels of one 2-D image
+            st = torch.cat([xcl[:, :, k:k + frames] for k in range(3)], dim=1)  # [1, 3C, T, H, W]
+            st = st.transpose(1, 2).reshape(frames, 3 * c, hh + 2, ww + 2).contiguous(memory_format=torch.channels_last)
+            return F.conv2d(st, wst)
+
+        fns = {"conv3d_cl": lambda: F.conv3d(xcl, wt.contiguous(memory_format=torch.channels_last_3d)),
+               "conv3d_ncdhw": lambda: F.conv3d(x, wt),
+               "split_time_2d": split, "time_stacked_2d": stacked}
+        if pad:
+            w128cl = w128.contiguous(memory_format=torch.channels_last_3d)
+            fns[f"conv3d_cl_out{c + pad}"] = lambda: F.conv3d(xcl, w128cl)
+        row = {}
+        for bench in (False, True):
+            torch.backends.cudnn.benchmark = bench
+            for name, fn in fns.items():
+                try:
+                    for _ in range(2):
+                        fn()
+                    torch.cuda.synchronize()
+                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    e0.record()
+                    for _ in range(iters):
+                        fn()
+                    e1.record()
+                    e1.synchronize()
+                    ms = e0.elapsed_time(e1) / iters
+                    row[name + ("+bench" if bench else "")] = {"ms": round(ms, 3), "TFLOP/s": round(flop / ms / 1e9)}
+                except Exception as e:  # noqa: BLE001 - a formulation cuDNN refuses is reported
+                    row[name + ("+bench" if bench else "")] = f"failed: {str(e).splitlines()[0][:100]}"
+        torch.backends.cudnn.benchmark = False
+        res[f"{c}x{hh}x{ww}x{frames}"] = row
+    return res
 
 
 def fmt_table(rows, base_ms) -> str:
@@ -316,7 +397,7 @@ def main():
     ap.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run these variants (base always runs)")
     ap.add_argument("--dit-ms", type=float, default=250.0, help="length of the stand-in DiT block in the overlap run")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench_vae.json")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["norm_kernel", "overlap", "profile"],
+    ap.add_argument("--skip", nargs="*", default=[], choices=["norm_kernel", "convs", "overlap", "profile"],
                     help="leave out these measurements after the variants")
     ap.add_argument("--profile", nargs="*", choices=list(VARIANTS),
                     help="variants whose kernels are broken down (default: base and the fastest)")
@@ -357,6 +438,7 @@ def main():
                 f"{c}x{h // d}x{w // d}": __import__("lowvram.kernels.vae_norm", fromlist=["x"]).bench_norm_silu(
                     (1, c, 4, h // d, w // d)) for c, d in ((96, 1), (192, 2), (384, 4))}
              if dev.type == "cuda" else "cuda only"),
+            ("convs", lambda: bench_convs(h, w) if dev.type == "cuda" else "cuda only"),
             ("overlap", lambda: [bench_overlap(n, vae, tae, warm, blocks[:3], dev, a.dit_ms)
                                  for n in dict.fromkeys(["base", best, "tiny"])]),
             ("profile", lambda: [profile_breakdown(n, vae, tae, warm, blocks[0], dev)
