@@ -2,9 +2,9 @@
 
 Applying a plan: the attention backend on the model instance, the GEMM backend on every QuantLinear,
 resident blocks on the device and the others streamed from host slabs (with the audio injector that
-runs after them), each step's KV cache on the device or in host memory in the plan's format (host caches
-share one ring of device windows sized for the plan's batch), the sink in the plan's dtype, and the OOM
-guard that moves one more block to streaming and retries.
+runs after them), each step's KV cache on the device (with the plan's room for the sink behind its windows)
+or in host memory in the plan's format (host caches share one ring of device windows sized for the plan's
+batch), the sink in the plan's dtype, and the OOM guard that moves one more block to streaming and retries.
 
 Per video (`start`): the text embedding, the sink prefill, the sampler's sigmas, the seeded noise per
 clip; the rolling-sink shift of each (block, step) comes from the seed (schedule.ref_shift). Per tick of
@@ -52,8 +52,8 @@ def place_model(model, plan: Plan, device: torch.device) -> BlockStreamer | None
 
 
 def make_kv_caches(model, plan: Plan, device: torch.device, tokens_per_frame: int) -> list:
-    """One ring cache per held step (plan.steps), placed and stored as the plan says (host caches share one
-    device workspace of plan.kv_slots windows)."""
+    """One ring cache per held step (plan.steps), placed and stored as the plan says (GPU caches with the plan's
+    room for the sink behind their windows; host caches share one device workspace of plan.kv_slots windows)."""
     cfg = model.cfg
     cap = KV_FRAMES * tokens_per_frame
     shape = (cfg.num_layers, cap, 1, cfg.num_heads, cfg.head_dim)
@@ -63,7 +63,7 @@ def make_kv_caches(model, plan: Plan, device: torch.device, tokens_per_frame: in
             if plan.kv_format == KVFormat.KV8:
                 caches.append(GpuKV8Cache(*shape, device))
             else:
-                caches.append(GpuKVCache(*shape, model.dtype, device))
+                caches.append(GpuKVCache(*shape, model.dtype, device, sink=plan.gpu_kv_sink))
             continue
         if ws is None:  # plan.kv_slots windows: the plan's batch of one layer and one more (kv_cache.slots_for)
             ws = KVWorkspace(cap, 1, cfg.num_heads, cfg.head_dim, device, plan.kv_slots or slots_for(plan.batch),
