@@ -249,7 +249,7 @@ def _fixed_items(m: _Model) -> list[PlanItem]:
         if m.gpu_sink_room:
             items.append(PlanItem(f"sink room behind the KV windows ({S} steps x {L} layers x {m.gpu_sink_room} "
                                   "tokens)", "gpu", S * L * m.gpu_sink_room * m.tok_kv,
-                                  "sdpa reads [window; sink] in place, no torch.cat per layer"))
+                                  "sdpa reads the window and the sink in one buffer, no torch.cat"))
     if m.kv_format == KVFormat.KV8:  # each cache's per-layer K mean stays on the device (no PCIe bytes)
         items.append(PlanItem(f"kv8 K smoothing means ({S} caches x {L} layers)", "gpu", S * kv8_mean_bytes(L, 1, H, D),
                               "fp32"))
