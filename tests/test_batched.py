@@ -116,6 +116,43 @@ def test_batched_forward_with_host_caches_in_a_small_ring_bf16(tiny):
         model.float()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_caches_with_sink_room_give_the_same_bits(tiny, dtype):
+    """GPU step caches with room for the sink behind each window (GpuKVCache.joined: SDPA over views, no
+    torch.cat) against caches without it: the same outputs bit for bit over 6 blocks (the ring wraps at block 4),
+    unbatched and in a batched call whose windows differ in length; the room really holds the roped sink."""
+    from lowvram.kernels import fused
+    from lowvram.model.rope import sink_rope_tables
+
+    model, ctx, ref, mot = tiny
+    m = model.to(dtype)
+    try:
+        cfg, c = m.cfg, ctx.to(dtype)
+        sink = m.prefill_sink(ref.to(dtype), mot.to(dtype), c)
+        ls = sink.k[0].shape[1]
+
+        def room():
+            return GpuKVCache(cfg.num_layers, CAP, 1, cfg.num_heads, cfg.head_dim, dtype, "cpu", sink=ls)
+
+        g = torch.Generator().manual_seed(6)
+        plain, roomy = _gpu_kv(m, dtype), room()
+        for blk in range(6):
+            x = torch.randn(1, 16, 3, *HW, generator=g).to(dtype)
+            a = torch.randn(1, cfg.num_audio_layers, cfg.audio_dim, 12, generator=g)
+            outs = [m(x, torch.full((1, 3), T[1]), c, a, kv, sink, 3 * blk, 7) for kv in (plain, roomy)]
+            assert torch.equal(outs[0], outs[1]), blk
+            ks = fused.rope(sink.k[-1], *sink_rope_tables(m.rope, sink.positions(3 * blk, 7)))
+            assert torch.equal(roomy.k[-1, :, roomy.end:roomy.end + ls], ks)  # the last layer's roped sink
+        blocks = [0, 2, 5]
+        seq, bat = [_gpu_kv(m, dtype) for _ in blocks], [room() for _ in blocks]
+        _history(m, c, sink, (seq, bat), blocks, g, dtype)
+        one, out = _batched_vs_separate(m, c, sink, seq, bat, blocks, g, dtype)
+        for j, o in enumerate(one):
+            assert torch.equal(out[j:j + 1], o), j
+    finally:
+        model.float()
+
+
 def test_a_batch_needs_one_cache_start_and_shift_per_sample(tiny):
     model, ctx, ref, mot = tiny
     sink = model.prefill_sink(ref, mot, ctx)

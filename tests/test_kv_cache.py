@@ -319,3 +319,32 @@ def test_joined_is_the_window_then_the_sink_and_leaves_the_cache_unchanged(fmt):
     ws8 = KVWorkspace(CAP, B, H, D, "cpu", kv_format="kv8", max_new=N_NEW, sink=ls)
     assert ws8.sink == 0
     assert c.joined(0, longer[:, :ls].float(), longer[:, :ls].float()) is None  # an fp32 model's sink: torch.cat
+
+
+def test_gpu_joined_is_the_window_then_the_sink_over_a_ring_cycle():
+    """GpuKVCache.joined writes the (roped) sink behind the layer's window in the cache's room: the same tensor as
+    torch.cat([window, sink]) at every fill level, at the wrap and after it, with fresh random chunks and sinks
+    each forward (not zeros: a stale sink inside a later window would show); the windows equal those of a cache
+    without room (the sink never leaks into a window), which gives None. A longer sink or another dtype: None."""
+    ls = 7
+    g = torch.Generator().manual_seed(12)
+    room, plain = GpuKVCache(L, CAP, B, H, D, device="cpu", sink=ls), GpuKVCache(L, CAP, B, H, D, device="cpu")
+    assert room.nbytes() - plain.nbytes() == 2 * L * B * ls * H * D * 2 and room.k.shape[2] == CAP + ls
+    for start in range(0, 9 * N_NEW, N_NEW):  # end 5, 10, 15, 20 (full), then the ring wraps and wraps again
+        new = _chunks(g, L)
+        sinks = [(torch.randn(B, ls, H, D, generator=g).bfloat16(), torch.randn(B, ls, H, D, generator=g).bfloat16())
+                 for _ in range(L)]
+        for c in (room, plain):
+            c.begin_forward(start, N_NEW)
+        for layer in range(L):
+            kw, vw = room.update(layer, *new[layer])
+            k0, v0 = plain.update(layer, *new[layer])
+            assert torch.equal(kw, k0) and torch.equal(vw, v0)
+            k, v = room.joined(layer, *sinks[layer])
+            assert k.shape == (B, room.end + ls, H, D)
+            assert torch.equal(k, torch.cat([k0, sinks[layer][0]], 1))
+            assert torch.equal(v, torch.cat([v0, sinks[layer][1]], 1))
+            assert plain.joined(layer, *sinks[layer]) is None
+    longer = torch.randn(B, ls + 1, H, D).bfloat16()
+    assert room.joined(0, longer, longer) is None
+    assert room.joined(0, longer[:, :ls].float(), longer[:, :ls].float()) is None  # torch.cat would promote

@@ -190,6 +190,39 @@ def test_sink_positions_follow_the_rolling_formula():
         assert (p[:4, 0] == want).all() and (p[4:, 0] == -1).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_grid_equals_the_gathered_positions(dtype):
+    """RopeTable.grid (slices of the table, no positions copied to the device) gives the bits of gather over
+    grid_positions, at odd sizes and up to the table's end; outside the table it refuses."""
+    table = RopeTable.build(32, max_len=97)
+    for start, frames, rows, cols in [(0, 3, 8, 8), (5, 3, 7, 11), (94, 3, 1, 5), (40, 1, 13, 3)]:
+        want = table.gather(grid_positions(range(start, start + frames), range(rows), range(cols)), dtype)
+        got = table.grid(start, frames, rows, cols, dtype)
+        assert all(w.dtype == dtype and torch.equal(w, x) for w, x in zip(want, got)), (start, frames, rows, cols)
+    with pytest.raises(ValueError, match="outside the table"):
+        table.grid(95, 3, 8, 8)
+
+
+def test_sink_rope_tables_equal_the_gathered_positions(tiny):
+    """Sink.rope_tables (the prefill's tables with the ref rows' time pairs set on the device) gives the bits of
+    sink_rope_tables over positions(n, d), with the ref position at 30 and moved past it, also from a table
+    grown past its first length and for a Sink built without tables; last_frame is their largest time."""
+    from lowvram.model.rope import sink_rope_tables
+
+    model, ctx, sink, g, hw = tiny
+    small = RopeTable.build(model.cfg.head_dim, max_len=64)
+    grown = RopeTable.build(model.cfg.head_dim, max_len=128)
+    bare = Sink(k=sink.k, v=sink.v, pos=sink.pos, n_ref=sink.n_ref)
+    assert sink.tables is not None and bare.tables is None
+    for n, d in [(0, 30), (12, 10), (27, 4), (60, 7), (90, 30)]:
+        rope = small if n + d < 64 else grown
+        want = sink_rope_tables(rope, sink.positions(n, d))
+        for s in (sink, bare):
+            got = s.rope_tables(rope, n, d)
+            assert all(torch.equal(w, x) and x.is_contiguous() for w, x in zip(want, got)), (n, d)
+        assert sink.last_frame(n, d) == int(sink.positions(n, d)[:, 0].max()) == max(30, n + d)
+
+
 def test_triton_attention_backend_matches_sdpa(tiny):
     """The two-segment kernel (interpreted on the CPU in CI) inside the model, against the SDPA path."""
     model, ctx, sink, g, hw = tiny

@@ -121,6 +121,45 @@ def test_targets_at_704x384():
     assert make_plan(Profile.from_name("h100-80"), FULL, 704, 384).sink_dtype == "bf16"
 
 
+def test_gpu_caches_get_sink_room_where_it_costs_no_resident_block():
+    """bf16 GPU step caches under sdpa hold the sink behind every layer's window (GpuKVCache.joined) when the plan
+    keeps the same blocks resident with that room: h100-80 at 704x384 keeps 40/40 with 4 x 40 x 2640 tokens of
+    room (2.0 GiB a cache), counted in the peak. A budget that fits the caches but not the room, or a fixed
+    residency that the room would break, plans no room (sdpa then concatenates); so do the Triton kernels, kv8
+    and host caches (whose workspace has its own room). make_kv_caches allocates what the plan counts."""
+    from types import SimpleNamespace
+
+    from lowvram.runtime.engine import make_kv_caches
+
+    room_bytes = 4 * 40 * 2640 * ref_kv_token("bf16")
+    for schedule in ("batched", "sequential"):
+        prof = Profile.from_name("h100-80", schedule=schedule)
+        plan = make_plan(prof, FULL, 704, 384)
+        room = [it.nbytes for it in plan.items if it.what.startswith("sink room")]
+        assert plan.gpu_kv_sink == 2640 and room == [room_bytes] == [8_650_752_000]
+        assert len(plan.resident) == 40 and plan.batch == (4 if schedule == "batched" else 1)
+        assert plan.generate_peak_bytes == sum(it.nbytes for it in plan.items if it.where == "gpu")
+        assert plan.peak_bytes <= prof.vram_budget_gib * GIB
+        # the budget between the plans without and with the room: no room, and nothing streams for it
+        without = (plan.generate_peak_bytes - room_bytes * (1 + 0.05)) / GIB
+        tight = make_plan(prof.with_overrides(vram_budget_gib=round(without + 1.0, 1)), FULL, 704, 384)
+        assert tight.gpu_kv_sink == 0 and len(tight.resident) == 40 and tight.batch == plan.batch
+        assert not any(it.what.startswith("sink room") for it in tight.items)
+        assert plan.generate_peak_bytes - tight.generate_peak_bytes > room_bytes  # + its allocator slack
+        fixed = make_plan(prof.with_overrides(vram_budget_gib=round(without + 1.0, 1), blocks_resident=40), FULL,
+                          704, 384)
+        assert fixed.gpu_kv_sink == 0 and len(fixed.resident) == 40
+    for over in (dict(attention="triton"), dict(attention="triton8"), dict(kv_placement="host")):
+        assert make_plan(Profile.from_name("h100-80", **over), FULL, 704, 384).gpu_kv_sink == 0, over
+    # the engine's caches hold the bytes the plan counts (a tiny model: the ring and the room, K and V, bf16)
+    cfg = DiTConfig(dim=64, ffn_dim=96, freq_dim=32, num_heads=4, num_layers=3, audio_inject_layers=(0, 2))
+    tiny = make_plan(Profile.resident("bf16", 1024.0), cfg, 128, 128)
+    caches = make_kv_caches(SimpleNamespace(cfg=cfg, dtype=torch.bfloat16), tiny, "cpu", tiny.tokens["per_frame"])
+    assert tiny.gpu_kv_sink == tiny.tokens["sink"] and all(c.sink == tiny.gpu_kv_sink for c in caches)
+    planned = sum(it.nbytes for it in tiny.items if it.what.startswith(("KV ring", "sink room")))
+    assert sum(c.nbytes() for c in caches) == planned
+
+
 def _quantized_names(cfg, scheme_bytes=1):
     """A fake quantized checkpoint's tensor sizes, named like lowvram's format (X.qweight, X.scale, X.bias)."""
     out = {}

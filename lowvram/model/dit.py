@@ -35,9 +35,10 @@ class Sink:
 
     k: list  # num_layers x [B, Ls, H, D], or x (int8 [B, Ls, H, D], fp32 scale [B, Ls, H])
     v: list
-    pos: torch.Tensor  # [Ls, 3] with the ref tokens (the first n_ref) at frame 30
+    pos: torch.Tensor  # [Ls, 3] on the host, with the ref tokens (the first n_ref) at frame 30
     n_ref: int
     dtype: torch.dtype | None = None  # the compute dtype of an INT8 sink's dequantized layers
+    tables: tuple | None = None  # sink_rope_tables of `pos` (cos, sin [Ls, D/2] on the model's device), or None
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer i's (K, V) [B, Ls, H, D] in the compute dtype."""
@@ -50,11 +51,33 @@ class Sink:
         ts = [t for kv in (self.k, self.v) for x in kv for t in (x if isinstance(x, tuple) else (x,))]
         return sum(t.numel() * t.element_size() for t in ts)
 
+    def ref_frame(self, start_frame: int, ref_shift: int) -> int:
+        """The ref tokens' time position in a streaming call at latent frame n: 30 + max(0, n - 30 + d)."""
+        return SINK_REF_FRAME + max(0, start_frame - SINK_REF_FRAME + ref_shift)
+
     def positions(self, start_frame: int, ref_shift: int) -> torch.Tensor:
-        """Sink positions for a streaming call at latent frame n: ref at 30 + max(0, n - 30 + d)."""
+        """Sink positions [Ls, 3] (on the host) for a streaming call at latent frame n."""
         pos = self.pos.clone()
-        pos[: self.n_ref, 0] = SINK_REF_FRAME + max(0, start_frame - SINK_REF_FRAME + ref_shift)
+        pos[: self.n_ref, 0] = self.ref_frame(start_frame, ref_shift)
         return pos
+
+    def last_frame(self, start_frame: int, ref_shift: int) -> int:
+        """The largest time position of positions(n, d) (the RoPE table must reach it), read on the host."""
+        rest = self.pos[self.n_ref:, 0]
+        return max([self.ref_frame(start_frame, ref_shift)] + ([int(rest.max())] if rest.numel() else []))
+
+    def rope_tables(self, rope: RopeTable, start_frame: int, ref_shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """sink_rope_tables(rope, positions(n, d)), the same values, without copying positions to the device:
+        `tables` (the prefill's, at frame 30) with the ref tokens' time pairs set from the table's row of
+        ref_frame(n, d), a row of multipliers with no conjugate (>= 30). Without `tables` (a Sink built by hand),
+        or on another device, they are gathered once (one copy of `pos`)."""
+        if self.tables is None or self.tables[0].device != rope.cos.device:
+            self.tables = sink_rope_tables(rope, self.pos)
+        f, pt = self.ref_frame(start_frame, ref_shift), rope.pairs[0]
+        cos, sin = (t.clone() for t in self.tables)
+        cos[: self.n_ref, :pt] = rope.cos[f, :pt]
+        sin[: self.n_ref, :pt] = rope.sin[f, :pt]
+        return cos, sin
 
 
 class LiveAvatarDiT(nn.Module):
@@ -153,7 +176,7 @@ class LiveAvatarDiT(nn.Module):
                 vs.append(quantize_rows_int8(v) if int8 else v)
                 return attend_two_segments(rope_apply(q, cos, sin), None, None, k, v, cos, sin, self.attention)
             x = block(x, e0, context, attend, frames=1)
-        return Sink(ks, vs, pos, n_ref=ref.shape[1], dtype=x.dtype if int8 else None)
+        return Sink(ks, vs, pos, n_ref=ref.shape[1], dtype=x.dtype if int8 else None, tables=(cos, sin))
 
     # ----------------------------------------------------------------------------- streaming
     @torch.no_grad()
@@ -191,12 +214,15 @@ class LiveAvatarDiT(nn.Module):
         frames, per_frame = grid[0], grid[1] * grid[2]
         # no pose video: cond_encoder(0) is exactly its bias
         tokens = tokens + self.cond_encoder.bias.to(dt) + self.trainable_cond_mask.weight[0].to(dt)
-        sink_pos = [sink.positions(n, d) for n, d in zip(starts, shifts)]
-        rope = self._rope_for(max(max(n + frames for n in starts), max(int(p[:, 0].max()) for p in sink_pos)))
+        # positions on the host, multipliers built on the device from the table (no host-to-device copy: each
+        # would synchronise the host with the GPU, tests/test_sync.py)
+        rope = self._rope_for(max(max(n + frames for n in starts),
+                                  max(sink.last_frame(n, d) for n, d in zip(starts, shifts))))
         # RoPE of each sample's tokens, stacked [B * F*h'*w', D/2] (the blocks rope q and k row by row)
-        cs = [rope.gather(grid_positions(range(n, n + frames), range(grid[1]), range(grid[2]))) for n in starts]
+        cs = [rope.grid(n, frames, grid[1], grid[2]) for n in starts]
         cos, sin = (cs[0][0], cs[0][1]) if b == 1 else (torch.cat([c for c, _ in cs]), torch.cat([s for _, s in cs]))
-        sinks = [sink_rope_tables(rope, p) for p in sink_pos]  # per sample, the same in all layers of the call
+        # the sink's, per sample, the same in all layers of the call
+        sinks = [sink.rope_tables(rope, n, d) for n, d in zip(starts, shifts)]
         t = t.to(tokens.device, torch.float32)
         # per sample + the zero-t row, as the reference embeds one block's t (the fp32 GEMMs keep its shapes)
         es = [self._time(torch.cat([t[j:j + 1], torch.zeros_like(t[:1])])) for j in range(b)]

@@ -76,6 +76,25 @@ class RopeTable:
         sin = self.sin[p.abs(), col].to(dtype) * torch.where(p < 0, -1.0, 1.0).to(dtype)
         return cos, sin
 
+    def grid(self, start: int, frames: int, rows: int, cols: int,
+             dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """gather(grid_positions(range(start, start + frames), range(rows), range(cols)), dtype), the same values,
+        from slices of the table: no positions are built on the host and copied to the device (a copy that
+        synchronises the host with the GPU every forward). start >= 0 (no conjugates)."""
+        pt, ph, _ = self.pairs
+        if start < 0 or start + frames > self.max_len or max(rows, cols) > self.max_len:
+            raise ValueError(f"RoPE grid of frames [{start}, {start + frames}) x {rows} x {cols} is outside the "
+                             f"table of {self.max_len}")
+        shape = (frames, rows, cols, -1)
+
+        def one(tab):  # [max_len, D/2] -> [F*R*C, D/2]: the time pairs by frame, height by row, width by column
+            t = tab[start:start + frames, :pt][:, None, None].expand(shape)
+            h = tab[:rows, pt:pt + ph][None, :, None].expand(shape)
+            w = tab[:cols, pt + ph:][None, None].expand(shape)
+            return torch.cat([t, h, w], dim=-1).reshape(-1, tab.shape[1]).to(dtype)
+
+        return one(self.cos), one(self.sin)
+
 
 def sink_rope_tables(rope: RopeTable, sink_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The sink's multipliers as the attention kernels take them (sink_cos, sink_sin [Ls, D/2], contiguous, on

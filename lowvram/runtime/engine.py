@@ -2,9 +2,9 @@
 
 Applying a plan: the attention backend on the model instance, the GEMM backend on every QuantLinear,
 resident blocks on the device and the others streamed from host slabs (with the audio injector that
-runs after them), each step's KV cache on the device or in host memory in the plan's format (host caches
-share one ring of device windows sized for the plan's batch), the sink in the plan's dtype, and the OOM
-guard that moves one more block to streaming and retries.
+runs after them), each step's KV cache on the device (with the plan's room for the sink behind its windows)
+or in host memory in the plan's format (host caches share one ring of device windows sized for the plan's
+batch), the sink in the plan's dtype, and the OOM guard that moves one more block to streaming and retries.
 
 Per video (`start`): the text embedding, the sink prefill, the sampler's sigmas, the seeded noise per
 clip; the rolling-sink shift of each (block, step) comes from the seed (schedule.ref_shift). Per tick of
@@ -52,8 +52,8 @@ def place_model(model, plan: Plan, device: torch.device) -> BlockStreamer | None
 
 
 def make_kv_caches(model, plan: Plan, device: torch.device, tokens_per_frame: int) -> list:
-    """One ring cache per held step (plan.steps), placed and stored as the plan says (host caches share one
-    device workspace of plan.kv_slots windows)."""
+    """One ring cache per held step (plan.steps), placed and stored as the plan says (GPU caches with the plan's
+    room for the sink behind their windows; host caches share one device workspace of plan.kv_slots windows)."""
     cfg = model.cfg
     cap = KV_FRAMES * tokens_per_frame
     shape = (cfg.num_layers, cap, 1, cfg.num_heads, cfg.head_dim)
@@ -63,7 +63,7 @@ def make_kv_caches(model, plan: Plan, device: torch.device, tokens_per_frame: in
             if plan.kv_format == KVFormat.KV8:
                 caches.append(GpuKV8Cache(*shape, device))
             else:
-                caches.append(GpuKVCache(*shape, model.dtype, device))
+                caches.append(GpuKVCache(*shape, model.dtype, device, sink=plan.gpu_kv_sink))
             continue
         if ws is None:  # plan.kv_slots windows: the plan's batch of one layer and one more (kv_cache.slots_for)
             ws = KVWorkspace(cap, 1, cfg.num_heads, cfg.head_dim, device, plan.kv_slots or slots_for(plan.batch),
@@ -154,7 +154,7 @@ class Engine:
         for k in range(0, len(works), batch):
             ws, x, a = works[k:k + batch], xs[k:k + batch], audios[k:k + batch]
             if len(ws) == 1:
-                out.append(self.step(ws[0].idx, ws[0].step, x[0], a[0].to(self.device)))
+                out.append(self.step(ws[0].idx, ws[0].step, x[0], self.to_device(a[0])))
             else:
                 out += self._batched(ws, x, a)
         return out
@@ -164,7 +164,7 @@ class Engine:
         x = torch.cat(xs)  # [B, 16, 3, h, w]
         t = torch.stack([torch.full((FRAMES_PER_BLOCK,), float(self.t[w.step]), dtype=torch.float32,
                                     device=self.device) for w in works])  # [B, 3]
-        audio = torch.cat([a.to(self.device) for a in audios])  # [B, L+1, D, 12]
+        audio = torch.cat([self.to_device(a) for a in audios])  # [B, L+1, D, 12]
         caches = [self.cache[w.step] for w in works]
         starts = [w.idx.start_frame for w in works]
         shifts = [ref_shift(self.seed, w.idx, w.step) for w in works]
@@ -172,11 +172,20 @@ class Engine:
         return [euler_step(xk, v[k:k + 1], self.sigmas[w.step], self.sigmas[w.step + 1])
                 for k, (w, xk) in enumerate(zip(works, xs))]
 
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """t (a block's audio features, on the host) on the engine's device. To a GPU through page-locked memory
+        with non_blocking: a blocking copy makes torch synchronise the stream after it, emptying the queue of a
+        launch-bound forward (tests/test_sync.py). The page-locked block is torch's caching host allocator's,
+        kept from reuse until the copy is done (it records an event on this stream)."""
+        if self.device.type != "cuda" or t.device.type != "cpu":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def denoise_block(self, idx: BlockIndex, audio: torch.Tensor) -> torch.Tensor:
         """`steps` Euler steps of one block; audio: its 12 feature frames [1, L+1, D, 12]. Returns the clean
         latents [1, 16, 3, h, w]."""
         x = self.initial_latents(idx)
-        audio = audio.to(self.device)
+        audio = self.to_device(audio)
         for i in range(len(self.t)):
             x = self.step(idx, i, x, audio)
         return x

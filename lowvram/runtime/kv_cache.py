@@ -7,7 +7,9 @@ The model calls, per forward and per layer:
 A batched DiT call over B caches (the steps of one tick) begins them together with
 `begin_forwards(caches, starts, n_new)` and then, per layer, calls update/done of cache 0, 1, ..., B-1.
 The window is [0, end) with end = start + n_new until the ring first wraps (an absolute start
->= capacity, or a cache already full), the whole cache after. The sink K/V are not in these caches.
+>= capacity, or a cache already full), the whole cache after. The sink K/V are not in these caches; for the sdpa
+path a bf16 cache built with room for them (GpuKVCache(sink=), a KVWorkspace(sink=)) writes the roped sink
+behind a layer's window after `update`, and `joined` returns [window; sink] as views, sparing torch.cat's copy.
 
 `HostKVCache` keeps all layers in one host allocation (page-locked when possible) and works in a ring
 of `n_slots` device windows shared by the step caches of a model (`KVWorkspace`). A call over B host
@@ -118,13 +120,19 @@ class _Ring:
 
 
 class GpuKVCache(_Ring):
-    """All layers' K and V on the device; update writes in place and returns views."""
+    """All layers' K and V on the device; update writes in place and returns views. With `sink` > 0 each layer
+    has room for that many sink tokens behind its ring (capacity + sink tokens), for `joined`."""
 
     def __init__(self, num_layers: int, capacity: int, batch: int, heads: int, head_dim: int,
-                 dtype=torch.bfloat16, device="cuda"):
-        self.k = torch.empty(num_layers, batch, capacity, heads, head_dim, dtype=dtype, device=device)
+                 dtype=torch.bfloat16, device="cuda", sink: int = 0):
+        self.sink = sink
+        self.k = torch.empty(num_layers, batch, capacity + sink, heads, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
         super().__init__(num_layers, capacity)
+
+    def nbytes(self) -> int:
+        """Device bytes held (the planner's KV ring caches and, with `sink`, their sink room)."""
+        return 2 * self.k.numel() * self.k.element_size()
 
     def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
         # k_new, v_new: [B, n_new, H, D] -> windows [B, end, H, D]
@@ -132,6 +140,23 @@ class GpuKVCache(_Ring):
         self.k[layer, :, a:b].copy_(k_new)
         self.v[layer, :, a:b].copy_(v_new)
         return self.k[layer, :, :self.end], self.v[layer, :, :self.end]
+
+    def joined(self, layer: int, k_sink: torch.Tensor, v_sink: torch.Tensor):
+        """After update(layer): the window followed by the sink in the layer's own buffer, K and V [B, end + Ls, H,
+        D] views for one SDPA call (the same keys in the same order as torch.cat([window, sink]), HostKVCache.
+        joined's contract). k_sink: roped, [B, Ls, H, D]. None where there is no room for Ls tokens (a cache
+        built without `sink`) or the sink is not in the cache's dtype (torch.cat would promote)."""
+        ls, e = k_sink.shape[1], self.end
+        if ls > self.sink or k_sink.dtype != self.k.dtype or v_sink.dtype != self.k.dtype:
+            return None
+        # tokens [end, end + Ls) are no part of this forward's window: before the ring first fills they are not
+        # yet written, and a streaming caller's next chunk starts at end (_Ring.begin_forward: off = end until
+        # the wrap), so its update overwrites them before any window reads them; once full (end = capacity) they
+        # are the room alone. A caller that skipped ahead (off > end) would read the stale sink where the
+        # cache without room gives unwritten memory: both are garbage to it.
+        self.k[layer, :, e:e + ls].copy_(k_sink)
+        self.v[layer, :, e:e + ls].copy_(v_sink)
+        return self.k[layer, :, :e + ls], self.v[layer, :, :e + ls]
 
     def done(self, layer: int) -> None:
         pass

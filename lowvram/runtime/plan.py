@@ -77,6 +77,8 @@ class Plan:
     attention_why: str = ""  # how `attention` was chosen (the profile's "auto" resolved by the GPU, or set)
     vae_overlap: bool = False  # a finished block decodes on its own stream beside the next DiT call (the
     #                            profile's vae_overlap resolved: its activations are planned beside the DiT's)
+    gpu_kv_sink: int = 0  # sink tokens of room behind every layer's window of each GPU step cache (GpuKVCache.
+    #                       joined; the planner gives it where it costs no resident block, else 0: torch.cat)
 
     @property
     def schedule(self) -> str:

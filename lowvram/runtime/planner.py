@@ -13,6 +13,9 @@ Peak = the larger of two phases:
   buffers of host caches) + sink K/V + VAE decoder and its time cache + one DiT forward's activations
   and one latent frame's VAE decode activations (their sum when the decode overlaps the DiT, else the larger),
 plus the CUDA context and allocator slack.
+For sdpa, bf16 KV buffers on the device hold the sink behind each window so attention reads [window; sink]
+without a torch.cat: always in a host-cache workspace (its few slots, a small cost), in GPU caches only where
+that room keeps every resident block resident (`_with_gpu_sink_room`; the plan's gpu_kv_sink).
 """
 
 from __future__ import annotations
@@ -207,6 +210,7 @@ class _Model:
     batch: int  # forwards per DiT call: 1 (sequential) or one per held step (batched ticks)
     decode: bool = True  # this process holds the VAE decoder (a pipeline rank that only denoises does not)
     overlap: bool = False  # the decode runs beside the DiT: both activations at once
+    gpu_sink_room: int = 0  # sink tokens behind every layer's window of each GPU step cache (_with_gpu_sink_room)
 
     @property
     def host_kv(self) -> bool:
@@ -242,6 +246,10 @@ def _fixed_items(m: _Model) -> list[PlanItem]:
     else:
         items.append(PlanItem(f"KV ring caches ({S} steps x {cap} tokens)", "gpu", S * L * cap * m.tok_kv,
                               m.kv_format.value))
+        if m.gpu_sink_room:
+            items.append(PlanItem(f"sink room behind the KV windows ({S} steps x {L} layers x {m.gpu_sink_room} "
+                                  "tokens)", "gpu", S * L * m.gpu_sink_room * m.tok_kv,
+                                  "sdpa reads the window and the sink in one buffer, no torch.cat"))
     if m.kv_format == KVFormat.KV8:  # each cache's per-layer K mean stays on the device (no PCIe bytes)
         items.append(PlanItem(f"kv8 K smoothing means ({S} caches x {L} layers)", "gpu", S * kv8_mean_bytes(L, 1, H, D),
                               "fp32"))
@@ -263,6 +271,25 @@ def _sink_room(attention: Attention, kv_format: KVFormat, sink: int) -> int:
 def workspace_sink_tokens(plan) -> int:
     """The sink tokens a plan's host-cache workspace holds behind each window (the planner's own rule)."""
     return _sink_room(plan.attention, KVFormat(plan.kv_format), plan.tokens["sink"])
+
+
+def _with_gpu_sink_room(m: _Model, plan: Plan, budget: int, host_ram_bytes: int | None, encode: bool) -> Plan:
+    """`plan` (of `m`, without sink room) with room for the sink behind every layer's window of each GPU step
+    cache (GpuKVCache.joined: sdpa then reads [window; sink] in place instead of torch.cat copying both per
+    layer and sample: CatArrayBatchedCopy, 6.2 ms of a 40-block forward on the H200, tools/trace_forward.py),
+    where the room costs no residency: the plan with it keeps the same blocks resident at this batch. Otherwise
+    (it would stream one more block, or not fit) the plan stays without it and sdpa concatenates: a streamed
+    block costs more per forward than the copies (its slab over PCIe, ~0.4 GB a call), and the room is large
+    (L x sink tokens per cache: 2.0 GiB at 704x384). Only bf16 GPU caches under sdpa have any (kv8 caches are
+    read in place by the 8-bit kernel, and the Triton kernels read the sink where it is)."""
+    room = _sink_room(m.attention, m.kv_format, m.tokens["sink"])
+    if m.host_kv or not room:
+        return plan
+    try:
+        roomy = _plan(replace(m, gpu_sink_room=room), budget, host_ram_bytes, encode)
+    except LowvramError:
+        return plan
+    return roomy if roomy.streamed == plan.streamed else plan
 
 
 def vae_decoder_item(sizes: Sizes, width: int, height: int) -> PlanItem:
@@ -432,7 +459,8 @@ def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vr
     def plan_at(batch: int, overlap: bool) -> Plan:
         m = _Model(profile, attention, cfg, width, height, tk, slab, rest, kv_format, sink, sizes, steps, batch, decode,
                    overlap)
-        return replace(_plan(m, budget, host_ram_bytes, encode), attention_why=why, vae_overlap=overlap)
+        plan = _with_gpu_sink_room(m, _plan(m, budget, host_ram_bytes, encode), budget, host_ram_bytes, encode)
+        return replace(plan, attention_why=why, vae_overlap=overlap)
 
     def best(overlap: bool) -> Plan:
         if profile.schedule == "batched":
@@ -492,5 +520,6 @@ def _plan(m: _Model, budget: int, host_ram_bytes: int | None, encode: bool = Tru
                 pcie_d2h_bytes=L * lq * m.tok_kv if m.host_kv else 0,
                 host_pinned_bytes=host.pinned, host_pageable_bytes=host.pageable, pinned_kv_caches=host.pinned_caches,
                 pinned_blocks=tuple(host.pinned_blocks), exact_bytes=m.sizes.exact, sink_dtype=m.sink_dtype,
+                gpu_kv_sink=m.gpu_sink_room,
                 quant=profile.quant, attention=m.attention, gemm=profile.gemm, t5=profile.t5,
                 host_reserve_bytes=HOST_RESERVE)
