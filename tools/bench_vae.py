@@ -59,6 +59,7 @@ VARIANTS = {
     "all+cudnn_benchmark": (GraphedDecoder, dict(CL, **FN, **G3, cudnn_benchmark=True)),
     "all+split_time": (GraphedDecoder, dict(CL, **FN, **G3, split_time=True)),
     "cl+fused+graphs/exact": (GraphedDecoder, dict(CL, **FN)),
+    "cl+fused+subpixel": (StreamingDecoder, dict(CL, **FN, **SP)),  # vae_decode "lean"
     "cl+fused+graphs+subpixel": (GraphedDecoder, dict(CL, **FN, **SP)),
     "all+subpixel": (GraphedDecoder, dict(CL, **FN, **G3, **SP)),
     "cl+fused+graphs+subpixel+out128": (GraphedDecoder, dict(CL, **FN, **SP, out_align=128)),

@@ -95,9 +95,10 @@ def _run(opts, quiet: bool, gpus: int | None = None):
                    "attention and T5 mode; see `lowvram profiles`. Default: everything resident.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a field of the profile (or of the all-resident preset); repeatable.")
-@click.option("--vae", "vae_decode", type=click.Choice(["frame", "fast", "tiny"]), default=None,
+@click.option("--vae", "vae_decode", type=click.Choice(["frame", "fast", "lean", "tiny"]), default=None,
               help="VAE decode: frame (the reference's bits), fast (channels-last, fused norm, CUDA graphs; the GPU "
-                   "profiles' default) or tiny (TAEHV drafts: taew2_1.pth in --ckpt-dir or --vae-path).")
+                   "profiles' default; lean where its memory would cost speed elsewhere), lean (fast without the "
+                   "graphs: less memory) or tiny (TAEHV drafts: taew2_1.pth in --ckpt-dir or --vae-path).")
 @click.option("--vae-path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The TAEHV weights for --vae tiny (default: taew2_1.safetensors/.pth in --ckpt-dir).")
 @click.option("--vram-cap-gib", type=float, default=None,

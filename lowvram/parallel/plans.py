@@ -33,7 +33,7 @@ class DecodePlan:
     """The VAE rank: the decoder and its time cache, one latent frame's activations, the CUDA context."""
 
     profile: str
-    vae_decode: str  # frame | fast | tiny (lowvram.runtime.decode.make_decoder)
+    vae_decode: str  # frame | fast | lean | tiny (lowvram.runtime.decode.make_decoder)
     width: int
     height: int
     items: tuple[PlanItem, ...]

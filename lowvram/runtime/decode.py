@@ -162,9 +162,9 @@ class OverlappedDecoder:
 
 def make_decoder(mode: str, vae: WanVAE, device: torch.device, ckpt_dir=None, tiny_path=None):
     """The streaming decoder of the plan's `vae_decode`: "frame" (the Wan VAE, the reference's bits), "fast"
-    (channels-last convs, the fused norm, CUDA graphs on the GPU: tools/bench_vae.py measured 117 vs 182 ms
-    per 704x384 block on the H200, SQNR 39.6 dB against the exact bf16 path) or "tiny" (TAEHV, weights from
-    the checkpoint folder or `tiny_path`; quality unmeasured here)."""
+    (DecodeOptions.fast(), CUDA graphs on the GPU: tools/bench_vae.py measured 76 vs 179 ms per 704x384 block on
+    the H200, SQNR 38.6 dB against the exact bf16 path), "lean" (DecodeOptions.lean(), no graphs: less memory) or
+    "tiny" (TAEHV, weights from the checkpoint folder or `tiny_path`; quality unmeasured here)."""
     if mode == "tiny":
         from lowvram.model.taehv import TinyStreamingDecoder, find_taehv_weights, load_taehv
 
@@ -172,4 +172,6 @@ def make_decoder(mode: str, vae: WanVAE, device: torch.device, ckpt_dir=None, ti
     if mode == "fast":
         cls = GraphedDecoder if torch.device(device).type == "cuda" else StreamingDecoder
         return cls(vae, DecodeOptions.fast())
+    if mode == "lean":
+        return StreamingDecoder(vae, DecodeOptions.lean())
     return StreamingDecoder(vae)

@@ -44,9 +44,17 @@ VAE_REAL_DIM = 96
 VAE_CACHE_BYTES_PER_PIXEL = 2 * 2 * (4240 / 64 + 2496 / 16 + 1152 / 4 + 672)
 # One latent frame's decode (4 frames out), per output pixel: measured 1.17 GiB at 704x384 (H200, bf16,
 # lowvram.model.vae at 601ec55; the cache formula above matched to the byte). Both scale with the width.
-# fast: tools/bench_vae.py on the H200 (2026-12-01) reserved 0.97 GiB beyond the time cache against 2.10 GiB
-# for the exact path (x 0.46); tiny (TAEHV, its own 45 MB state): 0.22 GiB at 704x384.
-VAE_ACT_BYTES_PER_PIXEL = {"frame": 4640.0, "fast": 4640.0 * 0.46, "tiny": 0.22 * GIB / (704 * 384)}
+# fast: tools/bench_vae.py on the H200 (2026-12-02, DecodeOptions.fast() with CUDA graphs, as make_decoder builds
+# it on a GPU) reserved 2.61 GiB beyond the time cache against 2.10 GiB for the exact path (x 1.24: the graphs'
+# pools and the 128-channel conv outputs; without graphs or the wide outputs it was 0.97 GiB); tiny (TAEHV, its
+# own 45 MB state): 0.22 GiB at 704x384. The graphs' pools stay reserved between decodes, so beside a DiT call
+# they add to its activations rather than share them; the batched profiles' DiT activations are larger (their
+# measured NVML peaks, tools/bench.py, are the check). Channels-last convs keep their history with its zero
+# borders (vae_blocks.PADDED_HISTORY): 1.21 against 1.19 GiB of time cache at 704x384, inside the formula's slack.
+# lean (fast's arithmetic without graphs or the wide outputs): 0.97 GiB as the fast path without graphs measured
+# on 2026-12-01 (x 0.46; it has since lost the 4x up-sampled frames, so this is an upper bound).
+VAE_ACT_BYTES_PER_PIXEL = {"frame": 4640.0, "fast": 4640.0 * 1.24, "lean": 4640.0 * 0.46,
+                           "tiny": 0.22 * GIB / (704 * 384)}
 CONTEXT_BYTES = int(0.6 * GIB)  # CUDA context, cuBLAS/cuDNN handles, loaded kernels (NVML sees them)
 ENCODER_ACT_BYTES = int(0.3 * GIB)  # activations of umT5 or wav2vec2 on one prompt / one file
 ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation, as a fraction of the allocated peak
@@ -441,6 +449,27 @@ def make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vr
     capability, device_type: the GPU's compute capability (None: the card the profile names) and the device
     type, for the profile's attention "auto" (resolve_attention).
     """
+    args = (cfg, width, height, free_vram_bytes, host_ram_bytes, tensor_bytes, sink_dtype, sizes, steps, decode,
+            encode, capability, device_type)
+    if not decode or profile.vae_decode != "fast":
+        return _make_plan(profile, *args)
+    # "fast" decodes with CUDA graphs and wide conv outputs, whose memory the "lean" decoder saves: take lean where
+    # fast would cost a resident block, the batch, or the fit (a decoder ~10 ms a block slower against one more
+    # streamed block's ~0.4 GB over PCIe per call)
+    try:
+        fast = _make_plan(profile, *args)
+    except LowvramError:  # where neither fits, lean's error says what would (it needs the least)
+        return _make_plan(replace(profile, vae_decode="lean"), *args)
+    lean = _make_plan(replace(profile, vae_decode="lean"), *args)
+    return fast if (fast.batch, len(fast.resident)) >= (lean.batch, len(lean.resident)) else lean
+
+
+def _make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_vram_bytes: int | None = None,
+               host_ram_bytes: int | None = None, tensor_bytes: Mapping[str, int] | None = None,
+               sink_dtype: str | None = None, sizes: Sizes | None = None, steps: Sequence[int] | None = None,
+               decode: bool = True, encode: bool = True, capability: tuple[int, int] | None = None,
+               device_type: str = "cuda") -> Plan:
+    """make_plan for the profile's own vae_decode."""
     name, budget = profile.name, int(profile.vram_budget_gib * GIB)
     tk = token_counts(cfg, width, height)
     if free_vram_bytes is not None and budget > free_vram_bytes:

@@ -38,7 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "kv_placement": ("gpu", "host"),
     "kv_dtype": ("bf16", "int8"),
     "t5": ("bf16", "int8", "nf4", "cpu"),
-    "vae_decode": ("frame", "fast", "tiny"),
+    "vae_decode": ("frame", "fast", "lean", "tiny"),
     "gemm": ("auto", "int_mm", "scaled_mm", "triton", "reference"),
     "schedule": ("sequential", "batched"),
     "vae_overlap": ("auto", "on", "off"),
@@ -63,7 +63,10 @@ class Profile:
     #                 attention triton8 the step caches hold the 8-bit kernel's format (kv8) and this sets the sink
     t5: str  # umT5 while encoding the prompt: bf16 | int8 | nf4 on the GPU, or cpu
     vae_decode: str  # frame: the Wan VAE, one latent at a time, the reference's bits | fast: the same with
-    #                   channels-last convs, the fused norm and CUDA graphs (bf16-close) | tiny: TAEHV (drafts)
+    #                   channels-last convs, the fused norm, sub-pixel up-sampling, 128-wide conv outputs and CUDA
+    #                   graphs (bf16-close; the planner takes lean where fast's memory would cost a resident block,
+    #                   the batch or the fit) | lean: fast's arithmetic without the graphs and the wide outputs
+    #                   (less memory, a little slower) | tiny: TAEHV (drafts)
     blocks_resident: str | int  # "auto" (as many as the budget allows), "all", or a count
     pinned_budget_gib: float  # most page-locked host memory to take; the rest is pageable
     prefetch_blocks: int  # streamed blocks copied ahead of use (GPU buffers = this + 1)
