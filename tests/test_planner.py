@@ -445,15 +445,16 @@ def test_vae_overlap_plans_both_activations_and_auto_falls_back():
 
 
 def test_fast_decode_falls_back_to_lean_where_its_memory_costs_blocks():
-    """vae_decode "fast" (CUDA graphs, wide conv outputs) is kept where it costs nothing (the 4090 at 704x384: the
-    batched DiT's activations are larger); where it would cost resident blocks or the fit (the 12gb profile at
+    """vae_decode "fast" (CUDA graphs, wide conv outputs) is kept where it costs nothing (the 4090 plan at 704x384:
+    the batched DiT's activations are larger); where it would cost resident blocks or the fit (the 12gb plan at
     832x480) the plan takes "lean", whose activations are planned smaller; "lean" and "frame" stay as said."""
     from lowvram.runtime.planner import Sizes, vae_activation_bytes
 
-    p4090 = make_plan(Profile.from_name("4090"), FULL, 704, 384)
+    p4090 = make_plan(Profile.from_name("4090", vae_decode="fast"), FULL, 704, 384)
     assert p4090.profile.vae_decode == "fast"
+    assert make_plan(Profile.from_name("h100-80"), FULL, 704, 384).profile.vae_decode == "fast"
     forced = make_plan(Profile.from_name("12gb", vae_decode="lean"), FULL, 832, 480)
-    auto = make_plan(Profile.from_name("12gb"), FULL, 832, 480)
+    auto = make_plan(Profile.from_name("12gb", vae_decode="fast"), FULL, 832, 480)
     assert auto.profile.vae_decode == "lean" and auto.resident == forced.resident
     sizes = Sizes()
     assert vae_activation_bytes(sizes, "lean", 832, 480) < vae_activation_bytes(sizes, "fast", 832, 480)

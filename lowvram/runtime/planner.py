@@ -51,9 +51,10 @@ VAE_CACHE_BYTES_PER_PIXEL = 2 * 2 * (4240 / 64 + 2496 / 16 + 1152 / 4 + 672)
 # they add to its activations rather than share them; the batched profiles' DiT activations are larger (their
 # measured NVML peaks, tools/bench.py, are the check). Channels-last convs keep their history with its zero
 # borders (vae_blocks.PADDED_HISTORY): 1.21 against 1.19 GiB of time cache at 704x384, inside the formula's slack.
-# lean (fast's arithmetic without graphs or the wide outputs): 0.97 GiB as the fast path without graphs measured
-# on 2026-12-01 (x 0.46; it has since lost the 4x up-sampled frames, so this is an upper bound).
-VAE_ACT_BYTES_PER_PIXEL = {"frame": 4640.0, "fast": 4640.0 * 1.24, "lean": 4640.0 * 0.46,
+# lean (fast's arithmetic without graphs or the wide outputs): 1.60 GiB beyond the time cache (x 0.76, same run),
+# ordinary allocations that the DiT reuses between decodes (run I: 18.59 GiB NVML for the 4090 profile against
+# fast's 20.58).
+VAE_ACT_BYTES_PER_PIXEL = {"frame": 4640.0, "fast": 4640.0 * 1.24, "lean": 4640.0 * 0.76,
                            "tiny": 0.22 * GIB / (704 * 384)}
 CONTEXT_BYTES = int(0.6 * GIB)  # CUDA context, cuBLAS/cuDNN handles, loaded kernels (NVML sees them)
 ENCODER_ACT_BYTES = int(0.3 * GIB)  # activations of umT5 or wav2vec2 on one prompt / one file
