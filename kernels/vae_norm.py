@@ -46,22 +46,28 @@ EPS = 1e-12  # F.normalize's clamp of the norm
 if triton is not None:
 
     @triton.jit
-    def _norm_silu_kernel(X, G, Bv, O, T, H, W, C, sxb, sxc, sxt, sxh, sxw, sob, soc, sot, soh, sow, scale, eps,
-                          BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
-                          FAST: tl.constexpr, HAS_BIAS: tl.constexpr):
+    def _tile(T, H, W, C, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        # this program's [BLOCK_H, BLOCK_W, BLOCK_C] tile: BLOCK_H rows of pixels of one (b, t) frame, all channels
         nh = tl.cdiv(H, BLOCK_H)
-        r = tl.program_id(0).to(tl.int64)  # BLOCK_H rows of pixels of one (b, t) frame
+        r = tl.program_id(0).to(tl.int64)
         hs = (r % nh) * BLOCK_H + tl.arange(0, BLOCK_H)
         t = (r // nh) % T
         b = r // (nh * T)
         ws = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         cs = tl.arange(0, BLOCK_C)
         h3, w3, c3 = hs[:, None, None], ws[None, :, None], cs[None, None, :]
-        m = (h3 < H) & (w3 < W) & (c3 < C)
+        return b, t, h3, w3, c3, cs, (h3 < H) & (w3 < W) & (c3 < C)
+
+    @triton.jit
+    def _norm_silu_kernel(X, G, Bv, O, T, H, W, C, sxb, sxc, sxt, sxh, sxw, sob, soc, sot, soh, sow, scale, eps,
+                          BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+                          FAST: tl.constexpr, HAS_BIAS: tl.constexpr):
+        b, t, h3, w3, c3, cs, m = _tile(T, H, W, C, BLOCK_H, BLOCK_W, BLOCK_C)
         xp = X + b * sxb + t * sxt + h3 * sxh + w3 * sxw + c3 * sxc
         x = tl.load(xp, mask=m, other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_W, BLOCK_C]
-        if HAS_BIAS:  # the producing conv's bias, added here instead of in a pass of its own
-            x = tl.where(m, x + tl.load(Bv + cs, mask=cs < C, other=0.0).to(tl.float32)[None, None, :], 0.0)
+        if HAS_BIAS:  # the producing conv's bias, added here instead of in a pass of its own (0 past C: the
+            #           sums of squares stay those of the real channels; pixels past W are not stored)
+            x += tl.load(Bv + cs, mask=cs < C, other=0.0).to(tl.float32)[None, None, :]
         g = tl.load(G + cs, mask=cs < C, other=0.0).to(tl.float32)
         if FAST:
             inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, 2)), eps)  # [BLOCK_H, BLOCK_W]: one division a pixel
@@ -79,15 +85,7 @@ if triton is not None:
     def _bias_residual_kernel(Y, Bv, R, T, H, W, C, syb, syc, syt, syh, syw, srb, src, srt, srh, srw,
                               BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
         # Y += bias + R in fp32, one rounding to Y's dtype; the tiles of _norm_silu_kernel
-        nh = tl.cdiv(H, BLOCK_H)
-        r = tl.program_id(0).to(tl.int64)
-        hs = (r % nh) * BLOCK_H + tl.arange(0, BLOCK_H)
-        t = (r // nh) % T
-        b = r // (nh * T)
-        ws = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-        cs = tl.arange(0, BLOCK_C)
-        h3, w3, c3 = hs[:, None, None], ws[None, :, None], cs[None, None, :]
-        m = (h3 < H) & (w3 < W) & (c3 < C)
+        b, t, h3, w3, c3, cs, m = _tile(T, H, W, C, BLOCK_H, BLOCK_W, BLOCK_C)
         yp = Y + b * syb + t * syt + h3 * syh + w3 * syw + c3 * syc
         y = tl.load(yp, mask=m, other=0.0).to(tl.float32)
         res = tl.load(R + b * srb + t * srt + h3 * srh + w3 * srw + c3 * src, mask=m, other=0.0).to(tl.float32)
@@ -170,6 +168,20 @@ def bias_residual_(y: torch.Tensor, bias: torch.Tensor, res: torch.Tensor, backe
     return y
 
 
+def cuda_ms(fn, iters: int = 20, warmup: int = 1) -> float:
+    """Mean ms per call of fn() on the current CUDA stream (CUDA events around `iters` calls after `warmup`)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
 def bench_norm_silu(shape=(1, 96, 4, 384, 704), dtype=torch.bfloat16, channels_last: bool = True,
                     iters: int = 20, tiles=(4096, 8192, 16384)) -> dict:
     """ms per call (and GB/s of the bytes read and written) of the torch twin and of the kernel with each
@@ -187,13 +199,6 @@ def bench_norm_silu(shape=(1, 96, 4, 384, 704), dtype=torch.bfloat16, channels_l
                 lambda fast=fast, tile=tile: norm_silu_into(x, gamma, c ** 0.5, out, "triton", fast, tile))
     res = {}
     for name, fn in fns.items():
-        fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        ms = start.elapsed_time(end) / iters
+        ms = cuda_ms(fn, iters)
         res[name] = {"ms": round(ms, 4), "GB/s": round(2 * x.numel() * x.element_size() / ms / 1e6)}
     return res

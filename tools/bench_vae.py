@@ -35,6 +35,7 @@ import traceback  # noqa: E402
 import torch  # noqa: E402
 
 from lowvram.io.video_writer import to_uint8  # noqa: E402
+from lowvram.kernels.vae_norm import cuda_ms  # noqa: E402
 from lowvram.model.taehv import TAEHVDecoder, TinyStreamingDecoder  # noqa: E402
 from lowvram.model.vae import DecodeOptions, StreamingDecoder, VAEConfig, WanVAE  # noqa: E402
 from lowvram.runtime.decode import GraphedDecoder, OverlappedDecoder  # noqa: E402
@@ -346,16 +347,7 @@ def bench_convs(h, w, frames=4, iters=10) -> dict:
             torch.backends.cudnn.benchmark = bench
             for name, fn in fns.items():
                 try:
-                    for _ in range(2):
-                        fn()
-                    torch.cuda.synchronize()
-                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    e0.record()
-                    for _ in range(iters):
-                        fn()
-                    e1.record()
-                    e1.synchronize()
-                    ms = e0.elapsed_time(e1) / iters
+                    ms = cuda_ms(fn, iters, warmup=2)
                     row[name + ("+bench" if bench else "")] = {"ms": round(ms, 3), "TFLOP/s": round(flop / ms / 1e9)}
                 except Exception as e:  # noqa: BLE001 - a formulation cuDNN refuses is reported
                     row[name + ("+bench" if bench else "")] = f"failed: {str(e).splitlines()[0][:100]}"
