@@ -136,15 +136,16 @@ class CausalConv3d(nn.Conv3d):
         if self.out_align and o % self.out_align and self.kernel_size[0] > 1:
             # zero output channels up to the alignment: cuDNN picks a wider (faster) tile for them; the extra
             # channels are cut off as a view (the consumers take any strides)
-            w, b = self.weight, self.bias
-            key = (w.data_ptr(), w.dtype, w._version, b.data_ptr(), b._version, self.out_align)
+            w, wb = self.weight, self.bias
+            key = (w.data_ptr(), w.dtype, w._version, wb.data_ptr(), wb._version, self.out_align)
             if self._padded_w is None or self._padded_w[0] != key:
                 pad = -o % self.out_align
                 fmt = self.memory_format if w.is_contiguous(memory_format=self.memory_format) else \
                     torch.contiguous_format
                 self._padded_w = (key, torch.cat([w, w.new_zeros(pad, *w.shape[1:])]).contiguous(memory_format=fmt),
-                                  torch.cat([b, b.new_zeros(pad)]))
-            return F.conv3d(x, self._padded_w[1], self._padded_w[2] if bias else None, self.stride)[:, :o]
+                                  torch.cat([wb, wb.new_zeros(pad)]))
+            return F.conv3d(x, self._padded_w[1], self._padded_w[2] if bias else None, self.stride, self.padding,
+                            self.dilation, self.groups)[:, :o]
         return F.conv3d(x, self.weight, b, self.stride, self.padding, self.dilation, self.groups)
 
     def padded_input(self, x: torch.Tensor, history: torch.Tensor | None = None,
