@@ -1,9 +1,10 @@
 """Where a full-size DiT forward spends its GPU time: torch.profiler over resident forwards.
 
-    python3 tools/trace_forward.py --out $OUT [--scheme int8] [--gemm triton] [--attention sdpa]
+    python3 tools/trace_forward.py --out $OUT [--scheme int8] [--gemm triton] [--attention sdpa] [--batch 4]
 
 Random weights at full size (tools/bench.py's random_model), all 40 blocks resident, KV window
-full (4 blocks of 3168 tokens written before timing, as in steady state), 704x384. Warms up, then
+full (4 blocks of 3168 tokens written before timing, as in steady state), 704x384; `--batch B` runs B samples
+in one call over B step caches, as the batched profiles call it (times are then per call). Warms up, then
 profiles `--forwards` forwards and prints the CUDA kernels grouped by kind (GEMM, attention,
 quantization, elementwise, copies, ...) and the top kernels by total time; writes trace_forward.json
 (and a Chrome trace with --chrome) under --out.
@@ -51,6 +52,8 @@ def main(argv=None):
     ap.add_argument("--gemm", default="auto")
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "triton"])
     ap.add_argument("--forwards", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1, choices=[1, 2, 3, 4],
+                    help="samples per call, each with its own step cache (the batched profiles' call)")
     ap.add_argument("--quick", action="store_true", help="scaled-down model on the CPU (a dry run of the code)")
     ap.add_argument("--chrome", action="store_true", help="also write a Chrome trace (large)")
     ap.add_argument("--fuse", default="quant", choices=["quant", "all", "off"],
@@ -79,12 +82,15 @@ def main(argv=None):
     engine = Engine.build(model, plan, device)
     ctx, ref, motion, audio = synthetic_inputs(cfg, h, w, device)
     g = torch.Generator(device="cpu").manual_seed(5)
-    x = torch.randn(1, 16, 3, h, w, generator=g).to(device, torch.bfloat16)
+    nb = args.batch
+    x = torch.randn(nb, 16, 3, h, w, generator=g).to(device, torch.bfloat16)
     with torch.no_grad():
         engine.start(ctx, ref, motion, 4, 420)
-        c, sink, kv = engine.context, engine.sink, engine.kv[0]
-        t = torch.full((1, 3), 1000.0, device=device)
-        a = audio[..., :12].to(device)  # once: a pageable copy per forward would synchronise it with the GPU
+        c, sink = engine.context, engine.sink
+        kv = engine.kv[0] if nb == 1 else engine.kv[:nb]
+        t = torch.full((nb, 3), 1000.0, device=device)
+        a = audio[..., :12].to(device).expand(nb, *audio.shape[1:-1], 12).contiguous()  # once: a pageable copy
+        #                                                  per forward would synchronise it with the GPU
 
         def forward(block):
             return model(x, t, c, a, kv, sink, 3 * block, 10)
@@ -127,7 +133,7 @@ def main(argv=None):
     busy = sum(kinds.values())
     res = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command=" ".join(sys.argv),
-               scheme=args.scheme, gemm=args.gemm, attention=args.attention, fuse=args.fuse, wall_ms_per_forward=wall * 1e3,
+               scheme=args.scheme, batch=nb, gemm=args.gemm, attention=args.attention, fuse=args.fuse, wall_ms_per_forward=wall * 1e3,
                host_enqueue_ms_per_forward=launched * 1e3,
                kernel_ms_per_forward=busy, kinds=dict(kinds),
                kernels=[dict(name=n, ms=ms, calls=c) for n, ms, c in per_kernel[:60]])
@@ -136,7 +142,7 @@ def main(argv=None):
                   if e.device_type == torch.autograd.DeviceType.CPU), key=lambda r: -r[1])
     res["cpu_ops"] = [dict(name=n, ms=ms, calls=c) for n, ms, c in cpu[:40]]
     (out / "trace_forward.json").write_text(json.dumps(res, indent=1))
-    print(f"\ntop kernels per forward ({args.scheme}, gemm={args.gemm}, attention={args.attention}, fuse={args.fuse}):")
+    print(f"\ntop kernels per call of {nb} ({args.scheme}, gemm={args.gemm}, attention={args.attention}, fuse={args.fuse}):")
     for name, ms, calls in per_kernel[:25]:
         print(f"  {ms:8.2f} ms {calls:5d}x  {kind_of(name):18s} {name[:90]}")
     print(f"\ntop CPU ops per forward (self time; the profiler's own overhead included):")
