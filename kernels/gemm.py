@@ -69,15 +69,22 @@ if triton is not None:
         return y.to(tl.bfloat16)
 
     @triton.jit
+    def _gelu_bf16(x, GELU: tl.constexpr):
+        # GELU: nn.GELU(approximate="tanh") of bf16 values x (in fp32), rounded to bf16 as torch's GELU rounds
+        if GELU:
+            x = _bf16_rne(_gelu_tanh(x)).to(tl.float32)
+        return x
+
+    @triton.jit
     def _quant_rows(X, Q, S, AMAX, K, stride_x, stride_q, QMAX: tl.constexpr, FP8: tl.constexpr,
-                    BLOCK: tl.constexpr, SINGLE: tl.constexpr, GIVEN: tl.constexpr):
+                    BLOCK: tl.constexpr, SINGLE: tl.constexpr, GIVEN: tl.constexpr, GELU: tl.constexpr):
         # SINGLE: the whole row fits one block and is read once; GIVEN: each row's absmax is given (AMAX [M]),
-        # one pass of BLOCK columns; else two passes (absmax, quantize)
+        # one pass of BLOCK columns; else two passes (absmax, quantize); GELU: the rows quantized are GELU(X)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         if SINGLE:
             mask = cols < K
-            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            x = _gelu_bf16(tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32), GELU)
             scale, inv = scale_of(tl.max(tl.abs(x), 0), QMAX)
             tl.store(Q + row * stride_q + cols, round_8bit(x * inv, QMAX, FP8, Q.dtype.element_ty), mask=mask)
         else:
@@ -87,12 +94,12 @@ if triton is not None:
                 acc = tl.zeros([BLOCK], tl.float32)
                 for start in range(0, K, BLOCK):
                     x = tl.load(X + row * stride_x + start + cols, mask=start + cols < K, other=0.0)
-                    acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
+                    acc = tl.maximum(acc, tl.abs(_gelu_bf16(x.to(tl.float32), GELU)))
                 amax = tl.max(acc, 0)
             scale, inv = scale_of(amax, QMAX)
             for start in range(0, K, BLOCK):
                 mask = start + cols < K
-                y = tl.load(X + row * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32) * inv
+                y = _gelu_bf16(tl.load(X + row * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32), GELU) * inv
                 tl.store(Q + row * stride_q + start + cols, round_8bit(y, QMAX, FP8, Q.dtype.element_ty), mask=mask)
         tl.store(S + row, scale)
 
@@ -169,13 +176,18 @@ def triton_usable(x: torch.Tensor) -> bool:
 
 
 def quantize_rows(x: torch.Tensor, fp8: bool = False, single: bool | None = None,
-                  amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  amax: torch.Tensor | None = None, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token quantization x [M, K] -> (int8 or float8_e4m3fn [M, K], fp32 scale [M]) in one kernel,
     bit-identical to rowquant.quantize_rows_int8 / quantize_rows_fp8.
 
     single: read each row once (rows up to configs.QUANT_ROWS["SINGLE_MAX"] columns; the default
     when they fit) or in two passes (any K). amax: each row's max |x| as fp32 [M], known already
-    (gelu_linear's): then one pass of BLOCK columns and no reduction (the same bits, given that absmax)."""
+    (gelu_linear's): then one pass of BLOCK columns and no reduction (the same bits, given that absmax).
+    gelu: quantize nn.GELU(approximate="tanh")(x) of bf16 x instead, computed in the kernel as gelu_linear's
+    epilogue computes it (so the FFN's hidden is read once and never written in bf16); an element may differ from
+    torch's CUDA GELU by one bf16 unit where the two tanh differ in their last fp32 bits (gelu_linear)."""
+    if gelu and (amax is not None or x.dtype != torch.bfloat16):
+        raise ValueError("quantize_rows(gelu=True) takes bf16 rows and no given absmax")
     M, K = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     q = torch.empty(M, K, device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
@@ -186,7 +198,7 @@ def quantize_rows(x: torch.Tensor, fp8: bool = False, single: bool | None = None
     block = triton.next_power_of_2(K) if single else min(cfg["BLOCK"], triton.next_power_of_2(K))
     warps = cfg["num_warps"] if block <= 4096 else 16
     _quant_rows[(M,)](x, q, s, amax if given else s, K, x.stride(0), q.stride(0), QMAX=FP8_MAX if fp8 else INT8_MAX,
-                      FP8=fp8, BLOCK=block, SINGLE=single, GIVEN=given, num_warps=warps)
+                      FP8=fp8, BLOCK=block, SINGLE=single, GIVEN=given, GELU=gelu, num_warps=warps)
     return q, s
 
 

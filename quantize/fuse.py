@@ -16,7 +16,9 @@ bits: an element of the hidden then moves by one bf16 unit (gemm.gelu_linear), a
 
 `GELU_EPILOGUE` is off: on the H200 the FFN with the epilogue ran 0.83-0.87x the separate GEMM -> GELU ->
 quantize (tools/bench_block.py, INT8 and FP8, B 1 and 4; the epilogue's GELU and row absmax cost the GEMM more
-than the pass they save), so ffn.0 reads its norm's shared 8-bit input and GELU stays a pass of its own.
+than the pass they save), so ffn.0 reads its norm's shared 8-bit input and writes its bf16 hidden, and the GELU
+runs inside ffn.2's quantization kernel instead (`_gelu_in_quantization`): no GELU pass of its own, the same
+GELU arithmetic as the epilogue's.
 """
 
 from __future__ import annotations
@@ -68,6 +70,21 @@ def shared(x, layers):
     return x if scheme is None else quantize_input(x, scheme == "fp8")
 
 
+def _gelu_in_quantization(seq: nn.Sequential, x):
+    """ffn.0, then GELU inside ffn.2's per-token quantization (gemm.quantize_rows(gelu=True)): the hidden is read
+    once in bf16 and written once in 8 bits, against the GELU pass's read and write plus the quantizer's read. Where
+    ffn.2 quantizes by our kernel only (a W8A8 backend on a device where quantize_input runs it), else seq(x)."""
+    first, act, second = seq
+    if not (isinstance(act, nn.GELU) and act.approximate == "tanh"):
+        return seq(x)
+    h = first(x)
+    if (h.dtype != torch.bfloat16 or input_scheme(h, [second]) is None
+            or not ((second.backend == "triton" or h.is_cuda) and gemm.triton_usable(h))):
+        return second(act(h))
+    q, s = gemm.quantize_rows(h.reshape(-1, h.shape[-1]), fp8=second.scheme == "fp8", gelu=True)
+    return second(QuantRows(q, s, tuple(h.shape), h.dtype))
+
+
 def _gelu_fusable(seq: nn.Sequential, x) -> bool:
     first, act, second = seq
     return (isinstance(act, nn.GELU) and act.approximate == "tanh" and isinstance(first, QuantLinear)
@@ -79,7 +96,11 @@ def ffn(seq: nn.Sequential, x):
     """nn.Sequential(Linear, GELU(tanh), Linear) on x [..., C] or its QuantRows -> [..., C]: with ffn.0 a QuantLinear
     on the Triton backend (for FP8: on our GEMM, gemm.fp8_engine) and ffn.2 one on a W8A8 backend, GELU runs in
     ffn.0's epilogue and ffn.2 reads the hidden quantized in one pass (module docstring); else seq(x)."""
-    if len(seq) != 3 or not GELU_EPILOGUE or not _gelu_fusable(seq, x):
+    if len(seq) != 3:
+        return seq(x)
+    if not GELU_EPILOGUE:
+        return _gelu_in_quantization(seq, x)
+    if not _gelu_fusable(seq, x):
         return seq(x)
     first, act, second = seq
     xr = x if isinstance(x, QuantRows) else quantize_input(x, first.scheme == "fp8")

@@ -133,6 +133,42 @@ def test_gemm_quantization_with_the_absmax_given_is_bit_identical(fp8):
     assert torch.equal(s, sr)
 
 
+@on_cpu
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("single", [True, False])
+def test_gemm_quantization_of_the_gelu_is_that_of_torchs_gelu(fp8, single):
+    # the FFN's hidden quantized with its GELU in the kernel: under the interpreter the kernel's GELU gives torch's
+    # CPU GELU bits (tests/test_quantize_fuse.py), so the codes and scales are those of quantizing nn.GELU's output
+    x = (torch.randn(37, 200, generator=torch.Generator().manual_seed(31 + fp8)) * 3).bfloat16()
+    x[3, :7] = torch.tensor([-30.0, -8.0, -1e-3, 0.0, 1e-3, 8.0, 30.0])  # the tails and around zero
+    q, s = gemm.quantize_rows(x, fp8=fp8, single=single, gelu=True)
+    qr, sr = (RQ.quantize_rows_fp8 if fp8 else RQ.quantize_rows_int8)(torch.nn.functional.gelu(x, approximate="tanh"))
+    assert_bit_equal(q, qr)
+    assert torch.equal(s, sr)
+    with pytest.raises(ValueError, match="bf16 rows"):
+        gemm.quantize_rows(x.float(), fp8=fp8, gelu=True)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_gpu_quantization_of_the_gelu():
+    """On the GPU the kernel's tanh (libdevice) may differ from torch's tanhf in the last fp32 bits: a hidden
+    element then moves by one bf16 unit, and the codes of its row only where that element is the row's absmax or
+    sits at a rounding tie; bounded here by counting codes that differ, none by more than one step."""
+    x = (torch.randn(3168, 13824, generator=torch.Generator().manual_seed(7)) * 2).bfloat16().cuda()
+    for fp8 in (False, True) if torch.cuda.get_device_capability() >= (8, 9) else (False,):
+        q, s = gemm.quantize_rows(x, fp8=fp8, gelu=True)
+        qr, sr = gemm.quantize_rows(torch.nn.functional.gelu(x, approximate="tanh"), fp8=fp8)
+        assert (s - sr).abs().max().item() <= 2.0 ** -7 * sr.abs().max().item()
+        rows_same = (s == sr).float().mean().item()
+        assert rows_same >= 0.999
+        same = s == sr
+        a, b = q[same].float(), qr[same].float()
+        assert (a != b).float().mean().item() <= 1e-4
+        if not fp8:
+            assert (a - b).abs().max().item() <= 1
+
+
 def test_quant_rows_of_any_rank_and_split():
     x = tricky_rows(5, 12, 33, False).view(2, 6, 33)
     qr = RQ.QuantRows.of(x, fp8=False)

@@ -114,15 +114,38 @@ def test_ffn_with_gelu_in_the_first_gemm(s0, s2, quantized_in, monkeypatch):
 
 
 @on_cpu
+@pytest.mark.parametrize("s0,s2,quantized_in", [("int8", "int8", False), ("fp8", "fp8", True), ("int8", "fp8", True)])
+def test_ffn_with_gelu_in_the_second_gemms_quantization(s0, s2, quantized_in, monkeypatch):
+    # the default (no epilogue): ffn.0 writes its bf16 hidden, ffn.2's quantization kernel applies the GELU
+    seq = ffn_seq(s0, s2)
+    x = (torch.randn(33, 96, generator=gen(16)) * 2).to(BF)
+    calls = []
+    real = gemm.quantize_rows
+    monkeypatch.setattr(gemm, "quantize_rows", lambda *a, **k: calls.append(k.get("gelu", False)) or real(*a, **k))
+    monkeypatch.setattr(nn.GELU, "forward", lambda *a: pytest.fail("a GELU pass of its own"))
+    got = fuse.ffn(seq, QuantRows.of(x, s0 == "fp8") if quantized_in else x)
+    monkeypatch.undo()
+    want = seq(x)  # ffn.0 -> nn.GELU -> ffn.2, each quantizing its own input
+    assert True in calls and got.shape == want.shape == (33, 96)
+    assert torch.equal(got, want)  # the interpreter's GELU gives torch's CPU GELU bits
+
+
+@on_cpu
 def test_ffn_falls_back_where_the_epilogue_cannot_run(monkeypatch):
     monkeypatch.setattr(gemm, "gelu_linear", lambda *a, **k: pytest.fail("fused where it must not be"))
     x = torch.randn(7, 96, generator=gen(8)).to(BF)
+    real = gemm.quantize_rows
+    monkeypatch.setattr(gemm, "quantize_rows", lambda *a, **k: pytest.fail("GELU quantized where it must not be")
+                        if k.get("gelu") else real(*a, **k))
     for seq in (ffn_seq("int8", "int8", "int_mm"), ffn_seq("int8", "int8", "auto"),  # not our GEMM
                 nn.Sequential(qlinear(96, 200, "int8", 1, "triton"), nn.GELU(), qlinear(200, 96, "int8", 2, "triton"))):
-        assert torch.equal(fuse.ffn(seq, x), seq(x))
+        for epilogue in (True, False):  # neither the GELU in ffn.0's epilogue nor in ffn.2's quantization
+            monkeypatch.setattr(fuse, "GELU_EPILOGUE", epilogue)
+            assert torch.equal(fuse.ffn(seq, x), seq(x))
     if cpu_scaled_mm():  # FP8 ffn.0 on torch._scaled_mm (K, N multiples of 16): the epilogue would change its bits
         seq = ffn_seq("fp8", "fp8", hidden=208)
         monkeypatch.setitem(gemm.configs.FP8_ENGINE, "interp", "scaled_mm")
+        monkeypatch.setattr(fuse, "GELU_EPILOGUE", True)
         assert torch.equal(fuse.ffn(seq, x), seq(x))
 
 

@@ -4,7 +4,7 @@ Numerics follow LiveAvatar under bf16 autocast without using autocast: Linear la
 the weights' dtype (bf16 on GPU, fp32 in CPU tests), norms compute in fp32 and round where the
 reference rounds, modulation and gated residuals are fp32.
 W8A8 layers (QuantLinear) of one scheme that read the same activation share one 8-bit copy of it, written
-by the norm before them where there is one (lowvram.quantize.fuse); the FFN's GELU runs in its first GEMM.
+by the norm before them where there is one (lowvram.quantize.fuse); the FFN's GELU runs in ffn.2's quantization.
 `fuse = False` on a module (set_fuse) keeps each layer quantizing its own input and the GELU separate.
 """
 
@@ -120,7 +120,7 @@ class Block(nn.Module):
         self.norm2 = LayerNorm(dim, eps)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
-        self.fuse = True  # the norms write their W8A8 consumers' 8-bit input; the FFN's GELU in its first GEMM
+        self.fuse = True  # the norms write their W8A8 consumers' 8-bit input; the FFN's GELU in ffn.2's quantization
 
     def forward(self, x, e0, context, attend: Callable, frames: int, rope=None):
         """x: [B, L, C] in the compute dtype; e0: [B, frames, 6, C] fp32 time projection of each
