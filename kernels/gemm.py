@@ -69,10 +69,21 @@ if triton is not None:
         return y.to(tl.bfloat16)
 
     @triton.jit
+    def _gelu_sigmoid(x):
+        # the same function as _gelu_tanh through 0.5 (1 + tanh(u)) = sigmoid(2u): x / (1 + 2^(-2 u log2 e)), one
+        # exp2 and one division; accurate to a few fp32 ulps everywhere (no cancellation as tanh -> -1; x << 0:
+        # 2^(+big) = inf, x / inf = -0), where libdevice's tanhf is a branchy polynomial the kernel pays per element
+        inner = _BETA * (x + _KAPPA * (x * x * x))
+        return x / (1.0 + tl.exp2(inner * -2.885390081777927))
+
+    @triton.jit
     def _gelu_bf16(x, GELU: tl.constexpr):
-        # GELU: nn.GELU(approximate="tanh") of bf16 values x (in fp32), rounded to bf16 as torch's GELU rounds
-        if GELU:
+        # GELU 1: nn.GELU(approximate="tanh") of bf16 values x (in fp32) by torch's expression, 2: by the sigmoid
+        # form; rounded to bf16 as torch's GELU rounds; 0: x
+        if GELU == 1:
             x = _bf16_rne(_gelu_tanh(x)).to(tl.float32)
+        elif GELU == 2:
+            x = _bf16_rne(_gelu_sigmoid(x)).to(tl.float32)
         return x
 
     @triton.jit
@@ -183,9 +194,11 @@ def quantize_rows(x: torch.Tensor, fp8: bool = False, single: bool | None = None
     single: read each row once (rows up to configs.QUANT_ROWS["SINGLE_MAX"] columns; the default
     when they fit) or in two passes (any K). amax: each row's max |x| as fp32 [M], known already
     (gelu_linear's): then one pass of BLOCK columns and no reduction (the same bits, given that absmax).
-    gelu: quantize nn.GELU(approximate="tanh")(x) of bf16 x instead, computed in the kernel as gelu_linear's
-    epilogue computes it (so the FFN's hidden is read once and never written in bf16); an element may differ from
-    torch's CUDA GELU by one bf16 unit where the two tanh differ in their last fp32 bits (gelu_linear)."""
+    gelu: quantize nn.GELU(approximate="tanh")(x) of bf16 x instead, computed in the kernel (so the FFN's hidden
+    is read once and never written in bf16) in the form configs.GELU_FORM names: "tanh" is torch's expression (the
+    interpreter's: torch's CPU bits), "sigmoid" the same function as x * sigmoid(2u), cheaper on the GPU; either
+    way an element may differ from torch's CUDA GELU by one bf16 unit where the fp32 results differ in their last
+    bits next to a bf16 rounding boundary."""
     if gelu and (amax is not None or x.dtype != torch.bfloat16):
         raise ValueError("quantize_rows(gelu=True) takes bf16 rows and no given absmax")
     M, K = x.shape
@@ -197,8 +210,9 @@ def quantize_rows(x: torch.Tensor, fp8: bool = False, single: bool | None = None
     single = False if given else (K <= cfg["SINGLE_MAX"] if single is None else single)
     block = triton.next_power_of_2(K) if single else min(cfg["BLOCK"], triton.next_power_of_2(K))
     warps = cfg["num_warps"] if block <= 4096 else 16
+    form = 0 if not gelu else configs.GELU_FORMS.index(configs.GELU_FORM["interp" if configs.interpreting() else "gpu"])
     _quant_rows[(M,)](x, q, s, amax if given else s, K, x.stride(0), q.stride(0), QMAX=FP8_MAX if fp8 else INT8_MAX,
-                      FP8=fp8, BLOCK=block, SINGLE=single, GIVEN=given, GELU=gelu, num_warps=warps)
+                      FP8=fp8, BLOCK=block, SINGLE=single, GIVEN=given, GELU=form, num_warps=warps)
     return q, s
 
 

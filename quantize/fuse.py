@@ -17,8 +17,10 @@ bits: an element of the hidden then moves by one bf16 unit (gemm.gelu_linear), a
 `GELU_EPILOGUE` is off: on the H200 the FFN with the epilogue ran 0.83-0.87x the separate GEMM -> GELU ->
 quantize (tools/bench_block.py, INT8 and FP8, B 1 and 4; the epilogue's GELU and row absmax cost the GEMM more
 than the pass they save), so ffn.0 reads its norm's shared 8-bit input and writes its bf16 hidden, and the GELU
-runs inside ffn.2's quantization kernel instead (`_gelu_in_quantization`): no GELU pass of its own, the same
-GELU arithmetic as the epilogue's.
+runs inside ffn.2's quantization kernel instead (`_gelu_in_quantization`): no GELU pass of its own. There it is
+computed as x * sigmoid(2u) (configs.GELU_FORM): on the H200 at B = 4 (12672 x 13824) the quantization with
+libdevice's tanhf took 0.48 ms, more than torch's GELU pass plus the plain quantization (0.33 ms); with the sigmoid
+form 0.21-0.24 ms (BENCHMARKS.md section 5).
 """
 
 from __future__ import annotations
