@@ -11,7 +11,8 @@ in one pass, computing in fp32 and rounding exactly where the eager code rounds:
   bf16; rounded to its input's dtype) then per-frame `h * (1 + scale) + shift`.
   `layer_norm_mod_quant` also (or only) writes the next GEMM's input: the row rounded to out_dtype, then
   quantized by kernels/rowquant.py's rule (rowquant.QuantRows), bit-identical to layer_norm_mod followed
-  by kernels.gemm.quantize_rows, with no second pass over the row.
+  by kernels.gemm.quantize_rows, with no second pass over the row. `add_layer_norm_mod` normalises x + y
+  (the block's residual of the cross-attention, written once) in the same pass.
 - `gated_residual`: x + y * gate[frame] in fp32, written in the output dtype.
 
 Each has a torch twin (the eager code) for CPU runs; results agree to fp32 reduction order.
@@ -82,13 +83,17 @@ if triton is not None:
     def _ln_mod_kernel(X, W, B, SHIFT, SCALE, O, Q, S, sx, so, C, rows_per_frame, eps,
                        BLOCK: tl.constexpr, ROUND_IN: tl.constexpr, AFFINE: tl.constexpr,
                        MOD: tl.constexpr, STORE_H: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
-                       FP8: tl.constexpr):
+                       FP8: tl.constexpr, Y=None, XS=None, sy=0, ADD: tl.constexpr = False):
         # QUANT: Q [rows, C] and S [rows] get the row rounded to O's dtype and quantized (rowquant's rule);
-        # STORE_H: O gets that row too
+        # STORE_H: O gets that row too; ADD: the row normalized is X + Y (Y's row promoted to X's dtype, as the
+        # eager sum), stored in XS (contiguous rows, X's dtype)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         m = cols < C
         x = tl.load(X + row * sx + cols, mask=m, other=0.0)
+        if ADD:
+            x = x + tl.load(Y + row * sy + cols, mask=m, other=0.0).to(x.dtype)
+            tl.store(XS + row * C + cols, x, mask=m)
         if ROUND_IN:
             x = x.to(tl.bfloat16)
         x = x.to(tl.float32)
@@ -211,10 +216,17 @@ def layer_norm_mod(x, eps, weight=None, bias=None, shift=None, scale=None, frame
     return _ln_mod(x, eps, weight, bias, shift, scale, frames, round_in, out_dtype, True, None)[0]
 
 
-def _ln_mod(x, eps, weight, bias, shift, scale, frames, round_in, out_dtype, keep_h: bool, fp8: bool | None):
-    # the kernel's launch -> (h [B, L, C] or None, (q [B*L, C], scale [B*L]) or None)
+def _ln_mod(x, eps, weight, bias, shift, scale, frames, round_in, out_dtype, keep_h: bool, fp8: bool | None,
+            add=None):
+    # the kernel's launch -> (h [B, L, C] or None, (q [B*L, C], scale [B*L]) or None[, x + add [B, L, C]])
     b, L, c = x.shape
     x2 = _rows(x)
+    if add is not None:
+        y2 = _rows(add)
+        xs = torch.empty(b, L, c, dtype=x.dtype, device=x.device)
+        extra = dict(Y=y2, XS=xs, sy=y2.stride(0), ADD=True)
+    else:
+        extra = {}
     dt = out_dtype or x.dtype
     # without h: a one-element O stands for its dtype (never written)
     out = torch.empty((b, L, c) if keep_h else (1,), dtype=dt, device=x.device)
@@ -230,8 +242,9 @@ def _ln_mod(x, eps, weight, bias, shift, scale, frames, round_in, out_dtype, kee
                                    sh, sc, out, q, s, x2.stride(0), c, c, L // frames, eps, BLOCK=block,
                                    ROUND_IN=round_in, AFFINE=weight is not None, MOD=mod, STORE_H=keep_h,
                                    QUANT=quant, QMAX=FP8_MAX if fp8 else INT8_MAX, FP8=bool(fp8),
-                                   num_warps=_warps(block))
-    return (out if keep_h else None), (q, s) if quant else None
+                                   num_warps=_warps(block), **extra)
+    res = (out if keep_h else None), (q, s) if quant else None
+    return res if add is None else (*res, xs)
 
 
 def layer_norm_mod_quant(x, eps, weight=None, bias=None, shift=None, scale=None, frames=1, round_in=False,
@@ -248,6 +261,24 @@ def layer_norm_mod_quant(x, eps, weight=None, bias=None, shift=None, scale=None,
         return (h if keep_h else None), QuantRows.of(h, fp8)
     h, (q, s) = _ln_mod(x, eps, weight, bias, shift, scale, frames, round_in, out_dtype, keep_h, fp8)
     return h, QuantRows(q, s, tuple(x.shape), dt)
+
+
+def add_layer_norm_mod(x, y, eps, weight=None, bias=None, shift=None, scale=None, frames=1, out_dtype=None,
+                       fp8=None, backend="auto"):
+    """s = x + y (y promoted to x's dtype, as the eager sum; x [B, L, C], y of its shape), then layer_norm_mod of
+    s (fp8 None) or layer_norm_mod_quant's QuantRows of it (fp8 False: INT8, True: FP8), in one pass -> (s, that).
+    The block's residual of the cross-attention and the FFN's norm after it: s is read once, not written by one
+    pass and read back by the next."""
+    if x.dtype != torch.promote_types(x.dtype, y.dtype) or y.shape != x.shape:
+        raise ValueError(f"add_layer_norm_mod adds y {tuple(y.shape)} {y.dtype} into x {tuple(x.shape)} {x.dtype}")
+    if not use_triton(x, backend):
+        s = x + y
+        h = layer_norm_mod_torch(s, eps, weight, bias, shift, scale, frames, False, out_dtype)
+        return s, (h if fp8 is None else QuantRows.of(h, fp8))
+    h, qs, s = _ln_mod(x, eps, weight, bias, shift, scale, frames, False, out_dtype, fp8 is None, fp8, add=y)
+    if fp8 is None:
+        return s, h
+    return s, QuantRows(*qs, tuple(x.shape), out_dtype or x.dtype)
 
 
 def gated_residual(x, y, gate, frames, out_dtype=None, backend="auto"):

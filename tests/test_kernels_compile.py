@@ -31,8 +31,8 @@ SCRIPT = textwrap.dedent("""
     quant_c = dict(QMAX=127.0, FP8=False, BLOCK=2048, SINGLE=False, GIVEN=False, GELU=2)  # the GELU in the sigmoid form
     ln_sig = {"X": "*fp32", "W": "*fp32", "B": "*fp32", "SHIFT": "*fp32", "SCALE": "*fp32", "O": "*bf16",
               "Q": "*fp8e4nv", "S": "*fp32", "sx": "i32", "so": "i32", "C": "i32", "rows_per_frame": "i32",
-              "eps": "fp32"}
-    ln_c = dict(BLOCK=8192, ROUND_IN=False, AFFINE=False, MOD=True, STORE_H=False, QUANT=True, QMAX=448.0, FP8=True)
+              "eps": "fp32", "Y": "*bf16", "XS": "*fp32", "sy": "i32"}
+    ln_c = dict(BLOCK=8192, ROUND_IN=False, AFFINE=False, MOD=True, STORE_H=False, QUANT=True, QMAX=448.0, FP8=True, ADD=True)
     for fn, sig, consts in ((gemm._w8a8_gemm, gemm_sig, gemm_c), (gemm._quant_rows, quant_sig, quant_c),
                             (fused._ln_mod_kernel, ln_sig, ln_c)):
         sig = dict(sig, **{k: "constexpr" for k in consts})

@@ -115,6 +115,31 @@ def test_layer_norm_mod_quant_is_the_norm_then_the_quantizer(case, fp8, keep_h):
 
 
 @on_cpu
+@pytest.mark.parametrize("fp8", [None, False, True])
+def test_add_layer_norm_mod_is_the_sum_then_the_norm(fp8):
+    # the block's x (fp32) + cross-attention (bf16), then norm2 (modulated) and its 8-bit rows, in one pass: the
+    # sum's bits those of the eager sum, the norm's and the codes those of the two kernels it replaces
+    x, _, shift, scale = shapes_and_inputs("cpu", torch.float32, seed=11)
+    y = (torch.randn(x.shape, generator=gen(12)) * 3).to(BF)
+    kw = norm_kwargs("norm2", shift, scale)
+    s, got = fused.add_layer_norm_mod(x, y, 1e-6, fp8=fp8, backend="triton", **kw)
+    assert s.dtype == torch.float32 and torch.equal(s, x + y)
+    if fp8 is None:
+        same_rounding(got, fused.layer_norm_mod(x + y, 1e-6, backend="torch", **kw), BF)
+        assert torch.equal(got, fused.layer_norm_mod(x + y, 1e-6, backend="triton", **kw))
+    else:
+        want = fused.layer_norm_mod_quant(x + y, 1e-6, fp8=fp8, backend="triton", **kw)[1]
+        assert got.shape == want.shape and got.scheme == want.scheme
+        assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8)) and torch.equal(got.scale, want.scale)
+    st, twin = fused.add_layer_norm_mod(x, y, 1e-6, fp8=fp8, backend="torch", **kw)  # the torch twin
+    assert torch.equal(st, x + y)
+    if fp8 is None:
+        assert torch.equal(twin, fused.layer_norm_mod(x + y, 1e-6, backend="torch", **kw))
+    with pytest.raises(ValueError, match="adds y"):
+        fused.add_layer_norm_mod(y, x, 1e-6, fp8=fp8, backend="triton", **kw)  # a bf16 x would round the sum
+
+
+@on_cpu
 @pytest.mark.parametrize("xdtype,out_dtype", [(BF, None), (torch.float32, BF), (torch.float32, None)])
 def test_gated_residual(xdtype, out_dtype):
     x, y, gate, _ = shapes_and_inputs("cpu", xdtype, C=2500)  # two column tiles, the second partial
@@ -155,6 +180,24 @@ def test_kernels_at_model_width_on_gpu():
         # interpreter's tests ask for the same bits
         assert (qr.q.view(torch.uint8) == q.view(torch.uint8)).float().mean() > 0.999
         torch.testing.assert_close(qr.scale, s, rtol=2 ** -7, atol=0)
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("fp8", [None, False, True])
+def test_gpu_add_layer_norm_mod_is_the_sum_then_the_norm(fp8):
+    # at the model's width (5120) and a batch's rows: the sum exactly the eager one, the norm's rows and codes those
+    # of the kernels it replaces (the same kernel code with the sum loaded instead of stored and read back)
+    x, _, shift, scale = shapes_and_inputs("cuda", torch.float32, C=5120, L=3 * 64, seed=13)
+    y = (torch.randn(x.shape, generator=gen(14)) * 3).to("cuda", BF)
+    kw = norm_kwargs("norm2", shift, scale)
+    s, got = fused.add_layer_norm_mod(x, y, 1e-6, fp8=fp8, **kw)
+    assert torch.equal(s, x + y)
+    if fp8 is None:
+        assert torch.equal(got, fused.layer_norm_mod(x + y, 1e-6, **kw))
+    else:
+        want = fused.layer_norm_mod_quant(x + y, 1e-6, fp8=fp8, **kw)[1]
+        assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8)) and torch.equal(got.scale, want.scale)
 
 
 @cuda

@@ -139,8 +139,9 @@ class Block(nn.Module):
         # the reference rounds the cross-attention's input to bf16 whatever the compute dtype
         h = self._norm((self.cross_attn.q,), x, self.norm3.eps, self.norm3.weight, self.norm3.bias, round_in=True,
                        out_dtype=dt)
-        x = x + self.cross_attn(h, context)
-        h = self._norm((self.ffn[0],), x, self.norm2.eps, shift=shift2, scale=scale2, frames=frames, out_dtype=dt)
+        # x + the cross-attention, and the FFN's norm of that sum, in one pass
+        x, h = self._norm((self.ffn[0],), x, self.norm2.eps, shift=shift2, scale=scale2, frames=frames, out_dtype=dt,
+                          add=self.cross_attn(h, context))
         return fused.gated_residual(x, self.ffn_chunks(h, frames), gate2, frames, out_dtype=dt)
 
     def ffn_chunks(self, h, frames: int):
@@ -155,10 +156,13 @@ class Block(nn.Module):
         # a batch: B frames' rows per chunk, contiguous (a strided [B, rows, C] slice computes otherwise)
         return torch.cat([self._ffn(r) for r in h.reshape(b * L, c).split(b * rows)]).view(b, L, -1)
 
-    def _norm(self, layers, x, eps, *affine, **kw):
+    def _norm(self, layers, x, eps, *affine, add=None, **kw):
         """fused.layer_norm_mod of x [B, L, C] for `layers`, which all read it: written as their shared 8-bit
-        input (QuantRows of [B, L, C]) where they can take one, else h [B, L, C]."""
+        input (QuantRows of [B, L, C]) where they can take one, else h [B, L, C]. add: of x + add instead
+        (fused.add_layer_norm_mod) -> (x + add, that)."""
         scheme = fuse.input_scheme(x, layers) if self.fuse else None
+        if add is not None:
+            return fused.add_layer_norm_mod(x, add, eps, *affine, fp8=None if scheme is None else scheme == "fp8", **kw)
         if scheme is None:
             return fused.layer_norm_mod(x, eps, *affine, **kw)
         return fused.layer_norm_mod_quant(x, eps, *affine, fp8=scheme == "fp8", **kw)[1]
