@@ -54,7 +54,7 @@ GEMM = [
 ]
 
 # per-token activation quantization: one row per program; rows up to SINGLE_MAX columns are read
-# once (held in registers, 16 warps past 4096 columns), longer rows in two passes of BLOCK columns
+# once (held in registers, 16 warps past 8192 columns), longer rows in two passes of BLOCK columns
 QUANT_ROWS = dict(BLOCK=2048, num_warps=8, SINGLE_MAX=16384)
 QUANT_ROWS_INTERP = dict(BLOCK=64, num_warps=4, SINGLE_MAX=128)
 # How gemm.quantize_rows(gelu=True) computes the FFN's GELU: "tanh" (torch's expression, libdevice tanhf on the

@@ -52,7 +52,10 @@ def use_triton(x: torch.Tensor, backend: str) -> bool:
 
 
 def _warps(block: int) -> int:
-    return 4 if block <= 1024 else (8 if block <= 4096 else 16)
+    # one row per program: at the model's width (C 5120, BLOCK 8192) and a batch's 12672 rows 4 warps ran every
+    # row kernel fastest on the H200 (norm + FP8 rows 0.133 ms against 0.168 with 16, the residual-add norm 0.235
+    # against 0.269, RMSNorm + RoPE 0.089 against 0.104; 8 and 32 in between or slower; BENCHMARKS.md section 5)
+    return 4 if block <= 8192 else 16
 
 
 if triton is not None:

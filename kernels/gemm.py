@@ -209,7 +209,7 @@ def quantize_rows(x: torch.Tensor, fp8: bool = False, single: bool | None = None
     given = amax is not None
     single = False if given else (K <= cfg["SINGLE_MAX"] if single is None else single)
     block = triton.next_power_of_2(K) if single else min(cfg["BLOCK"], triton.next_power_of_2(K))
-    warps = cfg["num_warps"] if block <= 4096 else 16
+    warps = cfg["num_warps"] if block <= 8192 else 16  # K 5120: 8 warps 0.054 ms, 16 0.060 (12672 rows, H200)
     form = 0 if not gelu else configs.GELU_FORMS.index(configs.GELU_FORM["interp" if configs.interpreting() else "gpu"])
     _quant_rows[(M,)](x, q, s, amax if given else s, K, x.stride(0), q.stride(0), QMAX=FP8_MAX if fp8 else INT8_MAX,
                       FP8=fp8, BLOCK=block, SINGLE=single, GIVEN=given, GELU=form, num_warps=warps)
