@@ -95,9 +95,10 @@ def _gelu_fusable(seq: nn.Sequential, x) -> bool:
 
 
 def ffn(seq: nn.Sequential, x):
-    """nn.Sequential(Linear, GELU(tanh), Linear) on x [..., C] or its QuantRows -> [..., C]: with ffn.0 a QuantLinear
-    on the Triton backend (for FP8: on our GEMM, gemm.fp8_engine) and ffn.2 one on a W8A8 backend, GELU runs in
-    ffn.0's epilogue and ffn.2 reads the hidden quantized in one pass (module docstring); else seq(x)."""
+    """nn.Sequential(Linear, GELU(tanh), Linear) on x [..., C] or its QuantRows -> [..., C]. By default the GELU runs
+    inside ffn.2's quantization where ffn.2 is a W8A8 layer (`_gelu_in_quantization`); with GELU_EPILOGUE, ffn.0 a
+    QuantLinear on the Triton backend (for FP8: on our GEMM, gemm.fp8_engine) and ffn.2 one on a W8A8 backend, it
+    runs in ffn.0's epilogue and ffn.2 reads the hidden quantized in one pass (module docstring); else seq(x)."""
     if len(seq) != 3:
         return seq(x)
     if not GELU_EPILOGUE:
