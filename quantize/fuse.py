@@ -72,12 +72,17 @@ def shared(x, layers):
     return x if scheme is None else quantize_input(x, scheme == "fp8")
 
 
+def _tanh_gelu(act: nn.Module) -> bool:
+    """Whether act is nn.GELU(approximate="tanh"), the GELU our kernels compute."""
+    return isinstance(act, nn.GELU) and act.approximate == "tanh"
+
+
 def _gelu_in_quantization(seq: nn.Sequential, x):
     """ffn.0, then GELU inside ffn.2's per-token quantization (gemm.quantize_rows(gelu=True)): the hidden is read
     once in bf16 and written once in 8 bits, against the GELU pass's read and write plus the quantizer's read. Where
     ffn.2 quantizes by our kernel only (a W8A8 backend on a device where quantize_input runs it), else seq(x)."""
     first, act, second = seq
-    if not (isinstance(act, nn.GELU) and act.approximate == "tanh"):
+    if not _tanh_gelu(act):
         return seq(x)
     h = first(x)
     if (h.dtype != torch.bfloat16 or input_scheme(h, [second]) is None
@@ -89,7 +94,7 @@ def _gelu_in_quantization(seq: nn.Sequential, x):
 
 def _gelu_fusable(seq: nn.Sequential, x) -> bool:
     first, act, second = seq
-    return (isinstance(act, nn.GELU) and act.approximate == "tanh" and isinstance(first, QuantLinear)
+    return (_tanh_gelu(act) and isinstance(first, QuantLinear)
             and resolve(_on(x), first.qweight, first.backend).name == "triton"
             and input_scheme(x, [second]) is not None)
 
