@@ -221,15 +221,14 @@ def layer_norm_mod(x, eps, weight=None, bias=None, shift=None, scale=None, frame
 
 def _ln_mod(x, eps, weight, bias, shift, scale, frames, round_in, out_dtype, keep_h: bool, fp8: bool | None,
             add=None):
-    # the kernel's launch -> (h [B, L, C] or None, (q [B*L, C], scale [B*L]) or None[, x + add [B, L, C]])
+    # the kernel's launch -> (h [B, L, C] or None, (q [B*L, C], scale [B*L]) or None, x + add [B, L, C] or None)
     b, L, c = x.shape
     x2 = _rows(x)
+    xs, extra = None, {}
     if add is not None:
         y2 = _rows(add)
         xs = torch.empty(b, L, c, dtype=x.dtype, device=x.device)
         extra = dict(Y=y2, XS=xs, sy=y2.stride(0), ADD=True)
-    else:
-        extra = {}
     dt = out_dtype or x.dtype
     # without h: a one-element O stands for its dtype (never written)
     out = torch.empty((b, L, c) if keep_h else (1,), dtype=dt, device=x.device)
@@ -246,8 +245,7 @@ def _ln_mod(x, eps, weight, bias, shift, scale, frames, round_in, out_dtype, kee
                                    ROUND_IN=round_in, AFFINE=weight is not None, MOD=mod, STORE_H=keep_h,
                                    QUANT=quant, QMAX=FP8_MAX if fp8 else INT8_MAX, FP8=bool(fp8),
                                    num_warps=_warps(block), **extra)
-    res = (out if keep_h else None), (q, s) if quant else None
-    return res if add is None else (*res, xs)
+    return (out if keep_h else None), ((q, s) if quant else None), xs
 
 
 def layer_norm_mod_quant(x, eps, weight=None, bias=None, shift=None, scale=None, frames=1, round_in=False,
@@ -262,7 +260,7 @@ def layer_norm_mod_quant(x, eps, weight=None, bias=None, shift=None, scale=None,
     if not use_triton(x, backend):
         h = layer_norm_mod_torch(x, eps, weight, bias, shift, scale, frames, round_in, out_dtype)
         return (h if keep_h else None), QuantRows.of(h, fp8)
-    h, (q, s) = _ln_mod(x, eps, weight, bias, shift, scale, frames, round_in, out_dtype, keep_h, fp8)
+    h, (q, s), _ = _ln_mod(x, eps, weight, bias, shift, scale, frames, round_in, out_dtype, keep_h, fp8)
     return h, QuantRows(q, s, tuple(x.shape), dt)
 
 
