@@ -58,8 +58,7 @@ GEMM = [
 QUANT_ROWS = dict(BLOCK=2048, num_warps=8, SINGLE_MAX=16384)
 QUANT_ROWS_INTERP = dict(BLOCK=64, num_warps=4, SINGLE_MAX=128)
 # How gemm.quantize_rows(gelu=True) computes the FFN's GELU: "tanh" (torch's expression, libdevice tanhf on the
-# GPU) or "sigmoid" (x / (1 + 2^(-2u log2 e)), the same function); index 0 of GELU_FORMS is "no GELU".
-GELU_FORMS = (None, "tanh", "sigmoid")
+# GPU) or "sigmoid" (x / (1 + 2^(-2u log2 e)), the same function)
 GELU_FORM = {"gpu": "sigmoid", "interp": "tanh"}
 
 # FP8 GEMM engine per family: "triton" (ours, scales and bias in the epilogue) or "scaled_mm" (cuBLAS

@@ -78,11 +78,11 @@ if triton is not None:
 
     @triton.jit
     def _gelu_bf16(x, GELU: tl.constexpr):
-        # GELU 1: nn.GELU(approximate="tanh") of bf16 values x (in fp32) by torch's expression, 2: by the sigmoid
-        # form; rounded to bf16 as torch's GELU rounds; 0: x
-        if GELU == 1:
+        # GELU "tanh": nn.GELU(approximate="tanh") of bf16 values x (in fp32) by torch's expression, "sigmoid": by the
+        # sigmoid form (configs.GELU_FORM); rounded to bf16 as torch's GELU rounds; None: x
+        if GELU == "tanh":
             x = _bf16_rne(_gelu_tanh(x)).to(tl.float32)
-        elif GELU == 2:
+        elif GELU == "sigmoid":
             x = _bf16_rne(_gelu_sigmoid(x)).to(tl.float32)
         return x
 
@@ -210,7 +210,7 @@ def quantize_rows(x: torch.Tensor, fp8: bool = False, single: bool | None = None
     single = False if given else (K <= cfg["SINGLE_MAX"] if single is None else single)
     block = triton.next_power_of_2(K) if single else min(cfg["BLOCK"], triton.next_power_of_2(K))
     warps = cfg["num_warps"] if block <= 8192 else 16  # K 5120: 8 warps 0.054 ms, 16 0.060 (12672 rows, H200)
-    form = 0 if not gelu else configs.GELU_FORMS.index(configs.GELU_FORM["interp" if configs.interpreting() else "gpu"])
+    form = configs.GELU_FORM["interp" if configs.interpreting() else "gpu"] if gelu else None
     _quant_rows[(M,)](x, q, s, amax if given else s, K, x.stride(0), q.stride(0), QMAX=FP8_MAX if fp8 else INT8_MAX,
                       FP8=fp8, BLOCK=block, SINGLE=single, GIVEN=given, GELU=form, num_warps=warps)
     return q, s

@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
     gemm_c = dict(HAS_BIAS=True, GELU=True, EVEN_K=False, INT8=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)
     quant_sig = {"X": "*bf16", "Q": "*i8", "S": "*fp32", "AMAX": "*fp32", "K": "i32", "stride_x": "i32",
                  "stride_q": "i32"}
-    quant_c = dict(QMAX=127.0, FP8=False, BLOCK=2048, SINGLE=False, GIVEN=False, GELU=2)  # the GELU in the sigmoid form
+    quant_c = dict(QMAX=127.0, FP8=False, BLOCK=2048, SINGLE=False, GIVEN=False, GELU="sigmoid")
     ln_sig = {"X": "*fp32", "W": "*fp32", "B": "*fp32", "SHIFT": "*fp32", "SCALE": "*fp32", "O": "*bf16",
               "Q": "*fp8e4nv", "S": "*fp32", "sx": "i32", "so": "i32", "C": "i32", "rows_per_frame": "i32",
               "eps": "fp32", "Y": "*bf16", "XS": "*fp32", "sy": "i32"}
