@@ -89,8 +89,8 @@ def main(argv=None):
         c, sink = engine.context, engine.sink
         kv = engine.kv[0] if nb == 1 else engine.kv[:nb]
         t = torch.full((nb, 3), 1000.0, device=device)
-        a = audio[..., :12].to(device).expand(nb, *audio.shape[1:-1], 12).contiguous()  # once: a pageable copy
-        #                                                  per forward would synchronise it with the GPU
+        # the audio copied once: a pageable copy per forward would synchronise it with the GPU
+        a = audio[..., :12].to(device).expand(nb, *audio.shape[1:-1], 12).contiguous()
 
         def forward(block):
             return model(x, t, c, a, kv, sink, 3 * block, 10)
