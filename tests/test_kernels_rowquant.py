@@ -149,6 +149,17 @@ def test_gemm_quantization_of_the_gelu_is_that_of_torchs_gelu(fp8, single):
         gemm.quantize_rows(x.float(), fp8=fp8, gelu=True)
 
 
+def assert_codes_close(q, s, qr, sr, fp8, rows_same, codes_differ):
+    """8-bit rows (q, s) against (qr, sr): at least `rows_same` of the rows with the same scale, in those at most
+    `codes_differ` of the codes differ, INT8 codes by one step at most."""
+    same = s == sr
+    assert same.float().mean().item() >= rows_same
+    a, b = q[same].float(), qr[same].float()
+    assert (a != b).float().mean().item() <= codes_differ
+    if not fp8:
+        assert (a - b).abs().max().item() <= 1
+
+
 @on_cpu
 @pytest.mark.parametrize("fp8", [False, True])
 def test_gemm_quantization_of_the_gelu_in_the_sigmoid_form(fp8, monkeypatch):
@@ -161,12 +172,7 @@ def test_gemm_quantization_of_the_gelu_in_the_sigmoid_form(fp8, monkeypatch):
     qr, sr = (RQ.quantize_rows_fp8 if fp8 else RQ.quantize_rows_int8)(torch.nn.functional.gelu(x, approximate="tanh"))
     assert torch.isfinite(q.float()).all() and torch.isfinite(s).all()
     assert ((s - sr).abs() <= 2.0 ** -7 * sr).all()
-    same = s == sr
-    assert same.float().mean().item() >= 0.95
-    a, b = q[same].float(), qr[same].float()
-    assert (a != b).float().mean().item() <= 1e-3
-    if not fp8:
-        assert (a - b).abs().max().item() <= 1
+    assert_codes_close(q, s, qr, sr, fp8, rows_same=0.95, codes_differ=1e-3)
 
 
 @pytest.mark.cuda
@@ -182,13 +188,7 @@ def test_gpu_quantization_of_the_gelu():
         q, s = gemm.quantize_rows(x, fp8=fp8, gelu=True)
         qr, sr = gemm.quantize_rows(torch.nn.functional.gelu(x, approximate="tanh"), fp8=fp8)
         assert (s - sr).abs().max().item() <= 2.0 ** -7 * sr.abs().max().item()
-        rows_same = (s == sr).float().mean().item()
-        assert rows_same >= 0.999
-        same = s == sr
-        a, b = q[same].float(), qr[same].float()
-        assert (a != b).float().mean().item() <= 1e-4
-        if not fp8:
-            assert (a - b).abs().max().item() <= 1
+        assert_codes_close(q, s, qr, sr, fp8, rows_same=0.999, codes_differ=1e-4)
 
 
 def test_quant_rows_of_any_rank_and_split():

@@ -209,7 +209,7 @@ def test_block_fused_equals_block_unfused(scheme, b, kernels, monkeypatch):
     # larger FFN chunks (bigger GEMMs) give the same rows
     monkeypatch.setattr(layers, "FFN_CHUNK_FRAMES", 3)
     assert torch.equal(run(blk, inputs, True), unfused) and calls.count("gelu_linear") == 4
-    # the default: shared 8-bit inputs, GELU a pass of its own
+    # the default: shared 8-bit inputs, the GELU in ffn.2's quantization
     monkeypatch.setattr(fuse, "GELU_EPILOGUE", False)
     assert torch.equal(run(blk, inputs, True), unfused) and calls.count("gelu_linear") == 4
     assert calls.count("layer_norm_mod_quant") == 6 and calls.count("add_quant") == 3
