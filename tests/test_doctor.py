@@ -40,6 +40,17 @@ def test_doctor_says_which_kernels_run():
     assert kernel_status(False, "3.6.0") == (("kernels", "torch (CPU)"), None)
 
 
+def test_doctor_says_whether_attention_auto_takes_sageattention(monkeypatch):
+    from lowvram.cli.doctor import sage_status
+    from lowvram.kernels import sage
+
+    assert sage_status(False) == ("sageattention", "not used on the CPU")
+    monkeypatch.setattr(sage, "unavailable", lambda device="cuda": "sageattention is not importable (ImportError)")
+    assert sage_status(True) == ("sageattention", "not used (sageattention is not importable (ImportError))")
+    monkeypatch.setattr(sage, "unavailable", lambda device="cuda": None)
+    assert sage_status(True)[1].endswith(": attention auto takes it on this GPU")
+
+
 def test_doctor_report_exit_code_rule(tiny_ckpt, tmp_path):
     import torch
 

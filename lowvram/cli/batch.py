@@ -12,6 +12,8 @@ from pathlib import Path
 import click
 
 from lowvram.cli.clickutil import Command
+from lowvram.model.attention import AUTO_HELP as ATTENTION_AUTO_HELP
+from lowvram.model.attention import CHOICES as ATTENTION_CHOICES
 
 EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
 
@@ -27,8 +29,8 @@ def model_options(f):
         click.option("--lora-alpha", type=float, default=None, help="LoRA alpha when the file's metadata has none."),
         click.option("--device", default=None, help="cuda, cuda:N, cpu or auto [default: auto]."),
         click.option("--dtype", default=None, help="auto, bf16, fp16 or fp32 [default: auto]."),
-        click.option("--attention", type=click.Choice(["sdpa", "triton", "triton8"]), default=None,
-                     help="Self-attention backend [default: sdpa]."),
+        click.option("--attention", type=click.Choice(ATTENTION_CHOICES), default=None,
+                     help="Self-attention backend [default: the profile's; sdpa without a profile]; " + ATTENTION_AUTO_HELP),
         click.option("--t5", type=click.Choice(["bf16", "int8", "nf4"]), default=None,
                      help="Text-encoder precision [default: bf16]."),
         click.option("--no-verify", is_flag=True, default=None, help="Skip hashing the shards of a quantized directory."),

@@ -39,7 +39,25 @@ def kernel_status(cuda: bool, triton_version: str) -> tuple[tuple[str, str], str
         return ("kernels", "torch only"), (
             "Triton is not installed: the GPU falls back to torch._int_mm with eager activation quantization and "
             "eager norms/modulation (2.3x slower all resident, measured on an H200); `pip install triton`")
-    return ("kernels", "Triton: fused W8A8 GEMMs and row kernels (attention: SDPA unless --attention triton)"), None
+    return ("kernels", "Triton: fused W8A8 GEMMs and row kernels"), None
+
+
+def sage_status(cuda: bool) -> tuple[str, str]:
+    """The row saying whether attention "auto" can take SageAttention 2 on this machine, and if not why."""
+    from lowvram.kernels import sage
+
+    if not cuda:
+        return "sageattention", "not used on the CPU"
+    why = sage.unavailable()
+    if why is None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            ver = version("sageattention")
+        except PackageNotFoundError:  # imported from a source tree (tools/build_sage.py)
+            ver = "from source"
+        return "sageattention", f"{ver}: attention auto takes it on this GPU"
+    return "sageattention", f"not used ({why})"
 
 
 def machine_report() -> tuple[list[tuple[str, str]], list[str]]:
@@ -57,7 +75,7 @@ def machine_report() -> tuple[list[tuple[str, str]], list[str]]:
         problems.append("no CUDA GPU: `lowvram run` will use the CPU (fine for `lowvram demo`, far too slow for the "
                         "real model); install a CUDA build of torch and a driver")
     row, problem = kernel_status(torch.cuda.is_available(), _version("triton"))
-    rows.append(row)
+    rows += [row, sage_status(torch.cuda.is_available())]
     problems += [problem] if problem else []
     vm = psutil.virtual_memory()
     rows.append(("host RAM", f"{vm.total / GIB:.1f} GiB total, {vm.available / GIB:.1f} GiB available"))

@@ -18,6 +18,7 @@ import click
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from lowvram.cli.clickutil import Group
+from lowvram.model.attention import AUTO_HELP as ATTENTION_AUTO_HELP
 from lowvram.model.attention import CHOICES as ATTENTION_CHOICES
 from lowvram.pipeline.options import MAX_SEED, MAX_STEPS
 
@@ -80,8 +81,7 @@ def _run(opts, quiet: bool, gpus: int | None = None):
 @click.option("--device", default="auto", show_default=True, help="cuda, cuda:N, cpu or auto.")
 @click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32.")
 @click.option("--attention", type=click.Choice(ATTENTION_CHOICES), default=None,
-              help="Self-attention backend (default: the profile's; sdpa without a profile); auto: triton8 on "
-                   "sm_86/sm_89 GPUs, else sdpa.")
+              help="Self-attention backend (default: the profile's; sdpa without a profile); " + ATTENTION_AUTO_HELP)
 @click.option("--t5", type=click.Choice(["bf16", "int8", "nf4", "cpu"]), default=None,
               help="Text-encoder mode (default: the profile's; bf16 without a profile): bf16, or int8 (LLM.int8) / "
                    "nf4 through bitsandbytes, which run on CUDA and on the CPU (bitsandbytes >= 0.50); cpu runs "

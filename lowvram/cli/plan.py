@@ -18,6 +18,7 @@ import torch
 from lowvram.cli.clickutil import Command
 from lowvram.constants import GIB
 from lowvram.errors import LowvramError
+from lowvram.model.attention import AUTO_HELP as ATTENTION_AUTO_HELP
 from lowvram.model.attention import CHOICES as ATTENTION_CHOICES
 from lowvram.pipeline.options import MAX_STEPS
 from lowvram.runtime.plan import Plan
@@ -104,7 +105,7 @@ def _ranges(ix: tuple[int, ...]) -> str:
               help="The portrait, for its aspect ratio.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a profile field (repeatable).")
 @click.option("--attention", type=click.Choice(ATTENTION_CHOICES), default=None,
-              help="Self-attention backend; auto: triton8 on sm_86/sm_89 GPUs, else sdpa.")
+              help="Self-attention backend; " + ATTENTION_AUTO_HELP)
 @click.option("--t5", type=click.Choice(["bf16", "int8", "nf4", "cpu"]), default=None, help="Text-encoder mode.")
 @click.option("--device", default="auto", show_default=True, help="cuda, cuda:N, cpu or auto.")
 @click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32.")

@@ -5,7 +5,8 @@ torch SDPA (the reference's path, cuDNN/flash on CUDA). `triton`: the two-segmen
 reads both segments in place and ropes sink keys in registers (lowvram.kernels.attention).
 `triton8`: the step caches hold lowvram.kernels.attention8's 8-bit format (GpuKV8Cache, or a host cache's
 kv8 window) and the 8-bit kernel reads the window from it directly (the sink stays bf16 and is roped in the
-kernel). A profile may also say `auto`: the planner picks one of these by the GPU
+kernel). `sage`: sdpa's inputs (the window and the roped sink joined in bf16) to SageAttention 2's INT8-QK /
+FP8-PV kernels (lowvram.kernels.sage; an optional library). A profile may also say `auto`: the planner picks one of these by the GPU
 (lowvram.runtime.planner.resolve_attention); the model only ever runs a resolved backend.
 """
 
@@ -25,6 +26,7 @@ class Attention(str, Enum):
     SDPA = "sdpa"
     TRITON = "triton"
     TRITON8 = "triton8"
+    SAGE = "sage"
     AUTO = "auto"  # a profile's choice, resolved by the planner from the GPU; never the model's
 
     def __str__(self) -> str:
@@ -33,6 +35,7 @@ class Attention(str, Enum):
 
 BACKENDS = tuple(a.value for a in Attention if a != Attention.AUTO)  # what the model runs
 CHOICES = BACKENDS + (Attention.AUTO.value,)  # what a profile, --set attention= and --attention may say
+AUTO_HELP = "auto: SageAttention 2 where it is installed (sm_80/89/90), else triton8 on sm_86/sm_89 GPUs, else sdpa."
 
 
 def sdpa(q, k, v):  # q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]
@@ -58,14 +61,17 @@ def attend_two_segments(q, k_win, v_win, k_sink, v_sink, sink_cos, sink_sin, bac
     (gathered once by the caller). join(k_sink_roped, v_sink): for sdpa, the window's cache writing the sink
     behind the window in its own buffer (HostKVCache.joined) instead of torch.cat making a copy of both; the
     same keys in the same order, so the same result; None where it cannot."""
-    if backend == "sdpa":
+    if backend in ("sdpa", "sage"):
+        attend = sdpa
+        if backend == "sage":
+            from lowvram.kernels.sage import sage_attention as attend
         ks = fused.rope(k_sink, sink_cos, sink_sin)  # one pass on the GPU (rope_apply's bits)
         if k_win is None:
-            return sdpa(q, ks, v_sink)
+            return attend(q, ks, v_sink)
         kv = join(ks, v_sink) if join is not None else None
         if kv is not None:
-            return sdpa(q, *kv)
-        return sdpa(q, torch.cat([k_win, ks], dim=1), torch.cat([v_win, v_sink], dim=1))
+            return attend(q, *kv)
+        return attend(q, torch.cat([k_win, ks], dim=1), torch.cat([v_win, v_sink], dim=1))
     if backend == "triton8" and k_win is not None:  # the window is an 8-bit KV8Cache view (GpuKV8Cache)
         from lowvram.kernels.attention8 import two_segment_attention8
 

@@ -75,6 +75,10 @@ HOST_RESERVE = 8 * GIB  # host RAM for the OS, Python, torch and the loader besi
 # here); SDPA elsewhere: on Hopper (sm_90) cuDNN's bf16 attention is faster than our 8-bit kernel (0.55x,
 # BENCHMARKS.md §3), and on A100 (sm_80) and H100 INT8 is only 2x bf16.
 EIGHT_BIT_ATTENTION_SM = ((8, 6), (8, 9))
+# attention "auto" with SageAttention 2 importable (lowvram.kernels.sage, an optional library) on a measured GPU of
+# these: its INT8-QK / FP8-PV kernels. sm_90: measured on the H200 against cuDNN's bf16 (BENCHMARKS.md section 3);
+# sm_89 / sm_80: the library's own kernels for those cards, not measured here (no such card).
+SAGE_AUTO_SM = ((9, 0), (8, 9), (8, 0))
 
 
 def align(n: int) -> int:
@@ -160,8 +164,11 @@ def forward_activation_bytes(cfg: DiTConfig, lq: int, lk: int, sink: int, attent
     sample at a time, so its concatenation does not; the text context's K/V are computed once per call)."""
     d, f, t = cfg.dim, cfg.ffn_dim, cfg.text_len
     block = batch * (41 * lq * d + lq * (d + f)) + 2 * t * d  # the text context's K/V once per call
-    if attention == Attention.SDPA:
-        block = max(block, (batch - 1) * 41 * lq * d + 20 * lq * d + 2 * 2 * lk * d + 2 * sink * d)
+    if attention in (Attention.SDPA, Attention.SAGE):
+        # sage's own per-call copies on top (one sample at a time): INT8 Q and K, V padded to 128 keys in bf16
+        # and again in FP8 (kernels/sage.py)
+        own = lq * d + 4 * lk * d if attention == Attention.SAGE else 0
+        block = max(block, (batch - 1) * 41 * lq * d + 20 * lq * d + 2 * 2 * lk * d + 2 * sink * d + own)
     return int(ACT_MARGIN * block)
 
 
@@ -171,7 +178,9 @@ def resolve_attention(profile: Profile, capability: tuple[int, int] | None = Non
 
     capability: the measured GPU's (major, minor); None plans for the card the profile is for (its
     compute_capability), as make_plan without a machine does. device_type "cpu" (the tiny checkpoint's runs):
-    auto is sdpa there, the CPU having no INT8 tensor cores (triton8's CPU path dequantizes its window)."""
+    auto is sdpa there, the CPU having no INT8 tensor cores (triton8's CPU path dequantizes its window).
+    SageAttention ("sage") only where a GPU is measured and the library imports with a kernel for it (SAGE_AUTO_SM):
+    whether it is installed is a fact of the machine that runs, never of the card a profile names."""
     if profile.attention != Attention.AUTO:
         return profile.attention, "set by the profile or an override"
     if device_type != "cuda":
@@ -182,6 +191,13 @@ def resolve_attention(profile: Profile, capability: tuple[int, int] | None = Non
         if capability is None:
             return Attention.SDPA, "auto with no GPU measured and no card named by the profile"
     sm = f"sm_{capability[0]}{capability[1]}"
+    if where == "this GPU" and tuple(capability) in SAGE_AUTO_SM:
+        from lowvram.kernels import sage
+
+        why_not = sage.unavailable()
+        if why_not is None:
+            return Attention.SAGE, (f"auto on {sm} (this GPU): SageAttention 2 is installed (INT8 QK^T, FP8 PV; "
+                                    "BENCHMARKS.md section 3)")
     if tuple(capability) in EIGHT_BIT_ATTENTION_SM:
         return Attention.TRITON8, f"auto on {sm} ({where}): INT8 tensor cores run >= 4x bf16 there"
     if tuple(capability) == (9, 0):
@@ -271,10 +287,10 @@ def _fixed_items(m: _Model) -> list[PlanItem]:
 
 
 def _sink_room(attention: Attention, kv_format: KVFormat, sink: int) -> int:
-    """Sink tokens behind each bf16 window slot of a host-cache workspace: sdpa then reads [window; sink] from
+    """Sink tokens behind each bf16 window slot of a host-cache workspace: sdpa (or sage) then reads [window; sink] from
     one buffer instead of concatenating them per layer (HostKVCache.joined); none for kv8 (its kernel reads
     the sink where it is) or the Triton kernels."""
-    return sink if attention == Attention.SDPA and kv_format != KVFormat.KV8 else 0
+    return sink if attention in (Attention.SDPA, Attention.SAGE) and kv_format != KVFormat.KV8 else 0
 
 
 def workspace_sink_tokens(plan) -> int:
@@ -289,8 +305,8 @@ def _with_gpu_sink_room(m: _Model, plan: Plan, budget: int, host_ram_bytes: int 
     where the room costs no residency: the plan with it keeps the same blocks resident at this batch. Otherwise
     (it would stream one more block, or not fit) the plan stays without it and sdpa concatenates: a streamed
     block costs more per forward than the copies (its slab over PCIe, ~0.4 GB a call), and the room is large
-    (L x sink tokens per cache: 2.0 GiB at 704x384). Only bf16 GPU caches under sdpa have any (kv8 caches are
-    read in place by the 8-bit kernel, and the Triton kernels read the sink where it is)."""
+    (L x sink tokens per cache: 2.0 GiB at 704x384). Only bf16 GPU caches under sdpa or sage have any (kv8 caches
+    are read in place by the 8-bit kernel, and the Triton kernels read the sink where it is)."""
     room = _sink_room(m.attention, m.kv_format, m.tokens["sink"])
     if m.host_kv or not room:
         return plan
