@@ -145,7 +145,8 @@ def synthetic_inputs(cfg, h, w, device, seed=1):
 
 
 def accuracy(cfg, h, w, device, log):
-    """SQNR of DiT forwards (sink + 2 blocks, 2 steps each) for int8 and fp8 against bf16."""
+    """SQNR of DiT forwards (sink + 2 blocks, 2 steps each) for int8 and fp8 against bf16 (all with sdpa; and with
+    SageAttention where it runs here, against the same bf16 sdpa forwards)."""
     from lowvram.runtime.kv_cache import GpuKVCache
 
     model = random_model(cfg, "bf16", device, device)
@@ -166,25 +167,36 @@ def accuracy(cfg, h, w, device, log):
         del kv, sink
         return outs
 
+    from lowvram.kernels import sage
+
     res = {}
     t0 = time.perf_counter()
     ref_out = forwards()
     res["bf16_forward_s"] = (time.perf_counter() - t0) / len(ref_out)
+    # SageAttention where it runs here (attention "auto" takes it): the same forwards with its attention
+    attentions = ("sdpa", "sage") if sage.unavailable(device) is None else ("sdpa",)
+
+    def record(key, outs):
+        res[key] = [round(sqnr_db(a, b), 2) for a, b in zip(ref_out, outs)]
+        log(f"accuracy {key}: SQNR per forward {res[key]} dB")
+
+    if "sage" in attentions:
+        model.attention = "sage"
+        record("bf16+sage", forwards())
     for scheme in ("int8", "fp8"):
         if scheme == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
             res[scheme] = "n/a: FP8 needs sm_89+"
             continue
         q = quantize_copy(model, scheme)
         old = swap(model, q)
-        outs = forwards()
-        outs8 = forwards(int8_sink=True) if scheme == "int8" else None  # the 24 GB profiles' INT8 sink
+        for att in attentions:
+            model.attention = att
+            record(scheme if att == "sdpa" else f"{scheme}+{att}", forwards())
+            if scheme == "int8":  # the 24 GB profiles' INT8 sink
+                record(f"{scheme}+int8 sink" if att == "sdpa" else f"{scheme}+int8 sink+{att}", forwards(int8_sink=True))
+        model.attention = "sdpa"
         swap(model, old)
         del q
-        res[scheme] = [round(sqnr_db(a, b), 2) for a, b in zip(ref_out, outs)]
-        log(f"accuracy {scheme}: SQNR per forward {res[scheme]} dB")
-        if outs8 is not None:
-            res[f"{scheme}+int8 sink"] = [round(sqnr_db(a, b), 2) for a, b in zip(ref_out, outs8)]
-            log(f"accuracy {scheme} + INT8 sink: SQNR per forward {res[f'{scheme}+int8 sink']} dB")
     del model
     gc.collect()
     return res

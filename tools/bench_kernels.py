@@ -90,7 +90,8 @@ def subset(inp, nq, heads):
 def attention_candidates(row, q, k, v):
     """8-bit attentions from other libraries at the same shape (issue 15), each where it installs: cuDNN's FP8
     SDPA through nvidia-cudnn-frontend (kernels/cudnn8.py: with its per-call quantization of bf16 Q/K/V, and
-    the kernel alone on pre-quantized inputs) and SageAttention 1 (INT8 QK^T, fp16 PV, Triton; PyPI 1.0.6).
+    the kernel alone on pre-quantized inputs) and SageAttention 2 (kernels/sage.py: INT8 QK^T, FP8 PV; each of its
+    kernels this GPU can run, the sm_90 one also split into its quantization and the kernel alone).
     q [B, Lq, H, D], k / v [B, Lk, H, D] bf16 (the window and the roped sink concatenated)."""
     from lowvram.kernels import cudnn8
 
@@ -113,11 +114,25 @@ def attention_candidates(row, q, k, v):
     else:
         row("cand cuDNN FP8 SDPA", lambda: (_ for _ in ()).throw(RuntimeError(why)), "cand")
 
-    def sage():
-        from sageattention import sageattn
+    from lowvram.kernels import sage as S
 
-        return sageattn(q, k, v, tensor_layout="NHD", smooth_k=True)
-    row("cand SageAttention 1 (INT8 QK, fp16 PV)", sage, "cand")
+    why = S.unavailable(q.device)
+    if why is None:
+        row("cand SageAttention 2 (sageattn: INT8 QK, FP8 PV), quantization included",
+            lambda: S.sage_attention(q, k, v), "cand")
+        if S.kernel_for(torch.cuda.get_device_capability(q.device)) == "sm90":
+            x = S.quantize_sm90(q, k, v)
+            row("  SageAttention 2 sm90, kernel alone", lambda: S.kernel_sm90(x), "cand")
+            row("  SageAttention 2 sm90, its quantization alone", lambda: S.quantize_sm90(q, k, v) and q, "time")
+        from sageattention import core
+
+        if getattr(core, "SM89_ENABLED", False):  # the RTX 40 path, here for its accuracy (mma.sync, not Hopper's)
+            row("  SageAttention 2 sm89 kernel (RTX 40's), fp32+fp16 PV", lambda: core.sageattn_qk_int8_pv_fp8_cuda(
+                q, k, v, tensor_layout="NHD", pv_accum_dtype="fp32+fp16"), "cand")
+        row("  SageAttention 2 Triton (RTX 30's), fp16 PV", lambda: core.sageattn_qk_int8_pv_fp16_triton(
+            q, k, v, tensor_layout="NHD"), "cand")
+    else:
+        row("cand SageAttention 2", lambda: (_ for _ in ()).throw(RuntimeError(why)), "cand")
 
 
 def bench_attention_shape(B, Lq, Lw, Ls, H, D, dev, sweep):
@@ -144,6 +159,10 @@ def bench_attention_shape(B, Lq, Lw, Ls, H, D, dev, sweep):
             rows.append(dict(group=group, variant=name, check=why))
             return
         o, (ref_, base_) = out[:, :nq, heads], refs
+        if kind == "time":  # a part of another row's work, timed alone (no output of its own to check)
+            ms = timed(fn)
+            rows.append(dict(group=group, variant=name, ms=ms, check="(time only)"))
+            return
         if kind in ("8bit", "cand"):
             db = sqnr_db(ref_, o)
             check, ok = f"SQNR {db:.1f} dB (>= 30)", db >= 30
