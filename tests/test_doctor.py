@@ -40,7 +40,7 @@ def test_doctor_says_which_kernels_run():
     assert kernel_status(False, "3.6.0") == (("kernels", "torch (CPU)"), None)
 
 
-def test_doctor_says_whether_attention_auto_takes_sageattention(monkeypatch):
+def test_doctor_says_whether_sageattention_can_run(monkeypatch):
     from lowvram.cli.doctor import sage_status
     from lowvram.kernels import sage
 
@@ -48,7 +48,7 @@ def test_doctor_says_whether_attention_auto_takes_sageattention(monkeypatch):
     monkeypatch.setattr(sage, "unavailable", lambda device="cuda": "sageattention is not importable (ImportError)")
     assert sage_status(True) == ("sageattention", "not used (sageattention is not importable (ImportError))")
     monkeypatch.setattr(sage, "unavailable", lambda device="cuda": None)
-    assert sage_status(True)[1].endswith(": attention auto takes it on this GPU")
+    assert ": --attention sage runs it on this GPU (auto does not" in sage_status(True)[1]
 
 
 def test_doctor_report_exit_code_rule(tiny_ckpt, tmp_path):

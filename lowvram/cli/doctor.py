@@ -43,7 +43,7 @@ def kernel_status(cuda: bool, triton_version: str) -> tuple[tuple[str, str], str
 
 
 def sage_status(cuda: bool) -> tuple[str, str]:
-    """The row saying whether attention "auto" can take SageAttention 2 on this machine, and if not why."""
+    """The row saying whether `--attention sage` (SageAttention 2) can run on this machine, and if not why."""
     from lowvram.kernels import sage
 
     if not cuda:
@@ -56,7 +56,8 @@ def sage_status(cuda: bool) -> tuple[str, str]:
             ver = version("sageattention")
         except PackageNotFoundError:  # imported from a source tree (tools/build_sage.py)
             ver = "from source"
-        return "sageattention", f"{ver}: attention auto takes it on this GPU"
+        return "sageattention", (f"{ver}: --attention sage runs it on this GPU (auto does not: slower end to end on "
+                                 "the H100, BENCHMARKS.md section 3)")
     return "sageattention", f"not used ({why})"
 
 

@@ -35,7 +35,7 @@ class Attention(str, Enum):
 
 BACKENDS = tuple(a.value for a in Attention if a != Attention.AUTO)  # what the model runs
 CHOICES = BACKENDS + (Attention.AUTO.value,)  # what a profile, --set attention= and --attention may say
-AUTO_HELP = "auto: SageAttention 2 where it is installed (sm_80/89/90), else triton8 on sm_86/sm_89 GPUs, else sdpa."
+AUTO_HELP = "auto: triton8 on sm_86/sm_89 GPUs, else sdpa; sage: SageAttention 2 where it is installed."
 
 
 def sdpa(q, k, v):  # q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]

@@ -75,10 +75,9 @@ HOST_RESERVE = 8 * GIB  # host RAM for the OS, Python, torch and the loader besi
 # here); SDPA elsewhere: on Hopper (sm_90) cuDNN's bf16 attention is faster than our 8-bit kernel (0.55x,
 # BENCHMARKS.md §3), and on A100 (sm_80) and H100 INT8 is only 2x bf16.
 EIGHT_BIT_ATTENTION_SM = ((8, 6), (8, 9))
-# attention "auto" with SageAttention 2 importable (lowvram.kernels.sage, an optional library) on a measured GPU of
-# these: its INT8-QK / FP8-PV kernels. sm_90: measured on the H200 against cuDNN's bf16 (BENCHMARKS.md section 3);
-# sm_89 / sm_80: the library's own kernels for those cards, not measured here (no such card).
-SAGE_AUTO_SM = ((9, 0), (8, 9), (8, 0))
+# "auto" never takes SageAttention 2 (attention "sage", lowvram.kernels.sage): on the H100 its sm_90 kernel alone is
+# 1.45x cuDNN's bf16 at the model's shape, but its per-call quantization of 15312 keys (0.99 ms) makes the call
+# 0.87x, and the h100-80 / 4090 profiles ran 9% / 6% slower end to end (BENCHMARKS.md section 3, session 10).
 
 
 def align(n: int) -> int:
@@ -179,8 +178,7 @@ def resolve_attention(profile: Profile, capability: tuple[int, int] | None = Non
     capability: the measured GPU's (major, minor); None plans for the card the profile is for (its
     compute_capability), as make_plan without a machine does. device_type "cpu" (the tiny checkpoint's runs):
     auto is sdpa there, the CPU having no INT8 tensor cores (triton8's CPU path dequantizes its window).
-    SageAttention ("sage") only where a GPU is measured and the library imports with a kernel for it (SAGE_AUTO_SM):
-    whether it is installed is a fact of the machine that runs, never of the card a profile names."""
+    Never "sage": slower end to end where measured (the note below EIGHT_BIT_ATTENTION_SM); it is an explicit choice."""
     if profile.attention != Attention.AUTO:
         return profile.attention, "set by the profile or an override"
     if device_type != "cuda":
@@ -191,13 +189,6 @@ def resolve_attention(profile: Profile, capability: tuple[int, int] | None = Non
         if capability is None:
             return Attention.SDPA, "auto with no GPU measured and no card named by the profile"
     sm = f"sm_{capability[0]}{capability[1]}"
-    if where == "this GPU" and tuple(capability) in SAGE_AUTO_SM:
-        from lowvram.kernels import sage
-
-        why_not = sage.unavailable()
-        if why_not is None:
-            return Attention.SAGE, (f"auto on {sm} (this GPU): SageAttention 2 is installed (INT8 QK^T, FP8 PV; "
-                                    "BENCHMARKS.md section 3)")
     if tuple(capability) in EIGHT_BIT_ATTENTION_SM:
         return Attention.TRITON8, f"auto on {sm} ({where}): INT8 tensor cores run >= 4x bf16 there"
     if tuple(capability) == (9, 0):
