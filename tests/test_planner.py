@@ -354,6 +354,7 @@ def test_plan_cli_prints_the_plan(ckpt):
     (["--profile", "4090", "--set", "vram_budget_gib=big"], "expected a number"),
     (["--profile", "4090", "--host-ram-gib", "16"], "16.0 GiB RAM"),
     (["--profile", "4090", "--size", "704x"], "WIDTH\\*HEIGHT"),
+    (["--profile", "4090", "--attention", "sage", "--device", "cpu"], "--attention sage cannot run on cpu: needs a CUDA"),
 ])
 def test_plan_cli_errors_exit_2_one_line(ckpt, args, match):
     r = _run(*args, "--ckpt-dir", ckpt)

@@ -274,7 +274,14 @@ def plan_run(ckpt, profile: str | None = None, overrides: Mapping | Sequence[str
         raise LowvramError(f"{src.root} is quantized as {scheme} but profile {prof.name} uses {prof.quant}; "
                            f"use --set quant={scheme} or re-run `lowvram quantize --scheme {prof.quant}`")
     width, height = resolve_size(size, image)
-    return make_plan(prof, src.dit_config(), width, height, free_vram_bytes=machine.free_vram_bytes,
+    plan = make_plan(prof, src.dit_config(), width, height, free_vram_bytes=machine.free_vram_bytes,
                      host_ram_bytes=machine.host_ram_bytes, sizes=component_sizes(src, dtype),
                      steps=range(steps) if held is None else held, decode=decode, encode=encode,
                      capability=machine.capability, device_type=device.type)
+    if plan.attention == Attention.SAGE:  # an optional library: refused here, before any weight is read
+        from lowvram.kernels.sage import unavailable
+
+        why = unavailable(device)
+        if why is not None:
+            raise LowvramError(f"--attention sage cannot run on {device}: {why}; or use --attention sdpa")
+    return plan
