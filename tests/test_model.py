@@ -272,11 +272,13 @@ def test_triton8_attention_reads_the_8bit_step_cache(tiny):
         assert sqnr > 25, f"{sqnr:.1f} dB"
 
 
-def test_sage_attention_gets_sdpas_joined_keys(tiny, monkeypatch):
-    """attention="sage": the same inputs as sdpa (q, and the window with the roped sink behind it) go to
-    SageAttention (lowvram.kernels.sage; CUDA only, so a recording stand-in computes sdpa here): every layer calls
-    it once per forward, with the sink prefill's keys alone at first and window + sink after."""
-    from lowvram.kernels import sage
+@pytest.mark.parametrize("backend", ["sage", "fa4"])
+def test_library_attention_gets_sdpas_joined_keys(tiny, monkeypatch, backend):
+    """attention="sage" / "fa4": the same inputs as sdpa (q, and the window with the roped sink behind it) go to
+    the library's function (lowvram.kernels.sage / flash4; CUDA only, so a recording stand-in computes sdpa here):
+    every layer calls it once per forward, with the window of the first block and the sink, then two blocks."""
+    import importlib
+
     from lowvram.model import attention as A
 
     model, ctx, sink, g, hw = tiny
@@ -285,16 +287,17 @@ def test_sage_attention_gets_sdpas_joined_keys(tiny, monkeypatch):
     def fake(q, k, v):
         calls.append((q.shape[1], k.shape[1], v.shape[1]))
         return A.sdpa(q, k, v)
-    monkeypatch.setattr(sage, "sage_attention", fake)
+    module, name = A.LIBRARIES[backend]
+    monkeypatch.setattr(importlib.import_module(f"lowvram.kernels.{module}"), name, fake)
     xs = [torch.randn(1, 16, 3, *hw, generator=g) for _ in range(2)]
     audio = torch.randn(1, 3, model.cfg.audio_dim, 12, generator=g)
     outs = {}
-    for backend in ("sdpa", "sage"):
-        model.attention = backend
+    for att in ("sdpa", backend):
+        model.attention = att
         kv = _new_kv(model, hw)
-        outs[backend] = [_step(model, ctx, sink, kv, x, audio, 3 * b) for b, x in enumerate(xs)]
+        outs[att] = [_step(model, ctx, sink, kv, x, audio, 3 * b) for b, x in enumerate(xs)]
     model.attention = "sdpa"
-    for a, b in zip(outs["sdpa"], outs["sage"]):
+    for a, b in zip(outs["sdpa"], outs[backend]):
         assert torch.equal(a, b)
     lq, ls = 3 * (hw[0] // 2) * (hw[1] // 2), sink.k[0].shape[1]
     assert calls == [(lq, ls + lq, ls + lq)] * model.cfg.num_layers + [(lq, ls + 2 * lq, ls + 2 * lq)] * model.cfg.num_layers

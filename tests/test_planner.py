@@ -309,6 +309,29 @@ def test_sageattention_is_a_choice_auto_never_takes(ckpt, monkeypatch):
     assert forward_activation_bytes(FULL, 3168, lk, 2640, "sage") > forward_activation_bytes(FULL, 3168, lk, 2640, "sdpa")
 
 
+def test_fa4_plans_as_sdpa_where_it_imports(ckpt, monkeypatch):
+    """attention=fa4 (FlashAttention 4, kernels/flash4.py; importable is stood in for here): sdpa's plan exactly
+    (its exact bf16 kernel reads the same joined window and sink, with no copies of its own), GPU caches with the
+    sink room on h100-80 too; refused in one line where it does not import."""
+    from lowvram.kernels import flash4
+    from lowvram.runtime.machine import Machine
+
+    monkeypatch.setattr(flash4, "unavailable", lambda device="cuda": None)
+    for name in ("4090", "h100-80"):
+        got = {a: plan_run(ckpt, name, (f"attention={a}",), "704*384", machine=Machine("cuda", capability=(9, 0)),
+                           device=torch.device("cuda"), dtype=torch.bfloat16) for a in ("sdpa", "fa4")}
+        assert got["fa4"].attention == "fa4"
+        same = [p.to_dict() for p in got.values()]
+        for d in same:  # everything but the name of the backend
+            d["attention"] = d["profile"]["attention"] = None
+        assert same[0] == same[1], name
+    assert workspace_sink_tokens(got["fa4"]) == 2640
+    monkeypatch.setattr(flash4, "unavailable", lambda device="cuda": "flash-attn-4 is not importable")
+    with pytest.raises(LowvramError, match="--attention fa4 cannot run on cuda: flash-attn-4 is not importable"):
+        plan_run(ckpt, "4090", ("attention=fa4",), "704*384", machine=Machine("cuda", capability=(9, 0)),
+                 device=torch.device("cuda"))
+
+
 def test_auto_attention_without_a_measured_gpu():
     """No GPU measured (`lowvram plan` on another machine, make_plan alone): the card the profile names; the CPU
     device (the tiny checkpoint's runs): sdpa; a profile that names no card (the resident preset): sdpa."""

@@ -74,7 +74,7 @@ def test_parse_set_errors_are_one_line(items, match):
     ({"description": "two\nlines"}, "one non-empty line"),
     ({"compute_capability": "sm_89"}, "MAJOR.MINOR"),
     ({"compute_capability": 8.9}, "MAJOR.MINOR"),
-    ({"attention": "fast"}, "attention='fast' is not one of sdpa, triton, triton8, sage, auto"),
+    ({"attention": "fast"}, "attention='fast' is not one of sdpa, triton, triton8, sage, fa4, auto"),
     ({"colour": "red"}, "unknown key"),
 ])
 def test_validation_says_how_to_fix(over, match):

@@ -146,7 +146,7 @@ def synthetic_inputs(cfg, h, w, device, seed=1):
 
 def accuracy(cfg, h, w, device, log):
     """SQNR of DiT forwards (sink + 2 blocks, 2 steps each) for int8 and fp8 against bf16 (all with sdpa; and with
-    SageAttention where it runs here, against the same bf16 sdpa forwards)."""
+    each optional library's attention that runs here, sage and fa4, against the same bf16 sdpa forwards)."""
     from lowvram.runtime.kv_cache import GpuKVCache
 
     model = random_model(cfg, "bf16", device, device)
@@ -167,22 +167,25 @@ def accuracy(cfg, h, w, device, log):
         del kv, sink
         return outs
 
-    from lowvram.kernels import sage
+    import importlib
+
+    from lowvram.model.attention import LIBRARIES
 
     res = {}
     t0 = time.perf_counter()
     ref_out = forwards()
     res["bf16_forward_s"] = (time.perf_counter() - t0) / len(ref_out)
-    # SageAttention where it runs here (attention "auto" takes it): the same forwards with its attention
-    attentions = ("sdpa", "sage") if sage.unavailable(device) is None else ("sdpa",)
+    # the optional libraries' attentions (sage, fa4) where they run here: the same forwards with each
+    attentions = ("sdpa",) + tuple(a for a, (mod, _) in LIBRARIES.items()
+                                   if importlib.import_module(f"lowvram.kernels.{mod}").unavailable(device) is None)
 
     def record(key, outs):
         res[key] = [round(sqnr_db(a, b), 2) for a, b in zip(ref_out, outs)]
         log(f"accuracy {key}: SQNR per forward {res[key]} dB")
 
-    if "sage" in attentions:
-        model.attention = "sage"
-        record("bf16+sage", forwards())
+    for att in attentions[1:]:
+        model.attention = att
+        record(f"bf16+{att}", forwards())
     for scheme in ("int8", "fp8"):
         if scheme == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
             res[scheme] = "n/a: FP8 needs sm_89+"

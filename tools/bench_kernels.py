@@ -90,8 +90,9 @@ def subset(inp, nq, heads):
 def attention_candidates(row, q, k, v):
     """8-bit attentions from other libraries at the same shape (issue 15), each where it installs: cuDNN's FP8
     SDPA through nvidia-cudnn-frontend (kernels/cudnn8.py: with its per-call quantization of bf16 Q/K/V, and
-    the kernel alone on pre-quantized inputs) and SageAttention 2 (kernels/sage.py: INT8 QK^T, FP8 PV; each of its
-    kernels this GPU can run, the sm_90 one also split into its quantization and the kernel alone).
+    the kernel alone on pre-quantized inputs), SageAttention 2 (kernels/sage.py: INT8 QK^T, FP8 PV; each of its
+    kernels this GPU can run, the sm_90 one also split into its quantization and the kernel alone) and FlashAttention
+    4 (kernels/flash4.py: exact bf16, checked by the bf16 rule).
     q [B, Lq, H, D], k / v [B, Lk, H, D] bf16 (the window and the roped sink concatenated)."""
     from lowvram.kernels import cudnn8
 
@@ -133,6 +134,11 @@ def attention_candidates(row, q, k, v):
             q, k, v, tensor_layout="NHD"), "cand")
     else:
         row("cand SageAttention 2", lambda: (_ for _ in ()).throw(RuntimeError(why)), "cand")
+    from lowvram.kernels import flash4
+
+    why = flash4.unavailable(q.device)
+    row("cand FlashAttention 4 (flash-attn-4, bf16)", lambda: flash4.fa4_attention(q, k, v) if why is None
+        else (_ for _ in ()).throw(RuntimeError(why)), "bf16")
 
 
 def bench_attention_shape(B, Lq, Lw, Ls, H, D, dev, sweep):

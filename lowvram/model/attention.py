@@ -5,13 +5,15 @@ torch SDPA (the reference's path, cuDNN/flash on CUDA). `triton`: the two-segmen
 reads both segments in place and ropes sink keys in registers (lowvram.kernels.attention).
 `triton8`: the step caches hold lowvram.kernels.attention8's 8-bit format (GpuKV8Cache, or a host cache's
 kv8 window) and the 8-bit kernel reads the window from it directly (the sink stays bf16 and is roped in the
-kernel). `sage`: sdpa's inputs (the window and the roped sink joined in bf16) to SageAttention 2's INT8-QK /
-FP8-PV kernels (lowvram.kernels.sage; an optional library). A profile may also say `auto`: the planner picks one of these by the GPU
+kernel). `sage` / `fa4`: sdpa's inputs (the window and the roped sink joined in bf16) to SageAttention 2's INT8-QK /
+FP8-PV kernels (lowvram.kernels.sage) or FlashAttention 4's exact bf16 kernel (lowvram.kernels.flash4); optional
+libraries, LIBRARIES. A profile may also say `auto`: the planner picks one of these by the GPU
 (lowvram.runtime.planner.resolve_attention); the model only ever runs a resolved backend.
 """
 
 from __future__ import annotations
 
+import importlib
 from enum import Enum
 
 import torch
@@ -27,6 +29,7 @@ class Attention(str, Enum):
     TRITON = "triton"
     TRITON8 = "triton8"
     SAGE = "sage"
+    FA4 = "fa4"
     AUTO = "auto"  # a profile's choice, resolved by the planner from the GPU; never the model's
 
     def __str__(self) -> str:
@@ -35,7 +38,10 @@ class Attention(str, Enum):
 
 BACKENDS = tuple(a.value for a in Attention if a != Attention.AUTO)  # what the model runs
 CHOICES = BACKENDS + (Attention.AUTO.value,)  # what a profile, --set attention= and --attention may say
-AUTO_HELP = "auto: triton8 on sm_86/sm_89 GPUs, else sdpa; sage: SageAttention 2 where it is installed."
+AUTO_HELP = ("auto: triton8 on sm_86/sm_89 GPUs, else sdpa; sage: SageAttention 2, fa4: FlashAttention 4, where "
+             "they are installed.")
+# the backends that run an optional library on sdpa's inputs: name -> (module of lowvram.kernels, its function)
+LIBRARIES = {"sage": ("sage", "sage_attention"), "fa4": ("flash4", "fa4_attention")}
 
 
 def sdpa(q, k, v):  # q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]
@@ -61,10 +67,11 @@ def attend_two_segments(q, k_win, v_win, k_sink, v_sink, sink_cos, sink_sin, bac
     (gathered once by the caller). join(k_sink_roped, v_sink): for sdpa, the window's cache writing the sink
     behind the window in its own buffer (HostKVCache.joined) instead of torch.cat making a copy of both; the
     same keys in the same order, so the same result; None where it cannot."""
-    if backend in ("sdpa", "sage"):
+    if backend == "sdpa" or backend in LIBRARIES:
         attend = sdpa
-        if backend == "sage":
-            from lowvram.kernels.sage import sage_attention as attend
+        if backend in LIBRARIES:
+            module, name = LIBRARIES[backend]
+            attend = getattr(importlib.import_module(f"lowvram.kernels.{module}"), name)
         ks = fused.rope(k_sink, sink_cos, sink_sin)  # one pass on the GPU (rope_apply's bits)
         if k_win is None:
             return attend(q, ks, v_sink)

@@ -163,7 +163,7 @@ def forward_activation_bytes(cfg: DiTConfig, lq: int, lk: int, sink: int, attent
     sample at a time, so its concatenation does not; the text context's K/V are computed once per call)."""
     d, f, t = cfg.dim, cfg.ffn_dim, cfg.text_len
     block = batch * (41 * lq * d + lq * (d + f)) + 2 * t * d  # the text context's K/V once per call
-    if attention in (Attention.SDPA, Attention.SAGE):
+    if attention in (Attention.SDPA, Attention.SAGE, Attention.FA4):
         # sage's own per-call copies on top (one sample at a time): INT8 Q and K, V padded to 128 keys in bf16
         # and again in FP8 (kernels/sage.py)
         own = lq * d + 4 * lk * d if attention == Attention.SAGE else 0
@@ -281,7 +281,7 @@ def _sink_room(attention: Attention, kv_format: KVFormat, sink: int) -> int:
     """Sink tokens behind each bf16 window slot of a host-cache workspace: sdpa (or sage) then reads [window; sink] from
     one buffer instead of concatenating them per layer (HostKVCache.joined); none for kv8 (its kernel reads
     the sink where it is) or the Triton kernels."""
-    return sink if attention in (Attention.SDPA, Attention.SAGE) and kv_format != KVFormat.KV8 else 0
+    return sink if attention in (Attention.SDPA, Attention.SAGE, Attention.FA4) and kv_format != KVFormat.KV8 else 0
 
 
 def workspace_sink_tokens(plan) -> int:
