@@ -2,6 +2,8 @@
 
 import shutil
 
+import pytest
+
 from click.testing import CliRunner
 
 from lowvram.cli.main import cli
@@ -40,15 +42,18 @@ def test_doctor_says_which_kernels_run():
     assert kernel_status(False, "3.6.0") == (("kernels", "torch (CPU)"), None)
 
 
-def test_doctor_says_whether_sageattention_can_run(monkeypatch):
-    from lowvram.cli.doctor import sage_status
-    from lowvram.kernels import sage
+@pytest.mark.parametrize("backend, module, dist", [("sage", "sage", "sageattention"), ("fa4", "flash4", "flash-attn-4")])
+def test_doctor_says_whether_each_attention_library_can_run(monkeypatch, backend, module, dist):
+    import importlib
 
-    assert sage_status(False) == ("sageattention", "not used on the CPU")
-    monkeypatch.setattr(sage, "unavailable", lambda device="cuda": "sageattention is not importable (ImportError)")
-    assert sage_status(True) == ("sageattention", "not used (sageattention is not importable (ImportError))")
-    monkeypatch.setattr(sage, "unavailable", lambda device="cuda": None)
-    assert ": --attention sage runs it on this GPU (auto does not" in sage_status(True)[1]
+    from lowvram.cli.doctor import library_status
+
+    mod = importlib.import_module(f"lowvram.kernels.{module}")
+    assert library_status(False, backend) == (dist, "not used on the CPU")
+    monkeypatch.setattr(mod, "unavailable", lambda device="cuda": f"{dist} is not importable (ImportError)")
+    assert library_status(True, backend) == (dist, f"not used ({dist} is not importable (ImportError))")
+    monkeypatch.setattr(mod, "unavailable", lambda device="cuda": None)
+    assert f": --attention {backend} runs it on this GPU (" in library_status(True, backend)[1]
 
 
 def test_doctor_report_exit_code_rule(tiny_ckpt, tmp_path):

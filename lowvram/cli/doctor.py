@@ -42,23 +42,30 @@ def kernel_status(cuda: bool, triton_version: str) -> tuple[tuple[str, str], str
     return ("kernels", "Triton: fused W8A8 GEMMs and row kernels"), None
 
 
-def sage_status(cuda: bool) -> tuple[str, str]:
-    """The row saying whether `--attention sage` (SageAttention 2) can run on this machine, and if not why."""
-    from lowvram.kernels import sage
+# the optional attention libraries: backend -> (distribution, what `lowvram doctor` says of it where it runs)
+LIBRARY_NOTES = {"sage": ("sageattention", "auto does not take it: slower end to end on the H100, BENCHMARKS.md §3"),
+                 "fa4": ("flash-attn-4", "exact bf16; auto does not take it (not measured end to end yet)")}
 
+
+def library_status(cuda: bool, backend: str) -> tuple[str, str]:
+    """The row saying whether `--attention <backend>` (an optional library, model.attention.LIBRARIES) can run on
+    this machine, and if not why."""
+    import importlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    from lowvram.model.attention import LIBRARIES
+
+    dist, note = LIBRARY_NOTES[backend]
     if not cuda:
-        return "sageattention", "not used on the CPU"
-    why = sage.unavailable()
-    if why is None:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            ver = version("sageattention")
-        except PackageNotFoundError:  # imported from a source tree (tools/build_sage.py)
-            ver = "from source"
-        return "sageattention", (f"{ver}: --attention sage runs it on this GPU (auto does not: slower end to end on "
-                                 "the H100, BENCHMARKS.md section 3)")
-    return "sageattention", f"not used ({why})"
+        return dist, "not used on the CPU"
+    why = importlib.import_module(f"lowvram.kernels.{LIBRARIES[backend][0]}").unavailable()
+    if why is not None:
+        return dist, f"not used ({why})"
+    try:
+        ver = version(dist)
+    except PackageNotFoundError:  # imported from a source tree (tools/build_sage.py)
+        ver = "from source"
+    return dist, f"{ver}: --attention {backend} runs it on this GPU ({note})"
 
 
 def machine_report() -> tuple[list[tuple[str, str]], list[str]]:
@@ -76,7 +83,7 @@ def machine_report() -> tuple[list[tuple[str, str]], list[str]]:
         problems.append("no CUDA GPU: `lowvram run` will use the CPU (fine for `lowvram demo`, far too slow for the "
                         "real model); install a CUDA build of torch and a driver")
     row, problem = kernel_status(torch.cuda.is_available(), _version("triton"))
-    rows += [row, sage_status(torch.cuda.is_available())]
+    rows += [row] + [library_status(torch.cuda.is_available(), b) for b in LIBRARY_NOTES]
     problems += [problem] if problem else []
     vm = psutil.virtual_memory()
     rows.append(("host RAM", f"{vm.total / GIB:.1f} GiB total, {vm.available / GIB:.1f} GiB available"))
