@@ -42,13 +42,12 @@ def test_doctor_says_which_kernels_run():
     assert kernel_status(False, "3.6.0") == (("kernels", "torch (CPU)"), None)
 
 
-@pytest.mark.parametrize("backend, module, dist", [("sage", "sage", "sageattention"), ("fa4", "flash4", "flash-attn-4")])
-def test_doctor_says_whether_each_attention_library_can_run(monkeypatch, backend, module, dist):
-    import importlib
-
+@pytest.mark.parametrize("backend, dist", [("sage", "sageattention"), ("fa4", "flash-attn-4")])
+def test_doctor_says_whether_each_attention_library_can_run(monkeypatch, backend, dist):
     from lowvram.cli.doctor import library_status
+    from lowvram.model.attention import library_module
 
-    mod = importlib.import_module(f"lowvram.kernels.{module}")
+    mod = library_module(backend)
     assert library_status(False, backend) == (dist, "not used on the CPU")
     monkeypatch.setattr(mod, "unavailable", lambda device="cuda": f"{dist} is not importable (ImportError)")
     assert library_status(True, backend) == (dist, f"not used ({dist} is not importable (ImportError))")

@@ -277,8 +277,6 @@ def test_library_attention_gets_sdpas_joined_keys(tiny, monkeypatch, backend):
     """attention="sage" / "fa4": the same inputs as sdpa (q, and the window with the roped sink behind it) go to
     the library's function (lowvram.kernels.sage / flash4; CUDA only, so a recording stand-in computes sdpa here):
     every layer calls it once per forward, with the window of the first block and the sink, then two blocks."""
-    import importlib
-
     from lowvram.model import attention as A
 
     model, ctx, sink, g, hw = tiny
@@ -287,8 +285,7 @@ def test_library_attention_gets_sdpas_joined_keys(tiny, monkeypatch, backend):
     def fake(q, k, v):
         calls.append((q.shape[1], k.shape[1], v.shape[1]))
         return A.sdpa(q, k, v)
-    module, name = A.LIBRARIES[backend]
-    monkeypatch.setattr(importlib.import_module(f"lowvram.kernels.{module}"), name, fake)
+    monkeypatch.setattr(A.library_module(backend), A.LIBRARIES[backend][1], fake)
     xs = [torch.randn(1, 16, 3, *hw, generator=g) for _ in range(2)]
     audio = torch.randn(1, 3, model.cfg.audio_dim, 12, generator=g)
     outs = {}

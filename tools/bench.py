@@ -167,17 +167,14 @@ def accuracy(cfg, h, w, device, log):
         del kv, sink
         return outs
 
-    import importlib
-
-    from lowvram.model.attention import LIBRARIES
+    from lowvram.model.attention import LIBRARIES, library_module
 
     res = {}
     t0 = time.perf_counter()
     ref_out = forwards()
     res["bf16_forward_s"] = (time.perf_counter() - t0) / len(ref_out)
     # the optional libraries' attentions (sage, fa4) where they run here: the same forwards with each
-    attentions = ("sdpa",) + tuple(a for a, (mod, _) in LIBRARIES.items()
-                                   if importlib.import_module(f"lowvram.kernels.{mod}").unavailable(device) is None)
+    attentions = ("sdpa",) + tuple(a for a in LIBRARIES if library_module(a).unavailable(device) is None)
 
     def record(key, outs):
         res[key] = [round(sqnr_db(a, b), 2) for a, b in zip(ref_out, outs)]

@@ -50,15 +50,14 @@ LIBRARY_NOTES = {"sage": ("sageattention", "auto does not take it: slower end to
 def library_status(cuda: bool, backend: str) -> tuple[str, str]:
     """The row saying whether `--attention <backend>` (an optional library, model.attention.LIBRARIES) can run on
     this machine, and if not why."""
-    import importlib
     from importlib.metadata import PackageNotFoundError, version
 
-    from lowvram.model.attention import LIBRARIES
+    from lowvram.model.attention import library_module
 
     dist, note = LIBRARY_NOTES[backend]
     if not cuda:
         return dist, "not used on the CPU"
-    why = importlib.import_module(f"lowvram.kernels.{LIBRARIES[backend][0]}").unavailable()
+    why = library_module(backend).unavailable()
     if why is not None:
         return dist, f"not used ({why})"
     try:

@@ -44,6 +44,12 @@ AUTO_HELP = ("auto: triton8 on sm_86/sm_89 GPUs, else sdpa; sage: SageAttention 
 LIBRARIES = {"sage": ("sage", "sage_attention"), "fa4": ("flash4", "fa4_attention")}
 
 
+def library_module(backend: str):
+    """The lowvram.kernels module wrapping an optional library's attention (its `unavailable(device)` says whether it
+    runs; LIBRARIES[backend][1] is the function)."""
+    return importlib.import_module(f"lowvram.kernels.{LIBRARIES[backend][0]}")
+
+
 def sdpa(q, k, v):  # q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
@@ -70,8 +76,7 @@ def attend_two_segments(q, k_win, v_win, k_sink, v_sink, sink_cos, sink_sin, bac
     if backend == "sdpa" or backend in LIBRARIES:
         attend = sdpa
         if backend in LIBRARIES:
-            module, name = LIBRARIES[backend]
-            attend = getattr(importlib.import_module(f"lowvram.kernels.{module}"), name)
+            attend = getattr(library_module(backend), LIBRARIES[backend][1])
         ks = fused.rope(k_sink, sink_cos, sink_sin)  # one pass on the GPU (rope_apply's bits)
         if k_win is None:
             return attend(q, ks, v_sink)

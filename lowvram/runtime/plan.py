@@ -18,7 +18,6 @@ Policies (one each):
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -27,7 +26,7 @@ import torch
 
 from lowvram.constants import GIB, NUM_STEPS, T5_FILE, VAE_FILE, WAV2VEC_DIR
 from lowvram.errors import LowvramError
-from lowvram.model.attention import LIBRARIES, Attention
+from lowvram.model.attention import LIBRARIES, Attention, library_module
 from lowvram.runtime.profile import Profile
 
 
@@ -280,7 +279,7 @@ def plan_run(ckpt, profile: str | None = None, overrides: Mapping | Sequence[str
                      steps=range(steps) if held is None else held, decode=decode, encode=encode,
                      capability=machine.capability, device_type=device.type)
     if plan.attention in LIBRARIES:  # an optional library: refused here, before any weight is read
-        why = importlib.import_module(f"lowvram.kernels.{LIBRARIES[plan.attention][0]}").unavailable(device)
+        why = library_module(plan.attention).unavailable(device)
         if why is not None:
             raise LowvramError(f"--attention {plan.attention} cannot run on {device}: {why}; or use --attention sdpa")
     return plan
