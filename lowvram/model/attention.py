@@ -42,6 +42,7 @@ AUTO_HELP = ("auto: triton8 on sm_86/sm_89 GPUs, else sdpa; sage: SageAttention 
              "they are installed.")
 # the backends that run an optional library on sdpa's inputs: name -> (module of lowvram.kernels, its function)
 LIBRARIES = {"sage": ("sage", "sage_attention"), "fa4": ("flash4", "fa4_attention")}
+JOINED = (Attention.SDPA.value, *LIBRARIES)  # the backends that read [window; sink] joined in bf16 (sdpa's inputs)
 
 
 def library_module(backend: str):
@@ -73,7 +74,7 @@ def attend_two_segments(q, k_win, v_win, k_sink, v_sink, sink_cos, sink_sin, bac
     (gathered once by the caller). join(k_sink_roped, v_sink): for sdpa, the window's cache writing the sink
     behind the window in its own buffer (HostKVCache.joined) instead of torch.cat making a copy of both; the
     same keys in the same order, so the same result; None where it cannot."""
-    if backend == "sdpa" or backend in LIBRARIES:
+    if backend in JOINED:
         attend = sdpa
         if backend in LIBRARIES:
             attend = getattr(library_module(backend), LIBRARIES[backend][1])

@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 
 from lowvram.constants import ALIGN, FRAMES_PER_BLOCK, GIB, KV_FRAMES, NUM_STEPS
 from lowvram.errors import LowvramError
-from lowvram.model.attention import Attention
+from lowvram.model.attention import JOINED, Attention
 from lowvram.model.config import DiTConfig, token_grid
 from lowvram.runtime.kv_cache import KVFormat, kv8_mean_bytes, kv_token_bytes, kv_workspace_bytes, slots_for
 from lowvram.runtime.offload import stream_order
@@ -163,7 +163,7 @@ def forward_activation_bytes(cfg: DiTConfig, lq: int, lk: int, sink: int, attent
     sample at a time, so its concatenation does not; the text context's K/V are computed once per call)."""
     d, f, t = cfg.dim, cfg.ffn_dim, cfg.text_len
     block = batch * (41 * lq * d + lq * (d + f)) + 2 * t * d  # the text context's K/V once per call
-    if attention in (Attention.SDPA, Attention.SAGE, Attention.FA4):
+    if attention in JOINED:
         # sage's own per-call copies on top (one sample at a time): INT8 Q and K, V padded to 128 keys in bf16
         # and again in FP8 (kernels/sage.py)
         own = lq * d + 4 * lk * d if attention == Attention.SAGE else 0
@@ -178,7 +178,8 @@ def resolve_attention(profile: Profile, capability: tuple[int, int] | None = Non
     capability: the measured GPU's (major, minor); None plans for the card the profile is for (its
     compute_capability), as make_plan without a machine does. device_type "cpu" (the tiny checkpoint's runs):
     auto is sdpa there, the CPU having no INT8 tensor cores (triton8's CPU path dequantizes its window).
-    Never "sage": slower end to end where measured (the note below EIGHT_BIT_ATTENTION_SM); it is an explicit choice."""
+    Never an optional library (sage: slower end to end where measured, the note below EIGHT_BIT_ATTENTION_SM; fa4:
+    not measured yet): they are explicit choices."""
     if profile.attention != Attention.AUTO:
         return profile.attention, "set by the profile or an override"
     if device_type != "cuda":
@@ -278,10 +279,10 @@ def _fixed_items(m: _Model) -> list[PlanItem]:
 
 
 def _sink_room(attention: Attention, kv_format: KVFormat, sink: int) -> int:
-    """Sink tokens behind each bf16 window slot of a host-cache workspace: sdpa (or sage) then reads [window; sink] from
-    one buffer instead of concatenating them per layer (HostKVCache.joined); none for kv8 (its kernel reads
-    the sink where it is) or the Triton kernels."""
-    return sink if attention in (Attention.SDPA, Attention.SAGE, Attention.FA4) and kv_format != KVFormat.KV8 else 0
+    """Sink tokens behind each bf16 window slot of a host-cache workspace: sdpa (and the libraries on its inputs,
+    JOINED) then reads [window; sink] from one buffer instead of concatenating them per layer
+    (HostKVCache.joined); none for kv8 (its kernel reads the sink where it is) or the Triton kernels."""
+    return sink if attention in JOINED and kv_format != KVFormat.KV8 else 0
 
 
 def workspace_sink_tokens(plan) -> int:
@@ -296,7 +297,7 @@ def _with_gpu_sink_room(m: _Model, plan: Plan, budget: int, host_ram_bytes: int 
     where the room costs no residency: the plan with it keeps the same blocks resident at this batch. Otherwise
     (it would stream one more block, or not fit) the plan stays without it and sdpa concatenates: a streamed
     block costs more per forward than the copies (its slab over PCIe, ~0.4 GB a call), and the room is large
-    (L x sink tokens per cache: 2.0 GiB at 704x384). Only bf16 GPU caches under sdpa or sage have any (kv8 caches
+    (L x sink tokens per cache: 2.0 GiB at 704x384). Only bf16 GPU caches under JOINED's backends have any (kv8 caches
     are read in place by the 8-bit kernel, and the Triton kernels read the sink where it is)."""
     room = _sink_room(m.attention, m.kv_format, m.tokens["sink"])
     if m.host_kv or not room:

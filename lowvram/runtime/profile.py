@@ -56,8 +56,8 @@ class Profile:
     description: str  # one line, shown by `lowvram profiles`
     vram_budget_gib: float  # the planner keeps the expected peak (NVML) under this
     quant: str  # DiT Linear weights: int8 | fp8 (W8A8) | bf16
-    attention: Attention  # sdpa (torch) | triton (bf16 kernel) | triton8 (8-bit QK/PV kernel) | sage (SageAttention 2,
-    #                       where installed) | auto (by the GPU: lowvram.runtime.planner.resolve_attention)
+    attention: Attention  # sdpa (torch) | triton (bf16 kernel) | triton8 (8-bit QK/PV kernel) | sage / fa4 (SageAttention 2 /
+    #                       FlashAttention 4, where installed) | auto (by the GPU: lowvram.runtime.planner.resolve_attention)
     kv_placement: str  # the four step KV caches: gpu | host (pinned RAM, streamed per layer)
     kv_dtype: str  # bf16 | int8 (per-token-per-head absmax; host placement only; the sink K/V follow it); with
     #                 attention triton8 the step caches hold the 8-bit kernel's format (kv8) and this sets the sink
