@@ -56,6 +56,13 @@ def timed(fn) -> float:
     return statistics.median(ts)
 
 
+def unavailable_row(why):
+    """A row's function for a candidate that cannot run here: raises `why`, which guarded() reports as n/a."""
+    def fail():
+        raise RuntimeError(why)
+    return fail
+
+
 def guarded(name, fn):
     """(value, None) or (None, 'n/a: reason') when a baseline cannot run here."""
     try:
@@ -113,7 +120,7 @@ def attention_candidates(row, q, k, v):
                 return F.scaled_dot_product_attention(*(ops[n].transpose(1, 2) for n in "qkv")).transpose(1, 2)
             row(f"  diag: only {name.upper()} in e4m3 (per tensor), cuDNN bf16", one, "cand")
     else:
-        row("cand cuDNN FP8 SDPA", lambda: (_ for _ in ()).throw(RuntimeError(why)), "cand")
+        row("cand cuDNN FP8 SDPA", unavailable_row(why), "cand")
 
     from lowvram.kernels import sage as S
 
@@ -133,12 +140,12 @@ def attention_candidates(row, q, k, v):
         row("  SageAttention 2 Triton (RTX 30's), fp16 PV", lambda: core.sageattn_qk_int8_pv_fp16_triton(
             q, k, v, tensor_layout="NHD"), "cand")
     else:
-        row("cand SageAttention 2", lambda: (_ for _ in ()).throw(RuntimeError(why)), "cand")
+        row("cand SageAttention 2", unavailable_row(why), "cand")
     from lowvram.kernels import flash4
 
     why = flash4.unavailable(q.device)
-    row("cand FlashAttention 4 (flash-attn-4, bf16)", lambda: flash4.fa4_attention(q, k, v) if why is None
-        else (_ for _ in ()).throw(RuntimeError(why)), "bf16")
+    row("cand FlashAttention 4 (flash-attn-4, bf16)",
+        (lambda: flash4.fa4_attention(q, k, v)) if why is None else unavailable_row(why), "bf16")
 
 
 def bench_attention_shape(B, Lq, Lw, Ls, H, D, dev, sweep):
