@@ -260,11 +260,14 @@ def _overrides(scheme_override, overrides, device):
 
 
 def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, vae=None, overrides=None,
-                models=None):
+                models=None, trace_ticks=0):
     """One profile: plan, build the engine on a random-weight model, then the session's tick loop
     (schedule.ticks) over 1 + `clips` clips: clip 0 is the warm-up (drained after it, as at the online-decode
     boundary), clips 1.. are timed. Segment FPS counts the timed clips' fill and drain ticks; steady FPS is
-    one block per full tick (batched: 4 forwards in one call; sequential: 4 forwards)."""
+    one block per full tick (batched: 4 forwards in one call; sequential: 4 forwards).
+    trace_ticks: torch.profiler over that many full ticks of the first timed clip (trace_forward.gpu_summary: kernel
+    time by kind, PCIe copies, the SMs' idle time per tick); the profiler slows those ticks, so such a run's FPS is
+    marked `traced` and is not a measurement of speed."""
     from lowvram.pipeline.encode import block_audio, clip_source
     from lowvram.runtime.engine import Engine
     from lowvram.runtime.planner import make_plan
@@ -286,7 +289,7 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
     drain = range(1, total) if plan.batch <= 1 else [4]
     latents, full, nv, dit, dec, timed, finals = {}, [], None, 0.0, 0.0, False, {}
     queue = engine.decode_queue(to_uint8=True)  # on its own stream when plan.vae_overlap, as the session
-    wall0 = None
+    wall0, prof, traced = None, None, []
     for tick in ticks(total, steps, drain_before=drain):
         if not timed and min(4 * wk.idx.clip + wk.idx.block for wk in tick) >= 4:  # warm-up over
             queue.drain()
@@ -296,11 +299,20 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
                 torch.cuda.reset_peak_memory_stats(device)
             nv, timed, wall0 = NvmlPeak().__enter__(), True, time.perf_counter()
         _sync(device)
+        tracing = timed and len(tick) == steps and len(traced) < trace_ticks
+        if tracing and prof is None:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                          + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
+            prof.__enter__()
         t = time.perf_counter()
         xs = [latents.pop(wk.idx) if wk.step else engine.initial_latents(wk.idx) for wk in tick]
         outs = engine.run_works(tick, xs, [block_audio(feats, wk.idx) for wk in tick])
         _sync(device)
         dt = time.perf_counter() - t
+        if tracing:
+            traced.append(dt)
+            if len(traced) == trace_ticks:
+                prof.__exit__(None, None, None)
         if timed:
             dit += dt
             full.append((len(tick), dt))
@@ -345,6 +357,17 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
                peak_allocated_gib=round(torch.cuda.max_memory_allocated(device) / GIB, 2) if device.type == "cuda" else 0,
                peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / GIB, 2) if device.type == "cuda" else 0,
                peak_nvml_gib=round(nv.peak / GIB, 2), raw_stats=stats)
+    if traced:
+        from trace_forward import gpu_summary
+
+        if len(traced) < trace_ticks:
+            prof.__exit__(None, None, None)
+        res["traced"] = dict(gpu_summary(prof, len(traced)), wall_ms=1e3 * sum(traced) / len(traced))
+        tr = res["traced"]
+        log(f"[{name}] traced {len(traced)} full ticks: wall {tr['wall_ms']:.1f} ms, GPU span {tr['span_ms']:.1f}, "
+            f"kernels busy {tr['busy_ms']:.1f}, SMs idle {tr['idle_ms']:.1f} ms per tick; "
+            + ", ".join(f"{k} {v:.1f}" for k, v in sorted(tr["kinds"].items(), key=lambda kv: -kv[1]))
+            + "; copies " + ", ".join(f"{k} {v:.1f}" for k, v in tr["copies"].items()) + " ms (FPS of this run: traced)")
     res["_finals"] = finals  # taken out by main for schedule_identity: not written to bench.json
     res["nvml_minus_plan_gib"] = round(res["peak_nvml_gib"] - res["expected_peak_gib"], 2) if nv.ok else None
     # projection onto a 4090 (labelled): PCIe traffic at 23 GB/s
@@ -477,6 +500,9 @@ def main(argv=None):
     ap.add_argument("--schedules", default="",
                     help="run every profile with each of these schedules, e.g. 'sequential,batched' "
                          "(default: each profile's own)")
+    ap.add_argument("--trace-ticks", type=int, default=0, metavar="N",
+                    help="profile N full ticks of each run's first timed clip: kernel time by kind, PCIe copies and "
+                         "the SMs' idle time per tick (those runs' FPS are then not speed measurements)")
     ap.add_argument("--tpp", action="store_true",
                     help="also one timestep-forcing rank (`--profile 4090 --gpus 4`, 24 GiB cap) and the "
                          "projected 4- and 5-GPU throughput")
@@ -531,7 +557,7 @@ def main(argv=None):
     for name, cap, ov, label in runs:
         try:
             r = profile_run(cfg, name, cap, None, h, w, device, args.clips, log, vae=vae, overrides=ov or None,
-                            models=models)
+                            models=models, trace_ticks=args.trace_ticks)
         except Exception as e:  # one profile failing must not lose the others' numbers
             r = {"profile": name, "error": f"{type(e).__name__}: {e}"[:500]}
             log(f"[{label}] failed: {r['error']}")

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import FULL, QUICK, random_model, synthetic_inputs  # noqa: E402
 
+from lowvram.model.attention import LIBRARIES  # noqa: E402
 from lowvram.model.config import DiTConfig  # noqa: E402
 
 KINDS = [  # (kind, substrings of a kernel name, lowercase), first match wins
@@ -45,12 +46,59 @@ def kind_of(name: str) -> str:
     return "elementwise/other"
 
 
+def union_ms(intervals) -> float:
+    """Length of the union of (start, end) intervals (any unit; ms in, ms out): how long at least one ran."""
+    total, end = 0.0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
+def copy_direction(name: str) -> str | None:
+    """"h2d" / "d2h" for a host<->device memcpy event's name (the copy engines' work), else None."""
+    low = name.lower()
+    if "memcpy" in low and "htod" in low:
+        return "h2d"
+    if "memcpy" in low and "dtoh" in low:
+        return "d2h"
+    return None
+
+
+def gpu_summary(prof, n: int) -> dict:
+    """A profiled span of n calls on the GPU (torch.profiler, CUDA activity): kernel ms per call by kind, the
+    host<->device copies' ms per call by direction, and the span's wall on the GPU against the time at least one
+    kernel ran (the union over streams: a streamed profile's dequantization on its copy stream overlaps the DiT's
+    kernels), so that `idle` is the time per call the SMs had nothing to do (waiting on PCIe or the host)."""
+    kinds, copies, spans = defaultdict(float), defaultdict(float), []
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        a, b = e.time_range.start / 1e3, e.time_range.end / 1e3
+        d = copy_direction(e.name)
+        if d is not None:
+            copies[d] += (b - a) / n
+            continue
+        kinds[kind_of(e.name)] += (b - a) / n
+        spans.append((a, b))
+    if not spans:
+        return dict(calls=n, kinds={}, copies=dict(copies), span_ms=0.0, busy_ms=0.0, idle_ms=0.0)
+    span = (max(b for _, b in spans) - min(a for a, _ in spans)) / n
+    busy = union_ms(spans) / n
+    return dict(calls=n, kinds=dict(kinds), copies=dict(copies), span_ms=span, busy_ms=busy, idle_ms=span - busy)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
     ap.add_argument("--scheme", default="int8", choices=["int8", "fp8", "bf16"])
     ap.add_argument("--gemm", default="auto")
-    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "triton"])
+    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "triton", *LIBRARIES],
+                    help="sage / fa4: the optional libraries, where installed")
     ap.add_argument("--forwards", type=int, default=2)
     ap.add_argument("--batch", type=int, default=1, choices=[1, 2, 3, 4],
                     help="samples per call, each with its own step cache (the batched profiles' call)")
