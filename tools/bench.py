@@ -289,7 +289,7 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
     drain = range(1, total) if plan.batch <= 1 else [4]
     latents, full, nv, dit, dec, timed, finals = {}, [], None, 0.0, 0.0, False, {}
     queue = engine.decode_queue(to_uint8=True)  # on its own stream when plan.vae_overlap, as the session
-    wall0, prof, traced = None, None, []
+    wall0, prof, traced = None, None, []  # traced: (wall s, trace_forward.gpu_summary) of each traced tick
     for tick in ticks(total, steps, drain_before=drain):
         if not timed and min(4 * wk.idx.clip + wk.idx.block for wk in tick) >= 4:  # warm-up over
             queue.drain()
@@ -300,7 +300,7 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
             nv, timed, wall0 = NvmlPeak().__enter__(), True, time.perf_counter()
         _sync(device)
         tracing = timed and len(tick) == steps and len(traced) < trace_ticks
-        if tracing and prof is None:
+        if tracing:  # a profiler of this tick alone (the ticks after it may be narrower, or the decode's)
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
                                           + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
             prof.__enter__()
@@ -310,9 +310,11 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
         _sync(device)
         dt = time.perf_counter() - t
         if tracing:
-            traced.append(dt)
-            if len(traced) == trace_ticks:
-                prof.__exit__(None, None, None)
+            prof.__exit__(None, None, None)
+            from trace_forward import gpu_summary
+
+            traced.append((dt, gpu_summary(prof, 1)))
+            prof = None
         if timed:
             dit += dt
             full.append((len(tick), dt))
@@ -358,12 +360,9 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
                peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / GIB, 2) if device.type == "cuda" else 0,
                peak_nvml_gib=round(nv.peak / GIB, 2), raw_stats=stats)
     if traced:
-        from trace_forward import gpu_summary
+        from trace_forward import mean_summary
 
-        if len(traced) < trace_ticks:
-            prof.__exit__(None, None, None)
-        res["traced"] = dict(gpu_summary(prof, len(traced)), wall_ms=1e3 * sum(traced) / len(traced))
-        tr = res["traced"]
+        res["traced"] = tr = dict(mean_summary([g for _, g in traced]), wall_ms=1e3 * sum(d for d, _ in traced) / len(traced))
         log(f"[{name}] traced {len(traced)} full ticks: wall {tr['wall_ms']:.1f} ms, GPU span {tr['span_ms']:.1f}, "
             f"kernels busy {tr['busy_ms']:.1f}, SMs idle {tr['idle_ms']:.1f} ms per tick; "
             + ", ".join(f"{k} {v:.1f}" for k, v in sorted(tr["kinds"].items(), key=lambda kv: -kv[1]))

@@ -92,6 +92,20 @@ def gpu_summary(prof, n: int) -> dict:
     return dict(calls=n, kinds=dict(kinds), copies=dict(copies), span_ms=span, busy_ms=busy, idle_ms=span - busy)
 
 
+def mean_summary(summaries: list[dict]) -> dict:
+    """gpu_summary's of several spans averaged (per call, each kind and copy direction)."""
+    n = len(summaries)
+    out = dict(calls=sum(x["calls"] for x in summaries), kinds=defaultdict(float), copies=defaultdict(float))
+    for x in summaries:
+        for key in ("kinds", "copies"):
+            for k, v in x[key].items():
+                out[key][k] += v / n
+    for key in ("span_ms", "busy_ms", "idle_ms"):
+        out[key] = sum(x[key] for x in summaries) / n
+    out["kinds"], out["copies"] = dict(out["kinds"]), dict(out["copies"])
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))

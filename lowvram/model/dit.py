@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lowvram.kernels.rowquant import dequantize_rows, quantize_rows_int8
+from lowvram.kernels.kvquant import dequantize_heads, quantize_heads_int8
 from lowvram.model.attention import attend_two_segments
 from lowvram.model.audio import AudioInjector, CausalAudioEncoder
 from lowvram.model.config import DiTConfig
@@ -44,7 +44,7 @@ class Sink:
         """Layer i's (K, V) [B, Ls, H, D] in the compute dtype."""
         if self.dtype is None:
             return self.k[i], self.v[i]
-        return tuple(dequantize_rows(q, s, out=torch.empty(q.shape, dtype=self.dtype, device=q.device))
+        return tuple(dequantize_heads(q, s, out=torch.empty(q.shape, dtype=self.dtype, device=q.device))
                      for q, s in (self.k[i], self.v[i]))
 
     def nbytes(self) -> int:
@@ -172,8 +172,8 @@ class LiveAvatarDiT(nn.Module):
         ks, vs = [], []
         for block in self.blocks:
             def attend(q, k, v):
-                ks.append(quantize_rows_int8(k) if int8 else k)
-                vs.append(quantize_rows_int8(v) if int8 else v)
+                ks.append(quantize_heads_int8(k) if int8 else k)
+                vs.append(quantize_heads_int8(v) if int8 else v)
                 return attend_two_segments(rope_apply(q, cos, sin), None, None, k, v, cos, sin, self.attention)
             x = block(x, e0, context, attend, frames=1)
         return Sink(ks, vs, pos, n_ref=ref.shape[1], dtype=x.dtype if int8 else None, tables=(cos, sin))

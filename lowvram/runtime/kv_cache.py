@@ -23,7 +23,8 @@ Host formats (HostKVCache's kv_dtype, a KVFormat value):
 - bf16: the windows are copied as they are.
 - int8: per-token-per-head absmax INT8 (fp32 scales, kernels/rowquant.py), halving the traffic; windows are
   dequantized to bf16 on the device after the copy, through one staging buffer on the copy stream (its copies
-  run one after another, so one buffer serves every window).
+  run one after another, so one buffer serves every window), and new chunks quantized on the write-back stream,
+  each in one pass on the GPU (kernels/kvquant.py, rowquant's bits).
 - kv8: the 8-bit attention kernel's format (kernels/attention8.py, attention "triton8"), the same bytes over PCIe
   as int8; a window lands in a slot that the kernel reads as it is, with no dequantization. The host keeps K and
   V token-major with their scales, as int8 does (so a window's token ranges are contiguous copies; the kernel's
@@ -43,7 +44,7 @@ from enum import Enum
 
 import torch
 
-from lowvram.kernels.rowquant import dequantize_rows, quantize_rows_int8
+from lowvram.kernels.kvquant import dequantize_heads, quantize_heads_int8
 from lowvram.runtime.offload import ALIGN, CopyEngine, alloc_host
 
 SCALE_BYTES = 4  # fp32 per-token-per-head scale of the INT8 and kv8 caches
@@ -267,7 +268,7 @@ class KVWorkspace:
                     self.stage_q[kv, b, x:y].copy_(c.host_q[layer, kv, b, x:y], non_blocking=True)
                     self.stage_s[kv, b, x:y].copy_(c.host_s[layer, kv, b, x:y], non_blocking=True)
             # on the copy stream, right behind its copy (the next copy into stage waits for it)
-            dequantize_rows(self.stage_q[:, :, x:y], self.stage_s[:, :, x:y], out=self.kv[s, :, :, x:y])
+            dequantize_heads(self.stage_q[:, :, x:y], self.stage_s[:, :, x:y], out=self.kv[s, :, :, x:y])
         else:  # kv8: K straight into the slot; V and the scales through the staging, relaid for the kernel
             for b in range(B):
                 self.k8[s, b, x:y].copy_(c.host_q[layer, 0, b, x:y], non_blocking=True)
@@ -303,9 +304,7 @@ class KVWorkspace:
             wb.record_copy(self.read[s])
             return
         if self.fmt == KVFormat.INT8:
-            q, sc = quantize_rows_int8(self.kv[s, :, :, a:a + n])
-            self.wb_q[:, :, :n].copy_(q)
-            self.wb_s[:, :, :n].copy_(sc)
+            quantize_heads_int8(self.kv[s, :, :, a:a + n], self.wb_q[:, :, :n], self.wb_s[:, :, :n])
             wb.record_copy(self.read[s])  # slot s may be refilled once its chunk is quantized
             for kv in range(2):
                 for b in range(B):

@@ -1,0 +1,126 @@
+"""The INT8 step caches' quantization and dequantization in one pass each (issue 15): per (token, head) rows of
+head_dim values, by kernels/rowquant.py's rule, bit-identical to its torch functions.
+
+The streamed profiles keep their step caches in host memory as INT8 (runtime.kv_cache, KVFormat.INT8). Per layer
+and sample of a batched call, the copy stream dequantizes a fetched window (~9500 tokens) into the bf16 slot, and the
+write-back stream quantizes the forward's new chunk (3168 tokens) for the host: at full size 160 windows and 160
+chunks a call. In torch the dequantization is one mixed-dtype multiply (int8 x fp32 -> bf16, TensorIterator's
+dynamically casting loop) and the quantization eight passes over fp32 temporaries; both run beside the DiT on the
+same SMs and HBM. Here each is one kernel that reads its input once and writes its outputs once, from and into
+the strided views the caches use (a slot's token range, the staging and write-back buffers), so no copy is made.
+
+Layout: x [A, B, T, H, D] (any strides for A, B, T; H, D contiguous: stride D, 1), scales [A, B, T, H]. One program
+per (token, A * B): its [H, D] tile, each head a row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowvram.kernels.rowquant import INT8_MAX, dequantize_rows, quantize_rows_int8
+
+try:
+    import triton
+    import triton.language as tl
+
+    from lowvram.kernels.rowquant import _INTERPRETED, quantize_tile
+except ImportError:  # CPU-only installs: the torch functions
+    triton = None
+
+
+def _five(x: torch.Tensor, dims: int) -> torch.Tensor:
+    """x with leading size-1 dims so that it has `dims` dims ([T, H, D] -> [1, 1, T, H, D])."""
+    while x.dim() < dims:
+        x = x.unsqueeze(0)
+    return x
+
+
+def _check(x: torch.Tensor, name: str) -> None:
+    if x.dim() > 5 or x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
+        raise ValueError(f"{name} must be [..., T, H, D] with H and D contiguous (<= 5 dims), got shape "
+                         f"{tuple(x.shape)} strides {x.stride()}")
+
+
+def kernel_usable(x: torch.Tensor) -> bool:
+    """Whether the kernels run for x: a CUDA tensor with Triton installed (the CPU keeps the torch functions)."""
+    return triton is not None and x.is_cuda
+
+
+def quantize_heads_int8(x: torch.Tensor, q: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                        kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """rowquant.quantize_rows_int8 of x [..., T, H, D] (rows of D), written into q (int8, x's shape) and scale (fp32,
+    x's shape without D) where given (views of larger buffers are fine), else into new tensors. kernel: None runs the
+    Triton kernel on CUDA (kernel_usable), True also under the interpreter, False the torch functions."""
+    kernel = kernel_usable(x) if kernel is None else kernel
+    if q is None:
+        q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    if scale is None:
+        scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if not kernel:
+        qq, ss = quantize_rows_int8(x)
+        q.copy_(qq)
+        scale.copy_(ss)
+        return q, scale
+    _check(x, "x")
+    _check(q, "q")
+    x5, q5, s5 = _five(x, 5), _five(q, 5), _five(scale, 4)
+    A, B, T, H, D = x5.shape
+    if T and A * B:
+        _quant_heads[(T, A * B)](x5, q5, s5, B, *x5.stride()[:3], *q5.stride()[:3], *s5.stride()[:3],
+                                 H=H, D=D, HB=triton.next_power_of_2(H), DB=triton.next_power_of_2(D),
+                                 QMAX=INT8_MAX, num_warps=4)
+    return q, scale
+
+
+def dequantize_heads(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, kernel: bool | None = None) -> torch.Tensor:
+    """rowquant.dequantize_rows(q, scale, out=out): q [..., T, H, D] int8 times scale [..., T, H] in fp32, rounded
+    into out (bf16 or fp32, q's shape; a view of a slot is fine). kernel: as quantize_heads_int8."""
+    kernel = kernel_usable(q) if kernel is None else kernel
+    if not kernel:
+        return dequantize_rows(q, scale, out=out)
+    _check(q, "q")
+    _check(out, "out")
+    q5, s5, o5 = _five(q, 5), _five(scale, 4), _five(out, 5)
+    A, B, T, H, D = q5.shape
+    if T and A * B:
+        _dequant_heads[(T, A * B)](q5, s5, o5, B, *q5.stride()[:3], *s5.stride()[:3], *o5.stride()[:3],
+                                   H=H, D=D, HB=triton.next_power_of_2(H), DB=triton.next_power_of_2(D),
+                                   num_warps=4)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _quant_heads(x, q, s, B, sxa, sxb, sxt, sqa, sqb, sqt, ssa, ssb, sst,
+                     H: tl.constexpr, D: tl.constexpr, HB: tl.constexpr, DB: tl.constexpr, QMAX: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        ab = tl.program_id(1)
+        a, b = (ab // B).to(tl.int64), (ab % B).to(tl.int64)
+        h = tl.arange(0, HB)
+        d = tl.arange(0, DB)
+        m = (h[:, None] < H) & (d[None, :] < D)
+        hd = h[:, None] * D + d[None, :]
+        tile = tl.load(x + a * sxa + b * sxb + t * sxt + hd, mask=m, other=0.0).to(tl.float32)
+        qt, sc = quantize_tile(tile, QMAX, False, tl.int8)
+        tl.store(q + a * sqa + b * sqb + t * sqt + hd, qt, mask=m)
+        tl.store(s + a * ssa + b * ssb + t * sst + h, sc, mask=h < H)
+
+    @triton.jit
+    def _dequant_heads(q, s, o, B, sqa, sqb, sqt, ssa, ssb, sst, soa, sob, sot,
+                       H: tl.constexpr, D: tl.constexpr, HB: tl.constexpr, DB: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        ab = tl.program_id(1)
+        a, b = (ab // B).to(tl.int64), (ab % B).to(tl.int64)
+        h = tl.arange(0, HB)
+        d = tl.arange(0, DB)
+        m = (h[:, None] < H) & (d[None, :] < D)
+        hd = h[:, None] * D + d[None, :]
+        qt = tl.load(q + a * sqa + b * sqb + t * sqt + hd, mask=m, other=0).to(tl.float32)
+        sc = tl.load(s + a * ssa + b * ssb + t * sst + h, mask=h < H, other=0.0)
+        y = qt * sc[:, None]
+        if _INTERPRETED and o.dtype.element_ty == tl.bfloat16:  # the interpreter's cast truncates: round to
+            bits = y.to(tl.int32, bitcast=True)  # nearest even by hand first (finite values), then it is exact
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+            y = bits.to(tl.float32, bitcast=True)
+        tl.store(o + a * soa + b * sob + t * sot + hd, y.to(o.dtype.element_ty), mask=m)

@@ -1,0 +1,100 @@
+"""kernels/kvquant.py: the INT8 step caches' per-(token, head) quantization and dequantization kernels give the bits
+of rowquant's torch functions, read from and write into strided views of larger buffers (a slot's token range, the
+staging and write-back chunks) without touching anything outside them. CPU: Triton's interpreter; `-m cuda`: the
+compiled kernels against the torch functions on the GPU."""
+
+import os
+
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from lowvram.kernels import kvquant as KQ  # noqa: E402
+from lowvram.kernels import rowquant as RQ  # noqa: E402
+from lowvram.kernels.configs import INTERPRETER_WHY, interpreter_ready  # noqa: E402
+
+on_cpu = pytest.mark.skipif(not interpreter_ready(), reason=INTERPRETER_WHY)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def slot_and_chunk(device, H=5, D=32, B=2, cap=24, a=7, n=9, seed=None):
+    """A [2, B, cap, H, D] bf16 slot of random rows with magnitudes spread over 1e-3..1e3 and some all-zero rows, and
+    its token range [a, a + n) (the write-back's chunk)."""
+    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(1 << 30, ())))
+    x = torch.randn(2, B, cap, H, D, generator=g) * 10.0 ** torch.empty(2, B, cap, H, 1).uniform_(-3, 3, generator=g)
+    x[0, 0, a + 1, 2] = 0.0
+    return x.to(device, torch.bfloat16), slice(a, a + n)
+
+
+def _quant_case(device, kernel):
+    slot, chunk = slot_and_chunk(device)
+    x = slot[:, :, chunk]  # strided in tokens, as the cache's
+    q_buf = torch.full((2, 2, 12) + x.shape[-2:], 99, dtype=torch.int8, device=device)
+    s_buf = torch.full((2, 2, 12, x.shape[-2]), -1.0, device=device)
+    n = x.shape[2]
+    KQ.quantize_heads_int8(x, q_buf[:, :, :n], s_buf[:, :, :n], kernel=kernel)
+    q_ref, s_ref = RQ.quantize_rows_int8(x)
+    assert torch.equal(q_buf[:, :, :n], q_ref) and torch.equal(s_buf[:, :, :n], s_ref)
+    assert (q_buf[:, :, n:] == 99).all() and (s_buf[:, :, n:] == -1.0).all()  # nothing written past the chunk
+    assert (s_ref[0, 0, 1, 2] == RQ.SCALE_FLOOR) and (q_ref[0, 0, 1, 2] == 0).all()  # the zero row
+
+
+def _dequant_case(device, kernel, dtype):
+    slot, chunk = slot_and_chunk(device)
+    q, s = RQ.quantize_rows_int8(slot)
+    out = torch.full(slot.shape, 7.0, dtype=dtype, device=device)
+    KQ.dequantize_heads(q[:, :, chunk], s[:, :, chunk], out[:, :, chunk], kernel=kernel)
+    ref = RQ.dequantize_rows(q[:, :, chunk], s[:, :, chunk], out=torch.empty_like(out[:, :, chunk]))
+    assert torch.equal(out[:, :, chunk], ref)
+    keep = torch.ones(slot.shape[2], dtype=torch.bool)
+    keep[chunk] = False
+    assert (out[:, :, keep] == 7.0).all()  # the slot's other tokens untouched
+
+
+@on_cpu
+def test_quantize_heads_kernel_bits_cpu():
+    _quant_case("cpu", kernel=True)
+
+
+@on_cpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dequantize_heads_kernel_bits_cpu(dtype):
+    _dequant_case("cpu", True, dtype)
+
+
+@on_cpu
+def test_three_dim_input_and_new_outputs():
+    # [T, H, D] without given outputs (the INT8 sink's layers are [B, Ls, H, D]; a [T, H, D] view works alike)
+    slot, chunk = slot_and_chunk("cpu")
+    x = slot[1, 0, chunk]
+    q, s = KQ.quantize_heads_int8(x, kernel=True)
+    q_ref, s_ref = RQ.quantize_rows_int8(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+def test_refuses_a_layout_it_cannot_read():
+    x = torch.randn(4, 3, 8, dtype=torch.bfloat16).transpose(1, 2)  # [T, D, H]: heads not contiguous rows
+    with pytest.raises(ValueError, match="H and D contiguous"):
+        KQ.quantize_heads_int8(x, kernel=True)
+
+
+def test_torch_fallback_writes_into_given_views():
+    slot, chunk = slot_and_chunk("cpu")
+    x = slot[:, :, chunk]
+    q = torch.zeros(x.shape, dtype=torch.int8)
+    s = torch.zeros(x.shape[:-1])
+    KQ.quantize_heads_int8(x, q, s, kernel=False)
+    q_ref, s_ref = RQ.quantize_rows_int8(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    assert not KQ.kernel_usable(x)  # the CPU runs the torch functions by default
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_kernels_bits_cuda():
+    _quant_case("cuda", kernel=True)
+    _dequant_case("cuda", True, torch.bfloat16)
