@@ -35,10 +35,13 @@ def _five(x: torch.Tensor, dims: int) -> torch.Tensor:
     return x
 
 
-def _check(x: torch.Tensor, name: str) -> None:
+def _check(x: torch.Tensor, scale: torch.Tensor, name: str) -> None:
     if x.dim() > 5 or x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
         raise ValueError(f"{name} must be [..., T, H, D] with H and D contiguous (<= 5 dims), got shape "
                          f"{tuple(x.shape)} strides {x.stride()}")
+    if scale.shape != x.shape[:-1] or scale.stride(-1) != 1:
+        raise ValueError(f"the scales must be [..., T, H] = {tuple(x.shape[:-1])} with H contiguous, got shape "
+                         f"{tuple(scale.shape)} strides {scale.stride()}")
 
 
 def kernel_usable(x: torch.Tensor) -> bool:
@@ -61,8 +64,8 @@ def quantize_heads_int8(x: torch.Tensor, q: torch.Tensor | None = None, scale: t
         q.copy_(qq)
         scale.copy_(ss)
         return q, scale
-    _check(x, "x")
-    _check(q, "q")
+    _check(x, scale, "x")
+    _check(q, scale, "q")
     x5, q5, s5 = _five(x, 5), _five(q, 5), _five(scale, 4)
     A, B, T, H, D = x5.shape
     if T and A * B:
@@ -72,14 +75,15 @@ def quantize_heads_int8(x: torch.Tensor, q: torch.Tensor | None = None, scale: t
     return q, scale
 
 
-def dequantize_heads(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, kernel: bool | None = None) -> torch.Tensor:
+def dequantize_heads(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor,
+                     kernel: bool | None = None) -> torch.Tensor:
     """rowquant.dequantize_rows(q, scale, out=out): q [..., T, H, D] int8 times scale [..., T, H] in fp32, rounded
     into out (bf16 or fp32, q's shape; a view of a slot is fine). kernel: as quantize_heads_int8."""
     kernel = kernel_usable(q) if kernel is None else kernel
     if not kernel:
         return dequantize_rows(q, scale, out=out)
-    _check(q, "q")
-    _check(out, "out")
+    _check(q, scale, "q")
+    _check(out, scale, "out")
     q5, s5, o5 = _five(q, 5), _five(scale, 4), _five(out, 5)
     A, B, T, H, D = q5.shape
     if T and A * B:
@@ -119,8 +123,9 @@ if triton is not None:
         qt = tl.load(q + a * sqa + b * sqb + t * sqt + hd, mask=m, other=0).to(tl.float32)
         sc = tl.load(s + a * ssa + b * ssb + t * sst + h, mask=h < H, other=0.0)
         y = qt * sc[:, None]
-        if _INTERPRETED and o.dtype.element_ty == tl.bfloat16:  # the interpreter's cast truncates: round to
-            bits = y.to(tl.int32, bitcast=True)  # nearest even by hand first (finite values), then it is exact
-            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
-            y = bits.to(tl.float32, bitcast=True)
+        if _INTERPRETED:  # (a compile-time branch: the GPU's cast rounds to nearest even itself)
+            if o.dtype.element_ty == tl.bfloat16:  # the interpreter's cast truncates: round to nearest even by
+                bits = y.to(tl.int32, bitcast=True)  # hand first (finite values), after which it is exact
+                bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+                y = bits.to(tl.float32, bitcast=True)
         tl.store(o + a * soa + b * sob + t * sot + hd, y.to(o.dtype.element_ty), mask=m)

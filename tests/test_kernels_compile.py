@@ -1,4 +1,5 @@
-"""The fused kernels' new variants compile for sm_90 (TTIR -> PTX -> cubin with Triton's own ptxas), no GPU needed.
+"""The fused kernels' new variants and the KV caches' (kernels/kvquant.py) compile for sm_90 (TTIR -> PTX -> cubin
+with Triton's own ptxas), no GPU needed.
 
 Triton's interpreter accepts what the compiler refuses (a non-constexpr global read inside a kernel, for one), so
 the CPU tests alone cannot show that a kernel builds. This compiles in a subprocess without TRITON_INTERPRET
@@ -19,7 +20,7 @@ SCRIPT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lowvram.kernels import fused, gemm
+    from lowvram.kernels import fused, gemm, kvquant
 
     target = GPUTarget("cuda", 90, 32)
     gemm_sig = {"A": "*fp8e4nv", "W": "*fp8e4nv", "C": "*bf16", "AS": "*fp32", "WS": "*fp32", "BIAS": "*bf16",
@@ -33,8 +34,16 @@ SCRIPT = textwrap.dedent("""
               "Q": "*fp8e4nv", "S": "*fp32", "sx": "i32", "so": "i32", "C": "i32", "rows_per_frame": "i32",
               "eps": "fp32", "Y": "*bf16", "XS": "*fp32", "sy": "i32"}
     ln_c = dict(BLOCK=8192, ROUND_IN=False, AFFINE=False, MOD=True, STORE_H=False, QUANT=True, QMAX=448.0, FP8=True, ADD=True)
+    strides = lambda *names: {n: "i32" for n in names}  # noqa: E731
+    kvq_sig = {"x": "*bf16", "q": "*i8", "s": "*fp32", "B": "i32",
+               **strides("sxa", "sxb", "sxt", "sqa", "sqb", "sqt", "ssa", "ssb", "sst")}
+    kvd_sig = {"q": "*i8", "s": "*fp32", "o": "*bf16", "B": "i32",
+               **strides("sqa", "sqb", "sqt", "ssa", "ssb", "sst", "soa", "sob", "sot")}
+    heads = dict(H=40, D=128, HB=64, DB=128)
     for fn, sig, consts in ((gemm._w8a8_gemm, gemm_sig, gemm_c), (gemm._quant_rows, quant_sig, quant_c),
-                            (fused._ln_mod_kernel, ln_sig, ln_c)):
+                            (fused._ln_mod_kernel, ln_sig, ln_c),
+                            (kvquant._quant_heads, kvq_sig, dict(heads, QMAX=127.0)),
+                            (kvquant._dequant_heads, kvd_sig, heads)):
         sig = dict(sig, **{k: "constexpr" for k in consts})
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
                            options={"num_warps": 4, "num_stages": 2})

@@ -98,3 +98,9 @@ def test_torch_fallback_writes_into_given_views():
 def test_kernels_bits_cuda():
     _quant_case("cuda", kernel=True)
     _dequant_case("cuda", True, torch.bfloat16)
+
+
+def test_refuses_scales_of_another_shape():
+    x = torch.randn(6, 3, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="scales must be"):
+        KQ.quantize_heads_int8(x, scale=torch.empty(6, 4), kernel=True)

@@ -362,11 +362,13 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
     if traced:
         from trace_forward import mean_summary
 
-        res["traced"] = tr = dict(mean_summary([g for _, g in traced]), wall_ms=1e3 * sum(d for d, _ in traced) / len(traced))
+        wall_ms = 1e3 * sum(d for d, _ in traced) / len(traced)
+        res["traced"] = tr = dict(mean_summary([g for _, g in traced]), wall_ms=wall_ms)
         log(f"[{name}] traced {len(traced)} full ticks: wall {tr['wall_ms']:.1f} ms, GPU span {tr['span_ms']:.1f}, "
             f"kernels busy {tr['busy_ms']:.1f}, SMs idle {tr['idle_ms']:.1f} ms per tick; "
             + ", ".join(f"{k} {v:.1f}" for k, v in sorted(tr["kinds"].items(), key=lambda kv: -kv[1]))
-            + "; copies " + ", ".join(f"{k} {v:.1f}" for k, v in tr["copies"].items()) + " ms (FPS of this run: traced)")
+            + "; copies " + ", ".join(f"{k} {v:.1f}" for k, v in tr["copies"].items())
+            + " ms (FPS of this run: traced)")
     res["_finals"] = finals  # taken out by main for schedule_identity: not written to bench.json
     res["nvml_minus_plan_gib"] = round(res["peak_nvml_gib"] - res["expected_peak_gib"], 2) if nv.ok else None
     # projection onto a 4090 (labelled): PCIe traffic at 23 GB/s

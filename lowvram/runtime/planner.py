@@ -179,7 +179,8 @@ def resolve_attention(profile: Profile, capability: tuple[int, int] | None = Non
     compute_capability), as make_plan without a machine does. device_type "cpu" (the tiny checkpoint's runs):
     auto is sdpa there, the CPU having no INT8 tensor cores (triton8's CPU path dequantizes its window).
     Never an optional library (sage: slower end to end where measured, the note below EIGHT_BIT_ATTENTION_SM; fa4:
-    not measured yet): they are explicit choices."""
+    its kernel 1.18x cuDNN's on an H100 but under 1% end to end, BENCHMARKS.md section 3): they are explicit
+    choices."""
     if profile.attention != Attention.AUTO:
         return profile.attention, "set by the profile or an override"
     if device_type != "cuda":
