@@ -30,8 +30,8 @@ import torch
 
 from lowvram.kernels import configs
 from lowvram.kernels.attention import LOG2E, autotuned, bench_multipliers, launch_opts, sink_multipliers, triton_usable
+from lowvram.kernels.kvquant import quantize_tokens_int8
 from lowvram.kernels.reference import attention_torch
-from lowvram.kernels.rowquant import quantize_rows_int8
 
 try:
     import triton
@@ -81,12 +81,11 @@ def kv8_write(cache: KV8Cache, start: int, k: torch.Tensor, v: torch.Tensor) -> 
     if not cache.mean_ready:
         cache.k_mean.copy_(k.float().mean(dim=1))  # [B, H, D]
         cache.mean_ready = True
-    kq, ks = quantize_rows_int8(k.float() - cache.k_mean[:, None])  # per (token, head): [B, n, H, D], [B, n, H]
-    vq, vs = quantize_rows_int8(v)
-    cache.k[:, start:start + n] = kq
-    cache.k_scale[..., start:start + n] = ks.transpose(1, 2)
-    cache.v[..., start:start + n] = vq.permute(0, 2, 3, 1)
-    cache.v_scale[..., start:start + n] = vs.transpose(1, 2)
+    # per (token, head), straight into the cache's layouts ([B, n, H, D] and [B, n, H] views of them): one pass each
+    # on the GPU (kernels/kvquant.py), rowquant's torch functions elsewhere; the same bits
+    win = slice(start, start + n)
+    quantize_tokens_int8(k, cache.k[:, win], cache.k_scale[..., win].transpose(1, 2), mean=cache.k_mean)
+    quantize_tokens_int8(v, cache.v[..., win].permute(0, 3, 1, 2), cache.v_scale[..., win].transpose(1, 2))
 
 
 def kv8_window(cache: KV8Cache, end: int) -> KV8Cache:

@@ -10,7 +10,8 @@ same SMs and HBM. Here each is one kernel that reads its input once and writes i
 the strided views the caches use (a slot's token range, the staging and write-back buffers), so no copy is made.
 
 Layout: x [A, B, T, H, D] (any strides for A, B, T; H, D contiguous: stride D, 1), scales [A, B, T, H]. One program
-per (token, A * B): its [H, D] tile, each head a row.
+per (token, A * B): its [H, D] tile, each head a row. `quantize_tokens_int8` serves the 8-bit attention's caches
+(attention8.kv8_write: K smoothed by its mean, V and both scales stored token-contiguous), any strides.
 """
 
 from __future__ import annotations
@@ -93,7 +94,52 @@ def dequantize_heads(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor,
     return out
 
 
+def quantize_tokens_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor | None = None,
+                         kernel: bool | None = None) -> None:
+    """rowquant.quantize_rows_int8 of x [B, n, H, D] (minus mean [B, H, D] fp32, for the 8-bit attention's smoothed
+    K) into q [B, n, H, D] int8 and scale [B, n, H] fp32: views with any strides, e.g. a KV8Cache's token-contiguous
+    V [B, H, D, L] and scales [B, H, L] permuted to these shapes. One program per (32 tokens, head, sample): rows
+    along D, stored along either layout. kernel: as quantize_heads_int8."""
+    kernel = kernel_usable(x) if kernel is None else kernel
+    if q.shape != x.shape or scale.shape != x.shape[:-1] or (mean is not None and mean.shape != (
+            x.shape[0], x.shape[2], x.shape[3])):
+        raise ValueError(f"quantize_tokens_int8: x {tuple(x.shape)} needs q of its shape, scales {tuple(x.shape[:-1])}"
+                         f" and a mean of [B, H, D]; got {tuple(q.shape)}, {tuple(scale.shape)}"
+                         f"{'' if mean is None else ', ' + str(tuple(mean.shape))}")
+    if not kernel:
+        qq, ss = quantize_rows_int8(x.float() - mean[:, None] if mean is not None else x)
+        q.copy_(qq)
+        scale.copy_(ss)
+        return
+    B, n, H, D = x.shape
+    if n and B:
+        m = mean.contiguous() if mean is not None else scale  # (a dummy pointer when there is no mean)
+        _quant_tokens[(triton.cdiv(n, TOKENS), H, B)](x, q, scale, m, n, *x.stride(), *q.stride(), *scale.stride(),
+                                                       H=H, D=D, DB=triton.next_power_of_2(D), TB=TOKENS,
+                                                       MEAN=mean is not None, QMAX=INT8_MAX, num_warps=4)
+
+
+TOKENS = 32  # tokens per program of quantize_tokens_int8: 32 bytes along a token-contiguous layout per store
+
+
 if triton is not None:
+
+    @triton.jit
+    def _quant_tokens(x, q, s, mean, n, sxb, sxt, sxh, sxd, sqb, sqt, sqh, sqd, ssb, sst, ssh,
+                      H: tl.constexpr, D: tl.constexpr, DB: tl.constexpr, TB: tl.constexpr, MEAN: tl.constexpr,
+                      QMAX: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64) * TB + tl.arange(0, TB).to(tl.int64)
+        h = tl.program_id(1).to(tl.int64)
+        b = tl.program_id(2).to(tl.int64)
+        d = tl.arange(0, DB)
+        m = (t[:, None] < n) & (d[None, :] < D)
+        tile = tl.load(x + b * sxb + t[:, None] * sxt + h * sxh + d[None, :] * sxd, mask=m, other=0.0).to(tl.float32)
+        if MEAN:  # fp32 [D] of this (sample, head), one subtraction per element as torch's x.float() - mean
+            mu = tl.load(mean + (b * H + h) * D + d, mask=d < D, other=0.0)
+            tile = tl.where(m, tile - mu[None, :], 0.0)
+        qt, sc = quantize_tile(tile, QMAX, False, tl.int8)
+        tl.store(q + b * sqb + t[:, None] * sqt + h * sqh + d[None, :] * sqd, qt, mask=m)
+        tl.store(s + b * ssb + t * sst + h * ssh, sc, mask=t < n)
 
     @triton.jit
     def _quant_heads(x, q, s, B, sxa, sxb, sxt, sqa, sqb, sqt, ssa, ssb, sst,

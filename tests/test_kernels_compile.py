@@ -1,5 +1,5 @@
-"""The fused kernels' new variants and the KV caches' (kernels/kvquant.py) compile for sm_90 (TTIR -> PTX -> cubin
-with Triton's own ptxas), no GPU needed.
+"""The fused kernels' new variants and the KV caches' (kernels/kvquant.py) compile for sm_90 (the 8-bit attention's
+cache writer also for the RTX 40's sm_89) (TTIR -> PTX -> cubin with Triton's own ptxas), no GPU needed.
 
 Triton's interpreter accepts what the compiler refuses (a non-constexpr global read inside a kernel, for one), so
 the CPU tests alone cannot show that a kernel builds. This compiles in a subprocess without TRITON_INTERPRET
@@ -40,14 +40,22 @@ SCRIPT = textwrap.dedent("""
     kvd_sig = {"q": "*i8", "s": "*fp32", "o": "*bf16", "B": "i32",
                **strides("sqa", "sqb", "sqt", "ssa", "ssb", "sst", "soa", "sob", "sot")}
     heads = dict(H=40, D=128, HB=64, DB=128)
+    kvt_sig = {"x": "*bf16", "q": "*i8", "s": "*fp32", "mean": "*fp32", "n": "i32",
+               **strides("sxb", "sxt", "sxh", "sxd", "sqb", "sqt", "sqh", "sqd", "ssb", "sst", "ssh")}
+    kvt_c = dict(H=40, D=128, DB=128, TB=32, MEAN=True, QMAX=127.0)
     for fn, sig, consts in ((gemm._w8a8_gemm, gemm_sig, gemm_c), (gemm._quant_rows, quant_sig, quant_c),
                             (fused._ln_mod_kernel, ln_sig, ln_c),
                             (kvquant._quant_heads, kvq_sig, dict(heads, QMAX=127.0)),
-                            (kvquant._dequant_heads, kvd_sig, heads)):
+                            (kvquant._dequant_heads, kvd_sig, heads), (kvquant._quant_tokens, kvt_sig, kvt_c)):
         sig = dict(sig, **{k: "constexpr" for k in consts})
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
                            options={"num_warps": 4, "num_stages": 2})
         assert "cubin" in k.asm, fn
+    # kv8_write's kernel runs on the RTX cards (attention triton8): their sm_89 too
+    sig = dict(kvt_sig, **{k: "constexpr" for k in kvt_c})
+    k = triton.compile(ASTSource(fn=kvquant._quant_tokens, signature=sig, constexprs=kvt_c),
+                       target=GPUTarget("cuda", 89, 32), options={"num_warps": 4, "num_stages": 2})
+    assert "cubin" in k.asm
     print("compiled")
 """)
 

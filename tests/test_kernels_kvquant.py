@@ -104,3 +104,48 @@ def test_refuses_scales_of_another_shape():
     x = torch.randn(6, 3, 8, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="scales must be"):
         KQ.quantize_heads_int8(x, scale=torch.empty(6, 4), kernel=True)
+
+
+def _kv8_case(device, kernel):
+    """kv8_write's two quantizations into a KV8Cache (K smoothed by the cache's mean, token-major; V and both scales
+    token-contiguous), by quantize_tokens_int8, against rowquant's torch functions on the same inputs."""
+    from lowvram.kernels import attention8 as A8
+
+    B, L, H, D, start, n = 2, 80, 3, 32, 11, 37  # n not a multiple of the kernel's 32 tokens
+    slot, _ = slot_and_chunk(device, H=H, D=D, B=B, cap=n)
+    k, v = slot[0], slot[1]  # [B, n, H, D]
+    cache = A8.kv8_alloc(B, L, H, D, device)
+    cache.k_mean.copy_(torch.randn(B, H, D))
+    sentinel_k, sentinel_v = cache.k.clone(), cache.v.clone()
+    win = slice(start, start + n)
+    KQ.quantize_tokens_int8(k, cache.k[:, win], cache.k_scale[..., win].transpose(1, 2), mean=cache.k_mean,
+                            kernel=kernel)
+    KQ.quantize_tokens_int8(v, cache.v[..., win].permute(0, 3, 1, 2), cache.v_scale[..., win].transpose(1, 2),
+                            kernel=kernel)
+    kq, ks = RQ.quantize_rows_int8(k.float() - cache.k_mean[:, None])
+    vq, vs = RQ.quantize_rows_int8(v)
+    assert torch.equal(cache.k[:, win], kq) and torch.equal(cache.k_scale[..., win], ks.transpose(1, 2))
+    assert torch.equal(cache.v[..., win], vq.permute(0, 2, 3, 1))
+    assert torch.equal(cache.v_scale[..., win], vs.transpose(1, 2))
+    outside = torch.ones(L, dtype=torch.bool)
+    outside[win] = False
+    assert torch.equal(cache.k[:, outside], sentinel_k[:, outside])  # the cache's other tokens untouched
+    assert torch.equal(cache.v[..., outside], sentinel_v[..., outside])
+    assert (cache.k_scale[..., outside] == 1).all() and (cache.v_scale[..., outside] == 1).all()
+
+
+@on_cpu
+def test_quantize_tokens_into_a_kv8_cache_cpu():
+    _kv8_case("cpu", kernel=True)
+
+
+def test_quantize_tokens_refuses_mismatched_outputs():
+    x = torch.randn(1, 4, 2, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="quantize_tokens_int8"):
+        KQ.quantize_tokens_int8(x, torch.empty(1, 4, 2, 8, dtype=torch.int8), torch.empty(1, 4, 3), kernel=False)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_quantize_tokens_cuda():
+    _kv8_case("cuda", kernel=True)
