@@ -9,9 +9,11 @@ dynamically casting loop) and the quantization eight passes over fp32 temporarie
 same SMs and HBM. Here each is one kernel that reads its input once and writes its outputs once, from and into
 the strided views the caches use (a slot's token range, the staging and write-back buffers), so no copy is made.
 
-Layout: x [A, B, T, H, D] (any strides for A, B, T; H, D contiguous: stride D, 1), scales [A, B, T, H]. One program
-per (token, A * B): its [H, D] tile, each head a row. `quantize_tokens_int8` serves the 8-bit attention's caches
-(attention8.kv8_write: K smoothed by its mean, V and both scales stored token-contiguous), any strides.
+Quantization (`quantize_tokens_int8`): x [B, n, H, D] into q and scales [B, n, H] of any strides, one program per
+(32 tokens, head, sample); it also serves the 8-bit attention's caches (attention8.kv8_write: K smoothed by its mean,
+V and both scales stored token-contiguous). `quantize_heads_int8` takes [..., T, H, D] views whose leading dims merge.
+Dequantization (`dequantize_heads`): q [A, B, T, H, D] (any strides for A, B, T; H, D contiguous) and scales
+[A, B, T, H] into out of q's layout, one program per (token, A * B): its [H, D] tile, each head a row.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def _five(x: torch.Tensor, dims: int) -> torch.Tensor:
     return x
 
 
-def _check(x: torch.Tensor, scale: torch.Tensor, name: str) -> None:
+def _check(x: torch.Tensor, scale: torch.Tensor, name: str) -> None:  # dequantize_heads' layout
     if x.dim() > 5 or x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
         raise ValueError(f"{name} must be [..., T, H, D] with H and D contiguous (<= 5 dims), got shape "
                          f"{tuple(x.shape)} strides {x.stride()}")
@@ -50,11 +52,22 @@ def kernel_usable(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
 
 
+def _samples(t: torch.Tensor, tail: int) -> torch.Tensor:
+    """t [..., *last `tail` dims] as [N, *those] without a copy (a ValueError where its strides do not allow one:
+    the kernel would otherwise write into a temporary)."""
+    try:
+        return t.view(-1, *t.shape[t.dim() - tail:]) if t.dim() != tail + 1 else t
+    except RuntimeError as e:
+        raise ValueError(f"a [..., T, H, D] view whose leading dims cannot merge: shape {tuple(t.shape)} strides "
+                         f"{t.stride()} ({e})") from None
+
+
 def quantize_heads_int8(x: torch.Tensor, q: torch.Tensor | None = None, scale: torch.Tensor | None = None,
                         kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """rowquant.quantize_rows_int8 of x [..., T, H, D] (rows of D), written into q (int8, x's shape) and scale (fp32,
-    x's shape without D) where given (views of larger buffers are fine), else into new tensors. kernel: None runs the
-    Triton kernel on CUDA (kernel_usable), True also under the interpreter, False the torch functions."""
+    x's shape without D) where given (views of larger buffers are fine), else into new tensors; returns (q, scale).
+    kernel: None runs the Triton kernel (quantize_tokens_int8's) on CUDA (kernel_usable), True also under the
+    interpreter, False the torch functions."""
     kernel = kernel_usable(x) if kernel is None else kernel
     if q is None:
         q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
@@ -65,14 +78,10 @@ def quantize_heads_int8(x: torch.Tensor, q: torch.Tensor | None = None, scale: t
         q.copy_(qq)
         scale.copy_(ss)
         return q, scale
-    _check(x, scale, "x")
-    _check(q, scale, "q")
-    x5, q5, s5 = _five(x, 5), _five(q, 5), _five(scale, 4)
-    A, B, T, H, D = x5.shape
-    if T and A * B:
-        _quant_heads[(T, A * B)](x5, q5, s5, B, *x5.stride()[:3], *q5.stride()[:3], *s5.stride()[:3],
-                                 H=H, D=D, HB=triton.next_power_of_2(H), DB=triton.next_power_of_2(D),
-                                 QMAX=INT8_MAX, num_warps=4)
+    if x.dim() < 3 or q.shape != x.shape or scale.shape != x.shape[:-1]:
+        raise ValueError(f"quantize_heads_int8: x [..., T, H, D] {tuple(x.shape)} needs q of its shape and scales "
+                         f"{tuple(x.shape[:-1])}; got {tuple(q.shape)}, {tuple(scale.shape)}")
+    quantize_tokens_int8(_samples(x, 3), _samples(q, 3), _samples(scale, 2), kernel=True)
     return q, scale
 
 
@@ -101,7 +110,7 @@ def quantize_tokens_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, 
     V [B, H, D, L] and scales [B, H, L] permuted to these shapes. One program per (32 tokens, head, sample): rows
     along D, stored along either layout. kernel: as quantize_heads_int8."""
     kernel = kernel_usable(x) if kernel is None else kernel
-    if q.shape != x.shape or scale.shape != x.shape[:-1] or (mean is not None and mean.shape != (
+    if x.dim() != 4 or q.shape != x.shape or scale.shape != x.shape[:-1] or (mean is not None and mean.shape != (
             x.shape[0], x.shape[2], x.shape[3])):
         raise ValueError(f"quantize_tokens_int8: x {tuple(x.shape)} needs q of its shape, scales {tuple(x.shape[:-1])}"
                          f" and a mean of [B, H, D]; got {tuple(q.shape)}, {tuple(scale.shape)}"
@@ -140,21 +149,6 @@ if triton is not None:
         qt, sc = quantize_tile(tile, QMAX, False, tl.int8)
         tl.store(q + b * sqb + t[:, None] * sqt + h * sqh + d[None, :] * sqd, qt, mask=m)
         tl.store(s + b * ssb + t * sst + h * ssh, sc, mask=t < n)
-
-    @triton.jit
-    def _quant_heads(x, q, s, B, sxa, sxb, sxt, sqa, sqb, sqt, ssa, ssb, sst,
-                     H: tl.constexpr, D: tl.constexpr, HB: tl.constexpr, DB: tl.constexpr, QMAX: tl.constexpr):
-        t = tl.program_id(0).to(tl.int64)
-        ab = tl.program_id(1)
-        a, b = (ab // B).to(tl.int64), (ab % B).to(tl.int64)
-        h = tl.arange(0, HB)
-        d = tl.arange(0, DB)
-        m = (h[:, None] < H) & (d[None, :] < D)
-        hd = h[:, None] * D + d[None, :]
-        tile = tl.load(x + a * sxa + b * sxb + t * sxt + hd, mask=m, other=0.0).to(tl.float32)
-        qt, sc = quantize_tile(tile, QMAX, False, tl.int8)
-        tl.store(q + a * sqa + b * sqb + t * sqt + hd, qt, mask=m)
-        tl.store(s + a * ssa + b * ssb + t * sst + h, sc, mask=h < H)
 
     @triton.jit
     def _dequant_heads(q, s, o, B, sqa, sqb, sqt, ssa, ssb, sst, soa, sob, sot,

@@ -35,8 +35,6 @@ SCRIPT = textwrap.dedent("""
               "eps": "fp32", "Y": "*bf16", "XS": "*fp32", "sy": "i32"}
     ln_c = dict(BLOCK=8192, ROUND_IN=False, AFFINE=False, MOD=True, STORE_H=False, QUANT=True, QMAX=448.0, FP8=True, ADD=True)
     strides = lambda *names: {n: "i32" for n in names}  # noqa: E731
-    kvq_sig = {"x": "*bf16", "q": "*i8", "s": "*fp32", "B": "i32",
-               **strides("sxa", "sxb", "sxt", "sqa", "sqb", "sqt", "ssa", "ssb", "sst")}
     kvd_sig = {"q": "*i8", "s": "*fp32", "o": "*bf16", "B": "i32",
                **strides("sqa", "sqb", "sqt", "ssa", "ssb", "sst", "soa", "sob", "sot")}
     heads = dict(H=40, D=128, HB=64, DB=128)
@@ -45,7 +43,6 @@ SCRIPT = textwrap.dedent("""
     kvt_c = dict(H=40, D=128, DB=128, TB=32, MEAN=True, QMAX=127.0)
     for fn, sig, consts in ((gemm._w8a8_gemm, gemm_sig, gemm_c), (gemm._quant_rows, quant_sig, quant_c),
                             (fused._ln_mod_kernel, ln_sig, ln_c),
-                            (kvquant._quant_heads, kvq_sig, dict(heads, QMAX=127.0)),
                             (kvquant._dequant_heads, kvd_sig, heads), (kvquant._quant_tokens, kvt_sig, kvt_c)):
         sig = dict(sig, **{k: "constexpr" for k in consts})
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,

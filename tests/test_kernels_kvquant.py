@@ -77,9 +77,20 @@ def test_three_dim_input_and_new_outputs():
 
 
 def test_refuses_a_layout_it_cannot_read():
-    x = torch.randn(4, 3, 8, dtype=torch.bfloat16).transpose(1, 2)  # [T, D, H]: heads not contiguous rows
+    q = torch.randint(-127, 128, (4, 3, 8), dtype=torch.int8).transpose(1, 2)  # [T, D, H]: heads not contiguous rows
     with pytest.raises(ValueError, match="H and D contiguous"):
+        KQ.dequantize_heads(q, torch.rand(4, 8), torch.empty(4, 8, 3), kernel=True)
+    x = torch.randn(2, 6, 3, 4, 8, dtype=torch.bfloat16).transpose(0, 1)  # leading dims that cannot merge
+    with pytest.raises(ValueError, match="cannot merge"):
         KQ.quantize_heads_int8(x, kernel=True)
+
+
+def test_any_strides_quantize():
+    # the token kernel reads and writes any strides: heads not contiguous, a transposed [T, D, H] view
+    x = torch.randn(5, 8, 3, dtype=torch.bfloat16).transpose(1, 2)  # [T, H, D] with stride(D) = H
+    q, s = KQ.quantize_heads_int8(x, kernel=True)
+    q_ref, s_ref = RQ.quantize_rows_int8(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
 
 
 def test_torch_fallback_writes_into_given_views():
@@ -102,8 +113,10 @@ def test_kernels_bits_cuda():
 
 def test_refuses_scales_of_another_shape():
     x = torch.randn(6, 3, 8, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="scales must be"):
+    with pytest.raises(ValueError, match="quantize_heads_int8"):
         KQ.quantize_heads_int8(x, scale=torch.empty(6, 4), kernel=True)
+    with pytest.raises(ValueError, match="scales must be"):
+        KQ.dequantize_heads(x.to(torch.int8), torch.empty(6, 4), torch.empty(6, 3, 8), kernel=True)
 
 
 def _kv8_case(device, kernel):
