@@ -107,14 +107,25 @@ def enospc(monkeypatch):
     return inject
 
 
-@pytest.fixture(scope="session")
-def user_path():
-    """tools/user_path.py as a module (the GPU driver's pieces that need no GPU)."""
+def load_tool(name: str):
+    """tools/<name>.py as a module (the tools are scripts, not a package)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "tools" / "user_path.py"
-    spec = importlib.util.spec_from_file_location("user_path", path)
+    path = Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="session")
+def user_path():
+    """tools/user_path.py as a module (the GPU driver's pieces that need no GPU)."""
+    return load_tool("user_path")
+
+
+@pytest.fixture(scope="session")
+def trace_forward():
+    """tools/trace_forward.py as a module (its summaries of a profiled span)."""
+    return load_tool("trace_forward")

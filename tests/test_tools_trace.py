@@ -1,20 +1,9 @@
 """tools/trace_forward.py's summary of a profiled span (what bench.py --trace-ticks reports): the union of kernel
 intervals over streams and the copy directions."""
 
-import importlib.util
 import random
-from pathlib import Path
 
 import pytest
-
-
-@pytest.fixture(scope="module")
-def trace_forward():
-    path = Path(__file__).resolve().parent.parent / "tools" / "trace_forward.py"
-    spec = importlib.util.spec_from_file_location("trace_forward", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_union_ms_against_a_grid(trace_forward):
