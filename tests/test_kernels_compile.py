@@ -1,5 +1,6 @@
-"""The fused kernels' new variants and the KV caches' (kernels/kvquant.py) compile for sm_90 (the 8-bit attention's
-cache writer also for the RTX 40's sm_89) (TTIR -> PTX -> cubin with Triton's own ptxas), no GPU needed.
+"""The fused kernels' new variants and the KV caches' (kernels/kvquant.py) compile for sm_90, the 8-bit attention's
+cache writer also for the RTX 40's sm_89 and the RTX 30's sm_86 (TTIR -> PTX -> cubin with Triton's own ptxas), no
+GPU needed.
 
 Triton's interpreter accepts what the compiler refuses (a non-constexpr global read inside a kernel, for one), so
 the CPU tests alone cannot show that a kernel builds. This compiles in a subprocess without TRITON_INTERPRET
@@ -48,11 +49,12 @@ SCRIPT = textwrap.dedent("""
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
                            options={"num_warps": 4, "num_stages": 2})
         assert "cubin" in k.asm, fn
-    # kv8_write's kernel runs on the RTX cards (attention triton8): their sm_89 too
+    # kv8_write's kernel runs on the RTX cards (attention triton8): their sm_89 and sm_86 too
     sig = dict(kvt_sig, **{k: "constexpr" for k in kvt_c})
-    k = triton.compile(ASTSource(fn=kvquant._quant_tokens, signature=sig, constexprs=kvt_c),
-                       target=GPUTarget("cuda", 89, 32), options={"num_warps": 4, "num_stages": 2})
-    assert "cubin" in k.asm
+    for arch in (89, 86):
+        k = triton.compile(ASTSource(fn=kvquant._quant_tokens, signature=sig, constexprs=kvt_c),
+                           target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 2})
+        assert "cubin" in k.asm, arch
     print("compiled")
 """)
 
