@@ -12,8 +12,9 @@ the strided views the caches use (a slot's token range, the staging and write-ba
 Quantization (`quantize_tokens_int8`): x [B, n, H, D] into q and scales [B, n, H] of any strides, one program per
 (32 tokens, head, sample); it also serves the 8-bit attention's caches (attention8.kv8_write: K smoothed by its mean,
 V and both scales stored token-contiguous). `quantize_heads_int8` takes [..., T, H, D] views whose leading dims merge.
-Dequantization (`dequantize_heads`): q [A, B, T, H, D] (any strides for A, B, T; H, D contiguous) and scales
-[A, B, T, H] into out of q's layout, one program per (token, A * B): its [H, D] tile, each head a row.
+Dequantization (`dequantize_heads`): q [..., T, H, D] (H, D contiguous; leading dims that merge, any strides for
+them and T) and scales [..., T, H] into out of q's shape, one program per (token, sample): its [H, D] tile, each
+head a row.
 """
 
 from __future__ import annotations
@@ -31,16 +32,9 @@ except ImportError:  # CPU-only installs: the torch functions
     triton = None
 
 
-def _five(x: torch.Tensor, dims: int) -> torch.Tensor:
-    """x with leading size-1 dims so that it has `dims` dims ([T, H, D] -> [1, 1, T, H, D])."""
-    while x.dim() < dims:
-        x = x.unsqueeze(0)
-    return x
-
-
 def _check(x: torch.Tensor, scale: torch.Tensor, name: str) -> None:  # dequantize_heads' layout
-    if x.dim() > 5 or x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
-        raise ValueError(f"{name} must be [..., T, H, D] with H and D contiguous (<= 5 dims), got shape "
+    if x.dim() < 3 or x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
+        raise ValueError(f"{name} must be [..., T, H, D] with H and D contiguous, got shape "
                          f"{tuple(x.shape)} strides {x.stride()}")
     if scale.shape != x.shape[:-1] or scale.stride(-1) != 1:
         raise ValueError(f"the scales must be [..., T, H] = {tuple(x.shape[:-1])} with H contiguous, got shape "
@@ -94,12 +88,11 @@ def dequantize_heads(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor,
         return dequantize_rows(q, scale, out=out)
     _check(q, scale, "q")
     _check(out, scale, "out")
-    q5, s5, o5 = _five(q, 5), _five(scale, 4), _five(out, 5)
-    A, B, T, H, D = q5.shape
-    if T and A * B:
-        _dequant_heads[(T, A * B)](q5, s5, o5, B, *q5.stride()[:3], *s5.stride()[:3], *o5.stride()[:3],
-                                   H=H, D=D, HB=triton.next_power_of_2(H), DB=triton.next_power_of_2(D),
-                                   num_warps=4)
+    q4, s3, o4 = _samples(q, 3), _samples(scale, 2), _samples(out, 3)
+    N, T, H, D = q4.shape
+    if T and N:
+        _dequant_heads[(T, N)](q4, s3, o4, *q4.stride()[:2], *s3.stride()[:2], *o4.stride()[:2],
+                               H=H, D=D, HB=triton.next_power_of_2(H), DB=triton.next_power_of_2(D), num_warps=4)
     return out
 
 
@@ -151,21 +144,20 @@ if triton is not None:
         tl.store(s + b * ssb + t * sst + h * ssh, sc, mask=t < n)
 
     @triton.jit
-    def _dequant_heads(q, s, o, B, sqa, sqb, sqt, ssa, ssb, sst, soa, sob, sot,
+    def _dequant_heads(q, s, o, sqn, sqt, ssn, sst, son, sot,
                        H: tl.constexpr, D: tl.constexpr, HB: tl.constexpr, DB: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
-        ab = tl.program_id(1)
-        a, b = (ab // B).to(tl.int64), (ab % B).to(tl.int64)
+        i = tl.program_id(1).to(tl.int64)
         h = tl.arange(0, HB)
         d = tl.arange(0, DB)
         m = (h[:, None] < H) & (d[None, :] < D)
         hd = h[:, None] * D + d[None, :]
-        qt = tl.load(q + a * sqa + b * sqb + t * sqt + hd, mask=m, other=0).to(tl.float32)
-        sc = tl.load(s + a * ssa + b * ssb + t * sst + h, mask=h < H, other=0.0)
+        qt = tl.load(q + i * sqn + t * sqt + hd, mask=m, other=0).to(tl.float32)
+        sc = tl.load(s + i * ssn + t * sst + h, mask=h < H, other=0.0)
         y = qt * sc[:, None]
         if _INTERPRETED:  # (a compile-time branch: the GPU's cast rounds to nearest even itself)
             if o.dtype.element_ty == tl.bfloat16:  # the interpreter's cast truncates: round to nearest even by
                 bits = y.to(tl.int32, bitcast=True)  # hand first (finite values), after which it is exact
                 bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
                 y = bits.to(tl.float32, bitcast=True)
-        tl.store(o + a * soa + b * sob + t * sot + hd, y.to(o.dtype.element_ty), mask=m)
+        tl.store(o + i * son + t * sot + hd, y.to(o.dtype.element_ty), mask=m)

@@ -36,8 +36,7 @@ SCRIPT = textwrap.dedent("""
               "eps": "fp32", "Y": "*bf16", "XS": "*fp32", "sy": "i32"}
     ln_c = dict(BLOCK=8192, ROUND_IN=False, AFFINE=False, MOD=True, STORE_H=False, QUANT=True, QMAX=448.0, FP8=True, ADD=True)
     strides = lambda *names: {n: "i32" for n in names}  # noqa: E731
-    kvd_sig = {"q": "*i8", "s": "*fp32", "o": "*bf16", "B": "i32",
-               **strides("sqa", "sqb", "sqt", "ssa", "ssb", "sst", "soa", "sob", "sot")}
+    kvd_sig = {"q": "*i8", "s": "*fp32", "o": "*bf16", **strides("sqn", "sqt", "ssn", "sst", "son", "sot")}
     heads = dict(H=40, D=128, HB=64, DB=128)
     kvt_sig = {"x": "*bf16", "q": "*i8", "s": "*fp32", "mean": "*fp32", "n": "i32",
                **strides("sxb", "sxt", "sxh", "sxd", "sqb", "sqt", "sqh", "sqd", "ssb", "sst", "ssh")}

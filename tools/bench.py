@@ -290,6 +290,8 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
     latents, full, nv, dit, dec, timed, finals = {}, [], None, 0.0, 0.0, False, {}
     queue = engine.decode_queue(to_uint8=True)  # on its own stream when plan.vae_overlap, as the session
     wall0, prof, traced = None, None, []  # traced: (wall s, trace_forward.gpu_summary) of each traced tick
+    if trace_ticks:
+        from trace_forward import gpu_summary, mean_summary
     for tick in ticks(total, steps, drain_before=drain):
         if not timed and min(4 * wk.idx.clip + wk.idx.block for wk in tick) >= 4:  # warm-up over
             queue.drain()
@@ -311,8 +313,6 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
         dt = time.perf_counter() - t
         if tracing:
             prof.__exit__(None, None, None)
-            from trace_forward import gpu_summary
-
             traced.append((dt, gpu_summary(prof, 1)))
             prof = None
         if timed:
@@ -360,8 +360,6 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
                peak_reserved_gib=round(torch.cuda.max_memory_reserved(device) / GIB, 2) if device.type == "cuda" else 0,
                peak_nvml_gib=round(nv.peak / GIB, 2), raw_stats=stats)
     if traced:
-        from trace_forward import mean_summary
-
         wall_ms = 1e3 * sum(d for d, _ in traced) / len(traced)
         res["traced"] = tr = dict(mean_summary([g for _, g in traced]), wall_ms=wall_ms)
         log(f"[{name}] traced {len(traced)} full ticks: wall {tr['wall_ms']:.1f} ms, GPU span {tr['span_ms']:.1f}, "
