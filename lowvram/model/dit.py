@@ -191,15 +191,49 @@ class LiveAvatarDiT(nn.Module):
         Batched: the GEMMs run over all B x F*h'*w' tokens at once; per sample are the time embedding (the
         reference's [t; 0] shapes), the RoPE positions, the sink positions (its keys are roped per sample)
         and the attention over that sample's window and the sink. B = 1 is exactly the unbatched call.
-        Returns the velocity [B, 16, F, h, w] in the compute dtype."""
+        Returns the velocity [B, 16, F, h, w] in the compute dtype.
+        The call is `prepare` (the host's part) then `run` (the device's); runtime/graphs.py replays `run` as a
+        CUDA graph."""
+        return self.run(x, t, context, audio, sink, self.prepare(x, t, audio, kv, sink, start_frame, ref_shift))
+
+    @torch.no_grad()
+    def prepare(self, x, t, audio, kv, sink: Sink, start_frame, ref_shift) -> "Call":
+        """The host's part of a call (forward's arguments): checks the batch, advances the caches' rings
+        (begin_forward, begin_forwards) and builds on the device the RoPE multipliers of the queries and of each
+        sample's sink positions, the only tensors of a call that depend on its start frames and shifts."""
         cfg = self.cfg
-        dt = self.dtype
         b = x.shape[0]
         kvs = list(kv) if isinstance(kv, (list, tuple)) else [kv]
         starts = [start_frame] * b if isinstance(start_frame, int) else [int(n) for n in start_frame]
         shifts = [ref_shift] * b if isinstance(ref_shift, int) else [int(d) for d in ref_shift]
         if not len(kvs) == len(starts) == len(shifts) == b or t.shape[0] != b or audio.shape[0] != b:
             raise ValueError(f"a batch of {b} needs {b} timesteps rows, audios, caches, start frames and shifts")
+        # the patch embedding's token grid (kernel = stride = patch: floor division, as the convolution)
+        frames, rows, cols = (n // p for n, p in zip(x.shape[2:], cfg.patch_size))
+        # positions on the host, multipliers built on the device from the table (no host-to-device copy: each
+        # would synchronise the host with the GPU, tests/test_sync.py)
+        rope = self._rope_for(max(max(n + frames for n in starts),
+                                  max(sink.last_frame(n, d) for n, d in zip(starts, shifts))))
+        # RoPE of each sample's tokens, stacked [B * F*h'*w', D/2] (the blocks rope q and k row by row)
+        cs = [rope.grid(n, frames, rows, cols) for n in starts]
+        cos, sin = (cs[0][0], cs[0][1]) if b == 1 else (torch.cat([c for c, _ in cs]), torch.cat([s for _, s in cs]))
+        # the sink's, per sample, the same in all layers of the call
+        sinks = [sink.rope_tables(rope, n, d) for n, d in zip(starts, shifts)]
+        n_new, per_frame = frames * rows * cols, rows * cols
+        if b == 1:
+            kvs[0].begin_forward(starts[0] * per_frame, n_new)
+        else:
+            begin_forwards(kvs, [n * per_frame for n in starts], n_new)
+        return Call(kvs, cos, sin, sinks)
+
+    @torch.no_grad()
+    def run(self, x, t, context, audio, sink: Sink, call: "Call"):
+        """The device's part of a call: `forward`'s arguments with `prepare`'s Call, whose caches have begun it.
+        Its host code depends on the shapes, the caches and the sink only, so a CUDA graph of it replays any call of
+        those shapes whose tensors were copied into the captured ones (runtime/graphs.py)."""
+        cfg = self.cfg
+        dt = self.dtype
+        b, kvs, sinks = x.shape[0], call.kvs, call.sinks
         # audio: the first frame repeated motion_frames times in front, keep the block's frames
         pre = audio[..., :1].expand(*audio.shape[:-1], cfg.motion_frames)
         feats = torch.cat([pre, audio], dim=-1)
@@ -211,28 +245,14 @@ class LiveAvatarDiT(nn.Module):
         a_glob, a_loc = a_glob[:, skip:].to(dt), a_loc[:, skip:].to(dt)
 
         tokens, grid = _per_sample(self._patchify, x)
-        frames, per_frame = grid[0], grid[1] * grid[2]
+        frames = grid[0]
         # no pose video: cond_encoder(0) is exactly its bias
         tokens = tokens + self.cond_encoder.bias.to(dt) + self.trainable_cond_mask.weight[0].to(dt)
-        # positions on the host, multipliers built on the device from the table (no host-to-device copy: each
-        # would synchronise the host with the GPU, tests/test_sync.py)
-        rope = self._rope_for(max(max(n + frames for n in starts),
-                                  max(sink.last_frame(n, d) for n, d in zip(starts, shifts))))
-        # RoPE of each sample's tokens, stacked [B * F*h'*w', D/2] (the blocks rope q and k row by row)
-        cs = [rope.grid(n, frames, grid[1], grid[2]) for n in starts]
-        cos, sin = (cs[0][0], cs[0][1]) if b == 1 else (torch.cat([c for c, _ in cs]), torch.cat([s for _, s in cs]))
-        # the sink's, per sample, the same in all layers of the call
-        sinks = [sink.rope_tables(rope, n, d) for n, d in zip(starts, shifts)]
         t = t.to(tokens.device, torch.float32)
         # per sample + the zero-t row, as the reference embeds one block's t (the fp32 GEMMs keep its shapes)
         es = [self._time(torch.cat([t[j:j + 1], torch.zeros_like(t[:1])])) for j in range(b)]
         e = es[0][0][:1] if b == 1 else torch.cat([e[:1] for e, _ in es])
         e0 = es[0][1][:1] if b == 1 else torch.cat([e0[:1] for _, e0 in es])
-        n_new = tokens.shape[1]
-        if b == 1:
-            kvs[0].begin_forward(starts[0] * per_frame, n_new)
-        else:
-            begin_forwards(kvs, [n * per_frame for n in starts], n_new)
         h = tokens
         for i, block in enumerate(self.blocks):
             def attend(q, k, v, i=i):  # q, k: [B, L, H, D] roped by the block (with their norms)
@@ -245,10 +265,20 @@ class LiveAvatarDiT(nn.Module):
                                                     self.attention, join))
                     c.done(i)
                 return outs[0] if b == 1 else torch.cat(outs)
-            h = block(h, e0, context, attend, frames, rope=(cos, sin))
+            h = block(h, e0, context, attend, frames, rope=(call.cos, call.sin))
             h = self.audio_injector(i, h, a_loc, a_glob)
         out = self.head(h, e, frames)
         return self._unpatchify(out, grid)
+
+
+@dataclass
+class Call:
+    """What LiveAvatarDiT.prepare decides on the host for one call and `run` reads."""
+
+    kvs: list  # one begun step cache per sample (update/joined/done)
+    cos: torch.Tensor  # the queries' RoPE multipliers, [F*h'*w', D/2] or stacked per sample [B*F*h'*w', D/2]
+    sin: torch.Tensor
+    sinks: list  # per sample, the sink's (cos, sin) [Ls, D/2] at that sample's positions
 
 
 def _per_sample(fn, x):
