@@ -55,6 +55,7 @@ def render_plan(plan: Plan, other: Plan | str | None = None) -> str:
         f"VAE decode {plan.profile.vae_decode}, "
         + ("on its own stream beside the next DiT call" if plan.vae_overlap else "between DiT calls")
         + f" (vae_overlap {plan.profile.vae_overlap})",
+        f"CUDA graphs {'on' if plan.cuda_graphs else 'off'} (cuda_graphs {plan.profile.cuda_graphs}): {plan.graphs_why}",
         f"PCIe per forward: {h2d / 1e9:.2f} GB in, {d2h / 1e9:.2f} GB out "
         f"(~{1e3 * (h2d + d2h) / PCIE_4090:.0f} ms at {PCIE_4090 / 1e9:.0f} GB/s); with these blocks resident, "
         f"sequential {plan.pcie_h2d_bytes_at(1) / 1e9:.2f} GB in, batched ({at} per call) "

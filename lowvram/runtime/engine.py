@@ -4,7 +4,8 @@ Applying a plan: the attention backend on the model instance, the GEMM backend o
 resident blocks on the device and the others streamed from host slabs (with the audio injector that
 runs after them), each step's KV cache on the device (with the plan's room for the sink behind its windows)
 or in host memory in the plan's format (host caches share one ring of device windows sized for the plan's
-batch), the sink in the plan's dtype, and the OOM guard that moves one more block to streaming and retries.
+batch), the sink in the plan's dtype, the OOM guard that moves one more block to streaming and retries, and
+(plan.cuda_graphs, on CUDA) the steady calls replayed as CUDA graphs (runtime/graphs.py).
 
 Per video (`start`): the text embedding, the sink prefill, the sampler's sigmas, the seeded noise per
 clip; the rolling-sink shift of each (block, step) comes from the seed (schedule.ref_shift). Per tick of
@@ -81,6 +82,11 @@ class Engine:
         self.cache = dict(zip(plan.steps, kv))  # denoising step -> its ring cache
         self.log = log
         self.sink = self.context = self.decoder = self.noise = None
+        self.graphs = None  # ForwardGraphs where the plan takes CUDA graphs (every call goes through it)
+        if plan.cuda_graphs and device.type == "cuda":
+            from lowvram.runtime.graphs import ForwardGraphs
+
+            self.graphs = ForwardGraphs(model, log=log)
 
     @classmethod
     def build(cls, model, plan: Plan, device, vae=None, log=print) -> "Engine":
@@ -104,6 +110,8 @@ class Engine:
         """A new video: empty caches, text embedding, sink prefill, sampler, seeds; the decoder (the plan's
         `vae_decode` unless one is given) warmed with the first 7 motion latents (as the reference's VAE rank).
         context: [L, text_dim] umT5 output."""
+        if self.graphs is not None:
+            self.graphs.release()  # it holds the last video's sink and context
         for c in self.kv:
             c.reset()
         self.context = self.model.embed_text([context])
@@ -122,7 +130,10 @@ class Engine:
             decoder.decode(motion[:, :, :7].to(self.device, self.vae.dtype))
 
     def refresh_sink(self, ref: torch.Tensor, motion: torch.Tensor) -> None:
-        """(Re)build the sink from ref [1,16,1,h,w] and motion [1,16,T,h,w]; the old one is freed first."""
+        """(Re)build the sink from ref [1,16,1,h,w] and motion [1,16,T,h,w]; the old one is freed first (with a
+        graph, which holds it)."""
+        if self.graphs is not None:
+            self.graphs.release()
         self.sink = None
         self.sink = self.model.prefill_sink(ref.to(self.device, self.dtype), motion.to(self.device, self.dtype),
                                             self.context, int8=self.plan.sink_dtype == "int8")
@@ -141,7 +152,7 @@ class Engine:
         """Denoising step i of block idx: one DiT forward against step cache i, then the Euler update."""
         t = torch.full((1, FRAMES_PER_BLOCK), float(self.t[i]), dtype=torch.float32, device=self.device)
         d = ref_shift(self.seed, idx, i)
-        v = self.guarded(lambda: self.model(x, t, self.context, audio, self.cache[i], self.sink, idx.start_frame, d))
+        v = self.guarded(lambda: self.forward(x, t, audio, self.cache[i], idx.start_frame, d))
         return euler_step(x, v, self.sigmas[i], self.sigmas[i + 1])
 
     def run_works(self, works: list[Work], xs: list[torch.Tensor], audios: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -168,9 +179,14 @@ class Engine:
         caches = [self.cache[w.step] for w in works]
         starts = [w.idx.start_frame for w in works]
         shifts = [ref_shift(self.seed, w.idx, w.step) for w in works]
-        v = self.guarded(lambda: self.model(x, t, self.context, audio, caches, self.sink, starts, shifts))
+        v = self.guarded(lambda: self.forward(x, t, audio, caches, starts, shifts))
         return [euler_step(xk, v[k:k + 1], self.sigmas[w.step], self.sigmas[w.step + 1])
                 for k, (w, xk) in enumerate(zip(works, xs))]
+
+    def forward(self, x, t, audio, kv, starts, shifts) -> torch.Tensor:
+        """One DiT call (LiveAvatarDiT.forward's arguments but the video's context and sink), through the CUDA
+        graphs where the plan takes them."""
+        return (self.graphs or self.model)(x, t, self.context, audio, kv, self.sink, starts, shifts)
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         """t (a block's audio features, on the host) on the engine's device. To a GPU through page-locked memory
@@ -216,6 +232,8 @@ class Engine:
         hosts = [c for c in self.kv if isinstance(c, HostKVCache)]
         if hosts:
             out["kv"] = hosts[0].stats()
+        if self.graphs is not None:
+            out["graphs"] = self.graphs.stats()
         return out
 
     def reset_stats(self) -> None:
@@ -229,5 +247,6 @@ class Engine:
         """Free what the engine holds on the device (caches, sink, buffers); the model is not usable after."""
         if self.streamer is not None:
             self.streamer.remove()
+        self.graphs = None
         self.kv, self.cache, self.sink, self.context, self.decoder, self.noise = [], {}, None, None, None, None
         self.streamer = None

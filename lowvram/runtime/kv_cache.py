@@ -129,7 +129,15 @@ class GpuKVCache(_Ring):
         self.sink = sink
         self.k = torch.empty(num_layers, batch, capacity + sink, heads, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
+        self._positions = None
         super().__init__(num_layers, capacity)
+
+    def positions(self) -> torch.Tensor:
+        """0 .. capacity - 1 on the cache's device, made once: a chunk's token positions as a slice of it, for
+        FullWindowWrites (copying a slice on the device, where building them on the host would be a copy to it)."""
+        if self._positions is None:
+            self._positions = torch.arange(self.capacity, device=self.k.device)
+        return self._positions
 
     def nbytes(self) -> int:
         """Device bytes held (the planner's KV ring caches and, with `sink`, their sink room)."""
@@ -158,6 +166,30 @@ class GpuKVCache(_Ring):
         self.k[layer, :, e:e + ls].copy_(k_sink)
         self.v[layer, :, e:e + ls].copy_(v_sink)
         return self.k[layer, :, :e + ls], self.v[layer, :, :e + ls]
+
+    def done(self, layer: int) -> None:
+        pass
+
+
+class FullWindowWrites:
+    """A full GpuKVCache as a captured call sees it (runtime/graphs.py): the new chunk written at token positions
+    held on the device (`pos`, [n_new] int64, copied in before each replay) by index_copy_, the same bytes update's
+    slice copy writes, and the window the whole ring, which it is once the ring is full, so that one graph serves
+    every offset of the ring. joined and done are the cache's (its end is the capacity)."""
+
+    def __init__(self, cache: GpuKVCache, pos: torch.Tensor):
+        if cache.end != cache.capacity:
+            raise ValueError("FullWindowWrites needs a full ring (its window is the whole cache)")
+        self.cache, self.pos = cache, pos
+
+    def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
+        c = self.cache
+        c.k[layer].index_copy_(1, self.pos, k_new)
+        c.v[layer].index_copy_(1, self.pos, v_new)
+        return c.k[layer, :, :c.capacity], c.v[layer, :, :c.capacity]
+
+    def joined(self, layer: int, k_sink: torch.Tensor, v_sink: torch.Tensor):
+        return self.cache.joined(layer, k_sink, v_sink)
 
     def done(self, layer: int) -> None:
         pass

@@ -79,6 +79,9 @@ class Plan:
     #                            profile's vae_overlap resolved: its activations are planned beside the DiT's)
     gpu_kv_sink: int = 0  # sink tokens of room behind every layer's window of each GPU step cache (GpuKVCache.
     #                       joined; the planner gives it where it costs no resident block, else 0: torch.cat)
+    cuda_graphs: bool = False  # the steady DiT calls replay a CUDA graph (the profile's cuda_graphs resolved; the
+    #                            graph's pool keeps the DiT's activations beside the decoder's)
+    graphs_why: str = ""  # why cuda_graphs is on or off
 
     @property
     def schedule(self) -> str:

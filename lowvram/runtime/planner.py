@@ -228,6 +228,7 @@ class _Model:
     batch: int  # forwards per DiT call: 1 (sequential) or one per held step (batched ticks)
     decode: bool = True  # this process holds the VAE decoder (a pipeline rank that only denoises does not)
     overlap: bool = False  # the decode runs beside the DiT: both activations at once
+    graphs: bool = False  # the DiT call is a CUDA graph, whose pool keeps its activations between calls
     gpu_sink_room: int = 0  # sink tokens behind every layer's window of each GPU step cache (_with_gpu_sink_room)
 
     @property
@@ -333,6 +334,9 @@ def _activations(m: _Model) -> PlanItem:
     why = f"DiT {act_dit / GIB:.2f}, VAE {act_vae / GIB:.2f} ({m.profile.vae_decode})"
     if m.overlap:  # the decode of block b runs on its own stream beside block b+1's forward
         return PlanItem("activations: DiT forward + VAE decode of one latent frame (overlapped)", "gpu",
+                        act_dit + act_vae, why)
+    if m.graphs:  # the graph's pool holds the DiT call's activations while the decode runs between calls
+        return PlanItem("activations: DiT forward (CUDA graph pool) + VAE decode of one latent frame", "gpu",
                         act_dit + act_vae, why)
     return PlanItem("activations: max(DiT forward, VAE decode of one latent frame)", "gpu", max(act_dit, act_vae), why)
 
@@ -495,16 +499,24 @@ def _make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_v
     slab, rest = _weights(profile, cfg, sizes)
     steps = tuple(range(NUM_STEPS)) if steps is None else tuple(steps)
 
-    def plan_at(batch: int, overlap: bool) -> Plan:
+    def plan_at(batch: int, overlap: bool, graphs: bool = False) -> Plan:
         m = _Model(profile, attention, cfg, width, height, tk, slab, rest, kv_format, sink, sizes, steps, batch, decode,
-                   overlap)
+                   overlap, graphs)
         plan = _with_gpu_sink_room(m, _plan(m, budget, host_ram_bytes, encode), budget, host_ram_bytes, encode)
-        return replace(plan, attention_why=why, vae_overlap=overlap)
+        return replace(plan, attention_why=why, vae_overlap=overlap, cuda_graphs=graphs)
+
+    plan = _choose_overlap(profile, decode, len(steps), plan_at)
+    return _with_graphs(profile, plan, device_type, lambda: plan_at(plan.batch, plan.vae_overlap, True))
+
+
+def _choose_overlap(profile: Profile, decode: bool, n_steps: int, plan_at) -> Plan:
+    """The plan of the best batch for the profile's vae_overlap (plan_at(batch, overlap) makes one; n_steps: the
+    held steps)."""
 
     def best(overlap: bool) -> Plan:
         if profile.schedule == "batched":
             fits = []
-            for batch in (c for c in range(len(steps), 1, -1) if len(steps) % c == 0):
+            for batch in (c for c in range(n_steps, 1, -1) if n_steps % c == 0):
                 try:
                     fits.append(plan_at(batch, overlap))
                 except LowvramError:
@@ -533,6 +545,46 @@ def _make_plan(profile: Profile, cfg: DiTConfig, width: int, height: int, free_v
     except LowvramError:
         return overlapped
     return overlapped if overlapped.batch >= serial.batch else serial
+
+
+def graphs_blocker(plan: Plan) -> str:
+    """What `plan` lacks for its DiT calls to replay a CUDA graph (runtime/graphs.py), '' where nothing."""
+    if plan.streamed:
+        return f"every block resident (this plan streams {len(plan.streamed)})"
+    if "host" in plan.kv_caches or plan.kv_format != KVFormat.BF16:
+        return f"the step caches on the GPU in bf16 (this plan: {plan.kv_caches[0]}, {plan.kv_format})"
+    if plan.batch != len(plan.steps):
+        return (f"each DiT call to run all {len(plan.steps)} held steps (this plan: {plan.batch} a call; "
+                "--set schedule=batched)")
+    return ""
+
+
+def _with_graphs(profile: Profile, plan: Plan, device_type: str, graphed) -> Plan:
+    """`plan` with the profile's cuda_graphs resolved: "on" takes the graphed plan (graphed()) or says what is
+    missing; "auto" takes it where the plan allows graphs and their memory (the DiT's activations kept beside the
+    decoder's) costs no batch, resident block or sink room; "off" never. Off without a CUDA device whatever the
+    profile says (the CPU has no graphs; a profile's "on" stays valid there)."""
+    mode, why = profile.cuda_graphs, graphs_blocker(plan)
+    if mode == "off":
+        return replace(plan, graphs_why="cuda_graphs off")
+    if device_type != "cuda":
+        return replace(plan, graphs_why="needs a CUDA GPU")
+    if why:
+        if mode == "on":
+            raise LowvramError(f"profile {profile.name}: cuda_graphs=on needs {why}; use --set cuda_graphs=auto")
+        return replace(plan, graphs_why=f"needs {why}")
+    try:
+        g = graphed()
+    except LowvramError:
+        if mode == "on":
+            raise
+        return replace(plan, graphs_why="its memory does not fit")
+    if mode == "on" or (g.batch, g.resident, g.gpu_kv_sink) == (plan.batch, plan.resident, plan.gpu_kv_sink):
+        if graphs_blocker(g):
+            raise LowvramError(f"profile {profile.name}: cuda_graphs=on needs {graphs_blocker(g)} "
+                               "once the graph's memory is counted; use --set cuda_graphs=auto")
+        return replace(g, graphs_why="the steady calls replay a captured call")
+    return replace(plan, graphs_why="its memory would cost a resident block, the batch or the sink room")
 
 
 def _plan(m: _Model, budget: int, host_ram_bytes: int | None, encode: bool = True) -> Plan:

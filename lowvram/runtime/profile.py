@@ -42,6 +42,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "gemm": ("auto", "int_mm", "scaled_mm", "triton", "reference"),
     "schedule": ("sequential", "batched"),
     "vae_overlap": ("auto", "on", "off"),
+    "cuda_graphs": ("auto", "on", "off"),
 }
 # Fields a file or `--set` may not change: the name is the file's stem.
 FIXED = ("name",)
@@ -77,6 +78,9 @@ class Profile:
     #                    where a plan fits with it (even one with more blocks streamed), else off
     compute_capability: str  # "8.9": the card this profile is for ("" none); attention "auto" goes by it where no
     #                          GPU is measured (`lowvram plan` on another machine); a measured GPU's own wins
+    cuda_graphs: str  # auto: the steady DiT calls replayed as CUDA graphs where every block and step cache is on the
+    #                   GPU (bf16), each call runs all the held steps, and the graph's memory costs no resident block
+    #                   or batch | on: the same, an error where it cannot | off (runtime/graphs.py)
 
     def __post_init__(self) -> None:
         where = f"profile {self.name}"
@@ -153,7 +157,7 @@ class Profile:
                     vram_budget_gib=float(vram_budget_gib), quant=quant, attention=Attention.SDPA, kv_placement="gpu",
                     kv_dtype="bf16", t5="bf16", vae_decode="frame", blocks_resident="all", pinned_budget_gib=0.0,
                     prefetch_blocks=1, gemm="auto", schedule="sequential", vae_overlap="off",
-                    compute_capability="")
+                    compute_capability="", cuda_graphs="off")
         _check_keys(overrides, "overrides")
         return cls(name=RESIDENT, **{**base, **overrides})
 
