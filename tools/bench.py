@@ -6,6 +6,8 @@
         --schedules sequential,batched --tpp --clips 2   # issue 11: batched vs sequential, one TPP rank
     python tools/bench.py --out $OUT --skip-accuracy --no-resident --profiles 4090 \
         --set attention=triton8 --variant attention=sdpa --clips 2   # issue 15: host kv8 + 8-bit kernel vs sdpa
+    python tools/bench.py --out $OUT --skip-accuracy --no-resident --profiles h100-80 --clips 3 \
+        --set cuda_graphs=off --variant cuda_graphs=on   # issue 15: the steady calls as CUDA graphs (9 full ticks)
 
 Part 1, accuracy: SQNR of whole DiT forwards at 704x384 (int8 and fp8 W8A8 against bf16, same
 random weights, same inputs). Part 2, memory and speed: for each profile under its allocator cap, at least
@@ -33,6 +35,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -264,7 +267,8 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
     """One profile: plan, build the engine on a random-weight model, then the session's tick loop
     (schedule.ticks) over 1 + `clips` clips: clip 0 is the warm-up (drained after it, as at the online-decode
     boundary), clips 1.. are timed. Segment FPS counts the timed clips' fill and drain ticks; steady FPS is
-    one block per full tick (batched: 4 forwards in one call; sequential: 4 forwards).
+    one block per full tick (batched: 4 forwards in one call; sequential: 4 forwards), the median full tick (with
+    CUDA graphs the first full ticks are the warm-up and the capture; `--clips 3` gives 9 full ticks).
     trace_ticks: torch.profiler over that many full ticks of the first timed clip (trace_forward.gpu_summary: kernel
     time by kind, PCIe copies, the SMs' idle time per tick); the profiler slows those ticks, so such a run's FPS is
     marked `traced` and is not a measurement of speed."""
@@ -337,7 +341,7 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
     nv.__exit__()
     stats = engine.stats()
     widest = max(n for n, _ in full)
-    block_dit = sum(dt * steps / n for n, dt in full if n == widest) / sum(1 for n, _ in full if n == widest)
+    block_dit = statistics.median(dt * steps / n for n, dt in full if n == widest)
     dit, dec = dit / clips, dec / clips  # dec: the host's time in the decode calls (launch, or the whole decode
     per_clip = wall / clips  # when serial) and waiting for frames; per clip: the timed clips' wall time
     forwards = 16 * clips
@@ -345,7 +349,7 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
     h2d = blk.get("bytes_h2d", 0) + kvs.get("bytes_h2d", 0)
     busy = blk.get("copy_busy_s", 0.0) + kvs.get("copy_busy_s", 0.0)
     res = dict(profile=name, cap_gib=cap_gib, scheme=plan.quant, gemm=plan.gemm, attention=str(plan.attention),
-               vae_overlap=plan.vae_overlap,
+               vae_overlap=plan.vae_overlap, cuda_graphs=plan.cuda_graphs, graphs=stats.get("graphs"),
                attention_why=plan.attention_why, sink=plan.sink_dtype, schedule=plan.schedule, batch=plan.batch,
                resident=len(plan.resident), streamed=len(plan.streamed), kv=f"{plan.kv_caches[0]}/{plan.kv_format}",
                build_s=round(build_s, 1), s_per_clip=round(per_clip, 3), dit_s_per_clip=round(dit, 3),
@@ -379,6 +383,8 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    if res["graphs"]:
+        log(f"[{name}] CUDA graphs: {res['graphs']}")
     log(f"[{name} {plan.schedule}] {res['fps']} FPS ({res['steady_fps']} steady), {res['s_per_clip']} s/clip, "
         f"peak allocated {res['peak_allocated_gib']} reserved {res['peak_reserved_gib']} GiB, "
         f"NVML {res['peak_nvml_gib']} GiB, expected {res['expected_peak_gib']} GiB")

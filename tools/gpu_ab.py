@@ -1,0 +1,174 @@
+"""The A/B measurements the CPU cannot make, in one device call: the CUDA tests of the unmeasured GPU paths, then
+each change against its absence on the same machine, back to back, the same random model.
+
+    python3 tools/gpu_ab.py --out $OUT                        # tests, kvquant, graphs
+    python3 tools/gpu_ab.py --out $OUT --parts graphs --clips 3 --attention fa4
+    python3 tools/gpu_ab.py --quick --parts kvquant,graphs     # a scaled-down dry run of the code on the CPU
+
+Parts (each saved to gpu_ab.json as it ends, so a later failure keeps what was measured):
+- tests: `pytest -m cuda` of tests/test_kernels_kvquant.py and tests/test_graphs.py (rc and the last lines).
+- kvquant: the `4090` profile under its 24 GiB cap, its host INT8 KV conversions in torch (kernels/kvquant.py's
+  kernel_usable patched off) against the one-pass Triton kernels; `--clips` timed clips after a warm-up clip.
+- graphs: the `h100-80` profile, `cuda_graphs` off against on (runtime/graphs.py) over `--clips` timed clips
+  (3: 9 full ticks, the first two the warm-up and the capture, so the steady FPS is the replays' median); its
+  final latents compared bit for bit; `--attention` sets the backend of both runs (fa4 where installed).
+Prints a table last. Random weights at full size, 704x384, as tools/bench.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = ["tests/test_kernels_kvquant.py", "tests/test_graphs.py"]
+
+
+def run_tests(log) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", *TESTS]
+    t = time.perf_counter()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    tail = (p.stdout + p.stderr).strip().splitlines()[-15:]
+    log("\n".join(tail))
+    return {"command": " ".join(cmd[1:]), "rc": p.returncode, "s": round(time.perf_counter() - t, 1), "tail": tail}
+
+
+SIZE = {"device": torch.device("cuda"), "hw": (48, 88)}  # main's --quick: the CPU, bench's scaled-down size
+
+
+def _run(cfg, name, clips, log, vae, models, overrides, label):
+    """One bench.profile_run; its final latents kept aside, errors recorded rather than raised."""
+    dev = SIZE["device"]
+    try:
+        r = bench.profile_run(cfg, name, bench.CAPS.get(name), None, *SIZE["hw"], dev, clips, log,
+                              vae=vae, overrides=overrides, models=models)
+    except Exception as e:  # noqa: BLE001 - the other runs' numbers must survive one failing
+        import traceback
+
+        log(traceback.format_exc()[-1500:])
+        r = {"profile": name, "error": f"{type(e).__name__}: {e}"[:500]}
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    r["label"] = label
+    return r, r.pop("_finals", None)
+
+
+def kvquant_ab(cfg, clips, log, vae, models) -> list[dict]:
+    """4090 under its cap: torch conversions, then the kernels (the default)."""
+    import lowvram.kernels.kvquant as kvquant
+
+    usable, out = kvquant.kernel_usable, []
+    try:
+        kvquant.kernel_usable = lambda x: False
+        out.append(_run(cfg, "4090", clips, log, vae, models, None, "4090, KV conversions in torch")[0])
+    finally:
+        kvquant.kernel_usable = usable
+    out.append(_run(cfg, "4090", clips, log, vae, models, None, "4090, KV conversions by kvquant")[0])
+    return out
+
+
+def graphs_ab(cfg, clips, log, vae, models, attention: str | None) -> tuple[list[dict], dict]:
+    """h100-80: eager, then graphed (cuda_graphs=on: without a larger budget "auto" keeps the sink room instead);
+    whether the final latents are the same bits."""
+    extra = {"attention": attention} if attention else {}
+    runs, finals = [], []
+    for mode in ("off", "on"):
+        r, f = _run(cfg, "h100-80", clips, log, vae, models, {"cuda_graphs": mode, **extra},
+                    f"h100-80{' ' + attention if attention else ''}, cuda_graphs={mode}")
+        runs.append(r)
+        finals.append(f)
+    same = None
+    if all(finals):
+        same = {"blocks": len(finals[0]), "identical": sum(torch.equal(finals[0][k], finals[1][k]) for k in finals[0]),
+                "max_abs_diff": max(float((finals[0][k] - finals[1][k]).abs().max()) for k in finals[0])}
+        log(f"graphs vs eager final latents: {same}")
+    return runs, same
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--parts", default="tests,kvquant,graphs")
+    ap.add_argument("--clips", type=int, default=0, help="timed clips (default: kvquant 1, graphs 3)")
+    ap.add_argument("--attention", default=None, help="the graphs part's backend for both runs (e.g. fa4)")
+    ap.add_argument("--quick", action="store_true", help="a scaled-down dry run on the CPU (no measurement)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        SIZE.update(device=torch.device("cpu"), hw=(16, 16))
+    elif not torch.cuda.is_available():
+        print("gpu_ab.py measures on a CUDA GPU; there is none here (--quick: a dry run on the CPU)", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [p for p in args.parts.split(",") if p]
+    logs = []
+
+    def log(msg):
+        print(msg, flush=True)
+        logs.append(str(msg))
+
+    dev = SIZE["device"]
+    res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (--quick: not a measurement)", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+           "command": " ".join(sys.argv), "commit": _commit()}
+
+    def save():
+        (out / "gpu_ab.json").write_text(json.dumps(res, indent=1, default=str))
+        (out / "gpu_ab.log").write_text("\n".join(logs))
+
+    if "tests" in parts:
+        res["tests"] = run_tests(log)
+        save()
+    runs = [p for p in parts if p in ("kvquant", "graphs")]
+    if runs:
+        from lowvram.model.config import DiTConfig
+        from lowvram.model.vae import VAEConfig, WanVAE
+
+        cfg = DiTConfig.from_dict(bench.QUICK if args.quick else bench.FULL)
+        with torch.device(dev):
+            vae = WanVAE(VAEConfig(dim=16 if args.quick else 96)).to(torch.bfloat16).eval()
+        models = bench.SharedModel(cfg, dev)
+        if "kvquant" in runs:
+            res["kvquant"] = kvquant_ab(cfg, args.clips or 1, log, vae, models)
+            save()
+        if "graphs" in runs:
+            res["graphs"], res["graphs_identity"] = graphs_ab(cfg, args.clips or 3, log, vae, models, args.attention)
+            save()
+    save()
+    print(f"\n{res['device']}, torch {res['torch']}, {res['date']}, commit {res['commit']}")
+    if "tests" in res:
+        print(f"tests: rc {res['tests']['rc']}: {res['tests']['tail'][-1] if res['tests']['tail'] else ''}")
+    print("| run | s/clip | DiT s/clip | VAE s/clip | FPS | steady FPS | NVML GiB | graphs |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in res.get("kvquant", []) + res.get("graphs", []):
+        if "error" in r:
+            print(f"| {r['label']} | error: {r['error'][:90]} |")
+            continue
+        print(f"| {r['label']} | {r['s_per_clip']} | {r['dit_s_per_clip']} | {r['vae_s_per_clip']} | {r['fps']} | "
+              f"{r['steady_fps']} | {r['peak_nvml_gib']} | {r.get('graphs') or '-'} |")
+    if res.get("graphs_identity"):
+        print(f"graphs vs eager final latents: {res['graphs_identity']}")
+    return 0
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
