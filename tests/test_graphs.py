@@ -228,3 +228,23 @@ def test_cuda_graph_video_equals_eager_and_replays_without_sync(tiny_ckpt, atten
     assert all(torch.equal(a, b) for a, b in zip(want, got))
     st = graphed.stats()["graphs"]
     assert st["captures"] == 1 and st["replays"] == 4 and not st["disabled"]
+
+
+def test_lowvram_plan_says_whether_the_calls_are_graphed(tiny_ckpt):
+    """`lowvram plan` (for a named card: CUDA) prints the resolved cuda_graphs and why; an impossible "on" is a
+    one-line error with exit code 2."""
+    from click.testing import CliRunner
+
+    from lowvram.cli.main import cli
+
+    ckpt, _ = tiny_ckpt
+    common = ["plan", "--ckpt-dir", str(ckpt), "--size", "128*128", "--set", "quant=bf16"]
+    on = CliRunner().invoke(cli, [*common, "--profile", "h100-80", "--set", "cuda_graphs=on"])
+    assert on.exit_code == 0, on.output
+    assert "CUDA graphs on (cuda_graphs on): the steady calls replay a captured call" in on.output
+    assert "schedule sequential instead (1 per call" in on.output  # the comparison plans without forcing graphs
+    off = CliRunner().invoke(cli, [*common, "--profile", "h100-80"])
+    assert "CUDA graphs off (cuda_graphs off)" in off.output
+    bad = CliRunner().invoke(cli, [*common, "--profile", "4090", "--set", "cuda_graphs=on"])
+    assert bad.exit_code == 2 and "cuda_graphs=on needs the step caches on the GPU" in bad.output
+    assert "Traceback" not in bad.output and len(bad.output.strip().splitlines()) == 1

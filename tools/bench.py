@@ -350,6 +350,7 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
     busy = blk.get("copy_busy_s", 0.0) + kvs.get("copy_busy_s", 0.0)
     res = dict(profile=name, cap_gib=cap_gib, scheme=plan.quant, gemm=plan.gemm, attention=str(plan.attention),
                vae_overlap=plan.vae_overlap, cuda_graphs=plan.cuda_graphs, graphs=stats.get("graphs"),
+               gpu_kv_sink=plan.gpu_kv_sink,
                attention_why=plan.attention_why, sink=plan.sink_dtype, schedule=plan.schedule, batch=plan.batch,
                resident=len(plan.resident), streamed=len(plan.streamed), kv=f"{plan.kv_caches[0]}/{plan.kv_format}",
                build_s=round(build_s, 1), s_per_clip=round(per_clip, 3), dit_s_per_clip=round(dit, 3),

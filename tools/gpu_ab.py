@@ -9,9 +9,11 @@ Parts (each saved to gpu_ab.json as it ends, so a later failure keeps what was m
 - tests: `pytest -m cuda` of tests/test_kernels_kvquant.py and tests/test_graphs.py (rc and the last lines).
 - kvquant: the `4090` profile under its 24 GiB cap, its host INT8 KV conversions in torch (kernels/kvquant.py's
   kernel_usable patched off) against the one-pass Triton kernels; `--clips` timed clips after a warm-up clip.
-- graphs: the `h100-80` profile, `cuda_graphs` off against on (runtime/graphs.py) over `--clips` timed clips
-  (3: 9 full ticks, the first two the warm-up and the capture, so the steady FPS is the replays' median); its
-  final latents compared bit for bit; `--attention` sets the backend of both runs (fa4 where installed).
+- graphs: the `h100-80` profile, `cuda_graphs` off, on (which gives up the GPU caches' sink room: torch.cat per
+  layer instead) and auto with a 77 GiB budget (graphs and the room), over `--clips` timed clips (3: 9 full ticks,
+  the first two the warm-up and the capture, so the steady FPS is the replays' median); the final latents of
+  each graphed run compared bit for bit with the eager run's; `--attention` sets the backend of every run (fa4
+  where installed).
 Prints a table last. Random weights at full size, 704x384, as tools/bench.py.
 """
 
@@ -79,21 +81,26 @@ def kvquant_ab(cfg, clips, log, vae, models) -> list[dict]:
     return out
 
 
+GRAPH_RUNS = (("off", {"cuda_graphs": "off"}), ("on", {"cuda_graphs": "on"}),
+              ("auto, 77 GiB", {"cuda_graphs": "auto", "vram_budget_gib": 77.0}))
+
+
 def graphs_ab(cfg, clips, log, vae, models, attention: str | None) -> tuple[list[dict], dict]:
-    """h100-80: eager, then graphed (cuda_graphs=on: without a larger budget "auto" keeps the sink room instead);
-    whether the final latents are the same bits."""
+    """h100-80: eager, then graphed two ways (module docstring); whether each graphed run's final latents are the
+    eager run's bits."""
     extra = {"attention": attention} if attention else {}
     runs, finals = [], []
-    for mode in ("off", "on"):
-        r, f = _run(cfg, "h100-80", clips, log, vae, models, {"cuda_graphs": mode, **extra},
-                    f"h100-80{' ' + attention if attention else ''}, cuda_graphs={mode}")
+    for name, ov in GRAPH_RUNS:
+        r, f = _run(cfg, "h100-80", clips, log, vae, models, {**ov, **extra},
+                    f"h100-80{' ' + attention if attention else ''}, cuda_graphs {name}")
         runs.append(r)
         finals.append(f)
-    same = None
-    if all(finals):
-        same = {"blocks": len(finals[0]), "identical": sum(torch.equal(finals[0][k], finals[1][k]) for k in finals[0]),
-                "max_abs_diff": max(float((finals[0][k] - finals[1][k]).abs().max()) for k in finals[0])}
-        log(f"graphs vs eager final latents: {same}")
+    same = {}
+    for (name, _), f in zip(GRAPH_RUNS[1:], finals[1:]):
+        if finals[0] and f:
+            same[name] = {"blocks": len(f), "identical": sum(torch.equal(finals[0][k], f[k]) for k in f),
+                          "max_abs_diff": max(float((finals[0][k] - f[k]).abs().max()) for k in f)}
+    log(f"graphed vs eager final latents: {same}")
     return runs, same
 
 
@@ -149,16 +156,17 @@ def main(argv=None) -> int:
     print(f"\n{res['device']}, torch {res['torch']}, {res['date']}, commit {res['commit']}")
     if "tests" in res:
         print(f"tests: rc {res['tests']['rc']}: {res['tests']['tail'][-1] if res['tests']['tail'] else ''}")
-    print("| run | s/clip | DiT s/clip | VAE s/clip | FPS | steady FPS | NVML GiB | graphs |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | resident | sink room | s/clip | DiT s/clip | VAE s/clip | FPS | steady FPS | NVML GiB | graphs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in res.get("kvquant", []) + res.get("graphs", []):
         if "error" in r:
             print(f"| {r['label']} | error: {r['error'][:90]} |")
             continue
-        print(f"| {r['label']} | {r['s_per_clip']} | {r['dit_s_per_clip']} | {r['vae_s_per_clip']} | {r['fps']} | "
+        print(f"| {r['label']} | {r['resident']}/{r['resident'] + r['streamed']} | {r.get('gpu_kv_sink', '-')} | "
+              f"{r['s_per_clip']} | {r['dit_s_per_clip']} | {r['vae_s_per_clip']} | {r['fps']} | "
               f"{r['steady_fps']} | {r['peak_nvml_gib']} | {r.get('graphs') or '-'} |")
     if res.get("graphs_identity"):
-        print(f"graphs vs eager final latents: {res['graphs_identity']}")
+        print(f"graphed vs eager final latents: {res['graphs_identity']}")
     return 0
 
 

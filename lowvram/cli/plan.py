@@ -145,8 +145,10 @@ def plan_cmd(profile_name, ckpt_dir, size, image, sets, attention, t5, device, d
         click.echo(json.dumps(plan.to_dict(), indent=1))
         return
     swap = "sequential" if plan.schedule == "batched" else "batched"  # the comparison line
+    # (graphs "on" would refuse the sequential schedule, which the line compares for its memory and PCIe only)
+    graphs = ("cuda_graphs=auto",) if plan.profile.cuda_graphs == "on" else ()
     try:
-        other = plan_run(ckpt_dir, profile_name, opts.plan_overrides() + (f"schedule={swap}",), size, image,
+        other = plan_run(ckpt_dir, profile_name, opts.plan_overrides() + (f"schedule={swap}", *graphs), size, image,
                          machine, dev, dt, steps)
     except LowvramError as e:
         other = str(e)
