@@ -297,15 +297,20 @@ def gated_residual(x, y, gate, frames, out_dtype=None, backend="auto"):
     return out
 
 
-def rope(x, cos, sin, backend="auto"):
+def rope(x, cos, sin, backend="auto", out=None):
     """The interleaved-pair RoPE of x [B, L, H, D] by per-token (cos, sin) [L, D/2] in one pass (kernels.reference.
     rope_apply, its torch twin, for fp32 inputs, which rotate in float64, and off CUDA); x.dtype out. The sink's
-    keys, roped per layer for the sdpa path (model.attention)."""
-    if x.dtype == torch.float32 or x.shape[1] == 0 or not use_triton(x, backend):
-        return rope_apply(x, cos.to(x.device), sin.to(x.device))
+    keys, roped per layer for the sdpa path (model.attention). out: where to write it (x's shape and dtype; the
+    kernel writes a contiguous one directly, e.g. the sink room behind a step cache's window), returned."""
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype):
+        raise ValueError(f"rope out= must be {tuple(x.shape)} {x.dtype}, not {tuple(out.shape)} {out.dtype}")
+    if x.dtype == torch.float32 or x.shape[1] == 0 or not use_triton(x, backend) or (
+            out is not None and not out.is_contiguous()):
+        y = rope_apply(x, cos.to(x.device), sin.to(x.device))
+        return y if out is None else out.copy_(y)
     b, L, h, d = x.shape
     x2 = x.reshape(b * L, h * d) if x.is_contiguous() else x.contiguous().view(b * L, h * d)
-    out = torch.empty(b, L, h, d, dtype=x.dtype, device=x.device)
+    out = torch.empty(b, L, h, d, dtype=x.dtype, device=x.device) if out is None else out
     block = min(1024, triton.next_power_of_2(h * d // 2))
     _rope_kernel[(b * L, triton.cdiv(h * d // 2, block))](x2, cos.contiguous(), sin.contiguous(), out, x2.stride(0),
                                                            h * d, h * d, L, HALF=d // 2, BLOCK=block, num_warps=4)

@@ -244,6 +244,14 @@ def test_rope_kernel_against_rope_apply():
     assert (got.float() - x.float()).abs().max() > 0.5  # it rotated
     assert torch.equal(fused.rope(x.float(), cos, sin, backend="triton"), rope_apply(x.float(), cos, sin))
     assert fused.rope(x[:, :0], cos[:0], sin[:0], backend="triton").shape == (2, 0, 3, 10)
+    room = torch.full((3, 2, 37, 3, 10), 7.0, dtype=x.dtype)  # out=: a contiguous view, written in place
+    got = fused.rope(x, cos, sin, backend="triton", out=room[1])
+    assert got.data_ptr() == room[1].data_ptr() and torch.equal(room[1], fused.rope(x, cos, sin, backend="triton"))
+    assert (room[0] == 7).all() and (room[2] == 7).all()
+    strided = torch.zeros(37, 2, 3, 10, dtype=x.dtype).transpose(0, 1)  # not contiguous: rope_apply, then a copy
+    assert fused.rope(x, cos, sin, backend="triton", out=strided) is strided and torch.equal(strided, want)
+    with pytest.raises(ValueError, match="rope out= must be"):
+        fused.rope(x, cos, sin, out=room[1, :, :5])
 
 
 @cuda

@@ -321,6 +321,53 @@ def test_joined_is_the_window_then_the_sink_and_leaves_the_cache_unchanged(fmt):
     assert c.joined(0, longer[:, :ls].float(), longer[:, :ls].float()) is None  # an fp32 model's sink: torch.cat
 
 
+def test_gpu_sink_room_takes_the_roped_keys_in_place_and_keeps_a_full_rings_v_sink():
+    """room(): the sink keys roped straight into the room (fused.rope(out=)) are joined's K with no copy; once the
+    ring is full nothing else writes the room, so the same V sink (one tensor, call after call: the bf16 sink's
+    layer) is not copied again, and one modified in place or a new one is. Every joined equals torch.cat of the
+    window and the sink over two ring cycles with the same sink tensors."""
+    from lowvram.kernels import fused
+    from lowvram.kernels.reference import rope_apply
+
+    ls = 7
+    g = torch.Generator().manual_seed(13)
+    cache, plain = GpuKVCache(L, CAP, 1, H, D, device="cpu", sink=ls), GpuKVCache(L, CAP, 1, H, D, device="cpu")
+    sinks = [(torch.randn(1, ls, H, D, generator=g).bfloat16(), torch.randn(1, ls, H, D, generator=g).bfloat16())
+             for _ in range(L)]
+    ang = torch.rand(ls, D // 2, generator=g) * 6.3
+    cos, sin = ang.cos().half(), ang.sin().half()
+
+    def call(start, poisoned=()):  # poisoned: layers whose V sink the test overwrote in the room
+        new = [(k[:1], v[:1]) for k, v in _chunks(g, L)]
+        for c in (cache, plain):
+            c.begin_forward(start, N_NEW)
+        for layer in range(L):
+            cache.update(layer, *new[layer])
+            k0, v0 = plain.update(layer, *new[layer])
+            room = cache.room(layer, ls, torch.bfloat16)
+            ks = fused.rope(sinks[layer][0], cos, sin, out=room)
+            assert ks.data_ptr() == room.data_ptr() and torch.equal(ks, rope_apply(sinks[layer][0], cos, sin))
+            k, v = cache.joined(layer, ks, sinks[layer][1])
+            e = cache.end
+            assert torch.equal(k, torch.cat([k0, ks], 1)) and torch.equal(v[:, :e], v0)
+            assert torch.equal(v[:, e:], sinks[layer][1]) != (layer in poisoned)
+
+    for start in range(0, 8 * N_NEW, N_NEW):  # fills (the room is overwritten by the next chunk), then full
+        call(start)
+    assert cache.end == CAP
+    cache.v[0, :, CAP:CAP + ls] = 0  # a full ring's V sink is kept: not written again by the next call ...
+    call(8 * N_NEW, poisoned=(0,))
+    assert cache.v[0, :, CAP:].abs().max() == 0 and torch.equal(cache.v[1, :, CAP:], sinks[1][1])
+    sinks[0][1].mul_(2)  # ... unless the tensor changed in place (its version) ...
+    sinks[1] = (sinks[1][0], torch.randn(1, ls, H, D, generator=g).bfloat16())  # ... or is another one
+    call(9 * N_NEW)
+    assert torch.equal(cache.v[0, :, CAP:], sinks[0][1]) and torch.equal(cache.v[1, :, CAP:], sinks[1][1])
+    assert cache.room(0, ls + 1, torch.bfloat16) is None and cache.room(0, ls, torch.float32) is None
+    cache.reset()
+    cache.begin_forward(0, N_NEW)
+    assert cache.room(0, ls, torch.bfloat16).data_ptr() == cache.k[0, :, N_NEW].data_ptr()  # behind the window
+
+
 def test_gpu_joined_is_the_window_then_the_sink_over_a_ring_cycle():
     """GpuKVCache.joined writes the (roped) sink behind the layer's window in the cache's room: the same tensor as
     torch.cat([window, sink]) at every fill level, at the wrap and after it, with fresh random chunks and sinks

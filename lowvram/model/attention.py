@@ -66,19 +66,23 @@ def check_backend(backend: str, choices: tuple[str, ...] = BACKENDS) -> None:
         raise LowvramError(f"unknown attention backend {backend!r}; use one of {', '.join(choices)}")
 
 
-def attend_two_segments(q, k_win, v_win, k_sink, v_sink, sink_cos, sink_sin, backend: str = "sdpa", join=None):
+def attend_two_segments(q, k_win, v_win, k_sink, v_sink, sink_cos, sink_sin, backend: str = "sdpa", join=None,
+                        room=None):
     """Attention of roped q against the roped window keys and the sink keys roped by sink_cos/sink_sin.
 
     k_win/v_win may be None (the sink prefill attends only to the sink). sink_cos, sink_sin [Ls, D/2]: the
     sink's multipliers (rope.sink_rope_tables of the sink positions), the same in every layer of a forward
     (gathered once by the caller). join(k_sink_roped, v_sink): for sdpa, the window's cache writing the sink
     behind the window in its own buffer (HostKVCache.joined) instead of torch.cat making a copy of both; the
-    same keys in the same order, so the same result; None where it cannot."""
+    same keys in the same order, so the same result; None where it cannot. room(Ls, dtype): that buffer's place
+    for the roped sink keys (a view, or None), which the RoPE pass then writes directly (join sees them there and
+    copies nothing)."""
     if backend in JOINED:
         attend = sdpa
         if backend in LIBRARIES:
             attend = getattr(library_module(backend), LIBRARIES[backend][1])
-        ks = fused.rope(k_sink, sink_cos, sink_sin)  # one pass on the GPU (rope_apply's bits)
+        out = room(k_sink.shape[1], k_sink.dtype) if room is not None and k_win is not None else None
+        ks = fused.rope(k_sink, sink_cos, sink_sin, out=out)  # one pass on the GPU (rope_apply's bits)
         if k_win is None:
             return attend(q, ks, v_sink)
         kv = join(ks, v_sink) if join is not None else None

@@ -261,8 +261,9 @@ class LiveAvatarDiT(nn.Module):
                 for j, c in enumerate(kvs):  # each sample over its own window (its own length) and the sink
                     k_win, v_win = c.update(i, k[j:j + 1], v[j:j + 1])
                     join = partial(c.joined, i) if hasattr(c, "joined") else None  # the sink behind the window
+                    room = partial(c.room, i) if hasattr(c, "room") else None  # where its roped keys go
                     outs.append(attend_two_segments(q[j:j + 1], k_win, v_win, k_sink, v_sink, *sinks[j],
-                                                    self.attention, join))
+                                                    self.attention, join, room))
                     c.done(i)
                 return outs[0] if b == 1 else torch.cat(outs)
             h = block(h, e0, context, attend, frames, rope=(call.cos, call.sin))

@@ -40,6 +40,7 @@ Host formats (HostKVCache's kv_dtype, a KVFormat value):
 
 from __future__ import annotations
 
+import weakref
 from enum import Enum
 
 import torch
@@ -132,6 +133,11 @@ class GpuKVCache(_Ring):
         self._positions = None
         super().__init__(num_layers, capacity)
 
+    def reset(self) -> None:
+        super().reset()
+        # per layer, the sink V in the room behind the full ring: (a weak reference to it, its version), or None
+        self._sink_v = [None] * self.num_layers
+
     def positions(self) -> torch.Tensor:
         """0 .. capacity - 1 on the cache's device, made once: a chunk's token positions as a slice of it, for
         FullWindowWrites (copying a slice on the device, where building them on the host would be a copy to it)."""
@@ -150,11 +156,20 @@ class GpuKVCache(_Ring):
         self.v[layer, :, a:b].copy_(v_new)
         return self.k[layer, :, :self.end], self.v[layer, :, :self.end]
 
+    def room(self, layer: int, ls: int, dtype: torch.dtype):
+        """After update(layer): where joined puts Ls roped sink keys, a [B, Ls, H, D] view for the RoPE pass to
+        write (then joined copies no K); None where joined would not join."""
+        if ls > self.sink or dtype != self.k.dtype:
+            return None
+        return self.k[layer, :, self.end:self.end + ls]
+
     def joined(self, layer: int, k_sink: torch.Tensor, v_sink: torch.Tensor):
         """After update(layer): the window followed by the sink in the layer's own buffer, K and V [B, end + Ls, H,
         D] views for one SDPA call (the same keys in the same order as torch.cat([window, sink]), HostKVCache.
-        joined's contract). k_sink: roped, [B, Ls, H, D]. None where there is no room for Ls tokens (a cache
-        built without `sink`) or the sink is not in the cache's dtype (torch.cat would promote)."""
+        joined's contract). k_sink: roped, [B, Ls, H, D], possibly already in place (`room`). None where there is
+        no room for Ls tokens (a cache built without `sink`) or the sink is not in the cache's dtype (torch.cat
+        would promote). Once the ring is full nothing else writes the room, so a V sink that is already there (the
+        same tensor, unmodified: the bf16 sink's layer, call after call) is not copied again."""
         ls, e = k_sink.shape[1], self.end
         if ls > self.sink or k_sink.dtype != self.k.dtype or v_sink.dtype != self.k.dtype:
             return None
@@ -163,8 +178,14 @@ class GpuKVCache(_Ring):
         # the wrap), so its update overwrites them before any window reads them; once full (end = capacity) they
         # are the room alone. A caller that skipped ahead (off > end) would read the stale sink where the
         # cache without room gives unwritten memory: both are garbage to it.
-        self.k[layer, :, e:e + ls].copy_(k_sink)
-        self.v[layer, :, e:e + ls].copy_(v_sink)
+        room = self.k[layer, :, e:e + ls]
+        if k_sink.data_ptr() != room.data_ptr():  # else roped into the room by the caller
+            room.copy_(k_sink)
+        held = self._sink_v[layer]
+        if e != self.capacity or held is None or held[0]() is not v_sink or held[1] != v_sink._version:
+            self.v[layer, :, e:e + ls].copy_(v_sink)
+            # before the ring is full the next chunk overwrites the room (it starts at end): nothing to keep
+            self._sink_v[layer] = (weakref.ref(v_sink), v_sink._version) if e == self.capacity else None
         return self.k[layer, :, :e + ls], self.v[layer, :, :e + ls]
 
     def done(self, layer: int) -> None:
@@ -187,6 +208,9 @@ class FullWindowWrites:
         c.k[layer].index_copy_(1, self.pos, k_new)
         c.v[layer].index_copy_(1, self.pos, v_new)
         return c.k[layer, :, :c.capacity], c.v[layer, :, :c.capacity]
+
+    def room(self, layer: int, ls: int, dtype: torch.dtype):
+        return self.cache.room(layer, ls, dtype)
 
     def joined(self, layer: int, k_sink: torch.Tensor, v_sink: torch.Tensor):
         return self.cache.joined(layer, k_sink, v_sink)
@@ -424,19 +448,30 @@ class HostKVCache(_Ring):
         ws.kv[s, 1, :, a:b].copy_(v_new)
         return ws.kv[s, 0, :, :self.end], ws.kv[s, 1, :, :self.end]
 
+    def room(self, layer: int, ls: int, dtype: torch.dtype):
+        """After update(layer): where joined puts Ls roped sink keys in the window's slot, a [B, Ls, H, D] view for
+        the RoPE pass to write (then joined copies no K); None where joined would not join."""
+        ws = self.ws
+        if self.fmt == KVFormat.KV8 or ls > ws.sink or dtype != ws.kv.dtype:
+            return None
+        return ws.kv[ws.slot(self, layer), 0, :, self.end:self.end + ls]
+
     def joined(self, layer: int, k_sink: torch.Tensor, v_sink: torch.Tensor):
         """After update(layer): the window followed by the sink in the window's own slot, K and V [B, end + Ls, H,
         D] views for one SDPA call without concatenating them (the same keys in the same order as
-        torch.cat([window, sink])). k_sink: roped, [B, Ls, H, D]. None where the slot has no room for Ls tokens
-        (kv8, or a workspace built without sink tokens) or the sink is not in the windows' dtype (bf16: an fp32
-        model's attention runs on the concatenation, which torch.cat promotes to fp32)."""
+        torch.cat([window, sink])). k_sink: roped, [B, Ls, H, D], possibly already in place (`room`). None where
+        the slot has no room for Ls tokens (kv8, or a workspace built without sink tokens) or the sink is not in
+        the windows' dtype (bf16: an fp32 model's attention runs on the concatenation, which torch.cat promotes to
+        fp32). The slots serve every layer in turn, so the V sink is written each time."""
         ls, ws = k_sink.shape[1], self.ws
         if self.fmt == KVFormat.KV8 or ls > ws.sink or k_sink.dtype != ws.kv.dtype or v_sink.dtype != ws.kv.dtype:
             return None
         s, e = ws.slot(self, layer), self.end
         # on the compute stream after update's wait for the slot's window; the tokens [end, end + Ls) are no
         # part of any window copy or write-back of this use of the slot, and the next use's copies wait for done
-        ws.kv[s, 0, :, e:e + ls].copy_(k_sink)
+        room = ws.kv[s, 0, :, e:e + ls]
+        if k_sink.data_ptr() != room.data_ptr():  # else roped into the room by the caller
+            room.copy_(k_sink)
         ws.kv[s, 1, :, e:e + ls].copy_(v_sink)
         return ws.kv[s, 0, :, :e + ls], ws.kv[s, 1, :, :e + ls]
 
