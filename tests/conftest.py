@@ -129,3 +129,18 @@ def user_path():
 def trace_forward():
     """tools/trace_forward.py as a module (its summaries of a profiled span)."""
     return load_tool("trace_forward")
+
+
+@pytest.fixture(scope="session")
+def video_inputs():
+    """make(cfg, blocks, hw, seed=0) -> (umT5 context [6, text_dim], ref [1, 16, 1, h, w], motion latents
+    [1, 16, 19, h, w], one audio block [1, layers, dim, 12] per block): a video's random inputs on the host, as the
+    pipeline gives them to Engine.start and run_works."""
+    def make(cfg, blocks: int, hw: tuple[int, int], seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        ctx = torch.randn(6, cfg.text_dim, generator=g)
+        ref, mot = torch.randn(1, 16, 1, *hw, generator=g), torch.randn(1, 16, 19, *hw, generator=g)
+        audios = [torch.randn(1, cfg.num_audio_layers, cfg.audio_dim, 12, generator=g) for _ in range(blocks)]
+        return ctx, ref, mot, audios
+
+    return make

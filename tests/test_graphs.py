@@ -31,14 +31,6 @@ def _plan(cfg, **kw):
     return make_plan(prof, cfg, HW[1] * 8, HW[0] * 8)
 
 
-def _inputs(cfg, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ctx = torch.randn(6, cfg.text_dim, generator=g)
-    ref, mot = torch.randn(1, 16, 1, *HW, generator=g), torch.randn(1, 16, 19, *HW, generator=g)
-    audios = [torch.randn(1, cfg.num_audio_layers, cfg.audio_dim, 12, generator=g) for _ in range(BLOCKS)]
-    return ctx, ref, mot, audios
-
-
 def _video(engine, inputs, after_capture=None):
     """A video of BLOCKS blocks x 4 steps, drained at block 4; each block's final latents (on the host).
     after_capture(): entered once the graph is captured, for the remaining ticks (a context manager factory)."""
@@ -75,11 +67,11 @@ def _engines(tiny_ckpt, device, dtype, backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graphed_video_equals_eager_video(tiny_ckpt, dtype):
+def test_graphed_video_equals_eager_video(tiny_ckpt, dtype, video_inputs):
     """Every block's latents bit for bit; one capture in the steady segment, replays over all four ring offsets,
     the drain's narrower calls eager (and the graph released for them)."""
     eager, graphed = _engines(tiny_ckpt, "cpu", dtype, "recorded")
-    inputs = _inputs(eager.model.cfg)
+    inputs = video_inputs(eager.model.cfg, BLOCKS, HW)
     want = _video(eager, inputs)
     got = _video(graphed, inputs)
     assert all(torch.equal(a, b) for a, b in zip(want, got))
@@ -91,11 +83,11 @@ def test_graphed_video_equals_eager_video(tiny_ckpt, dtype):
     assert st["eager_calls"] + st["replays"] == calls
 
 
-def test_positions_left_stale_change_the_frames(tiny_ckpt, monkeypatch):
+def test_positions_left_stale_change_the_frames(tiny_ckpt, monkeypatch, video_inputs):
     """The engine test sees a graph whose ring writes stay where the capture put them (the positions not copied
     in): the frames differ. So the equality above is not the stand-in hiding the host's values."""
     eager, graphed = _engines(tiny_ckpt, "cpu", torch.float32, "recorded")
-    inputs = _inputs(eager.model.cfg)
+    inputs = video_inputs(eager.model.cfg, BLOCKS, HW)
     want = _video(eager, inputs)
     load = graphs_mod._Graph.load
 
@@ -127,7 +119,7 @@ def test_recorded_graph_bakes_host_values():
     assert torch.equal(out, (new * 2) @ weight + new[:, :3].sum())
 
 
-def test_calls_on_host_caches_never_capture(tiny_ckpt):
+def test_calls_on_host_caches_never_capture(tiny_ckpt, video_inputs):
     """Host step caches (their windows are copied by host-side ranges) run eagerly through ForwardGraphs."""
     ckpt, lora = tiny_ckpt
     model = load_dit(ckpt, lora=lora, dtype=torch.float32)
@@ -137,12 +129,12 @@ def test_calls_on_host_caches_never_capture(tiny_ckpt):
     assert set(plan.kv_caches) == {"host"} and not plan.cuda_graphs and "bf16" in plan.graphs_why
     engine = Engine.build(model, plan, "cpu")
     engine.graphs = ForwardGraphs(model, backend="recorded")
-    _video(engine, _inputs(model.cfg))
+    _video(engine, video_inputs(model.cfg, BLOCKS, HW))
     st = engine.stats()["graphs"]
     assert st["captures"] == 0 and st["replays"] == 0 and st["eager_calls"] == sum(1 for _ in ticks(BLOCKS, 4, [4]))
 
 
-def test_a_failed_capture_runs_eagerly_and_says_so(tiny_ckpt, monkeypatch):
+def test_a_failed_capture_runs_eagerly_and_says_so(tiny_ckpt, monkeypatch, video_inputs):
     eager, graphed = _engines(tiny_ckpt, "cpu", torch.float32, "recorded")
     said = []
     graphed.graphs.log = said.append
@@ -151,16 +143,16 @@ def test_a_failed_capture_runs_eagerly_and_says_so(tiny_ckpt, monkeypatch):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(RecordedGraph, "capture", fails)
-    inputs = _inputs(eager.model.cfg)
+    inputs = video_inputs(eager.model.cfg, BLOCKS, HW)
     assert all(torch.equal(a, b) for a, b in zip(_video(eager, inputs), _video(graphed, inputs)))
     st = graphed.stats()["graphs"]
     assert st["captures"] == 0 and st["replays"] == 0 and "stream is capturing" in st["disabled"]
     assert len(said) == 1 and said[0].startswith("CUDA graphs off for this run")
 
 
-def test_a_new_video_and_a_sink_refresh_release_the_graph(tiny_ckpt):
+def test_a_new_video_and_a_sink_refresh_release_the_graph(tiny_ckpt, video_inputs):
     eager, graphed = _engines(tiny_ckpt, "cpu", torch.float32, "recorded")
-    inputs = _inputs(graphed.model.cfg)
+    inputs = video_inputs(graphed.model.cfg, BLOCKS, HW)
     ctx, ref, mot, audios = inputs
     graphed.start(ctx, ref, mot, 4, seed=3)
     for tick in ticks(BLOCKS, 4, drain_before=[4]):  # up to the first replay
@@ -206,13 +198,13 @@ def test_planner_resolves_cuda_graphs():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("attention", ["sdpa", "triton"])
-def test_cuda_graph_video_equals_eager_and_replays_without_sync(tiny_ckpt, attention):
+def test_cuda_graph_video_equals_eager_and_replays_without_sync(tiny_ckpt, attention, video_inputs):
     """torch.cuda.CUDAGraph: the same latents bit for bit, and after the capture no tick synchronises the host
     (torch.cuda.set_sync_debug_mode("error") raises on the first)."""
     eager, graphed = _engines(tiny_ckpt, "cuda", torch.bfloat16, "cuda")
     for e in (eager, graphed):
         e.model.attention = attention
-    inputs = _inputs(eager.model.cfg)
+    inputs = video_inputs(eager.model.cfg, BLOCKS, HW)
     _video(eager, inputs)  # Triton's compilation and autotuning, cuDNN's plans
     want = _video(eager, inputs)
 

@@ -35,14 +35,6 @@ def _plan(cfg, kind: str, schedule: str, quant: str = "bf16"):
     return make_plan(prof, cfg, HW[1] * 8, HW[0] * 8)
 
 
-def _inputs(cfg, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ctx = torch.randn(6, cfg.text_dim, generator=g)
-    ref, mot = torch.randn(1, 16, 1, *HW, generator=g), torch.randn(1, 16, 19, *HW, generator=g)
-    audios = [torch.randn(1, cfg.num_audio_layers, cfg.audio_dim, 12, generator=g) for _ in range(BLOCKS)]
-    return ctx, ref, mot, audios  # on the host, as the pipeline's features are
-
-
 def _video(engine, inputs, sync_mode: str | int = 0):
     """The start of a video (unchecked), then every tick of BLOCKS blocks x 4 steps under `sync_mode`."""
     ctx, ref, mot, audios = inputs
@@ -66,20 +58,20 @@ CASES = [("gpu", "sequential"), ("gpu", "batched"), ("gpu-noroom", "batched"), (
 
 
 @pytest.mark.parametrize("kind, schedule", CASES)
-def test_streaming_ticks_make_no_host_device_sync(tiny_ckpt, kind, schedule):
+def test_streaming_ticks_make_no_host_device_sync(tiny_ckpt, kind, schedule, video_inputs):
     ckpt, lora = tiny_ckpt
     model = load_dit(ckpt, lora=lora, dtype=torch.bfloat16)
     plan = _plan(model.cfg, kind, schedule)
     assert set(plan.kv_caches) == {"gpu" if kind.startswith("gpu") else "host"}
     assert plan.batch == (1 if schedule == "sequential" else 4) and not plan.streamed
     engine = Engine.build(model, plan, "cuda")
-    inputs = _inputs(model.cfg)
+    inputs = video_inputs(model.cfg, BLOCKS, HW)
     warm = _video(engine, inputs)
     checked = _video(engine, inputs, "error")  # raises on the first sync
     assert all(torch.equal(a, b) for a, b in zip(warm, checked))
 
 
-def test_w8a8_fp8_ticks_make_no_host_device_sync(tiny_ckpt, tmp_path):
+def test_w8a8_fp8_ticks_make_no_host_device_sync(tiny_ckpt, tmp_path, video_inputs):
     """h100-80's path: FP8 W8A8 (the norms' shared 8-bit inputs, the GEMMs), GPU bf16 caches with the sink room,
     batched ticks."""
     if torch.cuda.get_device_capability() < (8, 9):
@@ -92,7 +84,7 @@ def test_w8a8_fp8_ticks_make_no_host_device_sync(tiny_ckpt, tmp_path):
     convert(ckpt, qdir, "fp8", lora=lora, progress=False)
     model = load_dit(qdir, quantized=quantized_module_names(qdir), dtype=torch.bfloat16)
     engine = Engine.build(model, _plan(model.cfg, "gpu", "batched", quant="fp8"), "cuda")
-    inputs = _inputs(model.cfg)
+    inputs = video_inputs(model.cfg, BLOCKS, HW)
     warm = _video(engine, inputs)
     checked = _video(engine, inputs, "error")
     assert all(torch.equal(a, b) for a, b in zip(warm, checked))
