@@ -13,6 +13,8 @@ in one pass, computing in fp32 and rounding exactly where the eager code rounds:
   quantized by kernels/rowquant.py's rule (rowquant.QuantRows), bit-identical to layer_norm_mod followed
   by kernels.gemm.quantize_rows, with no second pass over the row. `add_layer_norm_mod` normalises x + y
   (the block's residual of the cross-attention, written once) in the same pass.
+- `ada_layer_norm`: the audio injector's AdaLayerNorm after its linear (an fp32 LayerNorm, not rounded, times
+  (1 + scale) rounded to the compute dtype, plus shift), through the same kernel, also with the quantized rows.
 - `gated_residual`: x + y * gate[frame] in fp32, written in the output dtype.
 
 Each has a torch twin (the eager code) for CPU runs; results agree to fp32 reduction order.
@@ -86,10 +88,12 @@ if triton is not None:
     def _ln_mod_kernel(X, W, B, SHIFT, SCALE, O, Q, S, sx, so, C, rows_per_frame, eps,
                        BLOCK: tl.constexpr, ROUND_IN: tl.constexpr, AFFINE: tl.constexpr,
                        MOD: tl.constexpr, STORE_H: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
-                       FP8: tl.constexpr, Y=None, XS=None, sy=0, ADD: tl.constexpr = False):
+                       FP8: tl.constexpr, Y=None, XS=None, sy=0, ADD: tl.constexpr = False,
+                       ROUND_H: tl.constexpr = True, ONE_PLUS: tl.constexpr = True):
         # QUANT: Q [rows, C] and S [rows] get the row rounded to O's dtype and quantized (rowquant's rule);
         # STORE_H: O gets that row too; ADD: the row normalized is X + Y (Y's row promoted to X's dtype, as the
-        # eager sum), stored in XS (contiguous rows, X's dtype)
+        # eager sum), stored in XS (contiguous rows, X's dtype); ROUND_H False: the normalized row stays fp32 (a
+        # LayerNorm of an fp32 copy); ONE_PLUS False: SCALE holds the factor itself (h * SCALE + SHIFT)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         m = cols < C
@@ -108,13 +112,15 @@ if triton is not None:
                 tl.float32)
         if ROUND_IN:  # WanLayerNorm returns its input's dtype: bf16 here, x's dtype otherwise
             h = h.to(tl.bfloat16).to(tl.float32)
-        else:
+        elif ROUND_H:
             h = h.to(X.dtype.element_ty).to(tl.float32)
         if MOD:
             bf = row // rows_per_frame  # (batch, frame) index into [B, F, C] shift/scale
             sc = tl.load(SCALE + bf * C + cols, mask=m, other=0.0)
             sh = tl.load(SHIFT + bf * C + cols, mask=m, other=0.0)
-            h = h * (1.0 + sc) + sh
+            if ONE_PLUS:
+                sc = 1.0 + sc
+            h = h * sc + sh
         h = h.to(O.dtype.element_ty)
         if STORE_H:
             tl.store(O + row * so + cols, h, mask=m)
@@ -220,7 +226,7 @@ def layer_norm_mod(x, eps, weight=None, bias=None, shift=None, scale=None, frame
 
 
 def _ln_mod(x, eps, weight, bias, shift, scale, frames, round_in, out_dtype, keep_h: bool, fp8: bool | None,
-            add=None):
+            add=None, round_h: bool = True, one_plus: bool = True):
     # the kernel's launch -> (h [B, L, C] or None, (q [B*L, C], scale [B*L]) or None, x + add [B, L, C] or None)
     b, L, c = x.shape
     x2 = _rows(x)
@@ -244,7 +250,7 @@ def _ln_mod(x, eps, weight, bias, shift, scale, frames, round_in, out_dtype, kee
                                    sh, sc, out, q, s, x2.stride(0), c, c, L // frames, eps, BLOCK=block,
                                    ROUND_IN=round_in, AFFINE=weight is not None, MOD=mod, STORE_H=keep_h,
                                    QUANT=quant, QMAX=FP8_MAX if fp8 else INT8_MAX, FP8=bool(fp8),
-                                   num_warps=_warps(block), **extra)
+                                   ROUND_H=round_h, ONE_PLUS=one_plus, num_warps=_warps(block), **extra)
     return (out if keep_h else None), ((q, s) if quant else None), xs
 
 
@@ -280,6 +286,28 @@ def add_layer_norm_mod(x, y, eps, weight=None, bias=None, shift=None, scale=None
     if fp8 is None:
         return s, h
     return s, QuantRows(*qs, tuple(x.shape), out_dtype or x.dtype)
+
+
+def ada_layer_norm_torch(x, shift, scale, eps=1e-5):
+    """The eager AdaLayerNorm after its linear: x [N, T, C], shift/scale [N, C] in the compute dtype -> fp32."""
+    h = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+    # (1 + scale) rounds in the compute dtype before the fp32 product, as under autocast
+    return h * (1 + scale[:, None]).float() + shift[:, None].float()
+
+
+def ada_layer_norm(x, shift, scale, eps=1e-5, out_dtype=None, fp8=None, backend="auto"):
+    """diffusers' AdaLayerNorm after its linear, as the audio injector runs it: the LayerNorm (no affine) of x
+    [N, T, C] in fp32, not rounded, times (1 + scale) rounded to scale's dtype, plus shift (shift/scale [N, C],
+    one row per sample-frame) -> rounded to out_dtype (x.dtype by default); with fp8 (False: INT8, True: FP8) the
+    rowquant.QuantRows of that instead, for the next W8A8 GEMM. One pass where the eager code makes five."""
+    dt = out_dtype or x.dtype
+    if not use_triton(x, backend):
+        h = ada_layer_norm_torch(x, shift, scale, eps).to(dt)
+        return h if fp8 is None else QuantRows.of(h, fp8)
+    factor = (1 + scale).float()[:, None]  # rounded as the eager code rounds it; the kernel multiplies by it
+    h, qs, _ = _ln_mod(x, eps, None, None, shift.float()[:, None], factor, 1, False, dt, fp8 is None, fp8,
+                       round_h=False, one_plus=False)
+    return h if fp8 is None else QuantRows(*qs, tuple(x.shape), dt)
 
 
 def gated_residual(x, y, gate, frames, out_dtype=None, backend="auto"):

@@ -139,6 +139,43 @@ def test_add_layer_norm_mod_is_the_sum_then_the_norm(fp8):
         fused.add_layer_norm_mod(y, x, 1e-6, fp8=fp8, backend="triton", **kw)  # a bf16 x would round the sum
 
 
+def _ada_case(device, C=96, T=33, N=4, seed=21):
+    """The audio injector's AdaLN inputs: bf16 tokens [N, T, C] (N sample-frames) with an offset and spread per
+    row, and shift/scale [N, C] in bf16 as its linear gives them (scale near and past -1 too)."""
+    g = gen(seed)
+    x = (torch.randn(N, T, C, generator=g) * (1 + 3 * torch.rand(N, T, 1, generator=g)) + 2).to(device, BF)
+    shift = torch.randn(N, C, generator=g).to(device, BF)
+    scale = (torch.randn(N, C, generator=g) * 1.5).to(device, BF)
+    return x, shift, scale
+
+
+@on_cpu
+@pytest.mark.parametrize("fp8", [None, False, True])
+def test_ada_layer_norm_is_the_eager_adain(fp8):
+    """The injector's AdaLN in one pass: the eager arithmetic's values (an fp32 LayerNorm, not rounded, times
+    (1 + scale) rounded in bf16, plus shift, rounded to bf16) within the interpreter's rounding; its 8-bit rows
+    are the quantizer's of the kernel's own rounded rows; the torch twin is the eager code bit for bit."""
+    x, shift, scale = _ada_case("cpu")
+    eager = fused.ada_layer_norm_torch(x, shift, scale)
+    assert eager.dtype == torch.float32
+    h = fused.ada_layer_norm(x, shift, scale, backend="triton")
+    same_rounding(h, eager.to(BF), BF)
+    # not the block's norm: rounding the LayerNorm to bf16 first, or (1 + scale) in fp32, gives other values
+    other = fused.layer_norm_mod(x, 1e-5, shift=shift[:, None].float(), scale=scale[:, None].float(), backend="torch")
+    assert not torch.equal(other, eager.to(BF))
+    if fp8 is not None:
+        qr = fused.ada_layer_norm(x, shift, scale, fp8=fp8, backend="triton")
+        q, s = gemm.quantize_rows(h.reshape(-1, 96), fp8=fp8)
+        assert qr.shape == x.shape and qr.dtype == BF and qr.scheme == ("fp8" if fp8 else "int8")
+        assert torch.equal(qr.q.view(torch.uint8), q.view(torch.uint8)) and torch.equal(qr.scale, s)
+    twin = fused.ada_layer_norm(x, shift, scale, fp8=fp8, backend="torch")
+    if fp8 is None:
+        assert torch.equal(twin, eager.to(BF))
+    else:
+        q, s = (RQ.quantize_rows_fp8 if fp8 else RQ.quantize_rows_int8)(eager.to(BF).reshape(-1, 96))
+        assert torch.equal(twin.q.view(torch.uint8), q.view(torch.uint8)) and torch.equal(twin.scale, s)
+
+
 @on_cpu
 @pytest.mark.parametrize("xdtype,out_dtype", [(BF, None), (torch.float32, BF), (torch.float32, None)])
 def test_gated_residual(xdtype, out_dtype):
@@ -179,6 +216,21 @@ def test_kernels_at_model_width_on_gpu():
         # differently (H200: a few codes in 10^5 one step apart, scales one bf16 unit of the absmax); the
         # interpreter's tests ask for the same bits
         assert (qr.q.view(torch.uint8) == q.view(torch.uint8)).float().mean() > 0.999
+        torch.testing.assert_close(qr.scale, s, rtol=2 ** -7, atol=0)
+
+
+@cuda
+@needs_cuda
+def test_gpu_ada_layer_norm_at_model_width():
+    """At the model's width and one block's frames of a batch of 4 (12 sample-frames of 1056 tokens): the eager
+    AdaLN's bf16 values (the reductions' order aside), and 8-bit rows the quantizer's of those rows."""
+    x, shift, scale = _ada_case("cuda", C=5120, T=1056, N=12)
+    h = fused.ada_layer_norm(x, shift, scale)
+    same_rounding(h, fused.ada_layer_norm_torch(x, shift, scale).to(BF), BF)
+    for fp8 in (False, True) if torch.cuda.get_device_capability() >= (8, 9) else (False,):
+        qr = fused.ada_layer_norm(x, shift, scale, fp8=fp8)
+        q, s = gemm.quantize_rows(h.reshape(-1, 5120), fp8=fp8)
+        assert (qr.q.view(torch.uint8) == q.view(torch.uint8)).float().mean() > 0.999  # as the block's norms
         torch.testing.assert_close(qr.scale, s, rtol=2 ** -7, atol=0)
 
 

@@ -215,6 +215,38 @@ def test_block_fused_equals_block_unfused(scheme, b, kernels, monkeypatch):
     assert calls.count("layer_norm_mod_quant") == 6 and calls.count("add_quant") == 3
 
 
+@on_cpu
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_audio_injector_norm_writes_q_input(scheme, monkeypatch):
+    """The audio injector's AdaLN (fused.ada_layer_norm, the kernel under the interpreter) writes its W8A8 q's
+    8-bit rows when the injector fuses: the same output bits as q quantizing the norm's bf16 rows itself."""
+    from lowvram.model.audio import AudioInjector
+
+    monkeypatch.setattr(fused, "use_triton", lambda x, backend: backend != "torch")
+    torch.manual_seed(1)
+    dim, heads, b, f, tokens = 96, 2, 2, 3, 11
+    inj = AudioInjector(dim, heads, [0])
+    with torch.no_grad():
+        for prm in inj.parameters():
+            prm.copy_(torch.randn_like(prm) * prm.shape[-1] ** -0.5 if prm.ndim > 1 else 1 + 0.1 * torch.randn_like(prm))
+    inj = inj.to(BF)
+    inj.injector[0].q = QuantLinear.from_linear(inj.injector[0].q, scheme)
+    set_gemm_backend(inj, "triton")
+    g = gen(5)
+    x = torch.randn(b, f * tokens, dim, generator=g).to(BF)
+    loc, glob = (torch.randn(b, f, n, dim, generator=g).to(BF) for n in (5, 1))
+    seen = []
+    real = fused.ada_layer_norm
+    monkeypatch.setattr(fused, "ada_layer_norm", lambda *a, **k: seen.append(k.get("fp8")) or real(*a, **k))
+    with torch.no_grad():
+        layers.set_fuse(inj, False)
+        unfused = inj(0, x, loc, glob)
+        layers.set_fuse(inj, True)
+        fused_out = inj(0, x, loc, glob)
+    assert seen == [None, scheme == "fp8"]
+    assert torch.equal(fused_out, unfused) and (fused_out - x).abs().max() > 0  # it injected something
+
+
 def test_cpu_auto_blocks_run_the_unfused_path(monkeypatch):
     # fp32 nn.Linear and auto-backend QuantLinear blocks on the CPU: nothing is shared, today's values exactly
     monkeypatch.setattr(fused, "layer_norm_mod_quant", lambda *a, **k: pytest.fail("fused on the CPU"))

@@ -7,7 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lowvram.kernels import fused
 from lowvram.model.layers import CrossAttention, linear_fp32
+from lowvram.quantize import fuse
 
 
 class CausalConv1d(nn.Module):
@@ -82,16 +84,19 @@ class AdaLayerNorm(nn.Module):
         super().__init__()
         self.linear = nn.Linear(dim, 2 * dim)
 
-    def forward(self, x, temb, rows: int | None = None):  # x: [N, L, C]; temb: [N, C]
+    def forward(self, x, temb, rows: int | None = None, out_dtype=None, fp8: bool | None = None):
+        """x: [N, L, C]; temb: [N, C] -> fp32 [N, L, C], as the reference; with out_dtype, rounded to it, and with
+        fp8 (False: INT8, True: FP8) the rowquant.QuantRows of that for a W8A8 layer (one pass on the GPU,
+        fused.ada_layer_norm; the eager arithmetic on the CPU)."""
         # rows: temb's rows per sample of a batch; their GEMMs then run per sample, as a GEMM of a few rows does not
         # give the bits of the same rows inside a larger one (MKL's fp32 GEMM of 1-11 rows, but 4 and 8, on an AMD
         # EPYC; cuBLAS picks kernels by M), and a batched forward keeps each sample's unbatched bits
         t = F.silu(temb)
         y = self.linear(t) if rows is None or rows >= t.shape[0] else torch.cat([self.linear(c) for c in t.split(rows)])
         shift, scale = y.chunk(2, dim=1)
-        h = F.layer_norm(x.float(), x.shape[-1:], eps=1e-5)
-        # (1 + scale) rounds in the compute dtype before the fp32 product, as under autocast
-        return h * (1 + scale[:, None]).float() + shift[:, None].float()
+        if out_dtype is None:
+            return fused.ada_layer_norm_torch(x, shift, scale)
+        return fused.ada_layer_norm(x, shift, scale, out_dtype=out_dtype, fp8=fp8)
 
 
 class AudioInjector(nn.Module):
@@ -111,7 +116,11 @@ class AudioInjector(nn.Module):
         if k is None:
             return x
         b, f = audio_local.shape[:2]
+        inj = self.injector[k]
         h = x.unflatten(1, (f, -1)).flatten(0, 1)                       # [B*F, T, C]
-        h = self.injector_adain_layers[k](h, audio_global.flatten(0, 1)[:, 0], rows=f).to(x.dtype)
-        out = self.injector[k](h, audio_local.flatten(0, 1))            # [B*F, T, C]
+        # the norm writes q's 8-bit input where q is a W8A8 layer (the block's norms do the same, quantize/fuse.py)
+        scheme = fuse.input_scheme(h, (inj.q,)) if inj.fuse else None
+        h = self.injector_adain_layers[k](h, audio_global.flatten(0, 1)[:, 0], rows=f, out_dtype=x.dtype,
+                                          fp8=None if scheme is None else scheme == "fp8")
+        out = inj(h, audio_local.flatten(0, 1))                         # [B*F, T, C]
         return x + out.unflatten(0, (b, f)).flatten(1, 2)
