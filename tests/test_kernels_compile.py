@@ -1,5 +1,5 @@
 """The fused kernels' new variants and the KV caches' (kernels/kvquant.py) compile for sm_90, the 8-bit attention's
-cache writer also for the RTX 40's sm_89 and the RTX 30's sm_86 (TTIR -> PTX -> cubin with Triton's own ptxas), no
+cache writer also for the RTX 40's sm_89 and the RTX 30's sm_86, the AdaLayerNorm's variant also for sm_89 (TTIR -> PTX -> cubin with Triton's own ptxas), no
 GPU needed.
 
 Triton's interpreter accepts what the compiler refuses (a non-constexpr global read inside a kernel, for one), so
@@ -34,7 +34,8 @@ SCRIPT = textwrap.dedent("""
     ln_sig = {"X": "*fp32", "W": "*fp32", "B": "*fp32", "SHIFT": "*fp32", "SCALE": "*fp32", "O": "*bf16",
               "Q": "*fp8e4nv", "S": "*fp32", "sx": "i32", "so": "i32", "C": "i32", "rows_per_frame": "i32",
               "eps": "fp32", "Y": "*bf16", "XS": "*fp32", "sy": "i32"}
-    ln_c = dict(BLOCK=8192, ROUND_IN=False, AFFINE=False, MOD=True, STORE_H=False, QUANT=True, QMAX=448.0, FP8=True, ADD=True)
+    ln_c = dict(BLOCK=8192, ROUND_IN=False, AFFINE=False, MOD=True, STORE_H=False, QUANT=True, QMAX=448.0, FP8=True, ADD=True,
+                ROUND_H=True, ONE_PLUS=True)
     strides = lambda *names: {n: "i32" for n in names}  # noqa: E731
     kvd_sig = {"q": "*i8", "s": "*fp32", "o": "*bf16", **strides("sqn", "sqt", "ssn", "sst", "son", "sot")}
     heads = dict(H=40, D=128, HB=64, DB=128)
@@ -48,6 +49,16 @@ SCRIPT = textwrap.dedent("""
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
                            options={"num_warps": 4, "num_stages": 2})
         assert "cubin" in k.asm, fn
+    # the audio injector's AdaLayerNorm (fused.ada_layer_norm: bf16 rows, the norm kept in fp32, the factor given
+    # whole, the q's 8-bit rows out) runs on every card: sm_90, and the RTX 40's sm_89 with INT8 rows
+    ada_sig = dict(ln_sig, X="*bf16", Q="*i8")
+    ada_c = dict(BLOCK=8192, ROUND_IN=False, AFFINE=False, MOD=True, STORE_H=False, QUANT=True, QMAX=127.0, FP8=False,
+                 ADD=False, ROUND_H=False, ONE_PLUS=False)
+    for arch in (90, 89):
+        k = triton.compile(ASTSource(fn=fused._ln_mod_kernel, signature=dict(ada_sig, **{c: "constexpr" for c in ada_c}),
+                                     constexprs=ada_c), target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": 4, "num_stages": 2})
+        assert "cubin" in k.asm, arch
     # kv8_write's kernel runs on the RTX cards (attention triton8): their sm_89 and sm_86 too
     sig = dict(kvt_sig, **{k: "constexpr" for k in kvt_c})
     for arch in (89, 86):
