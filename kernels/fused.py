@@ -12,7 +12,8 @@ in one pass, computing in fp32 and rounding exactly where the eager code rounds:
   `layer_norm_mod_quant` also (or only) writes the next GEMM's input: the row rounded to out_dtype, then
   quantized by kernels/rowquant.py's rule (rowquant.QuantRows), bit-identical to layer_norm_mod followed
   by kernels.gemm.quantize_rows, with no second pass over the row. `add_layer_norm_mod` normalises x + y
-  (the block's residual of the cross-attention, written once) in the same pass.
+  (the block's residual of the cross-attention, written once) in the same pass, and `gated_layer_norm_mod`
+  normalises x + y * gate (the self-attention's gated residual, in fp32) in the same way.
 - `ada_layer_norm`: the audio injector's AdaLayerNorm after its linear (an fp32 LayerNorm, not rounded, times
   (1 + scale) rounded to the compute dtype, plus shift), through the same kernel, also with the quantized rows.
 - `gated_residual`: x + y * gate[frame] in fp32, written in the output dtype.
@@ -89,16 +90,22 @@ if triton is not None:
                        BLOCK: tl.constexpr, ROUND_IN: tl.constexpr, AFFINE: tl.constexpr,
                        MOD: tl.constexpr, STORE_H: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
                        FP8: tl.constexpr, Y=None, XS=None, sy=0, ADD: tl.constexpr = False,
-                       ROUND_H: tl.constexpr = True, ONE_PLUS: tl.constexpr = True):
+                       ROUND_H: tl.constexpr = True, ONE_PLUS: tl.constexpr = True, G=None, GATE: tl.constexpr = False):
         # QUANT: Q [rows, C] and S [rows] get the row rounded to O's dtype and quantized (rowquant's rule);
         # STORE_H: O gets that row too; ADD: the row normalized is X + Y (Y's row promoted to X's dtype, as the
         # eager sum), stored in XS (contiguous rows, X's dtype); ROUND_H False: the normalized row stays fp32 (a
-        # LayerNorm of an fp32 copy); ONE_PLUS False: SCALE holds the factor itself (h * SCALE + SHIFT)
+        # LayerNorm of an fp32 copy); ONE_PLUS False: SCALE holds the factor itself (h * SCALE + SHIFT); GATE (with
+        # ADD): the row is X + Y * G[frame] in fp32 (gated_residual's), stored in XS as fp32
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         m = cols < C
         x = tl.load(X + row * sx + cols, mask=m, other=0.0)
-        if ADD:
+        if GATE:
+            y = tl.load(Y + row * sy + cols, mask=m, other=0.0).to(tl.float32)
+            g = tl.load(G + (row // rows_per_frame) * C + cols, mask=m, other=0.0)
+            x = x.to(tl.float32) + y * g
+            tl.store(XS + row * C + cols, x, mask=m)
+        elif ADD:
             x = x + tl.load(Y + row * sy + cols, mask=m, other=0.0).to(x.dtype)
             tl.store(XS + row * C + cols, x, mask=m)
         if ROUND_IN:
@@ -226,15 +233,18 @@ def layer_norm_mod(x, eps, weight=None, bias=None, shift=None, scale=None, frame
 
 
 def _ln_mod(x, eps, weight, bias, shift, scale, frames, round_in, out_dtype, keep_h: bool, fp8: bool | None,
-            add=None, round_h: bool = True, one_plus: bool = True):
-    # the kernel's launch -> (h [B, L, C] or None, (q [B*L, C], scale [B*L]) or None, x + add [B, L, C] or None)
+            add=None, round_h: bool = True, one_plus: bool = True, gate=None):
+    # the kernel's launch -> (h [B, L, C] or None, (q [B*L, C], scale [B*L]) or None, x + add [B, L, C] or None;
+    # with gate [B, F, C], x + add * gate in fp32)
     b, L, c = x.shape
     x2 = _rows(x)
     xs, extra = None, {}
     if add is not None:
         y2 = _rows(add)
-        xs = torch.empty(b, L, c, dtype=x.dtype, device=x.device)
+        xs = torch.empty(b, L, c, dtype=x.dtype if gate is None else torch.float32, device=x.device)
         extra = dict(Y=y2, XS=xs, sy=y2.stride(0), ADD=True)
+        if gate is not None:
+            extra.update(G=gate.contiguous().float(), GATE=True)
     dt = out_dtype or x.dtype
     # without h: a one-element O stands for its dtype (never written)
     out = torch.empty((b, L, c) if keep_h else (1,), dtype=dt, device=x.device)
@@ -308,6 +318,23 @@ def ada_layer_norm(x, shift, scale, eps=1e-5, out_dtype=None, fp8=None, backend=
     h, qs, _ = _ln_mod(x, eps, None, None, shift.float()[:, None], factor, 1, False, dt, fp8 is None, fp8,
                        round_h=False, one_plus=False)
     return h if fp8 is None else QuantRows(*qs, tuple(x.shape), dt)
+
+
+def gated_layer_norm_mod(x, y, gate, frames, eps, weight=None, bias=None, round_in=False, out_dtype=None, fp8=None,
+                         backend="auto"):
+    """s = gated_residual(x, y, gate, frames) (x + y * gate per frame, fp32), then layer_norm_mod of s (the same
+    weight, bias, round_in, out_dtype; no modulation) or, with fp8 (False: INT8, True: FP8), layer_norm_mod_quant's
+    QuantRows of it, in one pass -> (s, that). The block's self-attention residual and the cross-attention's norm
+    after it: s is written once and not read back."""
+    if y.shape != x.shape:
+        raise ValueError(f"gated_layer_norm_mod adds y {tuple(y.shape)} into x {tuple(x.shape)}")
+    if not use_triton(x, backend):
+        s = gated_residual_torch(x, y, gate, frames)
+        h = layer_norm_mod_torch(s, eps, weight, bias, round_in=round_in, out_dtype=out_dtype)
+        return s, (h if fp8 is None else QuantRows.of(h, fp8))
+    dt = out_dtype or torch.float32
+    h, qs, s = _ln_mod(x, eps, weight, bias, None, None, frames, round_in, dt, fp8 is None, fp8, add=y, gate=gate)
+    return s, (h if fp8 is None else QuantRows(*qs, tuple(x.shape), dt))
 
 
 def gated_residual(x, y, gate, frames, out_dtype=None, backend="auto"):

@@ -1,6 +1,6 @@
-"""The fused kernels' new variants and the KV caches' (kernels/kvquant.py) compile for sm_90, the 8-bit attention's
-cache writer also for the RTX 40's sm_89 and the RTX 30's sm_86, the AdaLayerNorm's variant also for sm_89 (TTIR -> PTX -> cubin with Triton's own ptxas), no
-GPU needed.
+"""The fused kernels' new variants (the gated residual's norm, the AdaLayerNorm's) and the KV caches'
+(kernels/kvquant.py) compile for sm_90, the 8-bit attention's cache writer also for the RTX 40's sm_89 and the RTX 30's
+sm_86, the AdaLayerNorm's also for sm_89 (TTIR -> PTX -> cubin with Triton's own ptxas), no GPU needed.
 
 Triton's interpreter accepts what the compiler refuses (a non-constexpr global read inside a kernel, for one), so
 the CPU tests alone cannot show that a kernel builds. This compiles in a subprocess without TRITON_INTERPRET
@@ -33,9 +33,9 @@ SCRIPT = textwrap.dedent("""
     quant_c = dict(QMAX=127.0, FP8=False, BLOCK=2048, SINGLE=False, GIVEN=False, GELU="sigmoid")
     ln_sig = {"X": "*fp32", "W": "*fp32", "B": "*fp32", "SHIFT": "*fp32", "SCALE": "*fp32", "O": "*bf16",
               "Q": "*fp8e4nv", "S": "*fp32", "sx": "i32", "so": "i32", "C": "i32", "rows_per_frame": "i32",
-              "eps": "fp32", "Y": "*bf16", "XS": "*fp32", "sy": "i32"}
+              "eps": "fp32", "Y": "*bf16", "XS": "*fp32", "sy": "i32", "G": "*fp32"}
     ln_c = dict(BLOCK=8192, ROUND_IN=False, AFFINE=False, MOD=True, STORE_H=False, QUANT=True, QMAX=448.0, FP8=True, ADD=True,
-                ROUND_H=True, ONE_PLUS=True)
+                ROUND_H=True, ONE_PLUS=True, GATE=False)
     strides = lambda *names: {n: "i32" for n in names}  # noqa: E731
     kvd_sig = {"q": "*i8", "s": "*fp32", "o": "*bf16", **strides("sqn", "sqt", "ssn", "sst", "son", "sot")}
     heads = dict(H=40, D=128, HB=64, DB=128)
@@ -54,11 +54,16 @@ SCRIPT = textwrap.dedent("""
     ada_sig = dict(ln_sig, X="*bf16", Q="*i8")
     ada_c = dict(BLOCK=8192, ROUND_IN=False, AFFINE=False, MOD=True, STORE_H=False, QUANT=True, QMAX=127.0, FP8=False,
                  ADD=False, ROUND_H=False, ONE_PLUS=False)
-    for arch in (90, 89):
-        k = triton.compile(ASTSource(fn=fused._ln_mod_kernel, signature=dict(ada_sig, **{c: "constexpr" for c in ada_c}),
-                                     constexprs=ada_c), target=GPUTarget("cuda", arch, 32),
+    # the self-attention's gated residual with norm3 (fused.gated_layer_norm_mod: bf16 x, fp32 sum, affine, FP8 rows)
+    gate_sig = dict(ln_sig, X="*bf16", Y="*bf16", XS="*fp32", G="*fp32")
+    gate_c = dict(BLOCK=8192, ROUND_IN=True, AFFINE=True, MOD=False, STORE_H=False, QUANT=True, QMAX=448.0, FP8=True,
+                  ADD=True, ROUND_H=True, ONE_PLUS=True, GATE=True)
+    for arch, sig, consts in ((90, ada_sig, ada_c), (89, ada_sig, ada_c), (90, gate_sig, gate_c)):
+        consts = {"GATE": False, **consts}
+        k = triton.compile(ASTSource(fn=fused._ln_mod_kernel, signature=dict(sig, **{c: "constexpr" for c in consts}),
+                                     constexprs=consts), target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": 4, "num_stages": 2})
-        assert "cubin" in k.asm, arch
+        assert "cubin" in k.asm, (arch, consts)
     # kv8_write's kernel runs on the RTX cards (attention triton8): their sm_89 and sm_86 too
     sig = dict(kvt_sig, **{k: "constexpr" for k in kvt_c})
     for arch in (89, 86):

@@ -139,6 +139,37 @@ def test_add_layer_norm_mod_is_the_sum_then_the_norm(fp8):
         fused.add_layer_norm_mod(y, x, 1e-6, fp8=fp8, backend="triton", **kw)  # a bf16 x would round the sum
 
 
+@on_cpu
+@pytest.mark.parametrize("xdtype,fp8", [(BF, None), (BF, False), (BF, True), (torch.float32, None)])
+def test_gated_layer_norm_mod_is_the_gate_then_the_norm(xdtype, fp8):
+    """The block's x (bf16 at its start) + self-attention * gate1 per frame, then norm3 (affine, on the sum rounded
+    to bf16) and its 8-bit rows, in one pass: the sum's bits those of gated_residual's kernel, the norm's and the
+    codes those of the kernels it replaces; the torch twin is the two eager steps."""
+    x, y, gate, _ = shapes_and_inputs("cpu", xdtype, seed=15)
+    kw = norm_kwargs("norm3", None, None)
+    s, got = fused.gated_layer_norm_mod(x, y, gate, 3, 1e-6, fp8=fp8, backend="triton", **kw)
+    want_s = fused.gated_residual(x, y, gate, 3, backend="triton")
+    assert s.dtype == torch.float32 and torch.equal(s, want_s)
+    same_rounding(s, fused.gated_residual(x, y, gate, 3, backend="torch"), torch.float32)
+    if fp8 is None:
+        assert torch.equal(got, fused.layer_norm_mod(want_s, 1e-6, backend="triton", **kw))
+    else:
+        want = fused.layer_norm_mod_quant(want_s, 1e-6, fp8=fp8, backend="triton", **kw)[1]
+        assert got.shape == want.shape and got.scheme == want.scheme and got.dtype == BF
+        assert torch.equal(got.q.view(torch.uint8), want.q.view(torch.uint8)) and torch.equal(got.scale, want.scale)
+    st, twin = fused.gated_layer_norm_mod(x, y, gate, 3, 1e-6, fp8=fp8, backend="torch", **kw)
+    eager_s = fused.gated_residual_torch(x, y, gate, 3)
+    eager_h = fused.layer_norm_mod_torch(eager_s, 1e-6, **kw)
+    assert torch.equal(st, eager_s)
+    if fp8 is None:
+        assert torch.equal(twin, eager_h)
+    else:
+        q, sc = (RQ.quantize_rows_fp8 if fp8 else RQ.quantize_rows_int8)(eager_h.reshape(-1, 96))
+        assert torch.equal(twin.q.view(torch.uint8), q.view(torch.uint8)) and torch.equal(twin.scale, sc)
+    with pytest.raises(ValueError, match="adds y"):
+        fused.gated_layer_norm_mod(x, y[:, :5], gate, 3, 1e-6, backend="triton", **kw)
+
+
 def _ada_case(device, C=96, T=33, N=4, seed=21):
     """The audio injector's AdaLN inputs: bf16 tokens [N, T, C] (N sample-frames) with an offset and spread per
     row, and shift/scale [N, C] in bf16 as its linear gives them (scale near and past -1 too)."""
@@ -217,6 +248,27 @@ def test_kernels_at_model_width_on_gpu():
         # interpreter's tests ask for the same bits
         assert (qr.q.view(torch.uint8) == q.view(torch.uint8)).float().mean() > 0.999
         torch.testing.assert_close(qr.scale, s, rtol=2 ** -7, atol=0)
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("fp8", [None, False, True])
+def test_gpu_gated_layer_norm_mod_is_the_gate_then_the_norm(fp8):
+    """At the model's width: the fp32 sum gated_residual's kernel's, norm3's rows and codes those of the kernels it
+    replaces (the same code, the sum kept instead of read back; the two kernels may contract x + y * g alike)."""
+    x, y, gate, _ = shapes_and_inputs("cuda", BF, C=5120, L=3 * 64, seed=16)
+    kw = dict(weight=(1 + 0.1 * torch.randn(5120, generator=gen(4))).cuda(), bias=(0.1 * torch.randn(5120)).cuda(),
+              round_in=True, out_dtype=BF)
+    s, got = fused.gated_layer_norm_mod(x, y, gate, 3, 1e-6, fp8=fp8, **kw)
+    want_s = fused.gated_residual(x, y, gate, 3)
+    same_rounding(s, want_s, torch.float32)
+    assert (s == want_s).float().mean() > 0.999
+    if fp8 is None:
+        same_rounding(got, fused.layer_norm_mod(want_s, 1e-6, **kw), BF)
+    elif fp8 is False or torch.cuda.get_device_capability() >= (8, 9):
+        want = fused.layer_norm_mod_quant(want_s, 1e-6, fp8=fp8, **kw)[1]
+        assert (got.q.view(torch.uint8) == want.q.view(torch.uint8)).float().mean() > 0.999
+        torch.testing.assert_close(got.scale, want.scale, rtol=2 ** -7, atol=0)
 
 
 @cuda

@@ -198,12 +198,16 @@ def test_block_fused_equals_block_unfused(scheme, b, kernels, monkeypatch):
     real_add = fused.add_layer_norm_mod  # norm2 after the cross-attention's residual: 8-bit rows when fp8 is given
     monkeypatch.setattr(fused, "add_layer_norm_mod",
                         lambda *a, **k: calls.append("add_quant" if k.get("fp8") is not None else "add") or real_add(*a, **k))
+    real_gated = fused.gated_layer_norm_mod  # norm3 after the self-attention's gated residual, the same way
+    monkeypatch.setattr(fused, "gated_layer_norm_mod", lambda *a, **k: calls.append(
+        "gated_quant" if k.get("fp8") is not None else "gated") or real_gated(*a, **k))
     unfused = run(blk, inputs, False)
-    assert calls == ["add"]
+    assert calls == ["gated", "add"]
     calls.clear()
     fused_out = run(blk, inputs, True)
-    # norm1 -> q/k/v, norm3 -> cross_attn.q, norm2 (with the residual) -> ffn.0; the FFN in 3 chunks of one frame
-    assert calls.count("layer_norm_mod_quant") == 2 and calls.count("add_quant") == 1
+    # norm1 -> q/k/v, norm3 (with the gated residual) -> cross_attn.q, norm2 (with the residual) -> ffn.0; the FFN
+    # in 3 chunks of one frame
+    assert calls.count("layer_norm_mod_quant") == 1 and calls.count("add_quant") == calls.count("gated_quant") == 1
     assert calls.count("gelu_linear") == 3
     assert torch.equal(fused_out, unfused)  # (the interpreter's GELU gives torch's bits, see above)
     # larger FFN chunks (bigger GEMMs) give the same rows
@@ -212,7 +216,7 @@ def test_block_fused_equals_block_unfused(scheme, b, kernels, monkeypatch):
     # the default: shared 8-bit inputs, the GELU in ffn.2's quantization
     monkeypatch.setattr(fuse, "GELU_EPILOGUE", False)
     assert torch.equal(run(blk, inputs, True), unfused) and calls.count("gelu_linear") == 4
-    assert calls.count("layer_norm_mod_quant") == 6 and calls.count("add_quant") == 3
+    assert calls.count("layer_norm_mod_quant") == 3 and calls.count("add_quant") == calls.count("gated_quant") == 3
 
 
 @on_cpu

@@ -125,8 +125,8 @@ class Block(nn.Module):
     def forward(self, x, e0, context, attend: Callable, frames: int, rope=None):
         """x: [B, L, C] in the compute dtype; e0: [B, frames, 6, C] fp32 time projection of each
         frame's t (L = frames * tokens per frame); context: [B, 512, C]; rope: see SelfAttention.
-        The norm + modulation and gate + residual chains are one pass each (kernels/fused.py on the
-        GPU, the same eager arithmetic on the CPU)."""
+        The norm + modulation and gate + residual chains are one pass each, a residual and the norm after it
+        one pass together (kernels/fused.py on the GPU, the same eager arithmetic on the CPU)."""
         dt = x.dtype
         m = self.modulation.float().unsqueeze(1) + e0                   # [B, F, 6, C]
         shift1, scale1, gate1, shift2, scale2, gate2 = m.unbind(2)    # each [B, F, C]
@@ -135,10 +135,10 @@ class Block(nn.Module):
         q, k, v = self.self_attn.q, self.self_attn.k, self.self_attn.v
         h = self._norm((q, k, v), x, eps, shift=shift1, scale=scale1, frames=frames, out_dtype=dt)
         y = self.self_attn(h, attend, rope)
-        x = fused.gated_residual(x, y, gate1, frames)                   # fp32 from here
-        # the reference rounds the cross-attention's input to bf16 whatever the compute dtype
-        h = self._norm((self.cross_attn.q,), x, self.norm3.eps, self.norm3.weight, self.norm3.bias, round_in=True,
-                       out_dtype=dt)
+        # x + y * gate1 (fp32 from here) and the cross-attention's norm of it in one pass; the reference rounds the
+        # cross-attention's input to bf16 whatever the compute dtype
+        x, h = self._norm((self.cross_attn.q,), x, self.norm3.eps, self.norm3.weight, self.norm3.bias, round_in=True,
+                          out_dtype=dt, gated=(y, gate1, frames))
         # x + the cross-attention, and the FFN's norm of that sum, in one pass
         x, h = self._norm((self.ffn[0],), x, self.norm2.eps, shift=shift2, scale=scale2, frames=frames, out_dtype=dt,
                           add=self.cross_attn(h, context))
@@ -156,11 +156,15 @@ class Block(nn.Module):
         # a batch: B frames' rows per chunk, contiguous (a strided [B, rows, C] slice computes otherwise)
         return torch.cat([self._ffn(r) for r in h.reshape(b * L, c).split(b * rows)]).view(b, L, -1)
 
-    def _norm(self, layers, x, eps, *affine, add=None, **kw):
+    def _norm(self, layers, x, eps, *affine, add=None, gated=None, **kw):
         """fused.layer_norm_mod of x [B, L, C] for `layers`, which all read it: written as their shared 8-bit
         input (QuantRows of [B, L, C]) where they can take one, else h [B, L, C]. add: of x + add instead
-        (fused.add_layer_norm_mod) -> (x + add, that)."""
+        (fused.add_layer_norm_mod) -> (x + add, that); gated (y, gate, frames): of x + y * gate in fp32
+        (fused.gated_layer_norm_mod) -> (that sum, that)."""
         scheme = fuse.input_scheme(x, layers) if self.fuse else None
+        if gated is not None:
+            return fused.gated_layer_norm_mod(x, *gated, eps, *affine, fp8=None if scheme is None else scheme == "fp8",
+                                              **kw)
         if add is not None:
             return fused.add_layer_norm_mod(x, add, eps, *affine, fp8=None if scheme is None else scheme == "fp8", **kw)
         if scheme is None:
