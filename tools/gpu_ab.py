@@ -6,7 +6,7 @@ each change against its absence on the same machine, back to back, the same rand
     python3 tools/gpu_ab.py --quick --parts kvquant,graphs     # a scaled-down dry run of the code on the CPU
 
 Parts (each saved to gpu_ab.json as it ends, so a later failure keeps what was measured):
-- tests: `pytest -m cuda` of tests/test_kernels_kvquant.py and tests/test_graphs.py (rc and the last lines).
+- tests: `pytest -m cuda` of the tests in TESTS (rc and the last lines).
 - kvquant: the `4090` profile under its 24 GiB cap, its host INT8 KV conversions in torch (kernels/kvquant.py's
   kernel_usable patched off) against the one-pass Triton kernels; `--clips` timed clips after a warm-up clip.
 - graphs: the `h100-80` profile, `cuda_graphs` off, on (which gives up the GPU caches' sink room: torch.cat per
@@ -34,7 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ["tests/test_kernels_kvquant.py", "tests/test_graphs.py"]
+# the CUDA tests of what the CPU could not run: the KV kernels, the graphs, the fused kernels' new variants at the
+# model's width (gated norm, AdaLayerNorm), the sink room, no host sync in a tick
+TESTS = ["tests/test_kernels_kvquant.py", "tests/test_graphs.py", "tests/test_kernels_fused.py",
+         "tests/test_quantize_fuse.py", "tests/test_kv_cache.py", "tests/test_sync.py"]
 
 
 def run_tests(log) -> dict:
