@@ -392,6 +392,23 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
     return res
 
 
+def guarded_run(label, cfg, name, cap_gib, h, w, device, clips, log, **kw) -> tuple[dict, dict | None]:
+    """profile_run (its other arguments in kw) labelled `label`, whose failure becomes a row with the error (logged
+    with its traceback) so that the other runs' numbers survive: -> (the row, its final latents or None)."""
+    try:
+        r = profile_run(cfg, name, cap_gib, None, h, w, device, clips, log, **kw)
+    except Exception as e:  # one profile failing must not lose the others' numbers
+        r = {"profile": name, "error": f"{type(e).__name__}: {e}"[:500]}
+        log(f"[{label}] failed: {r['error']}")
+        import traceback
+        log(traceback.format_exc()[-1500:])
+    gc.collect()  # a failed run's model and caches must not stay on the GPU for the next profile
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    r["label"] = label
+    return r, r.pop("_finals", None)
+
+
 TPP_STEP = 2  # the rank measured: it owns denoising step 2 and its step cache
 
 
@@ -561,19 +578,8 @@ def main(argv=None):
     latents = {}  # profile -> schedule -> final latents of every block, for schedule_identity
     models = SharedModel(cfg, device)
     for name, cap, ov, label in runs:
-        try:
-            r = profile_run(cfg, name, cap, None, h, w, device, args.clips, log, vae=vae, overrides=ov or None,
-                            models=models, trace_ticks=args.trace_ticks)
-        except Exception as e:  # one profile failing must not lose the others' numbers
-            r = {"profile": name, "error": f"{type(e).__name__}: {e}"[:500]}
-            log(f"[{label}] failed: {r['error']}")
-            import traceback
-            log(traceback.format_exc()[-1500:])
-        gc.collect()  # a failed run's model and caches must not stay on the GPU for the next profile
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        r["label"] = label
-        finals = r.pop("_finals", None)
+        r, finals = guarded_run(label, cfg, name, cap, h, w, device, args.clips, log, vae=vae, overrides=ov or None,
+                                models=models, trace_ticks=args.trace_ticks)
         if finals and label == f"{name} {r['schedule']}":  # a --schedules run
             latents.setdefault(name, {})[r["schedule"]] = finals
         results["profiles"].append(r)

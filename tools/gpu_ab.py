@@ -20,7 +20,6 @@ Prints a table last. Random weights at full size, 704x384, as tools/bench.py.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import subprocess
@@ -49,38 +48,18 @@ def run_tests(log) -> dict:
     return {"command": " ".join(cmd[1:]), "rc": p.returncode, "s": round(time.perf_counter() - t, 1), "tail": tail}
 
 
-SIZE = {"device": torch.device("cuda"), "hw": (48, 88)}  # main's --quick: the CPU, bench's scaled-down size
-
-
-def _run(cfg, name, clips, log, vae, models, overrides, label):
-    """One bench.profile_run; its final latents kept aside, errors recorded rather than raised."""
-    dev = SIZE["device"]
-    try:
-        r = bench.profile_run(cfg, name, bench.CAPS.get(name), None, *SIZE["hw"], dev, clips, log,
-                              vae=vae, overrides=overrides, models=models)
-    except Exception as e:  # noqa: BLE001 - the other runs' numbers must survive one failing
-        import traceback
-
-        log(traceback.format_exc()[-1500:])
-        r = {"profile": name, "error": f"{type(e).__name__}: {e}"[:500]}
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    r["label"] = label
-    return r, r.pop("_finals", None)
-
-
-def kvquant_ab(cfg, clips, log, vae, models) -> list[dict]:
-    """4090 under its cap: torch conversions, then the kernels (the default)."""
+def kvquant_ab(run, clips) -> list[dict]:
+    """4090 under its cap: torch conversions, then the kernels (the default). run: bench.guarded_run with the model,
+    size, device and log bound."""
     import lowvram.kernels.kvquant as kvquant
 
     usable, out = kvquant.kernel_usable, []
     try:
         kvquant.kernel_usable = lambda x: False
-        out.append(_run(cfg, "4090", clips, log, vae, models, None, "4090, KV conversions in torch")[0])
+        out.append(run("4090, KV conversions in torch", "4090", clips)[0])
     finally:
         kvquant.kernel_usable = usable
-    out.append(_run(cfg, "4090", clips, log, vae, models, None, "4090, KV conversions by kvquant")[0])
+    out.append(run("4090, KV conversions by kvquant", "4090", clips)[0])
     return out
 
 
@@ -88,14 +67,14 @@ GRAPH_RUNS = (("off", {"cuda_graphs": "off"}), ("on", {"cuda_graphs": "on"}),
               ("auto, 77 GiB", {"cuda_graphs": "auto", "vram_budget_gib": 77.0}))
 
 
-def graphs_ab(cfg, clips, log, vae, models, attention: str | None) -> tuple[list[dict], dict]:
+def graphs_ab(run, clips, log, attention: str | None) -> tuple[list[dict], dict]:
     """h100-80: eager, then graphed two ways (module docstring); whether each graphed run's final latents are the
-    eager run's bits."""
+    eager run's bits. run: as kvquant_ab's."""
     extra = {"attention": attention} if attention else {}
     runs, finals = [], []
     for name, ov in GRAPH_RUNS:
-        r, f = _run(cfg, "h100-80", clips, log, vae, models, {**ov, **extra},
-                    f"h100-80{' ' + attention if attention else ''}, cuda_graphs {name}")
+        r, f = run(f"h100-80{' ' + attention if attention else ''}, cuda_graphs {name}", "h100-80", clips,
+                   overrides={**ov, **extra})
         runs.append(r)
         finals.append(f)
     same = {}
@@ -115,9 +94,8 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", default=None, help="the graphs part's backend for both runs (e.g. fa4)")
     ap.add_argument("--quick", action="store_true", help="a scaled-down dry run on the CPU (no measurement)")
     args = ap.parse_args(argv)
-    if args.quick:
-        SIZE.update(device=torch.device("cpu"), hw=(16, 16))
-    elif not torch.cuda.is_available():
+    dev, hw = (torch.device("cpu"), (16, 16)) if args.quick else (torch.device("cuda"), (48, 88))
+    if not args.quick and not torch.cuda.is_available():
         print("gpu_ab.py measures on a CUDA GPU; there is none here (--quick: a dry run on the CPU)", file=sys.stderr)
         return 2
     out = Path(args.out)
@@ -129,9 +107,9 @@ def main(argv=None) -> int:
         print(msg, flush=True)
         logs.append(str(msg))
 
-    dev = SIZE["device"]
-    res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (--quick: not a measurement)", "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
-           "command": " ".join(sys.argv), "commit": _commit()}
+    res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (--quick: not a measurement)",
+           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv),
+           "commit": _commit()}
 
     def save():
         (out / "gpu_ab.json").write_text(json.dumps(res, indent=1, default=str))
@@ -149,11 +127,16 @@ def main(argv=None) -> int:
         with torch.device(dev):
             vae = WanVAE(VAEConfig(dim=16 if args.quick else 96)).to(torch.bfloat16).eval()
         models = bench.SharedModel(cfg, dev)
+
+        def run(label, name, clips, overrides=None):
+            return bench.guarded_run(label, cfg, name, bench.CAPS.get(name), *hw, dev, clips, log, vae=vae,
+                                     overrides=overrides, models=models)
+
         if "kvquant" in runs:
-            res["kvquant"] = kvquant_ab(cfg, args.clips or 1, log, vae, models)
+            res["kvquant"] = kvquant_ab(run, args.clips or 1)
             save()
         if "graphs" in runs:
-            res["graphs"], res["graphs_identity"] = graphs_ab(cfg, args.clips or 3, log, vae, models, args.attention)
+            res["graphs"], res["graphs_identity"] = graphs_ab(run, args.clips or 3, log, args.attention)
             save()
     save()
     print(f"\n{res['device']}, torch {res['torch']}, {res['date']}, commit {res['commit']}")
