@@ -46,6 +46,13 @@ def kernel_usable(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
 
 
+def _torch_into(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
+    """rowquant's torch quantization of x's rows, copied into q and scale (views of larger buffers)."""
+    qq, ss = quantize_rows_int8(x)
+    q.copy_(qq)
+    scale.copy_(ss)
+
+
 def _samples(t: torch.Tensor, tail: int) -> torch.Tensor:
     """t [..., *last `tail` dims] as [N, *those] without a copy (a ValueError where its strides do not allow one:
     the kernel would otherwise write into a temporary)."""
@@ -68,9 +75,7 @@ def quantize_heads_int8(x: torch.Tensor, q: torch.Tensor | None = None, scale: t
     if scale is None:
         scale = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     if not kernel:
-        qq, ss = quantize_rows_int8(x)
-        q.copy_(qq)
-        scale.copy_(ss)
+        _torch_into(x, q, scale)
         return q, scale
     if x.dim() < 3 or q.shape != x.shape or scale.shape != x.shape[:-1]:
         raise ValueError(f"quantize_heads_int8: x [..., T, H, D] {tuple(x.shape)} needs q of its shape and scales "
@@ -109,9 +114,7 @@ def quantize_tokens_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, 
                          f" and a mean of [B, H, D]; got {tuple(q.shape)}, {tuple(scale.shape)}"
                          f"{'' if mean is None else ', ' + str(tuple(mean.shape))}")
     if not kernel:
-        qq, ss = quantize_rows_int8(x.float() - mean[:, None] if mean is not None else x)
-        q.copy_(qq)
-        scale.copy_(ss)
+        _torch_into(x.float() - mean[:, None] if mean is not None else x, q, scale)
         return
     B, n, H, D = x.shape
     if n and B:

@@ -171,14 +171,14 @@ class GpuKVCache(_Ring):
         would promote). Once the ring is full nothing else writes the room, so a V sink that is already there (the
         same tensor, unmodified: the bf16 sink's layer, call after call) is not copied again."""
         ls, e = k_sink.shape[1], self.end
-        if ls > self.sink or k_sink.dtype != self.k.dtype or v_sink.dtype != self.k.dtype:
+        room = self.room(layer, ls, k_sink.dtype)
+        if room is None or v_sink.dtype != self.k.dtype:
             return None
         # tokens [end, end + Ls) are no part of this forward's window: before the ring first fills they are not
         # yet written, and a streaming caller's next chunk starts at end (_Ring.begin_forward: off = end until
         # the wrap), so its update overwrites them before any window reads them; once full (end = capacity) they
         # are the room alone. A caller that skipped ahead (off > end) would read the stale sink where the
         # cache without room gives unwritten memory: both are garbage to it.
-        room = self.k[layer, :, e:e + ls]
         if k_sink.data_ptr() != room.data_ptr():  # else roped into the room by the caller
             room.copy_(k_sink)
         held = self._sink_v[layer]
@@ -464,12 +464,12 @@ class HostKVCache(_Ring):
         the windows' dtype (bf16: an fp32 model's attention runs on the concatenation, which torch.cat promotes to
         fp32). The slots serve every layer in turn, so the V sink is written each time."""
         ls, ws = k_sink.shape[1], self.ws
-        if self.fmt == KVFormat.KV8 or ls > ws.sink or k_sink.dtype != ws.kv.dtype or v_sink.dtype != ws.kv.dtype:
+        room = self.room(layer, ls, k_sink.dtype)
+        if room is None or v_sink.dtype != ws.kv.dtype:
             return None
         s, e = ws.slot(self, layer), self.end
         # on the compute stream after update's wait for the slot's window; the tokens [end, end + Ls) are no
         # part of any window copy or write-back of this use of the slot, and the next use's copies wait for done
-        room = ws.kv[s, 0, :, e:e + ls]
         if k_sink.data_ptr() != room.data_ptr():  # else roped into the room by the caller
             room.copy_(k_sink)
         ws.kv[s, 1, :, e:e + ls].copy_(v_sink)

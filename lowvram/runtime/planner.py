@@ -580,9 +580,10 @@ def _with_graphs(profile: Profile, plan: Plan, device_type: str, graphed) -> Pla
             raise
         return replace(plan, graphs_why="its memory does not fit")
     if mode == "on" or (g.batch, g.resident, g.gpu_kv_sink) == (plan.batch, plan.resident, plan.gpu_kv_sink):
-        if graphs_blocker(g):
-            raise LowvramError(f"profile {profile.name}: cuda_graphs=on needs {graphs_blocker(g)} "
-                               "once the graph's memory is counted; use --set cuda_graphs=auto")
+        lacks = graphs_blocker(g)
+        if lacks:
+            raise LowvramError(f"profile {profile.name}: cuda_graphs=on needs {lacks} once the graph's memory is "
+                               "counted; use --set cuda_graphs=auto")
         return replace(g, graphs_why="the steady calls replay a captured call")
     return replace(plan, graphs_why="its memory would cost a resident block, the batch or the sink room")
 
