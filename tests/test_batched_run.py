@@ -79,6 +79,30 @@ def test_run_works_batches_a_tick_and_streams_each_block_once_per_call(tiny_ckpt
     assert bat.stats()["kv"]["bytes_h2d"] == seq.stats()["kv"]["bytes_h2d"] > 0  # windows: the same bytes
 
 
+@pytest.mark.parametrize("schedule", ["sequential", "batched"])
+def test_each_block_s_audio_is_encoded_once_for_its_four_steps(tiny_ckpt, schedule, monkeypatch):
+    """The engine encodes a block's audio at its first step and reuses the tokens in its other three (they depend on
+    the block's audio only): 6 blocks, 6 encodings instead of 24, nothing kept after a block's last step, and the
+    latents bit for bit those of calls that each encode their features (the model's own path). Control: handing a
+    block the tokens of another block changes its latents, so the comparison can fail."""
+    eng = _engine(tiny_ckpt, schedule, kv_dtype="bf16")
+    got, _ = _denoise(eng, 6)
+    assert eng.audio_encodes == 6 and eng.audio == {}
+
+    per_call = _engine(tiny_ckpt, schedule, kv_dtype="bf16")
+    monkeypatch.setattr(per_call, "done_with", lambda idx, i: per_call.audio.pop(idx))  # forget after every step
+    want, _ = _denoise(per_call, 6)
+    assert per_call.audio_encodes == 24
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+    wrong = _engine(tiny_ckpt, schedule, kv_dtype="bf16")
+    first = {}
+    monkeypatch.setattr(wrong, "audio_tokens", lambda idx, f: first.setdefault(0, wrong.model.encode_audio(f)))
+    wrong.plan = replace(wrong.plan, batch=1)  # (one block's tokens: calls of one)
+    bad, _ = _denoise(wrong, 6)
+    assert not all(torch.equal(want[k], bad[k]) for k in want)
+
+
 def test_a_smaller_batch_splits_the_tick_and_the_frames_stay(tiny_ckpt):
     """A plan of batch 2 runs a 4-work tick as two calls (the 12gb profile at 704x384 plans batch 2)."""
     seq = _engine(tiny_ckpt, "sequential", kv_dtype="bf16")

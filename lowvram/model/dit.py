@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -184,7 +185,8 @@ class LiveAvatarDiT(nn.Module):
         """One denoising step of one block, or (batched) of B blocks in one call.
 
         x: [B, 16, F, h, w] noisy latents; t: [B, F] timesteps; context: [1, text_len, dim] (shared by the
-        batch); audio: [B, L, Da, 4F] wav2vec2 features of each block's video frames; kv: this step's ring
+        batch); audio: [B, L, Da, 4F] wav2vec2 features of each block's video frames, or their AudioTokens
+        (encode_audio; a block's steps can share them); kv: this step's ring
         cache (begin_forward/update/done), or a list of B caches, one per sample (distinct caches: the steps
         of one tick); sink: from prefill_sink, shared; start_frame: absolute latent index of the block's
         first frame, and ref_shift: the reference's rolling-sink shift d, each an int or B of them.
@@ -206,7 +208,8 @@ class LiveAvatarDiT(nn.Module):
         kvs = list(kv) if isinstance(kv, (list, tuple)) else [kv]
         starts = [start_frame] * b if isinstance(start_frame, int) else [int(n) for n in start_frame]
         shifts = [ref_shift] * b if isinstance(ref_shift, int) else [int(d) for d in ref_shift]
-        if not len(kvs) == len(starts) == len(shifts) == b or t.shape[0] != b or audio.shape[0] != b:
+        n_audio = audio.batch if isinstance(audio, AudioTokens) else audio.shape[0]
+        if not len(kvs) == len(starts) == len(shifts) == b or t.shape[0] != b or n_audio != b:
             raise ValueError(f"a batch of {b} needs {b} timesteps rows, audios, caches, start frames and shifts")
         # the patch embedding's token grid (kernel = stride = patch: floor division, as the convolution)
         frames, rows, cols = (n // p for n, p in zip(x.shape[2:], cfg.patch_size))
@@ -227,14 +230,12 @@ class LiveAvatarDiT(nn.Module):
         return Call(kvs, cos, sin, sinks)
 
     @torch.no_grad()
-    def run(self, x, t, context, audio, sink: Sink, call: "Call"):
-        """The device's part of a call: `forward`'s arguments with `prepare`'s Call, whose caches have begun it.
-        Its host code depends on the shapes, the caches and the sink only, so a CUDA graph of it replays any call of
-        those shapes whose tensors were copied into the captured ones (runtime/graphs.py)."""
+    def encode_audio(self, audio: torch.Tensor) -> "AudioTokens":
+        """The injectors' audio tokens of B blocks from their wav2vec2 features [B, L, Da, 4F]: the causal audio
+        encoder over the block's frames behind its first frame repeated motion_frames times, the motion frames'
+        outputs cut, in the compute dtype. They depend on the block's audio only, so a block's steps can share
+        them (Engine.audio_tokens encodes each block once, not once per step)."""
         cfg = self.cfg
-        dt = self.dtype
-        b, kvs, sinks = x.shape[0], call.kvs, call.sinks
-        # audio: the first frame repeated motion_frames times in front, keep the block's frames
         pre = audio[..., :1].expand(*audio.shape[:-1], cfg.motion_frames)
         feats = torch.cat([pre, audio], dim=-1)
         # the convolutions (audio encoder, patch embedding) run per sample: oneDNN's and cuDNN's kernels depend
@@ -242,8 +243,17 @@ class LiveAvatarDiT(nn.Module):
         # the FLOPs; tests/test_batched.py)
         a_glob, a_loc = _per_sample(self.casual_audio_encoder, feats)
         skip = (cfg.motion_frames + 3) // 4
-        a_glob, a_loc = a_glob[:, skip:].to(dt), a_loc[:, skip:].to(dt)
+        return AudioTokens(a_glob[:, skip:].to(self.dtype), a_loc[:, skip:].to(self.dtype))
 
+    @torch.no_grad()
+    def run(self, x, t, context, audio, sink: Sink, call: "Call"):
+        """The device's part of a call: `forward`'s arguments with `prepare`'s Call, whose caches have begun it.
+        Its host code depends on the shapes, the caches and the sink only, so a CUDA graph of it replays any call of
+        those shapes whose tensors were copied into the captured ones (runtime/graphs.py)."""
+        dt = self.dtype
+        b, kvs, sinks = x.shape[0], call.kvs, call.sinks
+        a_glob, a_loc = audio if isinstance(audio, AudioTokens) else self.encode_audio(audio)
+        # the patch embedding runs per sample, as the audio encoder (encode_audio says why)
         tokens, grid = _per_sample(self._patchify, x)
         frames = grid[0]
         # no pose video: cond_encoder(0) is exactly its bias
@@ -270,6 +280,24 @@ class LiveAvatarDiT(nn.Module):
             h = self.audio_injector(i, h, a_loc, a_glob)
         out = self.head(h, e, frames)
         return self._unpatchify(out, grid)
+
+
+class AudioTokens(NamedTuple):
+    """B blocks' audio as the audio injectors read it (LiveAvatarDiT.encode_audio), in the compute dtype."""
+
+    glob: torch.Tensor  # [B, F, 1, C]: one global token per latent frame
+    loc: torch.Tensor  # [B, F, n + 1, C]: the local tokens and the learned padding token
+
+    @property
+    def batch(self) -> int:
+        return self.glob.shape[0]
+
+    @classmethod
+    def cat(cls, parts: list["AudioTokens"]) -> "AudioTokens":
+        """The tokens of several blocks as one batch, in order."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(torch.cat([p.glob for p in parts]), torch.cat([p.loc for p in parts]))
 
 
 @dataclass

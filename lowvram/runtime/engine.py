@@ -11,7 +11,8 @@ Per video (`start`): the text embedding, the sink prefill, the sampler's sigmas,
 clip; the rolling-sink shift of each (block, step) comes from the seed (schedule.ref_shift). Per tick of
 the timestep-forcing schedule (`run_works`): with plan.batch > 1 the tick's forwards (distinct steps of
 distinct blocks) run as one batched DiT call, so streamed blocks cross PCIe once per call; else one
-forward each (`step`). `denoise_block` runs one block's steps in turn; `decode` runs the streaming VAE.
+forward each (`step`). A block's audio tokens are encoded at its first step and reused by the others
+(`audio_tokens`). `denoise_block` runs one block's steps in turn; `decode` runs the streaming VAE.
 The pipeline, the benchmarks and the tests all drive this object.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from lowvram.constants import FRAMES_PER_BLOCK, KV_FRAMES, LATENT_FRAMES
+from lowvram.model.dit import AudioTokens
 from lowvram.runtime.kv_cache import GpuKV8Cache, GpuKVCache, HostKVCache, KVFormat, KVWorkspace, slots_for
 from lowvram.runtime.planner import workspace_sink_tokens
 from lowvram.runtime.offload import BlockStreamer, apply_block_streaming, retry_on_oom
@@ -82,6 +84,8 @@ class Engine:
         self.cache = dict(zip(plan.steps, kv))  # denoising step -> its ring cache
         self.log = log
         self.sink = self.context = self.decoder = self.noise = None
+        self.audio = {}  # BlockIndex -> its AudioTokens, from its first step on this engine to its last (audio_tokens)
+        self.audio_encodes = 0  # blocks encoded (the tests count them)
         self.graphs = None  # ForwardGraphs where the plan takes CUDA graphs (every call goes through it)
         if plan.cuda_graphs and device.type == "cuda":
             from lowvram.runtime.graphs import ForwardGraphs
@@ -114,9 +118,12 @@ class Engine:
             self.graphs.release()  # it holds the last video's sink and context
         for c in self.kv:
             c.reset()
+        self.audio = {}
         self.context = self.model.embed_text([context])
         self.sigmas = flow_sigmas(steps)
         self.t = model_timesteps(self.sigmas)
+        # the last of this engine's steps that a block runs (a run of fewer steps than the plan holds ends earlier)
+        self.last_step = max((i for i in self.plan.steps if i < len(self.t)), default=len(self.t) - 1)
         self.seed = seed
         self.h, self.w = ref.shape[-2:]
         self.noise = None
@@ -149,11 +156,28 @@ class Engine:
         return self.noise[1][None, :, f0:f0 + FRAMES_PER_BLOCK]
 
     def step(self, idx: BlockIndex, i: int, x: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
-        """Denoising step i of block idx: one DiT forward against step cache i, then the Euler update."""
+        """Denoising step i of block idx: one DiT forward against step cache i, then the Euler update. audio: the
+        block's features [1, L+1, D, 12] (on the host or the device), encoded once per block (audio_tokens)."""
         t = torch.full((1, FRAMES_PER_BLOCK), float(self.t[i]), dtype=torch.float32, device=self.device)
         d = ref_shift(self.seed, idx, i)
-        v = self.guarded(lambda: self.forward(x, t, audio, self.cache[i], idx.start_frame, d))
+        v = self.guarded(lambda: self.forward(x, t, self.audio_tokens(idx, audio), self.cache[i], idx.start_frame, d))
+        self.done_with(idx, i)
         return euler_step(x, v, self.sigmas[i], self.sigmas[i + 1])
+
+    def audio_tokens(self, idx: BlockIndex, features: torch.Tensor):
+        """Block idx's AudioTokens (LiveAvatarDiT.encode_audio of its features, moved to the device first): encoded
+        at the block's first step on this engine and kept until its last (done_with), since they depend on the
+        block's audio only; every step's call reads the same tokens as when each call encoded them."""
+        tok = self.audio.get(idx)
+        if tok is None:
+            tok = self.audio[idx] = self.model.encode_audio(self.to_device(features))
+            self.audio_encodes += 1
+        return tok
+
+    def done_with(self, idx: BlockIndex, i: int) -> None:
+        """Step i of block idx ran: after this engine's last held step the block's audio tokens go."""
+        if i >= self.last_step:
+            self.audio.pop(idx, None)
 
     def run_works(self, works: list[Work], xs: list[torch.Tensor], audios: list[torch.Tensor]) -> list[torch.Tensor]:
         """The forwards of one tick (schedule.ticks) on this engine's step caches: xs[k] [1, 16, 3, h, w] after
@@ -165,7 +189,7 @@ class Engine:
         for k in range(0, len(works), batch):
             ws, x, a = works[k:k + batch], xs[k:k + batch], audios[k:k + batch]
             if len(ws) == 1:
-                out.append(self.step(ws[0].idx, ws[0].step, x[0], self.to_device(a[0])))
+                out.append(self.step(ws[0].idx, ws[0].step, x[0], a[0]))
             else:
                 out += self._batched(ws, x, a)
         return out
@@ -175,11 +199,13 @@ class Engine:
         x = torch.cat(xs)  # [B, 16, 3, h, w]
         t = torch.stack([torch.full((FRAMES_PER_BLOCK,), float(self.t[w.step]), dtype=torch.float32,
                                     device=self.device) for w in works])  # [B, 3]
-        audio = torch.cat([self.to_device(a) for a in audios])  # [B, L+1, D, 12]
         caches = [self.cache[w.step] for w in works]
         starts = [w.idx.start_frame for w in works]
         shifts = [ref_shift(self.seed, w.idx, w.step) for w in works]
-        v = self.guarded(lambda: self.forward(x, t, audio, caches, starts, shifts))
+        v = self.guarded(lambda: self.forward(
+            x, t, AudioTokens.cat([self.audio_tokens(w.idx, a) for w, a in zip(works, audios)]), caches, starts, shifts))
+        for w in works:
+            self.done_with(w.idx, w.step)
         return [euler_step(xk, v[k:k + 1], self.sigmas[w.step], self.sigmas[w.step + 1])
                 for k, (w, xk) in enumerate(zip(works, xs))]
 
@@ -201,7 +227,6 @@ class Engine:
         """`steps` Euler steps of one block; audio: its 12 feature frames [1, L+1, D, 12]. Returns the clean
         latents [1, 16, 3, h, w]."""
         x = self.initial_latents(idx)
-        audio = self.to_device(audio)
         for i in range(len(self.t)):
             x = self.step(idx, i, x, audio)
         return x

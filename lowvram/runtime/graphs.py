@@ -9,7 +9,7 @@ rings, the RoPE tables) and a few copies.
 What repeats: in a video's steady state every call runs over the same step caches (where the plan's batch is all
 its steps: one call per tick on one GPU, or one step per GPU), each full (its window is the whole ring), with the
 same sink and text context and the same shapes. What changes from call to call are tensors only: the latents,
-timesteps and audio, the RoPE multipliers of the queries and of each sample's sink positions, and where in each
+timesteps and audio (its features, or the tokens the engine encoded once per block), the RoPE multipliers of the queries and of each sample's sink positions, and where in each
 ring the new chunk goes. `ForwardGraphs` captures `LiveAvatarDiT.run` once over static copies of those, the chunk
 written at token positions held on the device (kv_cache.FullWindowWrites), and replays it with each call's values
 copied in: the same kernels on the same values, so the same bits as the eager call.
@@ -109,8 +109,8 @@ class _Key:
     and context by identity (held weakly: a key seen once keeps nothing alive)."""
 
     def __init__(self, model, x, t, context, audio, sink, kvs):
-        self.shapes = (tuple(x.shape), x.dtype, x.device, tuple(t.shape), t.dtype, tuple(audio.shape), audio.dtype,
-                       str(model.attention))
+        self.shapes = (tuple(x.shape), x.dtype, x.device, tuple(t.shape), t.dtype,
+                       tuple((tuple(a.shape), a.dtype) for a in tree_leaves(audio)), str(model.attention))
         self.refs = [weakref.ref(o) for o in (sink, context, *kvs)]
 
     def same(self, other: "_Key") -> bool:
@@ -134,7 +134,8 @@ class _Graph:
 
         self.key = key
         self.held = [sink, context, *call.kvs]  # alive while the graph may read them
-        self.x, self.t, self.audio = x.clone(), t.clone(), audio.clone()
+        self.x, self.t = x.clone(), t.clone()
+        self.audio = tree_map(torch.clone, audio)  # the features, or their AudioTokens (the model's encode_audio)
         self.cos, self.sin = call.cos.clone(), call.sin.clone()
         self.sinks = [(c.clone(), s.clone()) for c, s in call.sinks]
         self.pos = [torch.empty(c.n_new, dtype=torch.long, device=x.device) for c in call.kvs]
@@ -144,7 +145,8 @@ class _Graph:
 
     def load(self, x, t, audio, call) -> None:
         """Copy one call's values in (on the device, in stream order): inputs, RoPE tables, write positions."""
-        for dst, src in ((self.x, x), (self.t, t), (self.audio, audio), (self.cos, call.cos), (self.sin, call.sin)):
+        pairs = [(self.x, x), (self.t, t), (self.cos, call.cos), (self.sin, call.sin)]
+        for dst, src in pairs + list(zip(tree_leaves(self.audio), tree_leaves(audio))):
             dst.copy_(src)
         for (c, s), (c1, s1) in zip(self.sinks, call.sinks):
             c.copy_(c1)
