@@ -16,7 +16,8 @@ in one pass, computing in fp32 and rounding exactly where the eager code rounds:
   normalises x + y * gate (the self-attention's gated residual, in fp32) in the same way.
 - `ada_layer_norm`: the audio injector's AdaLayerNorm after its linear (an fp32 LayerNorm, not rounded, times
   (1 + scale) rounded to the compute dtype, plus shift), through the same kernel, also with the quantized rows.
-- `gated_residual`: x + y * gate[frame] in fp32, written in the output dtype.
+- `gated_residual`: x + y * gate[frame] in fp32, written in the output dtype (`gated_residual_rows`: some rows
+  of it, into a given output).
 
 Each has a torch twin (the eager code) for CPU runs; results agree to fp32 reduction order.
 Rows: the last dim must be contiguous; the row length C up to 16384.
@@ -154,13 +155,14 @@ if triton is not None:
         tl.store(O + row * so + 2 * pair + 1, (a * s + b * c).to(O.dtype.element_ty), mask=pm)
 
     @triton.jit
-    def _gate_kernel(X, Y, G, O, sx, sy, so, C, rows_per_frame, BLOCK: tl.constexpr):
+    def _gate_kernel(X, Y, G, O, sx, sy, so, C, rows_per_frame, row0, BLOCK: tl.constexpr):
+        # rows of X, Y, O are the batch's rows row0, row0 + 1, ...: G's row (the frame) counts from row0
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = cols < C
         x = tl.load(X + row * sx + cols, mask=m, other=0.0).to(tl.float32)
         y = tl.load(Y + row * sy + cols, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(G + (row // rows_per_frame) * C + cols, mask=m, other=0.0)
+        g = tl.load(G + ((row + row0) // rows_per_frame) * C + cols, mask=m, other=0.0)
         tl.store(O + row * so + cols, (x + y * g).to(O.dtype.element_ty), mask=m)
 
 
@@ -343,13 +345,32 @@ def gated_residual(x, y, gate, frames, out_dtype=None, backend="auto"):
     if not use_triton(x, backend):
         return gated_residual_torch(x, y, gate, frames, out_dtype)
     b, L, c = x.shape
-    x2, y2 = _rows(x), _rows(y)
     out = torch.empty(b, L, c, dtype=out_dtype or torch.float32, device=x.device)
-    block = min(2048, triton.next_power_of_2(c))
-    _gate_kernel[(x2.shape[0], triton.cdiv(c, block))](x2, y2, gate.contiguous().float(), out, x2.stride(0),
-                                                        y2.stride(0), c, c, L // frames, BLOCK=block,
-                                                        num_warps=4)
+    _gate_rows(_rows(x), _rows(y), gate, L // frames, 0, out.view(b * L, c))
     return out
+
+
+def gated_residual_rows(x, y, gate, rows_per_frame: int, row0: int, out, backend="auto"):
+    """Rows [row0, row0 + M) of gated_residual over a batch flattened to [B*L, C] rows: x, y [M, C] those rows of
+    x and y, gate [B, F, C] fp32 (row r's gate row is r // rows_per_frame of gate's [B*F]); written into out
+    [M, C] (its dtype, contiguous rows), which is returned. The same bits as those rows of gated_residual: the FFN
+    finishes each chunk of rows as soon as its output exists (Block.ffn_gated), with no concatenation."""
+    if not use_triton(x, backend):
+        g = gate.reshape(-1, gate.shape[-1]).float()
+        idx = torch.arange(row0, row0 + x.shape[0], device=g.device) // rows_per_frame
+        return out.copy_(x + y.float() * g[idx])
+    if out.stride(-1) != 1:
+        raise ValueError("gated_residual_rows writes rows with a contiguous last dim")
+    _gate_rows(_rows(x), _rows(y), gate, rows_per_frame, row0, out)
+    return out
+
+
+def _gate_rows(x2, y2, gate, rows_per_frame: int, row0: int, out2) -> None:
+    c = x2.shape[-1]
+    block = min(2048, triton.next_power_of_2(c))
+    _gate_kernel[(x2.shape[0], triton.cdiv(c, block))](x2, y2, gate.contiguous().float(), out2, x2.stride(0),
+                                                        y2.stride(0), out2.stride(0), c, rows_per_frame, row0,
+                                                        BLOCK=block, num_warps=4)
 
 
 def rope(x, cos, sin, backend="auto", out=None):

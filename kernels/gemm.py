@@ -187,7 +187,8 @@ def triton_usable(x: torch.Tensor) -> bool:
 
 
 def quantize_rows(x: torch.Tensor, fp8: bool = False, single: bool | None = None,
-                  amax: torch.Tensor | None = None, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  amax: torch.Tensor | None = None, gelu: bool = False,
+                  out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token quantization x [M, K] -> (int8 or float8_e4m3fn [M, K], fp32 scale [M]) in one kernel,
     bit-identical to rowquant.quantize_rows_int8 / quantize_rows_fp8.
 
@@ -198,13 +199,20 @@ def quantize_rows(x: torch.Tensor, fp8: bool = False, single: bool | None = None
     is read once and never written in bf16) in the form configs.GELU_FORM names: "tanh" is torch's expression (the
     interpreter's: torch's CPU bits), "sigmoid" the same function as x * sigmoid(2u), cheaper on the GPU; either
     way an element may differ from torch's CUDA GELU by one bf16 unit where the fp32 results differ in their last
-    bits next to a bf16 rounding boundary."""
+    bits next to a bf16 rounding boundary.
+    out: (q [M, K], scale [M]) to write into (rows of larger buffers: fuse.quantize_parts), else new ones."""
     if gelu and (amax is not None or x.dtype != torch.bfloat16):
         raise ValueError("quantize_rows(gelu=True) takes bf16 rows and no given absmax")
     M, K = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
-    q = torch.empty(M, K, device=x.device, dtype=torch.float8_e4m3fn if fp8 else torch.int8)
-    s = torch.empty(M, device=x.device, dtype=torch.float32)
+    qdt = torch.float8_e4m3fn if fp8 else torch.int8
+    if out is None:
+        q = torch.empty(M, K, device=x.device, dtype=qdt)
+        s = torch.empty(M, device=x.device, dtype=torch.float32)
+    else:
+        q, s = out
+        if q.shape != (M, K) or q.dtype != qdt or q.stride(-1) != 1 or s.shape != (M,) or s.dtype != torch.float32:
+            raise ValueError(f"quantize_rows out= must be ({M}, {K}) {qdt} rows and ({M},) fp32 scales")
     cfg = configs.QUANT_ROWS_INTERP if configs.interpreting() else configs.QUANT_ROWS
     given = amax is not None
     single = False if given else (K <= cfg["SINGLE_MAX"] if single is None else single)

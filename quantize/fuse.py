@@ -63,6 +63,27 @@ def quantize_input(x: torch.Tensor, fp8: bool, backend: str = "auto") -> QuantRo
     return QuantRows(q, s, tuple(x.shape), x.dtype)
 
 
+def quantize_parts(parts: list, layers) -> QuantRows | None:
+    """The QuantRows of torch.cat(parts) (parts [M_i, K], the rows of one activation in order) for `layers`, each
+    part quantized by our kernel straight into its rows of one buffer, so the concatenation is never made (the
+    per-sample attention outputs of a batched call, read by the o projection); the same bits, rows being
+    independent. None where the layers cannot share a quantized input or the kernel does not run for them
+    (callers then concatenate)."""
+    scheme = input_scheme(parts[0], layers)
+    if scheme is None or not ((all(m.backend == "triton" for m in layers) or parts[0].is_cuda)
+                              and gemm.triton_usable(parts[0])):
+        return None
+    k, fp8 = parts[0].shape[-1], scheme == "fp8"
+    m = sum(p.shape[0] for p in parts)
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn if fp8 else torch.int8, device=parts[0].device)
+    s = torch.empty(m, dtype=torch.float32, device=parts[0].device)
+    a = 0
+    for p in parts:
+        gemm.quantize_rows(p, fp8=fp8, out=(q[a:a + p.shape[0]], s[a:a + p.shape[0]]))
+        a += p.shape[0]
+    return QuantRows(q, s, (m, k), parts[0].dtype)
+
+
 def shared(x, layers):
     """x as `layers` (which all read it) will take it: its one quantized copy when they can share it, else x
     itself (already QuantRows, or not shareable)."""

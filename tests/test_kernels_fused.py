@@ -217,6 +217,26 @@ def test_gated_residual(xdtype, out_dtype):
     same_rounding(out, ref, out.dtype)
 
 
+@on_cpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("xdtype,out_dtype", [(torch.float32, BF), (BF, torch.float32)])
+def test_gated_residual_rows_are_those_rows_of_gated_residual(backend, xdtype, out_dtype):
+    """Chunks of the flattened [B*L, C] rows (ends inside a frame and across the two samples) written into one
+    output by gated_residual_rows: bit for bit gated_residual of the whole (the gate's frame counted from each
+    chunk's first row); the rows outside a chunk are left as they were."""
+    x, y, gate, _ = shapes_and_inputs("cpu", xdtype, C=2500)  # B 2, 3 frames of 11 tokens
+    want = fused.gated_residual(x, y, gate, 3, out_dtype=out_dtype, backend=backend)
+    x2, y2 = x.reshape(66, 2500), y.reshape(66, 2500)
+    out = torch.full((66, 2500), float("nan"), dtype=out_dtype)
+    for a, e in ((0, 7), (7, 40), (40, 66)):
+        got = fused.gated_residual_rows(x2[a:e], y2[a:e], gate, 11, a, out[a:e], backend=backend)
+        assert got.data_ptr() == out[a:e].data_ptr()
+        assert torch.isnan(out[e:]).all()
+    assert torch.equal(out, want.reshape(66, 2500))
+    wrong = fused.gated_residual_rows(x2[7:40], y2[7:40], gate, 11, 0, out[7:40].clone(), backend=backend)
+    assert not torch.equal(wrong, want.reshape(66, 2500)[7:40])  # the offset matters: the control
+
+
 def test_auto_is_torch_on_the_cpu_and_bad_backend_refused():
     x = torch.randn(1, 4, 8)
     assert not fused.use_triton(x, "auto") and not fused.use_triton(x, "torch")

@@ -219,6 +219,53 @@ def test_block_fused_equals_block_unfused(scheme, b, kernels, monkeypatch):
     assert calls.count("layer_norm_mod_quant") == 3 and calls.count("add_quant") == calls.count("gated_quant") == 3
 
 
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=on_cpu),
+                                    pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda])])
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_a_batch_s_attention_outputs_reach_o_unconcatenated(scheme, device, monkeypatch):
+    """attend returning the samples' outputs as a list (the DiT's batched call, each sample over its own window):
+    o's input is quantized part by part into one buffer (fuse.quantize_parts, no concatenation), and the block's
+    output is bit for bit that of attend returning their concatenation. Control: the parts in another order."""
+    if device == "cuda" and scheme == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 needs sm_89+")
+    backend = "triton" if device == "cpu" else "auto"
+    blk, (x, e0, ctx, rope, frames) = make_block(scheme, device, backend=backend), block_inputs(3, device)
+
+    def per_sample(q, k, v):
+        return [sdpa(q[j:j + 1], k[j:j + 1], v[j:j + 1]) for j in range(q.shape[0])]
+
+    made = []
+    real = fuse.quantize_parts
+    monkeypatch.setattr(fuse, "quantize_parts", lambda *a: made.append(real(*a)) or made[-1])
+    layers.set_fuse(blk, True)
+    with torch.no_grad():
+        want = blk(x, e0, ctx, lambda *a: torch.cat(per_sample(*a)), frames, rope=rope)
+        assert made == []
+        got = blk(x, e0, ctx, per_sample, frames, rope=rope)
+        assert len(made) == 1 and isinstance(made[0], QuantRows) and made[0].q.shape == (3 * 33, 96)
+        assert torch.equal(got, want)
+        swapped = blk(x, e0, ctx, lambda *a: per_sample(*a)[::-1], frames, rope=rope)
+        assert not torch.equal(swapped, want)
+        layers.set_fuse(blk, False)  # unfused: the list is concatenated, the same values
+        assert torch.equal(blk(x, e0, ctx, per_sample, frames, rope=rope), blk(x, e0, ctx, lambda *a: torch.cat(
+            per_sample(*a)), frames, rope=rope)) and len(made) == 2  # (the swapped call made the second)
+
+
+def test_quantize_rows_into_given_rows():
+    """gemm.quantize_rows(out=) writes rows of larger buffers with the bits of a fresh call; a wrong buffer is
+    refused."""
+    x = torch.randn(20, 96, generator=gen(8)).to(BF)
+    for fp8 in (False, True):
+        q0, s0 = gemm.quantize_rows(x, fp8=fp8)
+        q = torch.zeros(30, 96, dtype=q0.dtype)
+        s = torch.zeros(30)
+        gemm.quantize_rows(x, fp8=fp8, out=(q[5:25], s[5:25]))
+        assert torch.equal(q[5:25].view(torch.uint8), q0.view(torch.uint8)) and torch.equal(s[5:25], s0)
+        assert not q[:5].view(torch.uint8).any() and not s[25:].any()
+    with pytest.raises(ValueError, match="out="):
+        gemm.quantize_rows(x, out=(torch.empty(20, 96, dtype=torch.float8_e4m3fn), torch.empty(20)))
+
+
 @on_cpu
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])
 def test_audio_injector_norm_writes_q_input(scheme, monkeypatch):

@@ -275,7 +275,7 @@ class LiveAvatarDiT(nn.Module):
                     outs.append(attend_two_segments(q[j:j + 1], k_win, v_win, k_sink, v_sink, *sinks[j],
                                                     self.attention, join, room))
                     c.done(i)
-                return outs[0] if b == 1 else torch.cat(outs)
+                return outs[0] if b == 1 else outs  # the o projection reads the list (SelfAttention.forward)
             h = block(h, e0, context, attend, frames, rope=(call.cos, call.sin))
             h = self.audio_injector(i, h, a_loc, a_glob)
         out = self.head(h, e, frames)

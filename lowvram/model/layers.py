@@ -78,14 +78,21 @@ class SelfAttention(nn.Module):
     def forward(self, x, attend: Callable, rope=None):
         """x: [B, L, C] (or its rowquant.QuantRows, written by the norm before); rope: (cos, sin) of x's tokens,
         [L, D/2] or per sample [B*L, D/2], applied to q and k with their norms (one fused pass on the GPU);
-        without it attend gets un-roped q and k."""
+        without it attend gets un-roped q and k. attend returns [B, L, H, D], or a list of the B samples' [1, L, H,
+        D] (each over its own window), which a W8A8 o quantizes into one input without concatenating them."""
         b, s = x.shape[:2]
         n = self.num_heads
         x = fuse.shared(x, (self.q, self.k, self.v)) if self.fuse else x
         q = self._norm_rope(self.norm_q, self.q(x), rope).view(b, s, n, self.head_dim)
         k = self._norm_rope(self.norm_k, self.k(x), rope).view(b, s, n, self.head_dim)
         v = self.v(x).view(b, s, n, self.head_dim)
-        return self.o(attend(q, k, v).flatten(2))
+        out = attend(q, k, v)
+        if isinstance(out, list):  # a batch's outputs, one per sample [1, s, n, D]: o reads them unconcatenated
+            rows = fuse.quantize_parts([o.reshape(s, -1) for o in out], (self.o,)) if self.fuse else None
+            if rows is not None:
+                return self.o(QuantRows(rows.q, rows.scale, (b, s, rows.q.shape[-1]), rows.dtype))
+            out = torch.cat(out)
+        return self.o(out.flatten(2))
 
     def _norm_rope(self, norm, y, rope):  # y: [B, L, C]
         b, s, c = y.shape
@@ -142,19 +149,36 @@ class Block(nn.Module):
         # x + the cross-attention, and the FFN's norm of that sum, in one pass
         x, h = self._norm((self.ffn[0],), x, self.norm2.eps, shift=shift2, scale=scale2, frames=frames, out_dtype=dt,
                           add=self.cross_attn(h, context))
-        return fused.gated_residual(x, self.ffn_chunks(h, frames), gate2, frames, out_dtype=dt)
+        return self.ffn_gated(x, h, gate2, frames, dt)
+
+    def _ffn_parts(self, h, frames: int) -> tuple[int, list]:
+        """h [B, L, C] (or its QuantRows) as the FFN's chunks of rows of the flattened [B*L, C]: B x FFN_CHUNK_FRAMES
+        latent frames' rows each (FFN_CHUNK_FRAMES says why), contiguous (a strided [B, rows, C] slice computes
+        otherwise) -> (rows per chunk, the chunks)."""
+        b, L, c = h.shape
+        n = b * min(L, max(max(1, L // frames) * FFN_CHUNK_FRAMES, -(-FFN_MIN_ROWS // b)))
+        if isinstance(h, QuantRows):  # already [B*L, C] 8-bit rows
+            return n, h.split(n)
+        return n, list(h.reshape(b * L, c).split(n))
 
     def ffn_chunks(self, h, frames: int):
-        """The FFN of h [B, L, C] (or its QuantRows) over FFN_CHUNK_FRAMES latent frames of tokens at a time (its
-        comment says why) -> [B, L, C]."""
-        b, L, c = h.shape
-        rows = min(L, max(max(1, L // frames) * FFN_CHUNK_FRAMES, -(-FFN_MIN_ROWS // b)))  # per sample
-        if isinstance(h, QuantRows):  # [B*L, C] 8-bit rows: B frames' rows per chunk, as below
-            return torch.cat([self._ffn(r) for r in h.split(b * rows)]).view(b, L, -1)
-        if b == 1:
-            return torch.cat([self._ffn(part) for part in h.split(rows, dim=1)], dim=1)
-        # a batch: B frames' rows per chunk, contiguous (a strided [B, rows, C] slice computes otherwise)
-        return torch.cat([self._ffn(r) for r in h.reshape(b * L, c).split(b * rows)]).view(b, L, -1)
+        """The FFN of h [B, L, C] (or its QuantRows) over its chunks (_ffn_parts) -> [B, L, C]."""
+        b, L, _ = h.shape
+        return torch.cat([self._ffn(part) for part in self._ffn_parts(h, frames)[1]]).view(b, L, -1)
+
+    def ffn_gated(self, x, h, gate, frames: int, out_dtype):
+        """x + FFN(h) * gate per frame (fused.gated_residual's bits) -> [B, L, C] in out_dtype: x [B, L, C], h its
+        norm (or QuantRows), gate [B, F, C] fp32. Each chunk's rows are finished as soon as its FFN output exists,
+        so the chunks' outputs are never concatenated (a [B*L, C] copy per layer)."""
+        b, L, c = x.shape
+        out = torch.empty(b, L, c, dtype=out_dtype, device=x.device)
+        x2, out2 = x.reshape(b * L, c), out.view(b * L, c)
+        n, parts = self._ffn_parts(h, frames)
+        for i, part in enumerate(parts):
+            a, y = i * n, self._ffn(part)
+            fused.gated_residual_rows(x2[a:a + y.shape[0]], y.reshape(-1, c), gate, L // frames, a,
+                                      out2[a:a + y.shape[0]])
+        return out
 
     def _norm(self, layers, x, eps, *affine, add=None, gated=None, **kw):
         """fused.layer_norm_mod of x [B, L, C] for `layers`, which all read it: written as their shared 8-bit
