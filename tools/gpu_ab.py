@@ -4,6 +4,7 @@ each change against its absence on the same machine, back to back, the same rand
     python3 tools/gpu_ab.py --out $OUT                        # tests, kvquant, graphs
     python3 tools/gpu_ab.py --out $OUT --parts graphs --clips 3 --attention fa4
     python3 tools/gpu_ab.py --quick --parts kvquant,graphs     # a scaled-down dry run of the code on the CPU
+    python3 tools/gpu_ab.py --out $OUT --parts base --base .base   # this tree against an older one, end to end
 
 Parts (each saved to gpu_ab.json as it ends, so a later failure keeps what was measured):
 - tests: `pytest -m cuda` of the tests in TESTS (rc and the last lines).
@@ -14,6 +15,10 @@ Parts (each saved to gpu_ab.json as it ends, so a later failure keeps what was m
   the first two the warm-up and the capture, so the steady FPS is the replays' median); the final latents of
   each graphed run compared bit for bit with the eager run's; `--attention` sets the backend of every run (fa4
   where installed).
+- base: end to end, `tools/bench.py` of an older tree (`--base DIR`, e.g. `git archive <commit> | tar -x -C .base`
+  here, the folder carried to the machine), then of this one, each in a process of its own with the same arguments
+  (`--profiles`, default 4090,h100-80; `--clips`, default 1, after a warm-up clip): what the commits between them
+  changed together, where no switch can turn a change off.
 Prints a table last. Random weights at full size, 704x384, as tools/bench.py.
 """
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -86,6 +92,46 @@ def graphs_ab(run, clips, log, attention: str | None) -> tuple[list[dict], dict]
     return runs, same
 
 
+def base_ab(base: Path, out: Path, profiles: str, clips: int, quick: bool, log) -> list[dict]:
+    """tools/bench.py of `base`, then of this tree, in processes of their own with the same arguments; their runs
+    labelled "base"/"head" (a failed process: a row with its error)."""
+    rows = []
+    for tag, tree in (("base", base.resolve()), ("head", ROOT)):
+        dest = out / f"bench_{tag}"
+        cmd = [sys.executable, "tools/bench.py", "--out", str(dest.resolve()), "--skip-accuracy", "--no-resident",
+               "--profiles", profiles, "--clips", str(clips)] + (["--quick"] if quick else [])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(_package_view(tree, out / f"pkg_{tag}"))] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+        t = time.perf_counter()
+        p = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, env=env)
+        log(f"[{tag}] {' '.join(cmd[1:])} in {tree.name}: rc {p.returncode}, {time.perf_counter() - t:.0f} s")
+        (out / f"bench_{tag}.log").write_text(p.stdout + p.stderr)
+        try:
+            got = json.loads((dest / "bench.json").read_text())["profiles"]
+        except (OSError, ValueError, KeyError):
+            tail = (p.stdout + p.stderr).strip().splitlines()[-1:] or ["no output"]
+            rows.append({"label": f"{tag}: {profiles}", "error": f"rc {p.returncode}: {tail[0]}"})
+            continue
+        for r in got:
+            rows.append({**r, "label": f"{tag}: {r['label']}"})
+    return rows
+
+
+def _package_view(tree: Path, dest: Path) -> Path:
+    """A folder whose `lowvram` package is `tree`'s, laid out as pyproject.toml installs it (kernels/, quantize/ and
+    profiles/ as lowvram.kernels, ...), by symbolic links: on PYTHONPATH it imports that tree's code instead of the
+    installed (editable) one."""
+    pkg = dest / "lowvram"
+    if pkg.exists():
+        shutil.rmtree(dest)
+    pkg.mkdir(parents=True)
+    for item in (tree / "lowvram").iterdir():
+        (pkg / item.name).symlink_to(item.resolve())
+    for name in ("kernels", "quantize", "profiles"):
+        (pkg / name).symlink_to((tree / name).resolve())
+    return dest.resolve()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "out"))
@@ -93,6 +139,8 @@ def main(argv=None) -> int:
     ap.add_argument("--clips", type=int, default=0, help="timed clips (default: kvquant 1, graphs 3)")
     ap.add_argument("--attention", default=None, help="the graphs part's backend for both runs (e.g. fa4)")
     ap.add_argument("--quick", action="store_true", help="a scaled-down dry run on the CPU (no measurement)")
+    ap.add_argument("--base", default=None, help="the base part's older tree (a folder with its tools/bench.py)")
+    ap.add_argument("--profiles", default="4090,h100-80", help="the base part's profiles")
     args = ap.parse_args(argv)
     dev, hw = (torch.device("cpu"), (16, 16)) if args.quick else (torch.device("cuda"), (48, 88))
     if not args.quick and not torch.cuda.is_available():
@@ -117,6 +165,12 @@ def main(argv=None) -> int:
 
     if "tests" in parts:
         res["tests"] = run_tests(log)
+        save()
+    if "base" in parts:
+        if not args.base or not (Path(args.base) / "tools" / "bench.py").is_file():
+            print(f"the base part needs --base DIR, a tree with tools/bench.py (got {args.base!r})", file=sys.stderr)
+            return 2
+        res["base"] = base_ab(Path(args.base), out, args.profiles, args.clips or 1, args.quick, log)
         save()
     runs = [p for p in parts if p in ("kvquant", "graphs")]
     if runs:
@@ -144,7 +198,7 @@ def main(argv=None) -> int:
         print(f"tests: rc {res['tests']['rc']}: {res['tests']['tail'][-1] if res['tests']['tail'] else ''}")
     print("| run | resident | sink room | s/clip | DiT s/clip | VAE s/clip | FPS | steady FPS | NVML GiB | graphs |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in res.get("kvquant", []) + res.get("graphs", []):
+    for r in res.get("kvquant", []) + res.get("graphs", []) + res.get("base", []):
         if "error" in r:
             print(f"| {r['label']} | error: {r['error'][:90]} |")
             continue
