@@ -142,10 +142,12 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default=None, help="the base part's older tree (a folder with its tools/bench.py)")
     ap.add_argument("--profiles", default="4090,h100-80", help="the base part's profiles")
     args = ap.parse_args(argv)
-    dev, hw = (torch.device("cpu"), (16, 16)) if args.quick else (torch.device("cuda"), (48, 88))
     if not args.quick and not torch.cuda.is_available():
         print("gpu_ab.py measures on a CUDA GPU; there is none here (--quick: a dry run on the CPU)", file=sys.stderr)
         return 2
+    # (the allocator cap of the capped runs needs the device's index)
+    dev, hw = (torch.device("cpu"), (16, 16)) if args.quick else (torch.device("cuda", torch.cuda.current_device()),
+                                                                 (48, 88))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     parts = [p for p in args.parts.split(",") if p]
