@@ -14,6 +14,11 @@ ring the new chunk goes. `ForwardGraphs` captures `LiveAvatarDiT.run` once over 
 written at token positions held on the device (kv_cache.FullWindowWrites), and replays it with each call's values
 copied in: the same kernels on the same values, so the same bits as the eager call.
 
+Measured (H100, BENCHMARKS.md run K): the graphed `h100-80` run wrote the eager run's latents bit for bit but ran
+1.3% slower (6.8% without the sink room): a batched call keeps the GPU busy for ~680 ms, behind which the host's
+enqueue already hides, so every profile keeps `cuda_graphs = "off"`. What could still gain: calls of one forward
+(`--gpus`' one rank per step), whose enqueue is as long as their kernels (BENCHMARKS.md section 5).
+
 Policy:
 - graphable: every cache a GpuKVCache (bf16) whose window is the whole ring once begun; anything else (host
   caches, kv8, a ring still filling) runs eagerly.
