@@ -79,6 +79,23 @@ def test_run_works_batches_a_tick_and_streams_each_block_once_per_call(tiny_ckpt
     assert bat.stats()["kv"]["bytes_h2d"] == seq.stats()["kv"]["bytes_h2d"] > 0  # windows: the same bytes
 
 
+def test_more_kv_layers_in_flight_keep_the_frames(tiny_ckpt, torch_attention):
+    """kv_layers_ahead=3: the host caches' ring holds one more layer of windows (batch 4: 6 slots, sequential: 3),
+    planned as allocated, and the latents are the two-layer ring's bit for bit."""
+    base = _engine(tiny_ckpt, "batched", kv_dtype="int8", blocks_resident=1)
+    deep = _engine(tiny_ckpt, "batched", kv_dtype="int8", blocks_resident=1, kv_layers_ahead=3)
+    seq = _engine(tiny_ckpt, "sequential", kv_dtype="int8", blocks_resident=1, kv_layers_ahead=3)
+    assert (base.kv[0].ws.n_slots, deep.kv[0].ws.n_slots, seq.kv[0].ws.n_slots) == (5, 6, 3)
+    for e in (base, deep, seq):
+        assert e.plan.kv_slots == e.kv[0].ws.n_slots
+    item = {e: next(it.nbytes for it in e.plan.items if it.what.startswith("KV working windows")) for e in (base, deep)}
+    assert item[deep] > item[base]
+    want, _ = _denoise(base, 5)
+    for e in (deep, seq):
+        got, _ = _denoise(e, 5)
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
 @pytest.mark.parametrize("schedule", ["sequential", "batched"])
 def test_each_block_s_audio_is_encoded_once_for_its_four_steps(tiny_ckpt, schedule, monkeypatch):
     """The engine encodes a block's audio at its first step and reuses the tokens in its other three (they depend on

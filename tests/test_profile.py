@@ -69,6 +69,8 @@ def test_parse_set_errors_are_one_line(items, match):
     ({"vram_budget_gib": -1.0}, "vram_budget_gib"),
     ({"blocks_resident": -3}, "blocks_resident"),
     ({"prefetch_blocks": 9}, "prefetch_blocks"),
+    ({"kv_layers_ahead": 0}, "kv_layers_ahead=0 must be an integer in 1..8"),
+    ({"kv_layers_ahead": True}, "kv_layers_ahead"),
     ({"quant": "int4"}, "quant"),
     ({"kv_placement": "gpu"}, "needs kv_placement=host"),  # 4090 keeps int8 KV
     ({"description": "two\nlines"}, "one non-empty line"),

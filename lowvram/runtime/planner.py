@@ -36,7 +36,6 @@ from lowvram.runtime.offload import stream_order
 from lowvram.runtime.plan import Plan, PlanItem
 from lowvram.runtime.profile import Profile
 
-KV_SLOTS = 2  # GPU working windows of a host KV cache (layers in flight)
 T5_BYTES_PER_PARAM = {"bf16": 2.0, "int8": 1.0 + 4 / 4096, "nf4": 0.5 + 4 / 64, "cpu": 0.0}  # blocks; embedding bf16
 # Wan2.1 VAE decoder (docs/model.md §7) time cache: 2 frames of the input of every causal conv: 4240 channels at
 # 1/8 resolution, 2496 at 1/4, 1152 at 1/2, 672 at full size (per output pixel, bf16), for the released width (96).
@@ -255,12 +254,13 @@ def _fixed_items(m: _Model) -> list[PlanItem]:
                       m.sink_dtype)]
     S, B = len(m.steps), m.batch
     if m.host_kv:
-        slots = slots_for(B, KV_SLOTS)
+        slots = slots_for(B, m.profile.kv_layers_ahead)
         note = {KVFormat.BF16: "bf16 windows", KVFormat.INT8: "bf16 windows + int8 staging",
                 KVFormat.KV8: "kv8 windows, read by the 8-bit kernel + V/scale staging"}[m.kv_format]
         sink_room = _sink_room(m.attention, m.kv_format, sink)
         note += f", each with the sink behind it ({sink_room} tokens)" if sink_room else ""
-        items.append(PlanItem(f"KV working windows (a ring of {slots}: {B} forward(s) x 1 layer + 1)", "gpu",
+        items.append(PlanItem(f"KV working windows (a ring of {slots}: {B} forward(s) x 1 layer + "
+                              f"{slots - B})", "gpu",
                               kv_workspace_bytes(cap, lq, H, D, m.kv_format, slots, sink=sink_room), note))
     else:
         items.append(PlanItem(f"KV ring caches ({S} steps x {cap} tokens)", "gpu", S * L * cap * m.tok_kv,
@@ -603,7 +603,7 @@ def _plan(m: _Model, budget: int, host_ram_bytes: int | None, encode: bool = Tru
     return Plan(profile=profile, width=m.width, height=m.height, tokens=tk,
                 resident=tuple(i for i in range(L) if i not in streamed), streamed=tuple(sorted(streamed)),
                 n_buffers=n_buffers, kv_caches=(profile.kv_placement,) * len(steps), kv_dtype=profile.kv_dtype,
-                kv_format=m.kv_format.value, kv_slots=slots_for(batch, KV_SLOTS) if m.host_kv else 0,
+                kv_format=m.kv_format.value, kv_slots=slots_for(batch, profile.kv_layers_ahead) if m.host_kv else 0,
                 block_bytes=tuple(slab), demote_order=tuple(order),
                 items=tuple(items + host.items + ([t5_item] if t5_item else [])),
                 encode_peak_bytes=encode_peak, generate_peak_bytes=gen_peak,

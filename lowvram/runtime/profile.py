@@ -71,6 +71,8 @@ class Profile:
     blocks_resident: str | int  # "auto" (as many as the budget allows), "all", or a count
     pinned_budget_gib: float  # most page-locked host memory to take; the rest is pageable
     prefetch_blocks: int  # streamed blocks copied ahead of use (GPU buffers = this + 1)
+    kv_layers_ahead: int  # host KV caches: layers of windows in flight (the device ring holds the call's windows of
+    #                       one layer and of this many - 1 more; each window of the batch ~0.31 GB at 704x384)
     gemm: str  # QuantLinear's W8A8 matmul: auto (CUDA: triton, else int_mm / scaled_mm by scheme) | int_mm | scaled_mm | triton | reference
     schedule: str  # sequential: one forward per DiT call | batched: a tick's (block, step) pairs in one call
     vae_overlap: str  # on: a finished block decodes on a CUDA stream of its own while the DiT works on the next
@@ -107,6 +109,10 @@ class Profile:
                                                           and 0 <= self.prefetch_blocks <= 8):
             raise LowvramError(f"{where}: prefetch_blocks={self.prefetch_blocks!r} must be an integer in 0..8; "
                                "use --set prefetch_blocks=1")
+        if isinstance(self.kv_layers_ahead, bool) or not (isinstance(self.kv_layers_ahead, int)
+                                                          and 1 <= self.kv_layers_ahead <= 8):
+            raise LowvramError(f"{where}: kv_layers_ahead={self.kv_layers_ahead!r} must be an integer in 1..8; "
+                               "use --set kv_layers_ahead=2")
         if not isinstance(self.compute_capability, str) or (self.compute_capability and self.card_capability() is None):
             raise LowvramError(f"{where}: compute_capability={self.compute_capability!r} must be a string MAJOR.MINOR, "
                                'e.g. "8.9", or ""; use --set compute_capability=8.9')
@@ -156,7 +162,7 @@ class Profile:
         base = dict(description="everything resident on the device, in the checkpoint's precision",
                     vram_budget_gib=float(vram_budget_gib), quant=quant, attention=Attention.SDPA, kv_placement="gpu",
                     kv_dtype="bf16", t5="bf16", vae_decode="frame", blocks_resident="all", pinned_budget_gib=0.0,
-                    prefetch_blocks=1, gemm="auto", schedule="sequential", vae_overlap="off",
+                    prefetch_blocks=1, kv_layers_ahead=2, gemm="auto", schedule="sequential", vae_overlap="off",
                     compute_capability="", cuda_graphs="off")
         _check_keys(overrides, "overrides")
         return cls(name=RESIDENT, **{**base, **overrides})
