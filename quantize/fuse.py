@@ -63,15 +63,20 @@ def quantize_input(x: torch.Tensor, fp8: bool, backend: str = "auto") -> QuantRo
     return QuantRows(q, s, tuple(x.shape), x.dtype)
 
 
-def quantize_parts(parts: list, layers) -> QuantRows | None:
+def _kernel_quantizes(x: torch.Tensor, layers) -> bool:
+    """Whether gemm.quantize_rows (our kernel) quantizes x for `layers`: on CUDA, or where they all name the triton
+    backend (the interpreter on the CPU)."""
+    return (all(m.backend == "triton" for m in layers) or x.is_cuda) and gemm.triton_usable(x)
+
+
+def quantize_parts(parts: list, layers, shape: tuple | None = None) -> QuantRows | None:
     """The QuantRows of torch.cat(parts) (parts [M_i, K], the rows of one activation in order) for `layers`, each
     part quantized by our kernel straight into its rows of one buffer, so the concatenation is never made (the
     per-sample attention outputs of a batched call, read by the o projection); the same bits, rows being
-    independent. None where the layers cannot share a quantized input or the kernel does not run for them
-    (callers then concatenate)."""
+    independent. shape: the activation's shape (default [sum M_i, K]). None where the layers cannot share a
+    quantized input or the kernel does not run for them (callers then concatenate)."""
     scheme = input_scheme(parts[0], layers)
-    if scheme is None or not ((all(m.backend == "triton" for m in layers) or parts[0].is_cuda)
-                              and gemm.triton_usable(parts[0])):
+    if scheme is None or not _kernel_quantizes(parts[0], layers):
         return None
     k, fp8 = parts[0].shape[-1], scheme == "fp8"
     m = sum(p.shape[0] for p in parts)
@@ -81,7 +86,7 @@ def quantize_parts(parts: list, layers) -> QuantRows | None:
     for p in parts:
         gemm.quantize_rows(p, fp8=fp8, out=(q[a:a + p.shape[0]], s[a:a + p.shape[0]]))
         a += p.shape[0]
-    return QuantRows(q, s, (m, k), parts[0].dtype)
+    return QuantRows(q, s, shape or (m, k), parts[0].dtype)
 
 
 def shared(x, layers):
@@ -106,8 +111,7 @@ def _gelu_in_quantization(seq: nn.Sequential, x):
     if not _tanh_gelu(act):
         return seq(x)
     h = first(x)
-    if (h.dtype != torch.bfloat16 or input_scheme(h, [second]) is None
-            or not ((second.backend == "triton" or h.is_cuda) and gemm.triton_usable(h))):
+    if h.dtype != torch.bfloat16 or input_scheme(h, [second]) is None or not _kernel_quantizes(h, [second]):
         return second(act(h))
     q, s = gemm.quantize_rows(h.reshape(-1, h.shape[-1]), fp8=second.scheme == "fp8", gelu=True)
     return second(QuantRows(q, s, tuple(h.shape), h.dtype))

@@ -392,6 +392,14 @@ def profile_run(cfg, name, cap_gib, scheme_override, h, w, device, clips, log, v
     return res
 
 
+def with_index(device: torch.device) -> torch.device:
+    """A CUDA device with its index (the current one where none is given): the allocator cap of a capped run needs
+    it (torch.cuda.set_per_process_memory_fraction); other devices as they are."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def guarded_run(label, cfg, name, cap_gib, h, w, device, clips, log, **kw) -> tuple[dict, dict | None]:
     """profile_run (its other arguments in kw) labelled `label`, whose failure becomes a row with the error (logged
     with its traceback) so that the other runs' numbers survive: -> (the row, its final latents or None)."""
@@ -530,9 +538,7 @@ def main(argv=None):
                     help="also one timestep-forcing rank (`--profile 4090 --gpus 4`, 24 GiB cap) and the "
                          "projected 4- and 5-GPU throughput")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())  # the allocator cap needs an index
+    device = with_index(torch.device(args.device))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = DiTConfig.from_dict(QUICK if args.quick else FULL)

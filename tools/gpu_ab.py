@@ -148,9 +148,7 @@ def main(argv=None) -> int:
     if not args.quick and not torch.cuda.is_available():
         print("gpu_ab.py measures on a CUDA GPU; there is none here (--quick: a dry run on the CPU)", file=sys.stderr)
         return 2
-    # (the allocator cap of the capped runs needs the device's index)
-    dev, hw = (torch.device("cpu"), (16, 16)) if args.quick else (torch.device("cuda", torch.cuda.current_device()),
-                                                                 (48, 88))
+    dev, hw = (torch.device("cpu"), (16, 16)) if args.quick else (bench.with_index(torch.device("cuda")), (48, 88))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     parts = [p for p in args.parts.split(",") if p]

@@ -88,9 +88,10 @@ class SelfAttention(nn.Module):
         v = self.v(x).view(b, s, n, self.head_dim)
         out = attend(q, k, v)
         if isinstance(out, list):  # a batch's outputs, one per sample [1, s, n, D]: o reads them unconcatenated
-            rows = fuse.quantize_parts([o.reshape(s, -1) for o in out], (self.o,)) if self.fuse else None
+            parts = [o.reshape(s, -1) for o in out]
+            rows = fuse.quantize_parts(parts, (self.o,), (b, s, parts[0].shape[-1])) if self.fuse else None
             if rows is not None:
-                return self.o(QuantRows(rows.q, rows.scale, (b, s, rows.q.shape[-1]), rows.dtype))
+                return self.o(rows)
             out = torch.cat(out)
         return self.o(out.flatten(2))
 
@@ -175,9 +176,9 @@ class Block(nn.Module):
         x2, out2 = x.reshape(b * L, c), out.view(b * L, c)
         n, parts = self._ffn_parts(h, frames)
         for i, part in enumerate(parts):
-            a, y = i * n, self._ffn(part)
-            fused.gated_residual_rows(x2[a:a + y.shape[0]], y.reshape(-1, c), gate, L // frames, a,
-                                      out2[a:a + y.shape[0]])
+            y = self._ffn(part).reshape(-1, c)
+            a, e = i * n, i * n + y.shape[0]
+            fused.gated_residual_rows(x2[a:e], y, gate, L // frames, a, out2[a:e])
         return out
 
     def _norm(self, layers, x, eps, *affine, add=None, gated=None, **kw):
